@@ -1,0 +1,91 @@
+"""Shared helpers of the benchmarks: timing with CUDA events, FLOP counts, environment record."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import re
+import statistics
+import subprocess
+from pathlib import Path
+
+import torch
+
+
+def bench_ms(fn, warmup: int = 5, repeats: int = 25) -> float:
+    """Median milliseconds of fn() over `repeats` runs after `warmup` runs, timed with CUDA events."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def attention_flops(batch, heads, seqlen_q, seqlen_k, head_dim, causal, mode="fwd") -> float:
+    """4 * b * h * n_q * n_k * d for the forward (two matmuls), halved for causal; backward is 2.5x
+    the forward, forward + backward 3.5x."""
+    f = 4.0 * batch * heads * seqlen_q * seqlen_k * head_dim * (0.5 if causal else 1.0)
+    return f * {"fwd": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}[mode]
+
+
+def gpu_slug() -> str:
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    name = name.lower().replace("nvidia", "").strip()
+    return re.sub(r"[^a-z0-9]+", "-", name).strip("-")
+
+
+def environment() -> dict:
+    """What produced a result: GPU, versions, date."""
+    env = {
+        "date": datetime.date.today().isoformat(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+    }
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        env.update(gpu=props.name, sms=props.multi_processor_count,
+                   memory_gib=round(props.total_memory / 2**30, 1))
+    try:
+        env["nvcc"] = subprocess.run(["nvcc", "--version"], capture_output=True, text=True,
+                                     timeout=30).stdout.strip().splitlines()[-1]
+    except (OSError, subprocess.SubprocessError, IndexError):
+        env["nvcc"] = None
+    try:
+        clocks = subprocess.run(["nvidia-smi", "--query-gpu=clocks.max.sm,power.limit",
+                                 "--format=csv,noheader"], capture_output=True, text=True,
+                                timeout=30).stdout.strip()
+        env["max_sm_clock_and_power_limit"] = clocks
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return env
+
+
+def results_dir(out: str | None) -> Path:
+    """benchmarks/results/<gpu> (or <out>/<gpu> when given), created."""
+    base = Path(out) if out else Path(__file__).resolve().parent / "results"
+    path = base / gpu_slug()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def write_json(path: Path, payload: dict) -> None:
+    path.write_text(json.dumps(payload, indent=1) + "\n")
+    print(f"wrote {path}", flush=True)
+
+
+def env_header(env: dict) -> str:
+    return (f"{env.get('gpu')}, torch {env['torch']} (CUDA {env['cuda']}, cuDNN {env['cudnn']}), "
+            f"{env.get('nvcc')}, {env['date']}")
+
+
+if os.environ.get("FLASHJIT_BENCH_DEBUG"):
+    print(environment())

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# device_run.sh: everything one GPU session needs, in one command, logging under $OUT.
+#   1. carried wheels (platformdirs) installed to /tmp/site
+#   2. prebuild of the specs the tests need, in parallel (16 cores)
+#   3. GPU tests (pytest tests/gpu), then compute-sanitizer on a small config
+#   4. benchmarks (JIT costs, peers), results under $OUT/results/<gpu>/
+# Usage (on the device): bash benchmarks/device_run.sh [steps...]
+#   steps: build test sanitize profile sweep jit peers (default: build test sanitize jit peers)
+set -uo pipefail
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+export FLASHJIT_CACHE_DIR=${FLASHJIT_CACHE_DIR:-/tmp/flashjit-cache}
+STEPS=${*:-build test sanitize jit peers}
+nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,power.limit,temperature.gpu --format=csv | tee "$OUT/gpu.txt"
+for step in $STEPS; do
+  echo "=== $step $(date +%T)"
+  case $step in
+    build)
+      python3 -m flashjit.prebuild --kernel ${KERNELS:-fwd bwd} --dtype fp16 bf16 --causal both \
+        --dropout ${DROPOUT:-no} --jobs 16 2>&1 | tee "$OUT/prebuild.log" | tail -n 15 ;;
+    test)
+      timeout ${TEST_TIMEOUT:-400} python3 -m pytest -q -x -p no:cacheprovider tests/gpu ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/pytest_gpu.log" | tail -n 30 ;;
+    sanitize)
+      for tool in memcheck racecheck; do
+        timeout 300 compute-sanitizer --tool $tool --error-exitcode 1 python3 tests/gpu/sanitize_small.py 2>&1 | tail -n 8 | tee "$OUT/sanitizer_$tool.log"
+      done ;;
+    profile)
+      python3 -X importtime -c "import torch; import flashjit" 2>&1 | sort -t'|' -k2 -n | tail -n 25 > "$OUT/profile.txt"
+      python3 -m cProfile -s cumtime benchmarks/first_call.py fwd 2>&1 | head -n 60 >> "$OUT/profile.txt"
+      python3 -m cProfile -s tottime benchmarks/first_call.py fwd 2>&1 | head -n 40 >> "$OUT/profile.txt"
+      grep RESULT "$OUT/profile.txt" ;;
+    sweep)
+      timeout 400 python3 benchmarks/tile_sweep.py ${SWEEP:-128,64,4,2} 2>&1 | tee "$OUT/sweep.log" ;;
+    jit)
+      timeout 400 python3 benchmarks/bench_jit.py --out "$OUT/results" 2>&1 | tail -n 20 ;;
+    peers)
+      timeout ${PEERS_TIMEOUT:-400} python3 benchmarks/bench_peers.py --out "$OUT/results" ${PEERS_ARGS:-} 2>&1 | tee "$OUT/peers.log" | tail -n 70 ;;
+  esac
+done
+echo "=== done $(date +%T)"

@@ -1,0 +1,56 @@
+// binding_utils.h: helpers shared by the torch bindings (host C++, light torch headers only).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <initializer_list>
+#include <optional>
+
+#include <ATen/core/Tensor.h>
+
+#include "flash_params.h"
+
+namespace flashjit {
+
+constexpr double kLog2e = 1.4426950408889634074;
+
+// Boundary checks (Python validated already): CUDA, last dim contiguous, expected rank.
+inline void check_attention_tensors(std::initializer_list<const at::Tensor*> tensors, bool varlen) {
+  for (const at::Tensor* t : tensors) {
+    TORCH_CHECK(t->is_cuda(), "flashjit: expected CUDA tensors");
+    TORCH_CHECK(t->dim() == (varlen ? 3 : 4), "flashjit: expected rank ", varlen ? 3 : 4);
+    TORCH_CHECK(t->stride(-1) == 1, "flashjit: the last dimension must be contiguous");
+    TORCH_CHECK(reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 == 0,
+                "flashjit: tensors must be 16-byte aligned");
+  }
+}
+
+// (batch, seq, heads, d) or varlen (total, heads, d) -> element strides.
+inline void set_strides(const at::Tensor& t, bool varlen, int64_t& batch_stride,
+                        int64_t& row_stride, int64_t& head_stride) {
+  batch_stride = varlen ? 0 : t.stride(0);
+  row_stride = t.stride(varlen ? 0 : 1);
+  head_stride = t.stride(varlen ? 1 : 2);
+}
+
+// Dropout parameters; keep_threshold compares against a uniform 32-bit integer.
+inline DropoutParams make_dropout_params(const std::optional<at::Tensor>& rng_state,
+                                         double dropout_p) {
+  DropoutParams d{};
+  d.rng_state = nullptr;
+  d.keep_prob = 1.f;
+  d.inv_keep_prob = 1.f;
+  d.keep_threshold = 0xffffffffu;
+  if (rng_state.has_value() && dropout_p > 0.0) {
+    TORCH_CHECK(rng_state->is_cuda() && rng_state->numel() >= 2,
+                "flashjit: rng_state must be a CUDA int64 tensor of 2 elements");
+    d.rng_state = rng_state->data_ptr<int64_t>();
+    const double keep = 1.0 - dropout_p;
+    d.keep_prob = float(keep);
+    d.inv_keep_prob = float(1.0 / keep);
+    d.keep_threshold = uint32_t(std::fmin(keep * 4294967296.0, 4294967295.0));
+  }
+  return d;
+}
+
+}  // namespace flashjit

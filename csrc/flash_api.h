@@ -1,0 +1,18 @@
+// flash_api.h: the entry points a kernel translation unit exports to the torch binding.
+// Plain C++ (no torch, no CUDA headers): streams travel as void*, errors as a message string.
+#pragma once
+
+#include "flash_params.h"
+
+namespace flashjit {
+
+// Each returns nullptr on success, else a static error string (from cudaGetErrorString).
+const char* fwd_run(const FwdParams& params, void* stream);
+const char* bwd_run(const BwdParams& params, void* stream);
+
+// Test helper: the dropout keep mask (uint8, 1 = kept) of a fixed-length call into `mask`,
+// (batch, heads, seqlen_q, seqlen_k) contiguous. Defined in the backward translation unit.
+const char* dropout_mask_run(uint8_t* mask, const DropoutParams& dropout, int batch, int heads,
+                             int seqlen_q, int seqlen_k, void* stream);
+
+}  // namespace flashjit

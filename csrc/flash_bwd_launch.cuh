@@ -1,0 +1,204 @@
+// flash_bwd_launch.cuh: host-side launches of the backward kernels, and the per-head-dim tiles.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <type_traits>
+
+#include "flash_bwd_kernel.cuh"
+
+namespace flashjit {
+
+// Dynamic shared memory above the 48 KB default needs an explicit opt-in per kernel.
+template <typename Kernel>
+cudaError_t set_smem(Kernel kernel, size_t smem) {
+  if (smem <= 48 * 1024) return cudaSuccess;
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+}
+
+// Grid: (query blocks of 128 rows, heads, batch).
+template <typename Element, int kHeadDim>
+cudaError_t launch_bwd_preprocess(const BwdParams& p, cudaStream_t stream) {
+  const dim3 grid(ceil_div(p.seqlen_q, kAccumPadRows), p.heads, p.batch);
+  flash_bwd_preprocess_kernel<Element, kHeadDim><<<grid, kPreprocessThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+// Grid: (key blocks, heads, batch).
+template <typename Traits, bool kIsCausal, bool kHasDropout>
+cudaError_t launch_bwd_dk_dv(const BwdParams& p, cudaStream_t stream) {
+  auto kernel = flash_bwd_dk_dv_kernel<Traits, kIsCausal, kHasDropout>;
+  cudaError_t err = set_smem(kernel, Traits::kSmemBytes);
+  if (err != cudaSuccess) return err;
+  const dim3 grid(ceil_div(p.seqlen_k, Traits::kBlockN), p.heads, p.batch);
+  kernel<<<grid, Traits::kNThreads, Traits::kSmemBytes, stream>>>(p);
+  return cudaGetLastError();
+}
+
+// Grid: (query blocks of the dK/dV tile, heads, batch).
+template <typename Traits>
+cudaError_t launch_bwd_postprocess(const BwdParams& p, cudaStream_t stream) {
+  const dim3 grid(ceil_div(p.seqlen_q, Traits::kBlockM), p.heads, p.batch);
+  flash_bwd_postprocess_kernel<Traits><<<grid, Traits::kNThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+// The dK/dV kernel with tile Traits and, on the atomic path, the dQ postprocess that reads the
+// accumulator in that tile's fragment order.
+template <typename Traits, bool kIsCausal, bool kHasDropout>
+cudaError_t launch_bwd_tile(const BwdParams& p, cudaStream_t stream) {
+  const cudaError_t err = launch_bwd_dk_dv<Traits, kIsCausal, kHasDropout>(p, stream);
+  if (err != cudaSuccess || p.deterministic) return err;
+  return launch_bwd_postprocess<Traits>(p, stream);
+}
+
+// Grid: (query blocks, heads, batch).
+template <typename Traits, bool kIsCausal, bool kHasDropout>
+cudaError_t launch_bwd_dq(const BwdParams& p, cudaStream_t stream) {
+  auto kernel = flash_bwd_dq_kernel<Traits, kIsCausal, kHasDropout>;
+  cudaError_t err = set_smem(kernel, Traits::kSmemBytes);
+  if (err != cudaSuccess) return err;
+  const dim3 grid(ceil_div(p.seqlen_q, Traits::kBlockM), p.heads, p.batch);
+  kernel<<<grid, Traits::kNThreads, Traits::kSmemBytes, stream>>>(p);
+  return cudaGetLastError();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tile choice per head-dim bucket.
+//
+// dK/dV kernel, 8 warps (BwdTraits<.., d, kBlockM, kBlockN, 8, warps along M for S/dP, along N
+// for dK/dV, along M for dQ, Q stages, dO stages>). Registers bound the tile: a thread holds dK
+// and dV (2 kBlockN d / 256 floats) for the whole CTA, plus S and dP (2 kBlockM kBlockN / 256)
+// or dQ (kBlockM d / 256) at a time; shared memory holds K, V, Q and dO (stages), P and dS.
+//   d <= 64:  128 x 128 (dK dV 32-64 floats, S dP 128 floats); d 32 and 64 use whole-warp tiles
+//             of 32 x 64 for S, dP.
+//   d 96-128: 64 x 128 (dK dV 96-128 floats, S dP 64 floats): warp tiles of 32 x 32 for S, dP and
+//             32 x 48-64 for dK, dV.
+//   d  > 128: 64 x 64 (dK dV 80-128 floats, S dP 32 floats).
+// Shared memory picks the stages: Big (H100 class, 227 KB) double-buffers Q and dO; Mid (A100
+// class, 163 KB) drops to one dO (and at d 256 one Q) buffer, loaded once the dV and dK products
+// are done; Small (sm86/sm89 class, 99 KB) shrinks the tile.
+// ---------------------------------------------------------------------------------------------
+template <typename Element, int kHeadDim>
+struct BwdTiles;
+
+template <typename Element>
+struct BwdTiles<Element, 32> {
+  using Big = BwdTraits<Element, 32, 128, 128, 8, 4, 8, 8, 2, 2>;   // 128 KB
+  using Mid = Big;
+  using Small = BwdTraits<Element, 32, 64, 128, 8, 2, 8, 4, 2, 2>;  // 74 KB
+};
+template <typename Element>
+struct BwdTiles<Element, 64> {
+  using Big = BwdTraits<Element, 64, 128, 128, 8, 4, 4, 4, 2, 2>;   // 176 KB
+  using Mid = BwdTraits<Element, 64, 128, 128, 8, 4, 4, 4, 2, 1>;   // 158 KB
+  using Small = BwdTraits<Element, 64, 64, 128, 8, 2, 4, 4, 2, 1>;  // 97 KB
+};
+template <typename Element>
+struct BwdTiles<Element, 96> {
+  using Big = BwdTraits<Element, 96, 64, 128, 8, 2, 4, 2, 2, 2>;   // 138 KB
+  using Mid = Big;
+  using Small = BwdTraits<Element, 96, 64, 64, 8, 4, 4, 4, 2, 2>;  // 96 KB
+};
+template <typename Element>
+struct BwdTiles<Element, 128> {
+  using Big = BwdTraits<Element, 128, 64, 128, 8, 2, 4, 2, 2, 2>;  // 170 KB
+  using Mid = BwdTraits<Element, 128, 64, 128, 8, 2, 4, 2, 2, 1>;  // 153 KB
+  using Small = BwdTraits<Element, 128, 64, 64, 8, 4, 4, 4, 1, 1>;  // 86 KB
+};
+template <typename Element>
+struct BwdTiles<Element, 160> {
+  using Big = BwdTraits<Element, 160, 64, 64, 8, 4, 2, 2, 2, 2>;   // 144 KB
+  using Mid = Big;
+  using Small = BwdTraits<Element, 160, 64, 32, 8, 4, 2, 4, 2, 1>;  // 94 KB
+};
+template <typename Element>
+struct BwdTiles<Element, 192> {
+  using Big = BwdTraits<Element, 192, 64, 64, 8, 4, 2, 2, 2, 2>;   // 168 KB
+  using Mid = BwdTraits<Element, 192, 64, 64, 8, 4, 2, 2, 2, 1>;   // 143 KB
+  using Small = BwdTraits<Element, 192, 64, 32, 8, 4, 2, 4, 1, 1>;  // 85 KB
+};
+template <typename Element>
+struct BwdTiles<Element, 224> {
+  using Big = BwdTraits<Element, 224, 64, 64, 8, 4, 2, 2, 2, 2>;   // 192 KB
+  using Mid = BwdTraits<Element, 224, 64, 64, 8, 4, 2, 2, 1, 1>;   // 135 KB
+  using Small = BwdTraits<Element, 224, 64, 32, 8, 4, 2, 4, 1, 1>;  // 97 KB
+};
+template <typename Element>
+struct BwdTiles<Element, 256> {
+  using Big = BwdTraits<Element, 256, 64, 64, 8, 4, 2, 2, 2, 2>;   // 216 KB
+  using Mid = BwdTraits<Element, 256, 64, 64, 8, 4, 2, 2, 1, 1>;   // 150 KB
+  using Small = BwdTraits<Element, 256, 32, 32, 8, 2, 2, 2, 1, 1>;  // 71 KB
+};
+
+// dQ kernel of the deterministic path: 64 query rows, 4 warps of 16 rows, in at most 99 KB for
+// every device; K and V double-buffered while two stages fit (d <= 160).
+template <typename Element, int kHeadDim>
+using BwdDqTile =
+    BwdDqTraits<Element, kHeadDim, 64, kHeadDim <= 64 ? 128 : kHeadDim <= 96 ? 64 : 32, 4,
+                kHeadDim <= 160 ? 2 : 1>;
+
+// Which dK/dV tiles this build can need. nvcc lists the build's archs in __CUDA_ARCH_LIST__
+// (e.g. 800,900) for host code too; sm_8x code also runs on later 8.x devices (99 KB for 8.6,
+// 8.9), sm_90a code only on 9.0 (227 KB), later archs may be either. Tiles no target can use are
+// not instantiated, which keeps a single-arch sm90a build to one dK/dV kernel.
+namespace bwd_archs {
+#ifdef __CUDA_ARCH_LIST__
+constexpr int kList[] = {__CUDA_ARCH_LIST__};
+#else
+constexpr int kList[] = {800, 900, 1000};  // unknown: assume any device
+#endif
+constexpr bool any(int lo, int hi) {  // some arch of the build in [lo, hi)
+  for (int arch : kList)
+    if (arch >= lo && arch < hi) return true;
+  return false;
+}
+constexpr bool kBig = any(900, 100000);                      // 227 KB devices
+constexpr bool kMid = any(800, 860) || any(870, 880);        // 163 KB (8.0, 8.7)
+constexpr bool kSmall = any(800, 900) || any(1000, 100000);  // 99 KB (8.6, 8.9, 12.x)
+}  // namespace bwd_archs
+
+// Largest dynamic shared memory a block of the current device may opt in to.
+inline size_t bwd_smem_per_block() {
+  int device = 0, bytes = 0;
+  cudaGetDevice(&device);
+  cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  return size_t(bytes);
+}
+
+// The dK/dV (and postprocess) launch for the current device: the largest tile of this build whose
+// shared memory fits (Mid is skipped where it is the same tile as an instantiated Big).
+template <typename Element, int kHeadDim, bool kIsCausal, bool kHasDropout>
+cudaError_t launch_bwd_tiles_for_device(const BwdParams& p, cudaStream_t stream) {
+  using Tiles = BwdTiles<Element, kHeadDim>;
+  constexpr bool kUseBig = bwd_archs::kBig;
+  constexpr bool kUseMid =
+      bwd_archs::kMid && !(kUseBig && std::is_same_v<typename Tiles::Mid, typename Tiles::Big>);
+  const size_t smem = bwd_smem_per_block();
+  if constexpr (kUseBig) {
+    if (smem >= Tiles::Big::kSmemBytes)
+      return launch_bwd_tile<typename Tiles::Big, kIsCausal, kHasDropout>(p, stream);
+  }
+  if constexpr (kUseMid) {
+    if (smem >= Tiles::Mid::kSmemBytes)
+      return launch_bwd_tile<typename Tiles::Mid, kIsCausal, kHasDropout>(p, stream);
+  }
+  if constexpr (bwd_archs::kSmall) {
+    if (smem >= Tiles::Small::kSmemBytes)
+      return launch_bwd_tile<typename Tiles::Small, kIsCausal, kHasDropout>(p, stream);
+  }
+  return cudaErrorInvalidConfiguration;  // no tile of this build fits the device
+}
+
+// The whole backward: preprocess (D, zero dq_accum); dK/dV (+ atomic dQ) and the dQ
+// postprocess; or, with p.deterministic, dK/dV then the dQ kernel.
+template <typename Element, int kHeadDim, bool kIsCausal, bool kHasDropout>
+cudaError_t run_bwd(const BwdParams& p, cudaStream_t stream) {
+  cudaError_t err = launch_bwd_preprocess<Element, kHeadDim>(p, stream);
+  if (err != cudaSuccess) return err;
+  err = launch_bwd_tiles_for_device<Element, kHeadDim, kIsCausal, kHasDropout>(p, stream);
+  if (err != cudaSuccess || !p.deterministic) return err;
+  return launch_bwd_dq<BwdDqTile<Element, kHeadDim>, kIsCausal, kHasDropout>(p, stream);
+}
+
+}  // namespace flashjit

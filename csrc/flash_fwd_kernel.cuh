@@ -1,0 +1,342 @@
+// flash_fwd_kernel.cuh: the forward FlashAttention kernel, sm80 family (mma.sync, ldmatrix,
+// cp.async). Device code only; see flash_fwd_launch.cuh for the grid and flash_fwd.cu for the
+// instantiation a JIT spec asks for.
+//
+// One CTA = one (query block of kBlockM rows, head, batch). Q stays in shared memory; K and V
+// tiles of kBlockN keys stream through two shared stages, the cp.async load of block j-1
+// overlapping all the work on block j (S = Q K^T, softmax, O += P V).
+// Online softmax in fp32 (per row: running max m, running sum l), evaluated with exp2 on
+// scores pre-multiplied by scale * log2(e); lse = (m * scale * log2(e) + log2(l)) * ln(2).
+#pragma once
+
+#include <cmath>
+
+#include "dropout.cuh"
+#include "flash_params.h"
+#include "kernel_traits.cuh"
+#include "ptx.cuh"
+
+namespace flashjit {
+
+constexpr float kLn2 = 0.69314718055994530942f;
+
+__host__ __device__ constexpr int ceil_div(int a, int b) { return (a + b - 1) / b; }
+
+// Where one (batch, head) sequence lives, for fixed-length and varlen inputs alike.
+struct SeqInfo {
+  int q_start, k_start;    // first row of the sequence in a varlen tensor (0 for fixed length)
+  int seqlen_q, seqlen_k;  // this sequence's lengths
+
+  template <typename Params>
+  __device__ SeqInfo(const Params& p, int b) {
+    if (p.cu_seqlens_q != nullptr) {
+      q_start = p.cu_seqlens_q[b];
+      k_start = p.cu_seqlens_k[b];
+      seqlen_q = p.cu_seqlens_q[b + 1] - q_start;
+      seqlen_k = p.cu_seqlens_k[b + 1] - k_start;
+    } else {
+      q_start = k_start = 0;
+      seqlen_q = p.seqlen_q;
+      seqlen_k = p.seqlen_k;
+    }
+  }
+  // Offset, in elements, of row 0 of head h of sequence b.
+  __device__ int64_t q_offset(int64_t batch_stride, int64_t row_stride, int64_t head_stride, int b,
+                              int h, bool varlen) const {
+    return (varlen ? 0 : b * batch_stride) + q_start * row_stride + h * head_stride;
+  }
+  __device__ int64_t k_offset(int64_t batch_stride, int64_t row_stride, int64_t head_stride, int b,
+                              int h, bool varlen) const {
+    return (varlen ? 0 : b * batch_stride) + k_start * row_stride + h * head_stride;
+  }
+};
+
+// Copy a (kRows x kHeadDim) tile from global memory (row stride `row_stride` elements) into
+// padded shared memory with cp.async. Rows >= rows_valid and columns >= d are zero-filled, so that
+// padding contributes 0 to every product (and never NaN).
+template <typename Traits, int kRows>
+__device__ __forceinline__ void load_tile_async(uint32_t smem, const typename Traits::Element* gmem,
+                                                int64_t row_stride, int rows_valid, int d,
+                                                int tid) {
+  using Element = typename Traits::Element;
+  constexpr int kChunksPerRow = Traits::kChunksPerRow, kNThreads = Traits::kNThreads;
+  constexpr int kChunks = kRows * kChunksPerRow;
+  if constexpr (kNThreads % kChunksPerRow == 0 && kChunks % kNThreads == 0) {
+    // Each thread copies one fixed column chunk of every (kNThreads / kChunksPerRow)-th row:
+    // one base pointer and one stride live in registers, not an address per chunk.
+    constexpr int kRowStep = kNThreads / kChunksPerRow;
+    const int row0 = tid / kChunksPerRow, col = (tid % kChunksPerRow) * 8;
+    const Element* src = gmem + row0 * row_stride + col;
+    const uint32_t dst = smem + (row0 * Traits::kSmemRow + col) * sizeof(Element);
+#pragma unroll
+    for (int i = 0; i < kRows / kRowStep; ++i) {
+      const bool valid = row0 + i * kRowStep < rows_valid && col < d;
+      cp_async_16(dst + i * kRowStep * Traits::kSmemRow * sizeof(Element),
+                  valid ? src + i * kRowStep * row_stride : gmem, valid);
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < ceil_div(kChunks, kNThreads); ++i) {
+      const int idx = i * kNThreads + tid;
+      if (kChunks % kNThreads == 0 || idx < kChunks) {
+        const int row = idx / kChunksPerRow;
+        const int col = (idx % kChunksPerRow) * 8;
+        const bool valid = row < rows_valid && col < d;
+        const Element* src = valid ? gmem + row * row_stride + col : gmem;
+        cp_async_16(smem + (row * Traits::kSmemRow + col) * sizeof(Element), src, valid);
+      }
+    }
+  }
+}
+
+template <typename Traits, bool kIsCausal, bool kHasDropout>
+__global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSM)
+    flash_fwd_kernel(const __grid_constant__ FwdParams p) {
+  using Element = typename Traits::Element;
+  constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN;
+  constexpr int kHeadDim = Traits::kHeadDim, kSmemRow = Traits::kSmemRow;
+  constexpr int kMTiles = Traits::kMTiles, kNTilesS = Traits::kNTilesS;
+  constexpr int kNTilesO = Traits::kNTilesO;
+  constexpr int kElt = sizeof(Element);
+
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  Element* smem_q = reinterpret_cast<Element*>(smem_raw);
+  Element* smem_k = smem_q + Traits::kSmemQ;
+  Element* smem_v = smem_k + Traits::kSmemK;
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int g = lane / 4, t = lane % 4;  // mma fragment row group and column pair
+  // Heavier (later) query blocks first: with causal masking they have the most keys.
+  const int m_block = gridDim.x - 1 - blockIdx.x;
+  const int h = blockIdx.y, b = blockIdx.z;
+  const bool varlen = p.cu_seqlens_q != nullptr;
+
+  SeqInfo seq(p, b);
+  if (p.seqused_k != nullptr) seq.seqlen_k = min(seq.seqlen_k, p.seqused_k[b]);  // key padding
+  const int m0 = m_block * kBlockM;
+  if (m0 >= seq.seqlen_q) return;
+  const int hk = h / (p.heads / p.heads_k);
+
+  const Element* q = static_cast<const Element*>(p.q) +
+                     seq.q_offset(p.q_batch_stride, p.q_row_stride, p.q_head_stride, b, h, varlen) +
+                     m0 * p.q_row_stride;
+  const Element* k = static_cast<const Element*>(p.k) +
+                     seq.k_offset(p.k_batch_stride, p.k_row_stride, p.k_head_stride, b, hk, varlen);
+  const Element* v = static_cast<const Element*>(p.v) +
+                     seq.k_offset(p.v_batch_stride, p.v_row_stride, p.v_head_stride, b, hk, varlen);
+  Element* o = static_cast<Element*>(p.o) +
+               seq.q_offset(p.o_batch_stride, p.o_row_stride, p.o_head_stride, b, h, varlen) +
+               m0 * p.o_row_stride;
+  float* lse = p.lse + (varlen ? 0 : b * p.lse_batch_stride) + h * p.lse_head_stride +
+               seq.q_start + m0;
+
+  // Query i sees key j iff j <= i + causal_offset (causal only), and j < seqlen_k.
+  const int causal_offset = p.causal_bottom_right ? seq.seqlen_k - seq.seqlen_q : 0;
+  int n_end = seq.seqlen_k;
+  if constexpr (kIsCausal) n_end = min(n_end, max(0, m0 + kBlockM + causal_offset));
+  const int n_blocks = ceil_div(n_end, kBlockN);
+
+  // Per-thread accumulators. Thread (g, t) of a warp holds, for m16 tile mt, rows
+  // r(mt, half) = warp * kWarpRows + mt * 16 + half * 8 + g and columns 2t, 2t+1 of each n8 tile.
+  float acc_o[kMTiles][kNTilesO][4];  // O (kWarpRows x kHeadDim), unnormalised
+  float row_max[kMTiles][2];          // m: running max of raw scores (-inf: nothing seen yet)
+  float row_sum[kMTiles][2];          // l: this thread's partial sum of exp2(...) over its columns
+#pragma unroll
+  for (int mt = 0; mt < kMTiles; ++mt) {
+#pragma unroll
+    for (int nt = 0; nt < kNTilesO; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc_o[mt][nt][e] = 0.f;
+    row_max[mt][0] = row_max[mt][1] = -INFINITY;
+    row_sum[mt][0] = row_sum[mt][1] = 0.f;
+  }
+
+  DropoutMask dropout = kHasDropout ? DropoutMask(p.dropout, b, h, p.heads, p.seqlen_q, p.seqlen_k)
+                                    : DropoutMask();
+  const int rows_q = min(kBlockM, seq.seqlen_q - m0);
+  // K/V tile n_block -> shared buffer `stage` (one cp.async group with the caller's commit).
+  auto load_kv = [&](int n_block, int stage) {
+    const int n0 = n_block * kBlockN;
+    load_tile_async<Traits, kBlockN>(smem_addr(smem_k + stage * Traits::kSmemK),
+                                     k + n0 * p.k_row_stride, p.k_row_stride, seq.seqlen_k - n0,
+                                     p.head_dim, tid);
+    load_tile_async<Traits, kBlockN>(smem_addr(smem_v + stage * Traits::kSmemV),
+                                     v + n0 * p.v_row_stride, p.v_row_stride, seq.seqlen_k - n0,
+                                     p.head_dim, tid);
+  };
+  if (n_blocks > 0) {
+    load_tile_async<Traits, kBlockM>(smem_addr(smem_q), q, p.q_row_stride, rows_q, p.head_dim, tid);
+    load_kv(n_blocks - 1, 0);
+    cp_async_commit();
+  }
+
+  // Per-lane ldmatrix addresses (bytes), see ptx.cuh for the fragment layouts.
+  //   Q (A operand, row-major): lane supplies row (lane & 15), column block (lane >> 4) * 8.
+  //   K (B operand, K rows are the n index): key (lane >> 4) * 8 + (lane & 7), d ((lane >> 3) & 1) * 8.
+  //   V (B operand via .trans): key ((lane >> 3) & 1) * 8 + (lane & 7), d (lane >> 4) * 8.
+  const uint32_t q_lane = smem_addr(smem_q) +
+                          ((warp * Traits::kWarpRows + (lane & 15)) * kSmemRow + (lane >> 4) * 8) * kElt;
+  const uint32_t k_lane0 = smem_addr(smem_k) +
+                           (((lane >> 4) * 8 + (lane & 7)) * kSmemRow + ((lane >> 3) & 1) * 8) * kElt;
+  const uint32_t v_lane0 = smem_addr(smem_v) +
+                           ((((lane >> 3) & 1) * 8 + (lane & 7)) * kSmemRow + (lane >> 4) * 8) * kElt;
+
+  // Key blocks from the last to the first (the masked ones come first). Pipeline, one barrier per
+  // block: K/V[n_block] were requested one block earlier; right after the barrier, K/V[n_block-1]
+  // are requested into the other stage and land while this block computes.
+  for (int n_block = n_blocks - 1, stage = 0; n_block >= 0; --n_block, stage ^= 1) {
+    const int n0 = n_block * kBlockN;
+    cp_async_wait<0>();
+    __syncthreads();  // K/V[n_block] (and Q) are in shared memory; every warp is done with the
+                      // other stage, read during the previous block
+    if (n_block > 0) {
+      load_kv(n_block - 1, stage ^ 1);
+      cp_async_commit();
+    }
+    const uint32_t k_lane = k_lane0 + stage * Traits::kSmemK * kElt;
+    const uint32_t v_lane = v_lane0 + stage * Traits::kSmemV * kElt;
+
+    // S = Q K^T, (kWarpRows x kBlockN) per warp, fp32.
+    float acc_s[kMTiles][kNTilesS][4];
+#pragma unroll
+    for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < kNTilesS; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc_s[mt][nt][e] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < kHeadDim / 16; ++kk) {
+      uint32_t a[kMTiles][4];
+#pragma unroll
+      for (int mt = 0; mt < kMTiles; ++mt)
+        ldmatrix_x4(a[mt], q_lane + (mt * 16 * kSmemRow + kk * 16) * kElt);
+#pragma unroll
+      for (int np = 0; np < kBlockN / 16; ++np) {
+        uint32_t bk[4];  // keys np*16 .. +15, d kk*16 .. +15: two n8 tiles
+        ldmatrix_x4(bk, k_lane + (np * 16 * kSmemRow + kk * 16) * kElt);
+#pragma unroll
+        for (int mt = 0; mt < kMTiles; ++mt) {
+          mma_16816<Element>(acc_s[mt][2 * np], a[mt], bk[0], bk[1]);
+          mma_16816<Element>(acc_s[mt][2 * np + 1], a[mt], bk[2], bk[3]);
+        }
+      }
+    }
+
+    // Mask: keys past the sequence end, and (causal) keys after the query's diagonal.
+    const bool past_end = n0 + kBlockN > seq.seqlen_k;
+    const bool on_diagonal = kIsCausal && n0 + kBlockN - 1 > m0 + causal_offset;
+    if (past_end || on_diagonal) {
+#pragma unroll
+      for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < kNTilesS; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int row = m0 + warp * Traits::kWarpRows + mt * 16 + (e / 2) * 8 + g;
+            const int col = n0 + nt * 8 + 2 * t + (e % 2);
+            const bool masked = col >= seq.seqlen_k || (kIsCausal && col > row + causal_offset);
+            if (masked) acc_s[mt][nt][e] = -INFINITY;
+          }
+    }
+
+    // Online softmax, per row: m' = max(m, max_j s_j); O *= exp2((m - m') c); l = l exp2((m - m') c)
+    // + sum_j exp2(s_j c - m' c), with c = scale * log2(e). A row with no key yet keeps m' = -inf
+    // and uses 0 as its reference, so every exp2 argument is -inf (-> 0), never NaN.
+#pragma unroll
+    for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        float mx = row_max[mt][half];
+#pragma unroll
+        for (int nt = 0; nt < kNTilesS; ++nt)
+          mx = fmaxf(mx, fmaxf(acc_s[mt][nt][2 * half], acc_s[mt][nt][2 * half + 1]));
+        mx = quad_max(mx);
+        const float ref = mx == -INFINITY ? 0.f : mx * p.scale_log2;
+        const float alpha = fast_exp2(row_max[mt][half] * p.scale_log2 - ref);
+        row_max[mt][half] = mx;
+        float sum = 0.f;
+#pragma unroll
+        for (int nt = 0; nt < kNTilesS; ++nt)
+#pragma unroll
+          for (int e = 2 * half; e < 2 * half + 2; ++e) {
+            acc_s[mt][nt][e] = fast_exp2(fmaf(acc_s[mt][nt][e], p.scale_log2, -ref));  // P
+            sum += acc_s[mt][nt][e];
+          }
+        row_sum[mt][half] = row_sum[mt][half] * alpha + sum;
+#pragma unroll
+        for (int nt = 0; nt < kNTilesO; ++nt) {
+          acc_o[mt][nt][2 * half] *= alpha;
+          acc_o[mt][nt][2 * half + 1] *= alpha;
+        }
+      }
+
+    // Dropout (after the row sums: l normalises the undropped P): P = P * mask / (1 - p).
+    if constexpr (kHasDropout) {
+#pragma unroll
+      for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < kNTilesS; ++nt)
+          dropout.apply(acc_s[mt][nt], (m0 + warp * Traits::kWarpRows + mt * 16) / 16,
+                        (n0 + nt * 8) / 8, g, t);
+    }
+
+    // O += P V: P (kWarpRows x kBlockN) from registers as the A operand, V (kBlockN x kHeadDim).
+#pragma unroll
+    for (int ks = 0; ks < kBlockN / 16; ++ks) {
+      uint32_t a[kMTiles][4];  // the C layout of two n8 tiles of S is the A layout of one k16 step
+#pragma unroll
+      for (int mt = 0; mt < kMTiles; ++mt) {
+        a[mt][0] = pack2<Element>(acc_s[mt][2 * ks][0], acc_s[mt][2 * ks][1]);
+        a[mt][1] = pack2<Element>(acc_s[mt][2 * ks][2], acc_s[mt][2 * ks][3]);
+        a[mt][2] = pack2<Element>(acc_s[mt][2 * ks + 1][0], acc_s[mt][2 * ks + 1][1]);
+        a[mt][3] = pack2<Element>(acc_s[mt][2 * ks + 1][2], acc_s[mt][2 * ks + 1][3]);
+      }
+#pragma unroll
+      for (int np = 0; np < kHeadDim / 16; ++np) {
+        uint32_t bv[4];  // keys ks*16 .. +15, d np*16 .. +15: two n8 tiles
+        ldmatrix_x4_trans(bv, v_lane + (ks * 16 * kSmemRow + np * 16) * kElt);
+#pragma unroll
+        for (int mt = 0; mt < kMTiles; ++mt) {
+          mma_16816<Element>(acc_o[mt][2 * np], a[mt], bv[0], bv[1]);
+          mma_16816<Element>(acc_o[mt][2 * np + 1], a[mt], bv[2], bv[3]);
+        }
+      }
+    }
+  }
+
+  // Epilogue: O /= l, lse = m c / log2(e) + ln(l). A row that saw no key: O = 0, lse = -inf.
+  // Each warp stages its own rows of O in its own rows of the Q tile (only it ever read them), then
+  // writes them out with 16-byte stores.
+#pragma unroll
+  for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const float l = quad_sum(row_sum[mt][half]);
+      const float inv_l = l > 0.f ? 1.f / l : 0.f;
+      const int row = warp * Traits::kWarpRows + mt * 16 + half * 8 + g;
+#pragma unroll
+      for (int nt = 0; nt < kNTilesO; ++nt) {
+        const uint32_t packed = pack2<Element>(acc_o[mt][nt][2 * half] * inv_l,
+                                               acc_o[mt][nt][2 * half + 1] * inv_l);
+        *reinterpret_cast<uint32_t*>(smem_q + row * kSmemRow + nt * 8 + 2 * t) = packed;
+      }
+      if (t == 0 && row < rows_q) {
+        const float m = row_max[mt][half];
+        lse[row] = l > 0.f ? (m * p.scale_log2 + __log2f(l)) * kLn2 : -INFINITY;
+      }
+    }
+  __syncwarp();
+  constexpr int kWarpChunks = Traits::kWarpRows * Traits::kChunksPerRow;
+#pragma unroll
+  for (int i = 0; i < ceil_div(kWarpChunks, 32); ++i) {
+    const int idx = i * 32 + lane;
+    const int row = warp * Traits::kWarpRows + idx / Traits::kChunksPerRow;
+    const int col = (idx % Traits::kChunksPerRow) * 8;
+    if ((kWarpChunks % 32 == 0 || idx < kWarpChunks) && row < rows_q && col < p.head_dim) {
+      *reinterpret_cast<uint4*>(o + row * p.o_row_stride + col) =
+          *reinterpret_cast<const uint4*>(smem_q + row * kSmemRow + col);
+    }
+  }
+}
+
+}  // namespace flashjit

@@ -1,0 +1,61 @@
+// flash_fwd_launch.cuh: host-side launch of the forward kernel, and the per-head-dim tile choice.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include "flash_fwd_kernel.cuh"
+
+namespace flashjit {
+
+// Grid: (query blocks, heads, batch); one CTA of Traits::kNThreads threads each.
+template <typename Traits, bool kIsCausal, bool kHasDropout>
+cudaError_t launch_fwd(const FwdParams& p, cudaStream_t stream) {
+  auto kernel = flash_fwd_kernel<Traits, kIsCausal, kHasDropout>;
+  constexpr size_t smem = Traits::kSmemBytes;
+  if (smem > 48 * 1024) {
+    cudaError_t err =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+    if (err != cudaSuccess) return err;
+  }
+  const dim3 grid(ceil_div(p.seqlen_q, Traits::kBlockM), p.heads, p.batch);
+  kernel<<<grid, Traits::kNThreads, smem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+// Shared memory of the current device: per block (opt-in maximum) and per multiprocessor.
+struct SmemLimits {
+  int per_block = 0, per_sm = 0;
+  SmemLimits() {
+    int device = 0;
+    cudaGetDevice(&device);
+    cudaDeviceGetAttribute(&per_block, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+    cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device);
+  }
+};
+
+// Tile choice per head-dim bucket (mma.sync family). Registers bound the tile: a warp holds
+// O (kWarpRows x d) and S (kWarpRows x kBlockN) in fp32. Shared memory holds Q and two stages of
+// K and V (kernel_traits.cuh).
+//   d <= 128: 128 x 64 tiles, 4 warps of 32 rows; two CTAs per SM where they fit (H100: 2 x 104 KB
+//             at d 128), else 128 x 32 tiles (A100: 2 x 70 KB).
+//   d  > 128: 128 x 64 tiles, 8 warps of 16 rows, where a block may take 203 KB at d 256 (H100);
+//             else 64 x 16 tiles, 4 warps (A100, sm86/sm89: 68 KB at d 256).
+template <typename Element, int kHeadDim, bool kIsCausal, bool kHasDropout>
+cudaError_t run_fwd(const FwdParams& p, cudaStream_t stream) {
+  const SmemLimits smem;
+  if constexpr (kHeadDim <= 128) {
+    using Big = FwdTraits<Element, kHeadDim, 128, 64, 4, 2>;
+    using Small = FwdTraits<Element, kHeadDim, 128, 32, 4, 2>;
+    if (size_t(smem.per_sm) >= 2 * (Big::kSmemBytes + 1024))
+      return launch_fwd<Big, kIsCausal, kHasDropout>(p, stream);
+    return launch_fwd<Small, kIsCausal, kHasDropout>(p, stream);
+  } else {
+    using Big = FwdTraits<Element, kHeadDim, 128, 64, 8, 1>;
+    using Small = FwdTraits<Element, kHeadDim, 64, 16, 4, 1>;
+    if (size_t(smem.per_block) >= Big::kSmemBytes)
+      return launch_fwd<Big, kIsCausal, kHasDropout>(p, stream);
+    return launch_fwd<Small, kIsCausal, kHasDropout>(p, stream);
+  }
+}
+
+}  // namespace flashjit

@@ -1,0 +1,116 @@
+// flash_params.h: the plain parameter structs of the attention kernels, one per direction.
+//
+// Shared by the torch binding (which fills them from tensors) and the kernels (which get them by
+// value as a __grid_constant__ argument). No torch and no CUDA headers here.
+//
+// Layouts (elements; the last dim, head_dim, is always contiguous):
+//   fixed length: q (batch, seqlen_q, heads, d), k/v (batch, seqlen_k, heads_k, d)
+//   varlen:       q (total_q, heads, d), k/v (total_k, heads_k, d); sequence b occupies rows
+//                 cu_seqlens_q[b] .. cu_seqlens_q[b+1]-1 (int32 offsets, batch+1 of them)
+//   lse:          float32, fixed (batch, heads, seqlen_q), varlen (heads, total_q); natural log
+#pragma once
+
+#include <cstdint>
+
+namespace flashjit {
+
+// Dropout randomness: Philox4x32-10 keyed by `seed`, counters offset by `offset`.
+// Both are read from device memory (rng_state = {seed, offset}) so that a CUDA graph replays with
+// the values current at replay time. rng_state == nullptr means no dropout.
+struct DropoutParams {
+  const int64_t* rng_state;  // device pointer: [0] = seed, [1] = offset (in Philox counters)
+  float keep_prob;           // 1 - dropout_p
+  float inv_keep_prob;       // 1 / keep_prob: kept values are scaled by it
+  uint32_t keep_threshold;   // a 32-bit uniform u keeps the element iff u < keep_threshold
+};
+
+// Forward: O = softmax(scale * Q K^T + mask) V, and lse = logsumexp of each row of the scores.
+struct FwdParams {
+  const void* q;  // (.., seqlen_q, heads, d)
+  const void* k;  // (.., seqlen_k, heads_k, d)
+  const void* v;  // (.., seqlen_k, heads_k, d)
+  void* o;        // like q
+  float* lse;     // (batch, heads, seqlen_q) or (heads, total_q)
+
+  // Strides in elements. batch strides are unused for varlen.
+  int64_t q_batch_stride, q_row_stride, q_head_stride;
+  int64_t k_batch_stride, k_row_stride, k_head_stride;
+  int64_t v_batch_stride, v_row_stride, v_head_stride;
+  int64_t o_batch_stride, o_row_stride, o_head_stride;
+  int64_t lse_batch_stride, lse_head_stride;  // lse rows are contiguous
+
+  const int* cu_seqlens_q;  // (batch + 1) int32 offsets, or nullptr for fixed length
+  const int* cu_seqlens_k;
+  const int* seqused_k;     // (batch) int32: only keys j < seqused_k[b] exist (key padding), or nullptr
+
+  int batch;
+  int heads;       // query heads
+  int heads_k;     // key/value heads; heads % heads_k == 0 (MQA/GQA)
+  int head_dim;    // actual d (<= the compiled bucket, a multiple of 8)
+  int seqlen_q;    // fixed length, or the maximum over the batch for varlen
+  int seqlen_k;
+
+  float softmax_scale;  // scale applied to Q K^T (> 0)
+  float scale_log2;     // softmax_scale * log2(e): softmax is evaluated with exp2
+  // Causal alignment (used only by causal kernels): query i sees key j iff
+  // j <= i + (causal_bottom_right ? seqlen_k - seqlen_q : 0), per sequence.
+  bool causal_bottom_right;
+
+  DropoutParams dropout;
+};
+
+// Backward: dQ, dK, dV from dO, O, lse (and the same inputs as the forward).
+//
+// dk and dv are per QUERY head, (.., seqlen_k, heads, d): for MQA/GQA the caller sums them over
+// each group of heads / heads_k query heads. The fp32 scratch rows are padded per sequence:
+//   fixed length: dq_accum (batch, heads, round_up(seqlen_q, 128), d_bucket), dsum (batch, heads,
+//                 round_up(seqlen_q, 128));
+//   varlen:       dq_accum (heads, total_q + 128 * batch, d_bucket), dsum (heads, total_q + 128 *
+//                 batch), sequence b's rows starting at cu_seqlens_q[b] + 128 * b;
+// so that a block of up to 128 query rows never reaches into the next sequence's rows.
+struct BwdParams {
+  const void* q;     // (.., seqlen_q, heads, d)
+  const void* k;     // (.., seqlen_k, heads_k, d)
+  const void* v;     // (.., seqlen_k, heads_k, d)
+  const void* o;     // like q: the forward's output
+  const void* dout;  // like q
+  const float* lse;  // (batch, heads, seqlen_q) or (heads, total_q), as written by the forward
+  void* dq;          // like q
+  void* dk;          // (.., seqlen_k, heads, d): per query head
+  void* dv;          // (.., seqlen_k, heads, d): per query head
+  float* dq_accum;   // fp32 scratch: dQ / softmax_scale summed over key blocks (atomic path)
+  float* dsum;       // fp32 scratch: D = rowsum(dO * O) per query row
+
+  // Strides in elements. batch strides are unused for varlen.
+  int64_t q_batch_stride, q_row_stride, q_head_stride;
+  int64_t k_batch_stride, k_row_stride, k_head_stride;
+  int64_t v_batch_stride, v_row_stride, v_head_stride;
+  int64_t o_batch_stride, o_row_stride, o_head_stride;
+  int64_t do_batch_stride, do_row_stride, do_head_stride;
+  int64_t dq_batch_stride, dq_row_stride, dq_head_stride;
+  int64_t dk_batch_stride, dk_row_stride, dk_head_stride;
+  int64_t dv_batch_stride, dv_row_stride, dv_head_stride;
+  int64_t lse_batch_stride, lse_head_stride;  // lse rows are contiguous
+  int64_t dq_accum_batch_stride, dq_accum_head_stride;  // rows: d_bucket contiguous floats
+  int64_t dsum_batch_stride, dsum_head_stride;  // dsum rows are contiguous
+
+  const int* cu_seqlens_q;  // (batch + 1) int32 offsets, or nullptr for fixed length
+  const int* cu_seqlens_k;
+  const int* seqused_k;     // (batch) int32: only keys j < seqused_k[b] exist, or nullptr
+
+  int batch;
+  int heads;     // query heads
+  int heads_k;   // key/value heads; heads % heads_k == 0 (MQA/GQA)
+  int head_dim;  // actual d (<= the compiled bucket, a multiple of 8)
+  int seqlen_q;  // fixed length, or the maximum over the batch for varlen
+  int seqlen_k;
+
+  float softmax_scale;       // as in the forward
+  float scale_log2;          // softmax_scale * log2(e)
+  bool causal_bottom_right;  // as in the forward (causal kernels only)
+  bool deterministic;        // no float atomics: bitwise reproducible gradients
+
+  DropoutParams dropout;
+};
+
+}  // namespace flashjit

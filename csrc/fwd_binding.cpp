@@ -1,0 +1,72 @@
+// fwd_binding.cpp: the torch binding of one forward JIT spec.
+//
+// Registers, in the spec's own op namespace (FLASHJIT_OP_NAMESPACE, e.g.
+// flashjit_fwd_sm90a_bf16_hd128_causal), an op that fills FwdParams from tensors and launches.
+// Python (flashjit/ops.py) validates every input and allocates the outputs first; the checks here
+// only guard the C++ boundary. Light headers only: torch/library.h and ATen/core/Tensor.h.
+#include <ATen/core/Tensor.h>
+#include <torch/library.h>
+
+#include "binding_utils.h"
+#include "flash_api.h"
+
+namespace flashjit {
+namespace {
+
+// q, k, v, out: (batch, seqlen, heads, d) or varlen (total, heads, d); lse float32.
+void fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+         const at::Tensor& lse, const std::optional<at::Tensor>& cu_seqlens_q,
+         const std::optional<at::Tensor>& cu_seqlens_k,
+         const std::optional<at::Tensor>& seqused_k, int64_t max_seqlen_q,
+         int64_t max_seqlen_k, double softmax_scale, bool causal_bottom_right,
+         const std::optional<at::Tensor>& rng_state, double dropout_p, int64_t stream) {
+  const bool varlen = cu_seqlens_q.has_value();
+  check_attention_tensors({&q, &k, &v, &out}, varlen);
+  FwdParams p{};
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.o = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  set_strides(q, varlen, p.q_batch_stride, p.q_row_stride, p.q_head_stride);
+  set_strides(k, varlen, p.k_batch_stride, p.k_row_stride, p.k_head_stride);
+  set_strides(v, varlen, p.v_batch_stride, p.v_row_stride, p.v_head_stride);
+  set_strides(out, varlen, p.o_batch_stride, p.o_row_stride, p.o_head_stride);
+  const int dim_heads = varlen ? 1 : 2;
+  if (varlen) {
+    p.lse_batch_stride = 0;
+    p.lse_head_stride = lse.stride(0);
+    p.cu_seqlens_q = cu_seqlens_q->data_ptr<int>();
+    p.cu_seqlens_k = cu_seqlens_k.value().data_ptr<int>();
+    p.batch = int(cu_seqlens_q->numel() - 1);
+  } else {
+    p.lse_batch_stride = lse.stride(0);
+    p.lse_head_stride = lse.stride(1);
+    p.batch = int(q.size(0));
+  }
+  p.heads = int(q.size(dim_heads));
+  p.heads_k = int(k.size(dim_heads));
+  p.head_dim = int(q.size(-1));
+  p.seqlen_q = int(max_seqlen_q);
+  p.seqlen_k = int(max_seqlen_k);
+  p.softmax_scale = float(softmax_scale);
+  p.scale_log2 = float(softmax_scale * kLog2e);
+  p.causal_bottom_right = causal_bottom_right;
+  p.dropout = make_dropout_params(rng_state, dropout_p);
+  p.seqused_k = seqused_k.has_value() ? seqused_k->data_ptr<int>() : nullptr;
+  if (p.batch == 0 || p.seqlen_q == 0) return;
+  const char* err = fwd_run(p, reinterpret_cast<void*>(stream));
+  TORCH_CHECK(err == nullptr, "flashjit forward kernel launch failed: ", err);
+}
+
+}  // namespace
+
+TORCH_LIBRARY(FLASHJIT_OP_NAMESPACE, m) {
+  m.def(
+      "fwd(Tensor q, Tensor k, Tensor v, Tensor(a!) out, Tensor(b!) lse, Tensor? cu_seqlens_q, "
+      "Tensor? cu_seqlens_k, Tensor? seqused_k, int max_seqlen_q, int max_seqlen_k, float softmax_scale, "
+      "bool causal_bottom_right, Tensor? rng_state, float dropout_p, int stream) -> ()");
+  m.impl("fwd", c10::DispatchKey::CUDA, TORCH_FN(fwd));
+}
+
+}  // namespace flashjit

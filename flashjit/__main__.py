@@ -1,0 +1,96 @@
+"""Command line: ``python -m flashjit info`` and ``python -m flashjit cache list|clear``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from ._version import __version__
+from .jit import cache as jit_cache
+from .jit import env
+from .jit.paths import cache_dir, csrc_dir
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB"
+
+
+def info() -> int:
+    """Versions, GPU and arch, cache location and size: what a bug report needs."""
+    import platform
+
+    import torch
+
+    from .jit.arch import current_arch
+
+    root = cache_dir()
+    entries = jit_cache.list_entries(root)
+    nvcc = env.nvcc_path()
+    rows = [
+        ("flashjit", __version__),
+        ("python", f"{platform.python_version()} ({sys.executable})"),
+        ("torch", f"{torch.__version__} (CUDA {torch.version.cuda}, "
+                  f"cxx11 ABI {int(torch._C._GLIBCXX_USE_CXX11_ABI)})"),
+        ("nvcc", f"{env.nvcc_version()} ({nvcc})" if nvcc else "not found"),
+        ("c++", env.cxx_version() or f"{env.cxx_compiler()} not found"),
+    ]
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            major, minor = torch.cuda.get_device_capability(i)
+            rows.append((f"gpu {i}", f"{torch.cuda.get_device_name(i)} (compute capability "
+                                     f"{major}.{minor})"))
+    else:
+        rows.append(("gpu", "none visible"))
+    try:
+        rows.append(("arch", current_arch()))
+    except RuntimeError as err:
+        rows.append(("arch", f"unknown: {err}"))
+    rows += [
+        ("csrc", str(csrc_dir())),
+        ("cache", str(root)),
+        ("cache size", f"{_mib(jit_cache.dir_size(root)) if root.is_dir() else '0.0 MiB'}, "
+                       f"{len(entries)} entries"),
+    ]
+    rows += [(name, value) for name, value in sorted(os.environ.items())
+             if name.startswith("FLASHJIT_") or name in ("TORCH_CUDA_ARCH_LIST", "CUDA_HOME")]
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
+    return 0
+
+
+def cache_list() -> int:
+    root = cache_dir()
+    entries = jit_cache.list_entries(root)
+    print(f"cache {root}: {len(entries)} entries")
+    for e in entries:
+        if e["ok"]:
+            detail = f"built {e['date']} in {e['build_seconds']:.1f} s"
+        else:
+            detail = "DAMAGED (rebuilt on next use)"
+        print(f"  {e['dirname']:56s} {_mib(e['bytes']):>10s}  {detail}")
+    return 0
+
+
+def cache_clear() -> int:
+    root = cache_dir()
+    removed = jit_cache.clear(root)
+    print(f"removed {removed} items from {root}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flashjit")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("info", help="versions, GPU, arch, cache location and size")
+    cache_parser = commands.add_parser("cache", help="list or clear compiled binaries")
+    cache_parser.add_argument("action", choices=["list", "clear"])
+    args = parser.parse_args(argv)
+    if args.command == "info":
+        return info()
+    return cache_list() if args.action == "list" else cache_clear()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

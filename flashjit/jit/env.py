@@ -1,0 +1,78 @@
+"""Environment switches and the toolchain identity that goes into the cache key."""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+DEFAULT_LOCK_TIMEOUT_S = 900.0
+
+
+def verbose_enabled() -> bool:
+    """FLASHJIT_VERBOSE=1: show compiler commands and ptxas resource usage."""
+    return os.environ.get("FLASHJIT_VERBOSE", "") not in ("", "0")
+
+
+def jit_disabled() -> bool:
+    """FLASHJIT_DISABLE_JIT=1: never compile; a spec missing from the cache is an error."""
+    return os.environ.get("FLASHJIT_DISABLE_JIT", "") not in ("", "0")
+
+
+def lock_timeout() -> float:
+    """Seconds to wait for another process's build of the same spec (FLASHJIT_LOCK_TIMEOUT)."""
+    value = os.environ.get("FLASHJIT_LOCK_TIMEOUT", "")
+    if not value:
+        return DEFAULT_LOCK_TIMEOUT_S
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError(f"FLASHJIT_LOCK_TIMEOUT must be a number of seconds, got {value!r}") from None
+
+
+def nvcc_path() -> Path | None:
+    """The nvcc torch.utils.cpp_extension would run: $CUDA_HOME or $CUDA_PATH, else the one on
+    PATH, else /usr/local/cuda (the same search as its _find_cuda_home)."""
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if home is None:
+        found = shutil.which("nvcc")
+        home = os.path.dirname(os.path.dirname(found)) if found else "/usr/local/cuda"
+    nvcc = Path(home) / "bin" / "nvcc"
+    return nvcc if nvcc.exists() else None
+
+
+def _version_line(cmd: list[str], contains: str = "") -> str | None:
+    """The first output line of ``cmd`` that contains ``contains``; None if it cannot run."""
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return next((line.strip() for line in out.splitlines() if contains in line and line.strip()), None)
+
+
+@functools.lru_cache(maxsize=None)
+def _nvcc_version(path: str) -> str | None:
+    return _version_line([path, "--version"], "release")
+
+
+def nvcc_version() -> str | None:
+    """e.g. 'Cuda compilation tools, release 13.0, V13.0.88'; None without nvcc. Once per process."""
+    path = nvcc_path()
+    return None if path is None else _nvcc_version(str(path))
+
+
+def cxx_compiler() -> str:
+    """The host C++ compiler cpp_extension uses ($CXX, else c++)."""
+    return os.environ.get("CXX", "c++")
+
+
+@functools.lru_cache(maxsize=None)
+def _cxx_version(compiler: str) -> str | None:
+    return _version_line([compiler, "--version"])
+
+
+def cxx_version() -> str | None:
+    """First line of ``$CXX --version``, e.g. 'c++ (Debian 12.2.0-14) 12.2.0'. Once per process."""
+    return _cxx_version(cxx_compiler())

@@ -1,0 +1,177 @@
+"""Build specs: one frozen object per compiled specialisation, named after what it fixes.
+
+A spec says which kernel (fwd, bwd, selftest), for which arch, dtype, head-dim bucket and
+variant; from it follow the sources, the compiler flags and the readable name that also names
+the op namespace and the cache folder, e.g. ``fwd_sm90a_bf16_hd128_causal``.
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+
+from .arch import gencode_flags, normalize_arch
+from .env import verbose_enabled
+from .paths import csrc_dir
+
+HEAD_DIM_BUCKETS = (32, 64, 96, 128, 160, 192, 224, 256)
+DTYPES = ("fp16", "bf16")
+_DTYPE_ALIASES = {
+    "fp16": "fp16", "float16": "fp16", "half": "fp16", "torch.float16": "fp16",
+    "bf16": "bf16", "bfloat16": "bf16", "torch.bfloat16": "bf16",
+}
+
+
+@dataclass(frozen=True)
+class KernelDef:
+    """A kernel family: its sources (relative to csrc_dir()) and whether it is CPU-only."""
+
+    sources: tuple[str, ...]
+    cpu_only: bool = False
+
+
+KERNELS: dict[str, KernelDef] = {
+    "fwd": KernelDef(("fwd_binding.cpp", "flash_fwd.cu")),
+    "bwd": KernelDef(("bwd_binding.cpp", "flash_bwd.cu")),
+    "selftest": KernelDef(("selftest/selftest_op.cpp",), cpu_only=True),
+}
+ATTENTION_KERNELS = tuple(k for k, d in KERNELS.items() if not d.cpu_only)
+
+
+def head_dim_bucket(d: int) -> int:
+    """The smallest compiled head dim >= d. ValueError unless 8 <= d <= 256 and d % 8 == 0."""
+    if isinstance(d, bool) or not isinstance(d, int):
+        raise ValueError(f"head_dim must be an int, got {d!r}")
+    if d < 8 or d > HEAD_DIM_BUCKETS[-1] or d % 8 != 0:
+        raise ValueError(
+            f"head_dim {d} is not supported: it must be a multiple of 8 between 8 and "
+            f"{HEAD_DIM_BUCKETS[-1]}"
+        )
+    return next(b for b in HEAD_DIM_BUCKETS if b >= d)
+
+
+def cxx_flags() -> list[str]:
+    """Default host C++ flags (the binding files)."""
+    return ["-O3", "-std=c++17"]
+
+
+def nvcc_flags(arch: str, verbose: bool = False) -> list[str]:
+    """Default nvcc flags for ``arch`` (e.g. ``sm80-sm90a``): all of them, in one place.
+
+    Our ``-gencode`` flags make torch.utils.cpp_extension add no arch flags of its own (its
+    ``_get_cuda_arch_flags`` returns nothing once a flag mentions ``arch``), so
+    TORCH_CUDA_ARCH_LIST never widens a build. ``verbose`` adds line info and ptxas's
+    register/shared-memory report.
+    """
+    flags = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "--use_fast_math", "-DNDEBUG"]
+    flags += gencode_flags(arch)
+    if verbose:
+        flags += ["-lineinfo", "-Xptxas=-v"]
+    return flags
+
+
+@dataclass(frozen=True)
+class JitSpec:
+    """One specialisation to compile. Hashable; equal specs share one binary.
+
+    ``head_dim`` is stored as its bucket (``head_dim=100`` becomes 128), ``arch`` in normal
+    form (``sm90`` becomes ``sm90a``), ``dtype`` as ``fp16``/``bf16`` (torch dtypes accepted).
+    The selftest kernel takes ``arch="cpu"`` (the default for it) and no dtype or head dim.
+    """
+
+    kernel: str
+    arch: str | None = None
+    dtype: str | None = None
+    head_dim: int | None = None
+    causal: bool = False
+    dropout: bool = False
+
+    def __post_init__(self) -> None:
+        kernel = KERNELS.get(self.kernel)
+        if kernel is None:
+            raise ValueError(f"unknown kernel {self.kernel!r}; known: {', '.join(KERNELS)}")
+        set_ = object.__setattr__  # frozen: normalise fields in place, once
+        if kernel.cpu_only:
+            if self.arch not in (None, "cpu"):
+                raise ValueError(f"kernel {self.kernel!r} is CPU-only: arch must be 'cpu'")
+            if self.dtype is not None or self.head_dim is not None or self.causal or self.dropout:
+                raise ValueError(f"kernel {self.kernel!r} takes no dtype, head_dim, causal or dropout")
+            set_(self, "arch", "cpu")
+            return
+        if not self.arch:
+            raise ValueError(f"kernel {self.kernel!r} needs an arch, e.g. current_arch()")
+        set_(self, "arch", normalize_arch(self.arch))
+        dtype = _DTYPE_ALIASES.get(str(self.dtype))
+        if dtype is None:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        set_(self, "dtype", dtype)
+        if self.head_dim is None:
+            raise ValueError(f"kernel {self.kernel!r} needs a head_dim")
+        set_(self, "head_dim", head_dim_bucket(self.head_dim))
+        set_(self, "causal", bool(self.causal))
+        set_(self, "dropout", bool(self.dropout))
+
+    @property
+    def name(self) -> str:
+        """Readable unique name, e.g. ``fwd_sm90a_bf16_hd128_causal`` or ``selftest_cpu``."""
+        if KERNELS[self.kernel].cpu_only:
+            return f"{self.kernel}_{self.arch}"
+        name = f"{self.kernel}_{self.arch}_{self.dtype}_hd{self.head_dim}"
+        return name + ("_causal" if self.causal else "") + ("_dropout" if self.dropout else "")
+
+    @property
+    def op_namespace(self) -> str:
+        """The torch.ops namespace the binary registers: ``flashjit_`` + name (``-`` -> ``_``)."""
+        return "flashjit_" + self.name.replace("-", "_")
+
+    @property
+    def with_cuda(self) -> bool:
+        return not KERNELS[self.kernel].cpu_only
+
+    def sources(self, root: Path | None = None) -> list[Path]:
+        """Absolute source paths under ``root`` (default csrc_dir())."""
+        root = csrc_dir() if root is None else root
+        return [root / s for s in KERNELS[self.kernel].sources]
+
+    @property
+    def defines(self) -> list[str]:
+        """Preprocessor defines given to both the C++ and the nvcc compiles."""
+        defines = [f"-DFLASHJIT_OP_NAMESPACE={self.op_namespace}"]
+        if self.with_cuda:
+            defines += [
+                f"-DFLASHJIT_DTYPE_{self.dtype.upper()}=1",
+                f"-DFLASHJIT_HEAD_DIM={self.head_dim}",
+                f"-DFLASHJIT_IS_CAUSAL={int(self.causal)}",
+                f"-DFLASHJIT_HAS_DROPOUT={int(self.dropout)}",
+            ]
+        return defines
+
+    def cflags(self) -> list[str]:
+        return cxx_flags() + self.defines
+
+    def cuda_cflags(self, verbose: bool | None = None) -> list[str]:
+        """nvcc flags (empty for CPU-only kernels); ``verbose`` defaults to FLASHJIT_VERBOSE."""
+        if not self.with_cuda:
+            return []
+        verbose = verbose_enabled() if verbose is None else verbose
+        return nvcc_flags(self.arch, verbose) + self.defines
+
+    def prebuild_command(self) -> str:
+        """The command that builds exactly this spec into the cache."""
+        args = ["python", "-m", "flashjit.prebuild", "--kernel", self.kernel]
+        if self.with_cuda:
+            args += [
+                "--arch", self.arch.replace("-", ";"),
+                "--dtype", self.dtype,
+                "--head-dim", str(self.head_dim),
+                "--causal", "yes" if self.causal else "no",
+                "--dropout", "yes" if self.dropout else "no",
+            ]
+        return shlex.join(args)
+
+    def fields(self) -> dict:
+        return {
+            "kernel": self.kernel, "arch": self.arch, "dtype": self.dtype,
+            "head_dim": self.head_dim, "causal": self.causal, "dropout": self.dropout,
+        }

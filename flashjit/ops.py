@@ -1,0 +1,180 @@
+"""torch.library custom ops of flashjit, with fake (meta) implementations.
+
+The public API (flashjit/interface.py) validates inputs and then calls these ops. Each op's CUDA
+implementation maps its inputs to a JIT spec (arch, dtype, head-dim bucket, variant), loads the
+compiled spec (building it on first use) and calls the spec's own op. Fake implementations only
+compute output shapes: they never compile anything, so torch.compile can trace through.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .jit import JitSpec, current_arch, head_dim_bucket, load_spec
+
+_DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+# Rows of the backward's fp32 scratch buffers are padded per sequence to this multiple.
+BWD_ROW_PAD = 128
+
+
+def kernel_family(device: torch.device) -> str:
+    """The kernel family serving `device`: only the mma.sync family (sm80) exists so far."""
+    family = os.environ.get("FLASHJIT_KERNEL_FAMILY", "sm80")
+    if family != "sm80":
+        raise ValueError(f"FLASHJIT_KERNEL_FAMILY={family!r}: only 'sm80' (mma.sync) is available")
+    return family
+
+
+def attention_spec(kernel: str, q: Tensor, causal: bool, dropout: bool) -> JitSpec:
+    """The JIT spec that serves an attention call on q's device, dtype and head dim."""
+    kernel_family(q.device)
+    return JitSpec(
+        kernel=kernel,
+        arch=current_arch(q.device),
+        dtype=_DTYPE_NAMES[q.dtype],
+        head_dim=head_dim_bucket(q.shape[-1]),
+        causal=causal,
+        dropout=dropout,
+    )
+
+
+# Tests set this: outputs are then allocated filled with NaN, so unwritten elements show.
+POISON_OUTPUTS = False
+
+
+def _empty(shape, dtype: torch.dtype, device: torch.device) -> Tensor:
+    if POISON_OUTPUTS:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _stream(device: torch.device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+def _lse_shape(q: Tensor, varlen: bool) -> Tuple[int, ...]:
+    # fixed (batch, heads, seqlen_q); varlen (heads, total_q)
+    return (q.shape[1], q.shape[0]) if varlen else (q.shape[0], q.shape[2], q.shape[1])
+
+
+@torch.library.custom_op("flashjit::fwd", mutates_args=(), device_types="cuda")
+def fwd(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens_q: Optional[Tensor],
+    cu_seqlens_k: Optional[Tensor],
+    seqused_k: Optional[Tensor],
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    softmax_scale: float,
+    causal: bool,
+    causal_bottom_right: bool,
+    dropout_p: float,
+    rng_state: Optional[Tensor],
+) -> Tuple[Tensor, Tensor]:
+    """Forward attention: returns (out like q, lse float32)."""
+    varlen = cu_seqlens_q is not None
+    out = _empty(q.shape, q.dtype, q.device)
+    lse = _empty(_lse_shape(q, varlen), torch.float32, q.device)
+    spec = attention_spec("fwd", q, causal, dropout_p > 0.0)
+    with torch.cuda.device(q.device):
+        load_spec(spec).fwd(
+            q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k,
+            softmax_scale, causal_bottom_right, rng_state, dropout_p, _stream(q.device),
+        )
+    return out, lse
+
+
+@fwd.register_fake
+def _fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k,
+              softmax_scale, causal, causal_bottom_right, dropout_p, rng_state):
+    varlen = cu_seqlens_q is not None
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = q.new_empty(_lse_shape(q, varlen), dtype=torch.float32)
+    return out, lse
+
+
+def _bwd_scratch(q: Tensor, varlen: bool, batch: int, max_seqlen_q: int, bucket: int):
+    """fp32 scratch of the backward: dq_accum and dsum (D = rowsum(dO * O)), rows padded."""
+    if varlen:
+        rows = q.shape[0] + BWD_ROW_PAD * batch
+        heads = q.shape[1]
+        dq_accum = torch.empty((heads, rows, bucket), dtype=torch.float32, device=q.device)
+        dsum = torch.empty((heads, rows), dtype=torch.float32, device=q.device)
+    else:
+        rows = -(-max_seqlen_q // BWD_ROW_PAD) * BWD_ROW_PAD
+        b, _, heads, _ = q.shape
+        dq_accum = torch.empty((b, heads, rows, bucket), dtype=torch.float32, device=q.device)
+        dsum = torch.empty((b, heads, rows), dtype=torch.float32, device=q.device)
+    return dq_accum, dsum
+
+
+def _expanded_kv_shape(q: Tensor, k: Tensor, varlen: bool) -> Tuple[int, ...]:
+    # dk/dv as computed per query head: fixed (batch, seqlen_k, heads, d); varlen (total_k, heads, d)
+    if varlen:
+        return (k.shape[0], q.shape[1], k.shape[2])
+    return (k.shape[0], k.shape[1], q.shape[2], k.shape[3])
+
+
+def _reduce_groups(dx: Tensor, heads_k: int, varlen: bool) -> Tensor:
+    """Sum per-query-head gradients over each MQA/GQA group of query heads."""
+    head_dim = 1 if varlen else 2
+    heads = dx.shape[head_dim]
+    if heads == heads_k:
+        return dx
+    shape = list(dx.shape)
+    shape[head_dim : head_dim + 1] = [heads_k, heads // heads_k]
+    return dx.view(shape).sum(dim=head_dim + 1, dtype=torch.float32).to(dx.dtype)
+
+
+@torch.library.custom_op("flashjit::bwd", mutates_args=(), device_types="cuda")
+def bwd(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    cu_seqlens_q: Optional[Tensor],
+    cu_seqlens_k: Optional[Tensor],
+    seqused_k: Optional[Tensor],
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    softmax_scale: float,
+    causal: bool,
+    causal_bottom_right: bool,
+    dropout_p: float,
+    rng_state: Optional[Tensor],
+    deterministic: bool,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Backward attention: returns (dq, dk, dv) shaped like (q, k, v)."""
+    varlen = cu_seqlens_q is not None
+    batch = cu_seqlens_q.shape[0] - 1 if varlen else q.shape[0]
+    bucket = head_dim_bucket(q.shape[-1])
+    dq = _empty(q.shape, q.dtype, q.device)
+    dk = _empty(_expanded_kv_shape(q, k, varlen), k.dtype, k.device)
+    dv = _empty(_expanded_kv_shape(q, v, varlen), v.dtype, v.device)
+    dq_accum, dsum = _bwd_scratch(q, varlen, batch, max_seqlen_q, bucket)
+    spec = attention_spec("bwd", q, causal, dropout_p > 0.0)
+    with torch.cuda.device(q.device):
+        load_spec(spec).bwd(
+            dout, q, k, v, out, lse, dq, dk, dv, dq_accum, dsum, cu_seqlens_q, cu_seqlens_k,
+            seqused_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal_bottom_right, rng_state,
+            dropout_p, deterministic, _stream(q.device),
+        )
+    heads_k = k.shape[1 if varlen else 2]
+    return dq, _reduce_groups(dk, heads_k, varlen), _reduce_groups(dv, heads_k, varlen)
+
+
+@bwd.register_fake
+def _bwd_fake(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q,
+              max_seqlen_k, softmax_scale, causal, causal_bottom_right, dropout_p, rng_state,
+              deterministic):
+    new = lambda t: torch.empty(t.shape, dtype=t.dtype, device=t.device)  # noqa: E731
+    return new(q), new(k), new(v)

@@ -1,0 +1,197 @@
+"""Build specs into the cache ahead of time, in parallel, e.g. on a login node without a GPU.
+
+    python -m flashjit.prebuild --arch 8.0 9.0 --dtype bf16 --head-dim 64 128 --causal both
+    python -m flashjit.prebuild --kernel selftest
+    python -m flashjit.prebuild --arch sm90a --list      # names only, builds nothing
+
+Each ``--arch`` argument is one binary: ``--arch 8.0 9.0`` builds an sm80 and an sm90a binary
+per spec, ``--arch '8.0;9.0'`` one sm80-sm90a binary (what FLASHJIT_CUDA_ARCH_LIST='8.0;9.0'
+loads). Without ``--arch``, current_arch() decides (GPU or arch list environment variables).
+Each build runs in its own process through the same cache and lock as first use, with its
+output kept in a log file under the cache's logs/ folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import datetime
+import itertools
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .jit.arch import current_arch, parse_arch_list
+from .jit.spec import ATTENTION_KERNELS, DTYPES, HEAD_DIM_BUCKETS, KERNELS, JitSpec, head_dim_bucket
+
+_GIB = 1 << 30
+_MEMORY_PER_JOB = 4 * _GIB  # nvcc on one attention kernel peaks at a few GB
+_CHOICES = {"yes": (True,), "no": (False,), "both": (False, True)}
+
+
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _available_memory() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def default_jobs() -> int:
+    """min(CPUs, available memory / 4 GB), at least 1."""
+    memory = _available_memory()
+    by_memory = _cpu_count() if memory is None else memory // _MEMORY_PER_JOB
+    return max(1, min(_cpu_count(), by_memory))
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m flashjit.prebuild",
+        description="Compile flashjit specs into the cache (FLASHJIT_CACHE_DIR) ahead of use.",
+    )
+    p.add_argument("--kernel", nargs="+", choices=list(KERNELS), default=list(ATTENTION_KERNELS),
+                   help="kernels to build (default: %(default)s)")
+    p.add_argument("--arch", nargs="+", metavar="ARCH",
+                   help="one binary per argument: 8.0, 9.0, sm80, sm90a, or '8.0;9.0' for one "
+                        "binary holding both (default: current_arch())")
+    p.add_argument("--dtype", nargs="+", choices=DTYPES, default=list(DTYPES))
+    p.add_argument("--head-dim", nargs="+", type=int, default=list(HEAD_DIM_BUCKETS),
+                   metavar="D", help="head dims, mapped to their buckets (default: all buckets)")
+    p.add_argument("--causal", choices=list(_CHOICES), default="both")
+    p.add_argument("--dropout", choices=list(_CHOICES), default="no")
+    p.add_argument("--jobs", "-j", type=int, default=None,
+                   help="builds at once (default: min(CPUs, available memory / 4 GB))")
+    p.add_argument("--list", action="store_true", help="print the spec names and exit")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print each spec, whether it is cached, and its cache folder; build nothing")
+    p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: build one spec (JSON fields)
+    return p
+
+
+def specs_from_args(args: argparse.Namespace) -> list[JitSpec]:
+    """The cross product the arguments ask for, without duplicates, in a stable order."""
+    specs: list[JitSpec] = []
+    attention = [k for k in args.kernel if k in ATTENTION_KERNELS]
+    if attention:
+        if args.arch:
+            arches = ["-".join(parse_arch_list(a)) for a in args.arch]
+        else:
+            arches = [current_arch()]
+        head_dims = sorted({head_dim_bucket(d) for d in args.head_dim})
+        for kernel, arch, dtype, head_dim, causal, dropout in itertools.product(
+            attention, arches, args.dtype, head_dims, _CHOICES[args.causal], _CHOICES[args.dropout]
+        ):
+            specs.append(JitSpec(kernel, arch, dtype, head_dim, causal, dropout))
+    specs += [JitSpec(k) for k in args.kernel if KERNELS[k].cpu_only]
+    return list(dict.fromkeys(specs))
+
+
+def _run_worker(fields_json: str) -> int:
+    from .jit.build import ensure_built
+
+    library = ensure_built(JitSpec(**json.loads(fields_json)))
+    print(f"library: {library}")
+    return 0
+
+
+def _build_one(spec: JitSpec, log: Path, env: dict) -> tuple[bool, float]:
+    start = time.perf_counter()
+    with open(log, "w") as out:
+        result = subprocess.run(
+            [sys.executable, "-m", "flashjit.prebuild", "--worker", json.dumps(spec.fields())],
+            stdout=out, stderr=subprocess.STDOUT, env=env,
+        )
+    return result.returncode == 0, time.perf_counter() - start
+
+
+def _worker_env(jobs: int) -> dict:
+    env = dict(os.environ)
+    env.pop("FLASHJIT_DISABLE_JIT", None)
+    env.setdefault("MAX_JOBS", str(max(1, _cpu_count() // jobs)))  # ninja's -j in each build
+    return env
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.worker:
+        return _run_worker(args.worker)
+    try:
+        specs = specs_from_args(args)
+    except (ValueError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.list:
+        for spec in specs:
+            print(spec.name)
+        return 0
+
+    from .jit.cache import CacheDirError, CacheEntry, ensure_writable, logs_dir
+    from .jit.paths import cache_dir
+
+    root = cache_dir()
+    entries = [CacheEntry.for_spec(spec, root) for spec in specs]
+    cached = [entry.check().ok for entry in entries]
+    if args.dry_run:
+        for spec, entry, hit in zip(specs, entries, cached):
+            print(f"{spec.name:40s} {'cached ' if hit else 'missing'} {entry.path}")
+        print(f"{len(specs)} specs, {sum(cached)} cached, {len(specs) - sum(cached)} to build; "
+              f"cache {root}")
+        return 0
+
+    todo = [spec for spec, hit in zip(specs, cached) if not hit]
+    try:
+        ensure_writable(root)
+        log_dir = logs_dir(root) / f"prebuild-{datetime.datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}"
+        log_dir.mkdir()
+    except (CacheDirError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    jobs = max(1, args.jobs or default_jobs())
+    env = _worker_env(jobs)
+    total = len(specs)
+    print(f"flashjit prebuild: {total} specs, {total - len(todo)} cached, {len(todo)} to build "
+          f"with {jobs} jobs; cache {root}", flush=True)
+    done = 0
+    for spec, hit in zip(specs, cached):
+        if hit:
+            done += 1
+            print(f"[{done}/{total}] {spec.name} ... cached", flush=True)
+
+    start = time.perf_counter()
+    failed: list[tuple[JitSpec, Path]] = []
+    with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = {pool.submit(_build_one, spec, log_dir / f"{spec.name}.log", env): spec
+                   for spec in todo}
+        for future in concurrent.futures.as_completed(futures):
+            spec = futures[future]
+            ok, seconds = future.result()
+            done += 1
+            log = log_dir / f"{spec.name}.log"
+            status = f"{seconds:.1f} s" if ok else f"FAILED after {seconds:.1f} s, log: {log}"
+            print(f"[{done}/{total}] {spec.name} ... {status}", flush=True)
+            if not ok:
+                failed.append((spec, log))
+
+    built = len(todo) - len(failed)
+    print(f"built {built}, cached {total - len(todo)}, failed {len(failed)} in "
+          f"{time.perf_counter() - start:.1f} s; logs in {log_dir}", flush=True)
+    for spec, log in failed:
+        print(f"FAILED {spec.name}: see {log}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""Command lines: python -m flashjit.prebuild, python -m flashjit info / cache list|clear."""
+
+from __future__ import annotations
+
+import shutil
+
+from jithelpers import entries, run_python
+
+import flashjit
+from flashjit.jit import csrc_dir
+from flashjit.prebuild import default_jobs
+
+
+def test_prebuild_list_is_the_deduplicated_cross_product(tmp_path):
+    result = run_python(
+        ["-m", "flashjit.prebuild", "--kernel", "fwd", "bwd", "--arch", "8.0", "sm90a",
+         "--dtype", "fp16", "bf16", "--head-dim", "64", "56", "128", "--causal", "both",
+         "--dropout", "no", "--list"],
+        tmp_path / "cache",
+    )
+    assert result.returncode == 0, result.stderr
+    names = result.stdout.split()
+    # 2 kernels x 2 archs x 2 dtypes x 2 buckets (56 -> 64) x 2 causal
+    assert len(names) == len(set(names)) == 32
+    assert "fwd_sm80_fp16_hd64" in names and "bwd_sm90a_bf16_hd128_causal" in names
+    assert not (tmp_path / "cache").exists()  # --list touches nothing
+
+
+def test_prebuild_list_multi_arch_and_selftest(tmp_path):
+    result = run_python(
+        ["-m", "flashjit.prebuild", "--kernel", "fwd", "selftest", "--arch", "8.0;9.0",
+         "--dtype", "bf16", "--head-dim", "128", "--causal", "yes", "--dropout", "both", "--list"],
+        tmp_path / "cache",
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [
+        "fwd_sm80-sm90a_bf16_hd128_causal", "fwd_sm80-sm90a_bf16_hd128_causal_dropout", "selftest_cpu"]
+
+
+def test_prebuild_without_arch_or_gpu_says_what_to_set(tmp_path):
+    import torch
+
+    result = run_python(["-m", "flashjit.prebuild", "--kernel", "fwd", "--list"], tmp_path / "cache",
+                        TORCH_CUDA_ARCH_LIST="")
+    if torch.cuda.is_available():
+        assert result.returncode == 0
+    else:
+        assert result.returncode == 2
+        assert "FLASHJIT_CUDA_ARCH_LIST" in result.stderr
+    result = run_python(["-m", "flashjit.prebuild", "--kernel", "fwd", "--list"], tmp_path / "cache",
+                        FLASHJIT_CUDA_ARCH_LIST="8.6", TORCH_CUDA_ARCH_LIST="")
+    assert result.returncode == 0 and result.stdout.split()[0] == "fwd_sm86_fp16_hd32"
+
+
+def test_prebuild_dry_run_reports_cache_state(cache_copy):
+    result = run_python(
+        ["-m", "flashjit.prebuild", "--kernel", "selftest", "fwd", "--arch", "8.0", "--dtype",
+         "bf16", "--head-dim", "64", "--causal", "no", "--dry-run"], cache_copy)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert any(line.startswith("selftest_cpu") and "cached" in line for line in lines)
+    assert any(line.startswith("fwd_sm80_bf16_hd64") and "missing" in line for line in lines)
+    assert "2 specs, 1 cached, 1 to build" in result.stdout
+    assert len(entries(cache_copy)) == 1
+
+
+def test_prebuild_warm_run_reports_cached(cache_copy):
+    result = run_python(["-m", "flashjit.prebuild", "--kernel", "selftest"], cache_copy)
+    assert result.returncode == 0, result.stderr
+    assert "[1/1] selftest_cpu ... cached" in result.stdout
+    assert "built 0, cached 1, failed 0" in result.stdout
+
+
+def test_prebuild_failure_exits_nonzero_with_the_log(tmp_path):
+    csrc = tmp_path / "csrc"
+    shutil.copytree(csrc_dir(), csrc)
+    source = csrc / "selftest" / "selftest_op.cpp"
+    source.write_text('#include "deliberately_missing_header.h"\n' + source.read_text())
+    cache = tmp_path / "cache"
+    result = run_python(["-m", "flashjit.prebuild", "--kernel", "selftest", "--jobs", "1"], cache,
+                        FLASHJIT_CSRC_DIR=str(csrc))
+    assert result.returncode == 1
+    assert "[1/1] selftest_cpu ... FAILED" in result.stdout
+    assert "built 0, cached 0, failed 1" in result.stdout
+    log = next((cache / "logs").glob("prebuild-*/selftest_cpu.log"))
+    assert str(log) in result.stdout and str(log) in result.stderr
+    text = log.read_text()
+    assert "deliberately_missing_header.h" in text and "BuildError" in text
+    assert entries(cache) == [] and list(cache.glob(".tmp-*")) == []
+
+
+def test_default_jobs_is_positive():
+    assert default_jobs() >= 1
+
+
+def test_info(cache_copy):
+    result = run_python(["-m", "flashjit", "info"], cache_copy, TORCH_CUDA_ARCH_LIST="")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert out.splitlines()[0].split() == ["flashjit", flashjit.__version__]
+    for label in ("torch", "nvcc", "gpu", "arch", "csrc", "cache"):
+        assert any(line.startswith(label) for line in out.splitlines()), label
+    assert str(cache_copy) in out and "1 entries" in out
+
+
+def test_cache_list_and_clear(cache_copy):
+    (cache_copy / "unrelated.txt").write_text("not ours")
+    result = run_python(["-m", "flashjit", "cache", "list"], cache_copy)
+    assert result.returncode == 0, result.stderr
+    assert "1 entries" in result.stdout and "selftest_cpu-" in result.stdout
+    result = run_python(["-m", "flashjit", "cache", "clear"], cache_copy)
+    assert result.returncode == 0, result.stderr
+    assert entries(cache_copy) == [] and not list(cache_copy.glob("*.lock"))
+    assert (cache_copy / "unrelated.txt").exists()  # only flashjit's own files go
+    result = run_python(["-m", "flashjit", "cache", "list"], cache_copy)
+    assert "0 entries" in result.stdout
+
+
+def test_import_is_cheap(tmp_path):
+    code = ("import sys, flashjit, flashjit.jit\n"
+            "assert 'torch.utils.cpp_extension' not in sys.modules\n")
+    result = run_python(["-c", code], tmp_path / "cache")
+    assert result.returncode == 0, result.stderr
+    assert not (tmp_path / "cache").exists()
+

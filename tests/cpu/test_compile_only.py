@@ -1,0 +1,60 @@
+"""compile_only: the spec's .cu files through nvcc alone (no torch headers), as CI checks them."""
+
+from __future__ import annotations
+
+import pytest
+
+from flashjit.jit import BuildError, JitSpec, compile_only, csrc_dir
+from flashjit.jit.env import nvcc_path
+
+pytestmark = pytest.mark.skipif(nvcc_path() is None, reason="nvcc not found")
+
+# A stand-in kernel: proves the defines and -I csrc reach nvcc and that Hopper builds as sm_90a.
+TINY_HEADER = "#pragma once\nconstexpr float kTiny = 2.0f;\n"
+TINY_KERNEL = """
+#include "tiny.cuh"
+static_assert(FLASHJIT_HEAD_DIM == 128 && FLASHJIT_IS_CAUSAL == 1 && FLASHJIT_DTYPE_BF16 == 1,
+              "spec defines reach nvcc");
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ == 900 && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#error "Hopper must build as sm_90a"
+#endif
+__global__ void scale(float* x) { x[threadIdx.x] *= kTiny; }
+"""
+
+
+@pytest.fixture
+def tiny_csrc(tmp_path, monkeypatch):
+    csrc = tmp_path / "csrc"
+    csrc.mkdir()
+    (csrc / "tiny.cuh").write_text(TINY_HEADER)
+    (csrc / "flash_fwd.cu").write_text(TINY_KERNEL)
+    monkeypatch.setenv("FLASHJIT_CSRC_DIR", str(csrc))
+    return csrc
+
+
+def test_compile_only_tiny_kernel(tiny_csrc, tmp_path):
+    spec = JitSpec("fwd", "sm80-sm90a", "bf16", 128, causal=True)
+    (obj,) = compile_only(spec, tmp_path / "out")
+    assert obj.name == "fwd_sm80-sm90a_bf16_hd128_causal_flash_fwd.o" and obj.stat().st_size > 0
+
+
+def test_compile_only_has_no_torch_headers(tiny_csrc, tmp_path):
+    (tiny_csrc / "flash_fwd.cu").write_text("#include <ATen/core/Tensor.h>\n" + TINY_KERNEL)
+    with pytest.raises(BuildError, match="Tensor.h"):
+        compile_only(JitSpec("fwd", "sm80", "bf16", 128, causal=True), tmp_path / "out")
+
+
+def test_compile_only_names_missing_sources(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLASHJIT_CSRC_DIR", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="flash_bwd.cu"):
+        compile_only(JitSpec("bwd", "sm80", "fp16", 64), tmp_path / "out")
+
+
+@pytest.mark.parametrize("kernel, source", [("fwd", "flash_fwd.cu"), ("bwd", "flash_bwd.cu")])
+@pytest.mark.parametrize("dtype, head_dim, causal", [("bf16", 128, True), ("fp16", 64, False)])
+def test_compile_only_real_kernels(kernel, source, dtype, head_dim, causal, tmp_path):
+    if not (csrc_dir() / source).is_file():
+        pytest.skip(f"csrc/{source} does not exist yet")
+    spec = JitSpec(kernel, "sm80-sm90a", dtype, head_dim, causal=causal)
+    (obj,) = compile_only(spec, tmp_path)
+    assert obj.stat().st_size > 0

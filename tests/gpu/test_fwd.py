@@ -1,0 +1,179 @@
+"""Forward attention on the GPU against a float32 reference.
+
+Criterion (for output and lse): flashjit's max error against the float32 reference is at most
+twice PyTorch's own error (the same math in the input dtype), plus a tiny absolute slack for
+cases where PyTorch happens to be exact.
+"""
+
+import math
+import random
+
+import pytest
+import torch
+
+import flashjit
+from tests.reference import attention_ref, max_error
+
+DTYPES = [torch.float16, torch.bfloat16]
+
+
+def _qkv(b, sq, sk, h, hk, d, dtype, device="cuda"):
+    q = torch.randn(b, sq, h, d, device=device, dtype=dtype)
+    k = torch.randn(b, sk, hk, d, device=device, dtype=dtype)
+    v = torch.randn(b, sk, hk, d, device=device, dtype=dtype)
+    return q, k, v
+
+
+def assert_close_to_reference(out, lse, q, k, v, causal, scale=None, bottom_right=True,
+                              key_lengths=None, lse_rows=None):
+    out_ref, lse_ref = attention_ref(q.float(), k.float(), v.float(), causal, scale, bottom_right,
+                                     key_lengths)
+    out_pt, lse_pt = attention_ref(q, k, v, causal, scale, bottom_right, key_lengths)
+    err, err_pt = max_error(out, out_ref), max_error(out_pt, out_ref)
+    assert err <= 2 * err_pt + 1e-5, f"out: flashjit error {err:.3g} > 2 x PyTorch's {err_pt:.3g}"
+    if lse is not None:
+        lse_err, lse_err_pt = max_error(lse, lse_ref), max_error(lse_pt, lse_ref)
+        assert lse_err <= 2 * lse_err_pt + 1e-4, (
+            f"lse: flashjit error {lse_err:.3g} > 2 x PyTorch's {lse_err_pt:.3g}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d", [32, 40, 64, 80, 96, 128, 160, 192, 224, 256])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("sq,sk", [(128, 128), (113, 203), (257, 129), (1, 77)])
+def test_fwd_grid(dtype, d, causal, sq, sk):
+    torch.manual_seed(sq * 1000 + sk + d)
+    q, k, v = _qkv(2, sq, sk, 3, 3, d, dtype)
+    out, lse = flashjit.flash_attn_func(q, k, v, causal=causal, return_lse=True)
+    assert out.shape == q.shape and out.dtype == dtype
+    assert lse.shape == (2, 3, sq) and lse.dtype == torch.float32
+    assert_close_to_reference(out, lse, q, k, v, causal)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("h,hk", [(8, 1), (8, 2), (6, 3)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_fwd_gqa(dtype, h, hk, causal):
+    q, k, v = _qkv(2, 300, 300, h, hk, 64, dtype)
+    out, lse = flashjit.flash_attn_func(q, k, v, causal=causal, return_lse=True)
+    assert_close_to_reference(out, lse, q, k, v, causal)
+
+
+def test_fwd_random_shapes():
+    rng = random.Random(1234)
+    for _ in range(24):
+        b, h = rng.randint(1, 4), rng.choice([1, 2, 4])
+        hk = rng.choice([x for x in (1, 2, 4) if h % x == 0])
+        sq, sk = rng.randint(1, 700), rng.randint(1, 700)
+        d = rng.choice([8, 16, 24, 32, 48, 64, 72, 96, 112, 128, 136, 192, 256])
+        dtype, causal = rng.choice(DTYPES), rng.random() < 0.5
+        scale = rng.choice([None, 0.05, 0.3])
+        q, k, v = _qkv(b, sq, sk, h, hk, d, dtype)
+        out, lse = flashjit.flash_attn_func(q, k, v, causal=causal, softmax_scale=scale,
+                                            return_lse=True)
+        assert_close_to_reference(out, lse, q, k, v, causal, scale)
+
+
+def test_fwd_large_batch_heads():
+    q, k, v = _qkv(64, 64, 64, 40, 40, 64, torch.bfloat16)  # 2560 (batch, head) pairs
+    out, lse = flashjit.flash_attn_func(q, k, v, return_lse=True)
+    assert_close_to_reference(out, lse, q, k, v, False)
+
+
+def test_fwd_rows_without_keys_give_zero_and_minus_inf():
+    # causal, bottom-right, seqlen_q > seqlen_k: the first seqlen_q - seqlen_k rows see no key
+    q, k, v = _qkv(2, 100, 30, 2, 2, 64, torch.float16)
+    out, lse = flashjit.flash_attn_func(q, k, v, causal=True, return_lse=True)
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+    assert torch.all(out[:, :70] == 0) and torch.all(lse[:, :, :70] == float("-inf"))
+    assert torch.all(torch.isfinite(lse[:, :, 70:]))
+    assert_close_to_reference(out, lse, q, k, v, True)
+
+
+def test_fwd_strided_inputs_no_copy():
+    qkv = torch.randn(2, 190, 3, 4, 64, device="cuda", dtype=torch.bfloat16)
+    out = flashjit.flash_attn_qkvpacked_func(qkv, causal=True)
+    q, k, v = qkv.unbind(2)
+    assert_close_to_reference(out, None, q, k, v, True)
+    q = torch.randn(2, 4, 150, 96, device="cuda", dtype=torch.float16).transpose(1, 2)
+    kv = torch.randn(2, 170, 2, 2, 96, device="cuda", dtype=torch.float16)
+    out = flashjit.flash_attn_kvpacked_func(q, kv)
+    assert_close_to_reference(out, None, q, kv[:, :, 0], kv[:, :, 1], False)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_fwd_varlen_with_empty_sequences(causal):
+    lens_q = [5, 0, 130, 64, 1, 0]
+    lens_k = [7, 3, 130, 0, 200, 0]
+    h, hk, d, dtype = 4, 2, 64, torch.bfloat16
+    q = torch.randn(sum(lens_q), h, d, device="cuda", dtype=dtype)
+    k = torch.randn(sum(lens_k), hk, d, device="cuda", dtype=dtype)
+    v = torch.randn(sum(lens_k), hk, d, device="cuda", dtype=dtype)
+    cu = lambda ls: torch.tensor([0] + list(torch.tensor(ls).cumsum(0)), device="cuda",  # noqa
+                                 dtype=torch.int32)
+    out, lse = flashjit.flash_attn_varlen_func(q, k, v, cu(lens_q), cu(lens_k), max(lens_q),
+                                               max(lens_k), causal=causal, return_lse=True)
+    assert lse.shape == (h, sum(lens_q))
+    oq = ok = 0
+    for lq, lk in zip(lens_q, lens_k):
+        if lq > 0:
+            sl = slice(oq, oq + lq)
+            if lk == 0:
+                assert torch.all(out[sl] == 0) and torch.all(lse[:, sl] == float("-inf"))
+            else:
+                ks = slice(ok, ok + lk)
+                assert_close_to_reference(out[None, sl], lse[None, :, sl], q[None, sl],
+                                          k[None, ks], v[None, ks], causal)
+        oq, ok = oq + lq, ok + lk
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_sdpa_matches_torch(causal):
+    q = torch.randn(2, 4, 200, 64, device="cuda", dtype=torch.float16)
+    k = torch.randn(2, 4, 150, 64, device="cuda", dtype=torch.float16)
+    v = torch.randn(2, 4, 150, 64, device="cuda", dtype=torch.float16)
+    out = flashjit.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    # top-left causal alignment, as torch; rows with no key are 0 in flashjit
+    assert_close_to_reference(out.transpose(1, 2), None, q.transpose(1, 2), k.transpose(1, 2),
+                              v.transpose(1, 2), causal, bottom_right=False)
+
+
+def test_sdpa_key_padding_mask_and_gqa():
+    b, h, hk, s, d = 3, 8, 2, 180, 128
+    q = torch.randn(b, h, s, d, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(b, hk, s, d, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(b, hk, s, d, device="cuda", dtype=torch.bfloat16)
+    lengths = torch.tensor([180, 77, 1], device="cuda")
+    mask = (torch.arange(s, device="cuda")[None, :] < lengths[:, None])[:, None, None, :]
+    out = flashjit.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q.float(), k.float().repeat_interleave(4, 1), v.float().repeat_interleave(4, 1),
+        attn_mask=mask)
+    assert_close_to_reference(out.transpose(1, 2), None, q.transpose(1, 2), k.transpose(1, 2),
+                              v.transpose(1, 2), False, key_lengths=lengths)
+    assert max_error(out, ref) < 0.05
+
+
+def test_bad_inputs_raise_before_compile():
+    q, k, v = _qkv(1, 16, 16, 2, 2, 64, torch.float16)
+    with pytest.raises(TypeError, match="q must be float16 or bfloat16"):
+        flashjit.flash_attn_func(q.float(), k, v)
+    with pytest.raises(TypeError, match="one dtype"):
+        flashjit.flash_attn_func(q, k.bfloat16(), v)
+    with pytest.raises(ValueError, match="head_dim 260"):
+        big = torch.randn(1, 16, 2, 260, device="cuda", dtype=torch.float16)
+        flashjit.flash_attn_func(big, big, big)
+    with pytest.raises(ValueError, match="multiple of the number"):
+        flashjit.flash_attn_func(q, torch.randn(1, 16, 3, 64, device="cuda",
+                                                dtype=torch.float16), v)
+    with pytest.raises(ValueError, match="CUDA tensor"):
+        flashjit.flash_attn_func(q.cpu(), k, v)
+    cu = torch.tensor([0, 10, 5], device="cuda", dtype=torch.int32)
+    with pytest.raises(ValueError, match="non-decreasing"):
+        flashjit.flash_attn_varlen_func(q[0], k[0], v[0], cu, cu, 10, 10)
+    with pytest.raises(TypeError, match="int32"):
+        flashjit.flash_attn_varlen_func(q[0], k[0], v[0], cu.long(), cu, 10, 10)
+    with pytest.raises(ValueError, match="right-padding"):
+        mask = torch.tensor([True, False] * 8, device="cuda")
+        flashjit.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                              v.transpose(1, 2), attn_mask=mask)
