@@ -7,8 +7,13 @@
 #include <optional>
 
 #include <ATen/core/Tensor.h>
+#include <torch/library.h>
 
 #include "flash_params.h"
+
+// TORCH_LIBRARY through one more macro level, so that FLASHJIT_OP_NAMESPACE (a -D define) is
+// expanded before torch stringizes the namespace (some torch releases use #ns directly).
+#define FLASHJIT_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)
 
 namespace flashjit {
 

@@ -15,10 +15,6 @@
 #error "FLASHJIT_OP_NAMESPACE must be defined by the build (flashjit.jit.spec)"
 #endif
 
-// One more macro level, so that FLASHJIT_OP_NAMESPACE is expanded before TORCH_LIBRARY pastes or
-// stringizes it (some torch releases use #ns).
-#define FLASHJIT_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)
-
 namespace flashjit {
 namespace {
 

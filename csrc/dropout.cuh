@@ -6,7 +6,8 @@
 // head, i/j: query/key index inside the sequence) belongs to the m16 x n8 tile (i16, j8) =
 // (i / 16, j / 8) and, in the mma C layout, to lane (g, t) = (i % 8, (j % 8) / 2), element
 // e = ((i % 16) / 8) * 2 + j % 2 of that lane's fragment (see ptx.cuh). Per tile
-//   subseq  = ((b * heads + h) * ceil(max_seqlen_q / 16) + i16) * ceil(max_seqlen_k / 8) + j8 + offset
+//   subseq  = ((b * heads + h) * ceil(max_seqlen_q / 16) + i16) * ceil(max_seqlen_k / 8) + j8
+//             + offset                                                             (mod 2^64)
 //   counter = (g * 4 + t, 0, lo32(subseq), hi32(subseq))
 // and word e of philox4x32_10(key, counter) keeps element e iff word < keep_threshold. So one
 // Philox call gives one lane's 4 elements of one tile, and one attention call consumes
@@ -54,7 +55,8 @@ struct DropoutMask {
     const uint64_t seed = static_cast<uint64_t>(p.rng_state[0]);
     offset = static_cast<uint64_t>(p.rng_state[1]);
     key = make_uint2(static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
-    tile_base = (static_cast<uint64_t>(b) * heads + h) * static_cast<uint64_t>((max_seqlen_q + 15) / 16);
+    tile_base = (static_cast<uint64_t>(b) * heads + h) *
+                static_cast<uint64_t>((max_seqlen_q + 15) / 16);
     n8_tiles = static_cast<uint32_t>((max_seqlen_k + 7) / 8);
     threshold = p.keep_threshold;
     inv_keep_prob = p.inv_keep_prob;

@@ -4,7 +4,7 @@
 //
 // With P = exp(scale S - lse) (S = Q K^T), dropout mask Z (kept entries scaled by 1 / keep_prob,
 // Z = 1 without dropout) and D_i = rowsum(dO_i * O_i) = rowsum(P_i * Z_i * dP_i):
-//   dV = (P * Z)^T dO,   dP = dO V^T,   dS = P * (dP * Z - D),   dK = scale dS^T Q,   dQ = scale dS K.
+//   dV = (P * Z)^T dO,  dP = dO V^T,  dS = P * (dP * Z - D),  dK = scale dS^T Q,  dQ = scale dS K.
 // Kernels, in launch order:
 //   1. preprocess: D for every query row; zeroes the fp32 dQ accumulator (atomic path).
 //   2. dk_dv:      one CTA per (key block, head, batch) keeps K, V and the dK, dV accumulators,
@@ -73,7 +73,7 @@ struct BwdTraits {
   // Shared memory: rows padded by 16 bytes to an odd number of 16 B chunks, so that the 8 row
   // addresses of an ldmatrix (and the 8 rows of a fragment store) hit 8 different bank groups.
   // Layout: K, V, Q x kStagesQ, dO x kStagesDO, P, dS (elements), then lse and D of the query
-  // block (floats, kStagesQ buffers each, loaded with Q). dK and dV are staged in K and V at the end.
+  // block (floats, kStagesQ buffers each, loaded with Q). dK, dV are staged in K, V at the end.
   static constexpr int kChunksPerRow = kHeadDim / 8;  // 16-byte chunks of one row
   static constexpr int kSmemRow = kHeadDim + 8;       // Q, dO, K, V rows (elements)
   static constexpr int kSmemRowP = kBlockN + 8;       // P, dS rows (elements)
@@ -98,7 +98,8 @@ struct BwdTraits {
                     kdQWarpD * kWarpsDdQ == kHeadDim,
                 "dQ warp tile: whole m16 x n8 tiles covering the block");
   static_assert(kBlockM % 16 == 0 && kBlockN % 16 == 0, "blocks: whole k16 steps");
-  static_assert(kStagesQ >= 1 && kStagesQ <= 2 && kStagesDO >= 1 && kStagesDO <= 2, "1 or 2 stages");
+  static_assert(kStagesQ >= 1 && kStagesQ <= 2 && kStagesDO >= 1 && kStagesDO <= 2,
+                "1 or 2 stages");
   static_assert(2 * kBlockM <= kNThreads, "one thread per lse and per D element of a block");
   static_assert((kSmemRow / 8) % 2 == 1 && (kSmemRowP / 8) % 2 == 1,
                 "padded rows must be an odd number of 16 B chunks");
@@ -107,7 +108,8 @@ struct BwdTraits {
 // dQ tile of the deterministic path: one CTA owns kBlockM query rows (warp w: rows
 // [w * kWarpRows, (w + 1) * kWarpRows)) and loops over key blocks of kBlockN, as the forward does.
 // K and V have kStagesKV shared buffers.
-template <typename Element_, int kHeadDim_, int kBlockM_, int kBlockN_, int kNWarps_, int kStagesKV_>
+template <typename Element_, int kHeadDim_, int kBlockM_, int kBlockN_, int kNWarps_,
+          int kStagesKV_>
 struct BwdDqTraits {
   using Element = Element_;
   static constexpr int kHeadDim = kHeadDim_;
@@ -127,7 +129,8 @@ struct BwdDqTraits {
   static constexpr int kSmemQ = kBlockM * kSmemRow;  // Q or dO
   static constexpr int kSmemK = kBlockN * kSmemRow;  // one K or V buffer
   // Layout: Q, dO, K x kStagesKV, V x kStagesKV.
-  static constexpr size_t kSmemBytes = size_t(2 * kSmemQ + 2 * kStagesKV * kSmemK) * sizeof(Element);
+  static constexpr size_t kSmemBytes =
+      size_t(2 * kSmemQ + 2 * kStagesKV * kSmemK) * sizeof(Element);
 
   static_assert(kHeadDim % 32 == 0 && kHeadDim <= 256, "head-dim bucket: multiple of 32, <= 256");
   static_assert(kBlockM % (16 * kNWarps) == 0, "each warp owns whole m16 tiles");
@@ -140,10 +143,10 @@ struct BwdDqTraits {
 // Warp-level products on shared-memory tiles (fragment layouts: ptx.cuh). A warp tile is
 // kMTiles m16 tiles x kNTiles n8 tiles; kK is the reduction length. Addresses are per lane (bytes)
 // and already point at the warp tile's first row and column, with the lane offsets below:
-//   A, row-major rows = m:           row (lane & 15),                     column (lane >> 4) * 8
-//   A^T (.trans), rows = k:          row (lane >> 4) * 8 + (lane & 7),    column ((lane >> 3) & 1) * 8
-//   B^T, rows = n:                   row (lane >> 4) * 8 + (lane & 7),    column ((lane >> 3) & 1) * 8
-//   B (.trans), rows = k:            row ((lane >> 3) & 1) * 8 + (lane & 7), column (lane >> 4) * 8
+//   A, row-major rows = m:   row (lane & 15),                        column (lane >> 4) * 8
+//   A^T (.trans), rows = k:  row (lane >> 4) * 8 + (lane & 7),       column ((lane >> 3) & 1) * 8
+//   B^T, rows = n:           row (lane >> 4) * 8 + (lane & 7),       column ((lane >> 3) & 1) * 8
+//   B (.trans), rows = k:    row ((lane >> 3) & 1) * 8 + (lane & 7), column (lane >> 4) * 8
 // An x4 B load covers two n8 tiles (16 columns of n); an odd last n8 tile uses an x2 load, whose
 // lanes 0..15 carry the same addresses as for the first tile of an x4 load.
 // ---------------------------------------------------------------------------------------------
@@ -182,7 +185,8 @@ __device__ __forceinline__ void mma_ABt(float (&acc)[kMTiles][kNTiles][4], uint3
       uint32_t b[2];
       ldmatrix_x2(b, b_addr + ((kNTiles - 1) * 8 * kRowB + kk * 16) * kElt);
 #pragma unroll
-      for (int mt = 0; mt < kMTiles; ++mt) mma_16816<Element>(acc[mt][kNTiles - 1], a[mt], b[0], b[1]);
+      for (int mt = 0; mt < kMTiles; ++mt)
+        mma_16816<Element>(acc[mt][kNTiles - 1], a[mt], b[0], b[1]);
     }
   }
 }
@@ -212,7 +216,8 @@ __device__ __forceinline__ void mma_AtB(float (&acc)[kMTiles][kNTiles][4], uint3
       uint32_t b[2];
       ldmatrix_x2_trans(b, b_addr + (kk * 16 * kRowB + (kNTiles - 1) * 8) * kElt);
 #pragma unroll
-      for (int mt = 0; mt < kMTiles; ++mt) mma_16816<Element>(acc[mt][kNTiles - 1], a[mt], b[0], b[1]);
+      for (int mt = 0; mt < kMTiles; ++mt)
+        mma_16816<Element>(acc[mt][kNTiles - 1], a[mt], b[0], b[1]);
     }
   }
 }
@@ -242,7 +247,8 @@ __device__ __forceinline__ void mma_AB(float (&acc)[kMTiles][kNTiles][4], uint32
       uint32_t b[2];
       ldmatrix_x2_trans(b, b_addr + (kk * 16 * kRowB + (kNTiles - 1) * 8) * kElt);
 #pragma unroll
-      for (int mt = 0; mt < kMTiles; ++mt) mma_16816<Element>(acc[mt][kNTiles - 1], a[mt], b[0], b[1]);
+      for (int mt = 0; mt < kMTiles; ++mt)
+        mma_16816<Element>(acc[mt][kNTiles - 1], a[mt], b[0], b[1]);
     }
   }
 }
@@ -260,7 +266,8 @@ __device__ __forceinline__ void clear(float (&acc)[kMTiles][kNTiles][4]) {
 // Write a warp's C fragments (rows row0 + mt*16 + {g, g+8}, columns col0 + nt*8 + {2t, 2t+1}) times
 // `scale` into a shared tile with rows of kRow elements, in the element type.
 template <typename Element, int kMTiles, int kNTiles, int kRow>
-__device__ __forceinline__ void store_fragments(Element* smem, const float (&acc)[kMTiles][kNTiles][4],
+__device__ __forceinline__ void store_fragments(Element* smem,
+                                                const float (&acc)[kMTiles][kNTiles][4],
                                                 float scale, int row0, int col0, int g, int t) {
 #pragma unroll
   for (int mt = 0; mt < kMTiles; ++mt)
@@ -384,8 +391,9 @@ __global__ void __launch_bounds__(kPreprocessThreads)
   }
 
   if (!p.deterministic) {  // kAccumPadRows contiguous rows of kHeadDim floats
-    float4* accum = reinterpret_cast<float4*>(p.dq_accum + (varlen ? 0 : b * p.dq_accum_batch_stride) +
-                                              h * p.dq_accum_head_stride + (row0 + m0) * kHeadDim);
+    float4* accum =
+        reinterpret_cast<float4*>(p.dq_accum + (varlen ? 0 : b * p.dq_accum_batch_stride) +
+                                  h * p.dq_accum_head_stride + (row0 + m0) * kHeadDim);
 #pragma unroll 4
     for (int idx = tid; idx < kAccumPadRows * kHeadDim / 4; idx += kPreprocessThreads)
       accum[idx] = make_float4(0.f, 0.f, 0.f, 0.f);
@@ -435,12 +443,14 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   const Element* dout =
       static_cast<const Element*>(p.dout) +
       seq.q_offset(p.do_batch_stride, p.do_row_stride, p.do_head_stride, b, h, varlen);
-  const Element* k = static_cast<const Element*>(p.k) +
-                     seq.k_offset(p.k_batch_stride, p.k_row_stride, p.k_head_stride, b, hk, varlen) +
-                     n0 * p.k_row_stride;
-  const Element* v = static_cast<const Element*>(p.v) +
-                     seq.k_offset(p.v_batch_stride, p.v_row_stride, p.v_head_stride, b, hk, varlen) +
-                     n0 * p.v_row_stride;
+  const Element* k =
+      static_cast<const Element*>(p.k) +
+      seq.k_offset(p.k_batch_stride, p.k_row_stride, p.k_head_stride, b, hk, varlen) +
+      n0 * p.k_row_stride;
+  const Element* v =
+      static_cast<const Element*>(p.v) +
+      seq.k_offset(p.v_batch_stride, p.v_row_stride, p.v_head_stride, b, hk, varlen) +
+      n0 * p.v_row_stride;
   Element* dk = static_cast<Element*>(p.dk) +
                 seq.k_offset(p.dk_batch_stride, p.dk_row_stride, p.dk_head_stride, b, h, varlen) +
                 n0 * p.dk_row_stride;
@@ -475,12 +485,13 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
                                      q + m0 * p.q_row_stride, p.q_row_stride, seq.seqlen_q - m0,
                                      p.head_dim, tid);
     if (tid < kBlockM) {
-      cp_async_4(smem_addr(smem_lse + stage * kBlockM + tid), lse + m0 + tid,
-                 m0 + tid < seq.seqlen_q);
+      const bool valid = m0 + tid < seq.seqlen_q;
+      cp_async_4(smem_addr(smem_lse + stage * kBlockM + tid), valid ? lse + m0 + tid : lse, valid);
     } else if (tid < 2 * kBlockM) {
       const int row = tid - kBlockM;
-      cp_async_4(smem_addr(smem_dsum + stage * kBlockM + row), dsum + m0 + row,
-                 m0 + row < seq.seqlen_q);
+      const bool valid = m0 + row < seq.seqlen_q;
+      cp_async_4(smem_addr(smem_dsum + stage * kBlockM + row), valid ? dsum + m0 + row : dsum,
+                 valid);
     }
   };
   auto load_do = [&](int m_block, int stage) {
@@ -492,8 +503,10 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
 
   const int rows_kv = seq.seqlen_k - n0;  // keys of this block that exist (rest zero-filled)
   if (m_begin < m_blocks) {
-    load_tile_async<Traits, kBlockN>(smem_addr(smem_k), k, p.k_row_stride, rows_kv, p.head_dim, tid);
-    load_tile_async<Traits, kBlockN>(smem_addr(smem_v), v, p.v_row_stride, rows_kv, p.head_dim, tid);
+    load_tile_async<Traits, kBlockN>(smem_addr(smem_k), k, p.k_row_stride, rows_kv, p.head_dim,
+                                     tid);
+    load_tile_async<Traits, kBlockN>(smem_addr(smem_v), v, p.v_row_stride, rows_kv, p.head_dim,
+                                     tid);
     load_q(m_begin, 0);
     load_do(m_begin, 0);
     cp_async_commit();
@@ -529,7 +542,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
     const uint32_t sdo = smem_addr(smem_do) + (it % kStagesDO) * Traits::kSmemQ * kElt;
 
     cp_async_wait<0>();
-    __syncthreads();  // Q, dO (and K, V) are in shared memory; every warp is done with the last block
+    __syncthreads();  // Q, dO (and K, V) have landed; every warp is done with the last block
     if (has_next) {   // prefetch the double-buffered tiles of the next query block
       if constexpr (kStagesQ == 2) load_q(m_block + 1, (it + 1) % 2);
       if constexpr (kStagesDO == 2) load_do(m_block + 1, (it + 1) % 2);
@@ -600,7 +613,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
         *reinterpret_cast<uint32_t*>(smem_p + row * kSmemRowP + col) = pack2<Element>(pz[0], pz[1]);
         *reinterpret_cast<uint32_t*>(smem_p + (row + 8) * kSmemRowP + col) =
             pack2<Element>(pz[2], pz[3]);
-        *reinterpret_cast<uint32_t*>(smem_ds + row * kSmemRowP + col) = pack2<Element>(ds[0], ds[1]);
+        *reinterpret_cast<uint32_t*>(smem_ds + row * kSmemRowP + col) =
+            pack2<Element>(ds[0], ds[1]);
         *reinterpret_cast<uint32_t*>(smem_ds + (row + 8) * kSmemRowP + col) =
             pack2<Element>(ds[2], ds[3]);
       }
@@ -634,7 +648,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
       for (int mt = 0; mt < kdQMTiles; ++mt)
 #pragma unroll
         for (int nt = 0; nt < kdQNTiles; ++nt)
-          if (dq_d + nt * 8 < p.head_dim) dq_accum_add(accum + (mt * kdQNTiles + nt) * 128, lane, acc_dq[mt][nt]);
+          if (dq_d + nt * 8 < p.head_dim)
+            dq_accum_add(accum + (mt * kdQNTiles + nt) * 128, lane, acc_dq[mt][nt]);
     }
   }
 
@@ -689,7 +704,8 @@ __global__ void __launch_bounds__(Traits::kNThreads)
     float v[4];
     dq_accum_load(accum + frag * 128, lane, v);
     const float s = p.softmax_scale;
-    *reinterpret_cast<uint32_t*>(smem_dq + row * kSmemRow + col) = pack2<Element>(v[0] * s, v[1] * s);
+    *reinterpret_cast<uint32_t*>(smem_dq + row * kSmemRow + col) =
+        pack2<Element>(v[0] * s, v[1] * s);
     *reinterpret_cast<uint32_t*>(smem_dq + (row + 8) * kSmemRow + col) =
         pack2<Element>(v[2] * s, v[3] * s);
   }

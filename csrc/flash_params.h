@@ -62,7 +62,8 @@ struct FwdParams {
 // Backward: dQ, dK, dV from dO, O, lse (and the same inputs as the forward).
 //
 // dk and dv are per QUERY head, (.., seqlen_k, heads, d): for MQA/GQA the caller sums them over
-// each group of heads / heads_k query heads. The fp32 scratch rows are padded per sequence:
+// each group of heads / heads_k query heads. The fp32 scratch (contiguous, allocated uninitialised:
+// the kernels zero what they accumulate into) has rows padded per sequence:
 //   fixed length: dq_accum (batch, heads, round_up(seqlen_q, 128), d_bucket), dsum (batch, heads,
 //                 round_up(seqlen_q, 128));
 //   varlen:       dq_accum (heads, total_q + 128 * batch, d_bucket), dsum (heads, total_q + 128 *
@@ -78,7 +79,8 @@ struct BwdParams {
   void* dq;          // like q
   void* dk;          // (.., seqlen_k, heads, d): per query head
   void* dv;          // (.., seqlen_k, heads, d): per query head
-  float* dq_accum;   // fp32 scratch: dQ / softmax_scale summed over key blocks (atomic path)
+  float* dq_accum;   // fp32 scratch: dQ / softmax_scale summed over key blocks (atomic path);
+                     // each query block's tile is in the kernels' own fragment order
   float* dsum;       // fp32 scratch: D = rowsum(dO * O) per query row
 
   // Strides in elements. batch strides are unused for varlen.

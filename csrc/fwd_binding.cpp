@@ -61,7 +61,7 @@ void fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at
 
 }  // namespace
 
-TORCH_LIBRARY(FLASHJIT_OP_NAMESPACE, m) {
+FLASHJIT_LIBRARY(FLASHJIT_OP_NAMESPACE, m) {
   m.def(
       "fwd(Tensor q, Tensor k, Tensor v, Tensor(a!) out, Tensor(b!) lse, Tensor? cu_seqlens_q, "
       "Tensor? cu_seqlens_k, Tensor? seqused_k, int max_seqlen_q, int max_seqlen_k, float softmax_scale, "

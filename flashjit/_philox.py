@@ -12,7 +12,8 @@ Dropout element (b, h, i, j) of an attention call (b: batch index or varlen sequ
 head, i/j: query/key index inside the sequence) uses
     subseq  = ((b * heads + h) * ceil(max_seqlen_q / 16) + i // 16) * ceil(max_seqlen_k / 8)
               + j // 8 + offset                                    (mod 2**64)
-    counter = ((i % 8) * 4 + (j % 8) // 2, 0, lo32(subseq), hi32(subseq)),  key = (lo32(seed), hi32(seed))
+    counter = ((i % 8) * 4 + (j % 8) // 2, 0, lo32(subseq), hi32(subseq))
+    key     = (lo32(seed), hi32(seed))
     word    = philox4x32_10(counter, key)[((i % 16) // 8) * 2 + j % 2]
 and is kept iff word < keep_threshold (= min(floor((1 - p) * 2**32), 2**32 - 1)). One call
 consumes batch * heads * ceil(max_seqlen_q / 16) * ceil(max_seqlen_k / 8) counters (`subseq`
@@ -80,7 +81,8 @@ def dropout_mask(seed: int, offset: int, batch: int, heads: int, seqlen_q: int, 
                     subseq = (((b * heads + h) * m16 + i16) * n8 + j8 + offset) & MASK64
                     for g in range(8):
                         for t in range(4):
-                            words = philox4x32_10((g * 4 + t, 0, subseq & MASK32, subseq >> 32), key)
+                            counter = (g * 4 + t, 0, subseq & MASK32, subseq >> 32)
+                            words = philox4x32_10(counter, key)
                             for half in range(2):
                                 for e in range(2):
                                     i, j = i16 * 16 + half * 8 + g, j8 * 8 + 2 * t + e
