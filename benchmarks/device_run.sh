@@ -3,9 +3,11 @@
 #   1. carried wheels (platformdirs) installed to /tmp/site
 #   2. prebuild of the specs the tests need, in parallel (16 cores)
 #   3. GPU tests (pytest tests/gpu), then compute-sanitizer on a small config
-#   4. benchmarks (JIT costs, peers), results under $OUT/results/<gpu>/
+#   4. benchmarks (JIT costs, peers, the original FlashAttention README benchmark, long
+#      sequences), results under $OUT/results/<gpu>/
 # Usage (on the device): bash benchmarks/device_run.sh [steps...]
-#   steps: build test sanitize profile sweep jit peers (default: build test sanitize jit peers)
+#   steps: build test sanitize profile sweep jit peers original long
+#   (default: build test sanitize jit peers)
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -40,6 +42,10 @@ for step in $STEPS; do
       timeout 400 python3 benchmarks/bench_jit.py --out "$OUT/results" 2>&1 | tail -n 20 ;;
     peers)
       timeout ${PEERS_TIMEOUT:-400} python3 benchmarks/bench_peers.py --out "$OUT/results" ${PEERS_ARGS:-} 2>&1 | tee "$OUT/peers.log" | tail -n 70 ;;
+    original)
+      timeout ${ORIGINAL_TIMEOUT:-360} python3 benchmarks/benchmark_flash_attention.py --out "$OUT/results" ${ORIGINAL_ARGS:-} 2>&1 | tail -n 60 ;;
+    long)
+      timeout ${LONG_TIMEOUT:-300} python3 benchmarks/bench_long.py --out "$OUT/results" ${LONG_ARGS:-} 2>&1 | tail -n 25 ;;
   esac
 done
 echo "=== done $(date +%T)"

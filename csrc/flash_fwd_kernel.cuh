@@ -102,7 +102,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSM)
   extern __shared__ __align__(128) unsigned char smem_raw[];
   Element* smem_q = reinterpret_cast<Element*>(smem_raw);
   Element* smem_k = smem_q + Traits::kSmemQ;
-  Element* smem_v = smem_k + Traits::kSmemK;
+  Element* smem_v = smem_k + Traits::kStages * Traits::kSmemK;  // after both K stages
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int g = lane / 4, t = lane % 4;  // mma fragment row group and column pair

@@ -41,7 +41,9 @@ def _check_tensor(name: str, t, rank: int) -> None:
 
 
 def _check_alignment(name: str, t: Tensor) -> None:
-    if t.data_ptr() % 16 != 0 or any(s % 8 != 0 for s in t.stride()[:-1]):
+    # (while tracing there is no data pointer: the binding checks it again at run time)
+    misaligned = not torch.compiler.is_compiling() and t.data_ptr() % 16 != 0
+    if misaligned or any(s % 8 != 0 for s in t.stride()[:-1]):
         raise ValueError(
             f"{name}: data pointer and strides must be multiples of 16 bytes (8 elements); "
             "call .contiguous() on it"
@@ -139,7 +141,7 @@ class _FlashAttnFunction(torch.autograd.Function):
         rng_state = None
         if dropout_p > 0.0:
             rng_state = _rng_state(q.device)
-        out, lse = ops.fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q,
+        out, lse = ops.call_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q,
                            max_seqlen_k, softmax_scale, causal, causal_bottom_right, dropout_p,
                            rng_state)
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_k, rng_state)
@@ -154,7 +156,7 @@ class _FlashAttnFunction(torch.autograd.Function):
         (max_q, max_k, scale, causal, bottom_right, dropout_p, deterministic) = ctx.args
         if dout.stride(-1) != 1 or any(s % 8 for s in dout.stride()[:-1]):
             dout = dout.contiguous()
-        dq, dk, dv = ops.bwd(dout, q, k, v, out, lse, cu_q, cu_k, seqused_k, max_q, max_k, scale,
+        dq, dk, dv = ops.call_bwd(dout, q, k, v, out, lse, cu_q, cu_k, seqused_k, max_q, max_k, scale,
                              causal, bottom_right, dropout_p, rng_state, deterministic)
         return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
 

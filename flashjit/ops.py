@@ -62,8 +62,7 @@ def _lse_shape(q: Tensor, varlen: bool) -> Tuple[int, ...]:
     return (q.shape[1], q.shape[0]) if varlen else (q.shape[0], q.shape[2], q.shape[1])
 
 
-@torch.library.custom_op("flashjit::fwd", mutates_args=(), device_types="cuda")
-def fwd(
+def _fwd_impl(
     q: Tensor,
     k: Tensor,
     v: Tensor,
@@ -89,6 +88,9 @@ def fwd(
             softmax_scale, causal_bottom_right, rng_state, dropout_p, _stream(q.device),
         )
     return out, lse
+
+
+fwd = torch.library.custom_op("flashjit::fwd", _fwd_impl, mutates_args=(), device_types="cuda")
 
 
 @fwd.register_fake
@@ -133,8 +135,7 @@ def _reduce_groups(dx: Tensor, heads_k: int, varlen: bool) -> Tensor:
     return dx.view(shape).sum(dim=head_dim + 1, dtype=torch.float32).to(dx.dtype)
 
 
-@torch.library.custom_op("flashjit::bwd", mutates_args=(), device_types="cuda")
-def bwd(
+def _bwd_impl(
     dout: Tensor,
     q: Tensor,
     k: Tensor,
@@ -172,9 +173,31 @@ def bwd(
     return dq, _reduce_groups(dk, heads_k, varlen), _reduce_groups(dv, heads_k, varlen)
 
 
+bwd = torch.library.custom_op("flashjit::bwd", _bwd_impl, mutates_args=(), device_types="cuda")
+
+
 @bwd.register_fake
 def _bwd_fake(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q,
               max_seqlen_k, softmax_scale, causal, causal_bottom_right, dropout_p, rng_state,
               deterministic):
     new = lambda t: torch.empty(t.shape, dtype=t.dtype, device=t.device)  # noqa: E731
     return new(q), new(k), new(v)
+
+
+def _eager(*tensors) -> bool:
+    """True for a plain eager call: no torch.compile/export tracing, no tensor subclass (fake,
+    functional). Such calls skip the custom-op dispatcher and run the implementation directly:
+    the dispatcher path costs nothing later, but its first call imports much of torch's
+    tracing machinery (seconds in a fresh process)."""
+    return not torch.compiler.is_compiling() and all(
+        t is None or type(t) is torch.Tensor for t in tensors)
+
+
+def call_fwd(q, k, v, *args):
+    """flashjit::fwd, straight to its implementation when eager (see _eager)."""
+    return (_fwd_impl if _eager(q, k, v) else fwd)(q, k, v, *args)
+
+
+def call_bwd(dout, q, k, v, out, lse, *args):
+    """flashjit::bwd, straight to its implementation when eager (see _eager)."""
+    return (_bwd_impl if _eager(dout, q, k, v, out, lse) else bwd)(dout, q, k, v, out, lse, *args)

@@ -52,7 +52,7 @@ def attention_ref(q, k, v, causal=False, softmax_scale=None, bottom_right=True,
 
 def max_error(x: torch.Tensor, ref: torch.Tensor) -> float:
     """max |x - ref| over finite reference entries; inf where x is NaN or the infinities differ."""
-    x, ref = x.double(), ref.double()
+    x, ref = x.detach().double(), ref.detach().double()
     both_inf = torch.isinf(x) & torch.isinf(ref) & (torch.sign(x) == torch.sign(ref))
     if torch.isnan(x).any():
         return float("inf")

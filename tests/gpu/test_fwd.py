@@ -164,8 +164,8 @@ def test_bad_inputs_raise_before_compile():
         big = torch.randn(1, 16, 2, 260, device="cuda", dtype=torch.float16)
         flashjit.flash_attn_func(big, big, big)
     with pytest.raises(ValueError, match="multiple of the number"):
-        flashjit.flash_attn_func(q, torch.randn(1, 16, 3, 64, device="cuda",
-                                                dtype=torch.float16), v)
+        kv3 = torch.randn(1, 16, 3, 64, device="cuda", dtype=torch.float16)
+        flashjit.flash_attn_func(q, kv3, kv3)
     with pytest.raises(ValueError, match="CUDA tensor"):
         flashjit.flash_attn_func(q.cpu(), k, v)
     cu = torch.tensor([0, 10, 5], device="cuda", dtype=torch.int32)
