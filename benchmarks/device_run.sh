@@ -20,7 +20,7 @@ for step in $STEPS; do
   echo "=== $step $(date +%T)"
   case $step in
     build)
-      python3 -m flashjit.prebuild --kernel ${KERNELS:-fwd bwd} --dtype fp16 bf16 --causal both \
+      python3 -m flashjit.prebuild --kernel ${KERNELS:-fwd bwd} --dtype fp16 bf16 --causal both --head-dim ${HEAD_DIMS:-32 64 96 128 160 192 224 256} \
         --dropout no --jobs 16 2>&1 | tee "$OUT/prebuild.log" | tail -n 3
       # dropout specs the tests use
       python3 -m flashjit.prebuild --kernel ${KERNELS:-fwd bwd} --dtype fp16 bf16 --head-dim 64 128 \
