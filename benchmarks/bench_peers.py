@@ -13,6 +13,7 @@ peers_d<d>.png when matplotlib is present) under benchmarks/results/<gpu>/.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -147,7 +148,15 @@ def main():
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--out", default=None, help="results base folder (default benchmarks/results)")
+    p.add_argument("--replot", metavar="JSON", default=None,
+                   help="no GPU: redraw the table and plots from a saved peers.json")
     args = p.parse_args()
+    if args.replot:
+        saved = json.loads(Path(args.replot).read_text())
+        out_dir = Path(args.replot).parent
+        (out_dir / "peers.md").write_text(markdown(saved["environment"], saved["rows"], args.modes))
+        plot(saved["rows"], args.modes, out_dir)
+        return
     env, rows = run(args)
     out_dir = results_dir(args.out)
     write_json(out_dir / "peers.json", {"environment": env, "rows": rows})

@@ -23,6 +23,7 @@ and memory.png under benchmarks/results/<gpu>/ (or <--out>/<gpu>/).
 from __future__ import annotations
 
 import argparse
+import json
 import gc
 import math
 import sys
@@ -361,7 +362,16 @@ def main():
     p.add_argument("--max-torch-seqlen", type=int, default=None,
                    help="skip PyTorch attention above this seqlen (default: try every one)")
     p.add_argument("--out", default=None, help="results base folder (default benchmarks/results)")
+    p.add_argument("--replot", metavar="JSON", default=None,
+                   help="no GPU: redraw the table and plots from a saved flash_attention.json")
     args = p.parse_args()
+    if args.replot:
+        saved = json.loads(Path(args.replot).read_text())
+        rows, env, out_dir = saved["rows"], saved["environment"], Path(args.replot).parent
+        seqlens = sorted({r["seqlen"] for r in rows})
+        (out_dir / "flash_attention.md").write_text(markdown(env, rows, seqlens, args.settings))
+        plot(rows, args.settings, out_dir, env.get("memory_gib", 80) * 1024)
+        return
     if args.seqlens is None:
         args.seqlens = QUICK_SEQLENS if args.quick else SEQLENS
     if args.quick:

@@ -38,6 +38,8 @@ for step in $STEPS; do
       grep RESULT "$OUT/profile.txt" ;;
     sweep)
       timeout 400 python3 benchmarks/tile_sweep.py ${SWEEP:-128,64,4,2} 2>&1 | tee "$OUT/sweep.log" ;;
+    overhead)
+      timeout 300 python3 benchmarks/bench_overhead.py 2>&1 | tee "$OUT/overhead.md" ;;
     jit)
       timeout 400 python3 benchmarks/bench_jit.py --out "$OUT/results" 2>&1 | tail -n 20 ;;
     peers)

@@ -23,7 +23,7 @@
 #include <cstddef>
 
 #include "dropout.cuh"
-#include "flash_fwd_kernel.cuh"  // SeqInfo, load_tile_async, ceil_div
+#include "attention_common.cuh"
 #include "flash_params.h"
 #include "ptx.cuh"
 
@@ -574,21 +574,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
         acc_dp, sdo + sdp_a, smem_addr(smem_v) + sdp_b);
 
     // Mask: keys past the sequence end, and (causal) keys after the query's diagonal.
-    const bool past_end = n0 + kBlockN > seq.seqlen_k;
-    const bool on_diagonal = kIsCausal && n0 + kBlockN - 1 > m0 + causal_offset;
-    if (past_end || on_diagonal) {
-#pragma unroll
-      for (int mt = 0; mt < kSdPMTiles; ++mt)
-#pragma unroll
-        for (int nt = 0; nt < kSdPNTiles; ++nt)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int row = m0 + sdp_m + mt * 16 + (e / 2) * 8 + g;
-            const int col = n0 + sdp_n + nt * 8 + 2 * t + (e % 2);
-            const bool masked = col >= seq.seqlen_k || (kIsCausal && col > row + causal_offset);
-            if (masked) acc_s[mt][nt][e] = -INFINITY;
-          }
-    }
+    const ScoreMask<kIsCausal> mask{seq.seqlen_k, causal_offset};
+    if (mask.needed(m0, n0, kBlockN)) mask.apply(acc_s, m0 + sdp_m, n0 + sdp_n, g, t);
 
     // P = exp2(S scale log2(e) - lse log2(e)); dS = P (dP Z - D). P Z and dS go to shared memory.
 #pragma unroll
@@ -837,21 +824,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kNWarps <= 4 ? 2 : 
     mma_ABt<Element, kMTiles, kNTilesS, kHeadDim, kSmemRow, kSmemRow>(
         acc_dp, smem_addr(smem_do) + a_off, sv + bt_off);
 
-    const bool past_end = n0 + kBlockN > seq.seqlen_k;
-    const bool on_diagonal = kIsCausal && n0 + kBlockN - 1 > m0 + causal_offset;
-    if (past_end || on_diagonal) {
-#pragma unroll
-      for (int mt = 0; mt < kMTiles; ++mt)
-#pragma unroll
-        for (int nt = 0; nt < kNTilesS; ++nt)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int row = m0 + warp_m + mt * 16 + (e / 2) * 8 + g;
-            const int col = n0 + nt * 8 + 2 * t + (e % 2);
-            const bool masked = col >= seq.seqlen_k || (kIsCausal && col > row + causal_offset);
-            if (masked) acc_s[mt][nt][e] = -INFINITY;
-          }
-    }
+    const ScoreMask<kIsCausal> mask{seq.seqlen_k, causal_offset};
+    if (mask.needed(m0, n0, kBlockN)) mask.apply(acc_s, m0 + warp_m, n0, g, t);
 
     // dS = P (dP Z - D), in place of dP.
 #pragma unroll

@@ -11,83 +11,13 @@
 
 #include <cmath>
 
+#include "attention_common.cuh"
 #include "dropout.cuh"
 #include "flash_params.h"
 #include "kernel_traits.cuh"
 #include "ptx.cuh"
 
 namespace flashjit {
-
-constexpr float kLn2 = 0.69314718055994530942f;
-
-__host__ __device__ constexpr int ceil_div(int a, int b) { return (a + b - 1) / b; }
-
-// Where one (batch, head) sequence lives, for fixed-length and varlen inputs alike.
-struct SeqInfo {
-  int q_start, k_start;    // first row of the sequence in a varlen tensor (0 for fixed length)
-  int seqlen_q, seqlen_k;  // this sequence's lengths
-
-  template <typename Params>
-  __device__ SeqInfo(const Params& p, int b) {
-    if (p.cu_seqlens_q != nullptr) {
-      q_start = p.cu_seqlens_q[b];
-      k_start = p.cu_seqlens_k[b];
-      seqlen_q = p.cu_seqlens_q[b + 1] - q_start;
-      seqlen_k = p.cu_seqlens_k[b + 1] - k_start;
-    } else {
-      q_start = k_start = 0;
-      seqlen_q = p.seqlen_q;
-      seqlen_k = p.seqlen_k;
-    }
-  }
-  // Offset, in elements, of row 0 of head h of sequence b.
-  __device__ int64_t q_offset(int64_t batch_stride, int64_t row_stride, int64_t head_stride, int b,
-                              int h, bool varlen) const {
-    return (varlen ? 0 : b * batch_stride) + q_start * row_stride + h * head_stride;
-  }
-  __device__ int64_t k_offset(int64_t batch_stride, int64_t row_stride, int64_t head_stride, int b,
-                              int h, bool varlen) const {
-    return (varlen ? 0 : b * batch_stride) + k_start * row_stride + h * head_stride;
-  }
-};
-
-// Copy a (kRows x kHeadDim) tile from global memory (row stride `row_stride` elements) into
-// padded shared memory with cp.async. Rows >= rows_valid and columns >= d are zero-filled, so that
-// padding contributes 0 to every product (and never NaN).
-template <typename Traits, int kRows>
-__device__ __forceinline__ void load_tile_async(uint32_t smem, const typename Traits::Element* gmem,
-                                                int64_t row_stride, int rows_valid, int d,
-                                                int tid) {
-  using Element = typename Traits::Element;
-  constexpr int kChunksPerRow = Traits::kChunksPerRow, kNThreads = Traits::kNThreads;
-  constexpr int kChunks = kRows * kChunksPerRow;
-  if constexpr (kNThreads % kChunksPerRow == 0 && kChunks % kNThreads == 0) {
-    // Each thread copies one fixed column chunk of every (kNThreads / kChunksPerRow)-th row:
-    // one base pointer and one stride live in registers, not an address per chunk.
-    constexpr int kRowStep = kNThreads / kChunksPerRow;
-    const int row0 = tid / kChunksPerRow, col = (tid % kChunksPerRow) * 8;
-    const Element* src = gmem + row0 * row_stride + col;
-    const uint32_t dst = smem + (row0 * Traits::kSmemRow + col) * sizeof(Element);
-#pragma unroll
-    for (int i = 0; i < kRows / kRowStep; ++i) {
-      const bool valid = row0 + i * kRowStep < rows_valid && col < d;
-      cp_async_16(dst + i * kRowStep * Traits::kSmemRow * sizeof(Element),
-                  valid ? src + i * kRowStep * row_stride : gmem, valid);
-    }
-  } else {
-#pragma unroll
-    for (int i = 0; i < ceil_div(kChunks, kNThreads); ++i) {
-      const int idx = i * kNThreads + tid;
-      if (kChunks % kNThreads == 0 || idx < kChunks) {
-        const int row = idx / kChunksPerRow;
-        const int col = (idx % kChunksPerRow) * 8;
-        const bool valid = row < rows_valid && col < d;
-        const Element* src = valid ? gmem + row * row_stride + col : gmem;
-        cp_async_16(smem + (row * Traits::kSmemRow + col) * sizeof(Element), src, valid);
-      }
-    }
-  }
-}
 
 template <typename Traits, bool kIsCausal, bool kHasDropout>
 __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSM)
@@ -132,6 +62,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSM)
 
   // Query i sees key j iff j <= i + causal_offset (causal only), and j < seqlen_k.
   const int causal_offset = p.causal_bottom_right ? seq.seqlen_k - seq.seqlen_q : 0;
+  const ScoreMask<kIsCausal> mask{seq.seqlen_k, causal_offset};
   int n_end = seq.seqlen_k;
   if constexpr (kIsCausal) n_end = min(n_end, max(0, m0 + kBlockM + causal_offset));
   const int n_blocks = ceil_div(n_end, kBlockN);
@@ -223,21 +154,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSM)
     }
 
     // Mask: keys past the sequence end, and (causal) keys after the query's diagonal.
-    const bool past_end = n0 + kBlockN > seq.seqlen_k;
-    const bool on_diagonal = kIsCausal && n0 + kBlockN - 1 > m0 + causal_offset;
-    if (past_end || on_diagonal) {
-#pragma unroll
-      for (int mt = 0; mt < kMTiles; ++mt)
-#pragma unroll
-        for (int nt = 0; nt < kNTilesS; ++nt)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int row = m0 + warp * Traits::kWarpRows + mt * 16 + (e / 2) * 8 + g;
-            const int col = n0 + nt * 8 + 2 * t + (e % 2);
-            const bool masked = col >= seq.seqlen_k || (kIsCausal && col > row + causal_offset);
-            if (masked) acc_s[mt][nt][e] = -INFINITY;
-          }
-    }
+    if (mask.needed(m0, n0, kBlockN)) mask.apply(acc_s, m0 + warp * Traits::kWarpRows, n0, g, t);
 
     // Online softmax, per row: m' = max(m, max_j s_j); O *= exp2((m - m') c); l = l exp2((m - m') c)
     // + sum_j exp2(s_j c - m' c), with c = scale * log2(e). A row with no key yet keeps m' = -inf

@@ -43,6 +43,30 @@ def attention_spec(kernel: str, q: Tensor, causal: bool, dropout: bool) -> JitSp
     )
 
 
+# (kernel, device index, dtype, head dim, causal, dropout) -> the spec's op. Resolved once per
+# process (environment overrides included), so a call costs one dict lookup, not a spec build.
+_resolved: dict = {}
+
+
+def _spec_op(kernel: str, q: Tensor, causal: bool, dropout: bool):
+    key = (kernel, q.device.index, q.dtype, q.shape[-1], causal, dropout)
+    op = _resolved.get(key)
+    if op is None:
+        op = getattr(load_spec(attention_spec(kernel, q, causal, dropout)), kernel).default
+        _resolved[key] = op
+    return op
+
+
+def _launch(op, device: torch.device, *args) -> None:
+    """Runs a spec op on `device`'s current stream (switching device only when needed)."""
+    index = device.index
+    if index == torch.cuda.current_device():
+        op(*args, _stream(index))
+    else:
+        with torch.cuda.device(index):
+            op(*args, _stream(index))
+
+
 # Tests set this: outputs are then allocated filled with NaN, so unwritten elements show.
 POISON_OUTPUTS = False
 
@@ -53,8 +77,16 @@ def _empty(shape, dtype: torch.dtype, device: torch.device) -> Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _stream(device: torch.device) -> int:
-    return torch.cuda.current_stream(device).cuda_stream
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # absent in CPU builds
+
+
+def _stream(device) -> int:
+    """The raw cudaStream_t of `device`'s current stream (torch's own accessor, as used by
+    inductor-generated code; the public torch.cuda.current_stream builds a Python object)."""
+    index = device if isinstance(device, int) else device.index
+    if _raw_stream is not None:
+        return _raw_stream(index)
+    return torch.cuda.current_stream(index).cuda_stream
 
 
 def _lse_shape(q: Tensor, varlen: bool) -> Tuple[int, ...]:
@@ -81,12 +113,9 @@ def _fwd_impl(
     varlen = cu_seqlens_q is not None
     out = _empty(q.shape, q.dtype, q.device)
     lse = _empty(_lse_shape(q, varlen), torch.float32, q.device)
-    spec = attention_spec("fwd", q, causal, dropout_p > 0.0)
-    with torch.cuda.device(q.device):
-        load_spec(spec).fwd(
+    _launch(_spec_op("fwd", q, causal, dropout_p > 0.0), q.device,
             q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k,
-            softmax_scale, causal_bottom_right, rng_state, dropout_p, _stream(q.device),
-        )
+            softmax_scale, causal_bottom_right, rng_state, dropout_p)
     return out, lse
 
 
@@ -162,13 +191,10 @@ def _bwd_impl(
     dk = _empty(_expanded_kv_shape(q, k, varlen), k.dtype, k.device)
     dv = _empty(_expanded_kv_shape(q, v, varlen), v.dtype, v.device)
     dq_accum, dsum = _bwd_scratch(q, varlen, batch, max_seqlen_q, bucket)
-    spec = attention_spec("bwd", q, causal, dropout_p > 0.0)
-    with torch.cuda.device(q.device):
-        load_spec(spec).bwd(
+    _launch(_spec_op("bwd", q, causal, dropout_p > 0.0), q.device,
             dout, q, k, v, out, lse, dq, dk, dv, dq_accum, dsum, cu_seqlens_q, cu_seqlens_k,
             seqused_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal_bottom_right, rng_state,
-            dropout_p, deterministic, _stream(q.device),
-        )
+            dropout_p, deterministic)
     heads_k = k.shape[1 if varlen else 2]
     return dq, _reduce_groups(dk, heads_k, varlen), _reduce_groups(dv, heads_k, varlen)
 
