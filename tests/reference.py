@@ -38,7 +38,8 @@ def attention_ref(q, k, v, causal=False, softmax_scale=None, bottom_right=True,
     if hk != h:  # MQA/GQA: each K/V head serves h / hk query heads
         k = k.repeat_interleave(h // hk, dim=2)
         v = v.repeat_interleave(h // hk, dim=2)
-    scores = torch.einsum("bqhd,bkhd->bhqk", q, k).float() * scale
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k)
+    scores = scores.to(torch.promote_types(scores.dtype, torch.float32)) * scale  # fp32 or fp64
     mask = visible_mask(sq, sk, causal, bottom_right, key_lengths, q.device)
     scores = scores.masked_fill(~mask, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)  # (b, h, sq); -inf for empty rows

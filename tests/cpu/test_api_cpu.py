@@ -1,0 +1,78 @@
+"""The public API's CPU-side behaviour: input validation before any compile, the dispatcher's
+mapping of tensors to specs, the reference math and the dropout RNG's CPU reference."""
+
+import math
+
+import pytest
+import torch
+
+import flashjit
+from flashjit import _philox, ops
+from tests.reference import attention_ref, max_error, visible_mask
+
+
+def _qkv(b=1, s=16, h=2, d=64, dtype=torch.float16, device="cpu"):
+    return tuple(torch.randn(b, s, h, d, dtype=dtype, device=device) for _ in range(3))
+
+
+def test_cpu_tensors_are_rejected_naming_the_argument():
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match="q must be a CUDA tensor"):
+        flashjit.flash_attn_func(q, k, v)
+    with pytest.raises(TypeError, match="q must be a torch.Tensor"):
+        flashjit.flash_attn_func([1, 2], k, v)
+    with pytest.raises(ValueError, match="qkv must be a tensor of shape"):
+        flashjit.flash_attn_qkvpacked_func(torch.zeros(2, 3, 4))
+    with pytest.raises(ValueError, match="kv must be a tensor of shape"):
+        flashjit.flash_attn_kvpacked_func(q, torch.zeros(1, 16, 3, 2, 64))
+    with pytest.raises(ValueError, match="query must be a 4-D tensor"):
+        flashjit.scaled_dot_product_attention(q[0], k, v)
+    with pytest.raises(ValueError, match="enable_gqa"):
+        flashjit.scaled_dot_product_attention(q, k[:, :1], v[:, :1])
+    with pytest.raises(ValueError, match="attn_mask and is_causal"):
+        flashjit.scaled_dot_product_attention(q, k, v, attn_mask=torch.ones(16, dtype=torch.bool),
+                                              is_causal=True)
+
+
+def test_dispatcher_maps_tensors_to_specs(monkeypatch):
+    monkeypatch.setenv("FLASHJIT_CUDA_ARCH_LIST", "8.0")
+    q = torch.empty(1, 8, 2, 80, dtype=torch.bfloat16)
+    assert ops.attention_spec("fwd", q, causal=True, dropout=False).name == \
+        "fwd_sm80_bf16_hd96_causal"
+    q = torch.empty(1, 8, 2, 256, dtype=torch.float16)
+    assert ops.attention_spec("bwd", q, causal=False, dropout=True).name == \
+        "bwd_sm80_fp16_hd256_dropout"
+    monkeypatch.setenv("FLASHJIT_KERNEL_FAMILY", "hopper")
+    with pytest.raises(ValueError, match="FLASHJIT_KERNEL_FAMILY"):
+        ops.attention_spec("fwd", q, causal=False, dropout=False)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_reference_matches_torch_sdpa(causal):
+    torch.manual_seed(0)
+    q, k, v = (t.double() for t in _qkv(2, 33, 3, 16))
+    out, lse = attention_ref(q, k, v, causal=causal, bottom_right=False)
+    sdpa = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal).transpose(1, 2)
+    assert max_error(out, sdpa) < 1e-10
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(16)
+    scores = scores.masked_fill(~visible_mask(33, 33, causal, False), float("-inf"))
+    assert max_error(lse, torch.logsumexp(scores, -1)) < 1e-10
+
+
+def test_reference_rows_without_keys_are_zero_and_minus_inf():
+    q, k, v = (t.double() for t in _qkv(1, 10, 1, 8))
+    out, lse = attention_ref(q, k[:, :4], v[:, :4], causal=True)  # bottom-right: rows 0..5 empty
+    assert torch.all(out[:, :6] == 0) and torch.all(lse[..., :6] == float("-inf"))
+    assert torch.isfinite(lse[..., 6:]).all()
+
+
+def test_philox_known_answers_and_keep_rate():
+    for counter, key, expected in _philox.KNOWN_ANSWERS:
+        assert _philox.philox4x32_10(counter, key) == expected
+    mask = torch.tensor(_philox.dropout_mask(seed=1234, offset=0, batch=1, heads=2, seqlen_q=40,
+                                             seqlen_k=48, dropout_p=0.25), dtype=torch.float32)
+    assert abs(mask.mean().item() - 0.75) < 0.03
+    again = torch.tensor(_philox.dropout_mask(1234, 0, 1, 2, 40, 48, 0.25), dtype=torch.float32)
+    other = torch.tensor(_philox.dropout_mask(1234, 10**6, 1, 2, 40, 48, 0.25), dtype=torch.float32)
+    assert torch.equal(mask, again) and not torch.equal(mask, other)
