@@ -54,12 +54,6 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSM)
                      seq.k_offset(p.k_batch_stride, p.k_row_stride, p.k_head_stride, b, hk, varlen);
   const Element* v = static_cast<const Element*>(p.v) +
                      seq.k_offset(p.v_batch_stride, p.v_row_stride, p.v_head_stride, b, hk, varlen);
-  Element* o = static_cast<Element*>(p.o) +
-               seq.q_offset(p.o_batch_stride, p.o_row_stride, p.o_head_stride, b, h, varlen) +
-               m0 * p.o_row_stride;
-  float* lse = p.lse + (varlen ? 0 : b * p.lse_batch_stride) + h * p.lse_head_stride +
-               seq.q_start + m0;
-
   // Query i sees key j iff j <= i + causal_offset (causal only), and j < seqlen_k.
   const int causal_offset = p.causal_bottom_right ? seq.seqlen_k - seq.seqlen_q : 0;
   const ScoreMask<kIsCausal> mask{seq.seqlen_k, causal_offset};
@@ -220,6 +214,13 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSM)
       }
     }
   }
+
+  // Output pointers, computed only now: registers are scarce in the main loop.
+  Element* o = static_cast<Element*>(p.o) +
+               seq.q_offset(p.o_batch_stride, p.o_row_stride, p.o_head_stride, b, h, varlen) +
+               m0 * p.o_row_stride;
+  float* lse = p.lse + (varlen ? 0 : b * p.lse_batch_stride) + h * p.lse_head_stride +
+               seq.q_start + m0;
 
   // Epilogue: O /= l, lse = m c / log2(e) + ln(l). A row that saw no key: O = 0, lse = -inf.
   // Each warp stages its own rows of O in its own rows of the Q tile (only it ever read them), then
