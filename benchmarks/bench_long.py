@@ -25,24 +25,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import flashjit  # noqa: E402
-from common import (attention_flops, bench_ms, env_header, environment, results_dir,  # noqa: E402
-                    write_json)
+from common import (MIB, attention_flops, bench_ms, env_header, environment,  # noqa: E402
+                    peak_mib, results_dir, write_json)
 
 BATCH, HEADS, HEAD_DIM, DTYPE = 1, 16, 128, torch.bfloat16
 DEVICE = "cuda"
 SEQLENS = [16384, 32768, 65536, 131072]
 LONG = 65536  # from here on: --long-warmup / --long-repeats
-MIB = 2**20
-
-
-def peak_mib(fn) -> float:
-    """Peak memory allocated during one fn() beyond what was allocated before it, in MiB."""
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - before) / MIB
 
 
 def measure(seqlen, causal, warmup, repeats):

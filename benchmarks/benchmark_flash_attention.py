@@ -35,8 +35,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import flashjit  # noqa: E402
-from common import (attention_flops, bench_ms, env_header, environment, results_dir,  # noqa: E402
-                    write_json)
+from common import (MIB, attention_flops, bench_ms, env_header, environment,  # noqa: E402
+                    peak_mib, results_dir, write_json)
 
 BATCH, HEADS, HEAD_DIM, DTYPE = 8, 12, 64, torch.float16
 DEVICE = "cuda"
@@ -50,7 +50,6 @@ SETTINGS = {
     "padding": (0.0, True, "key padding"),
     "dropout_padding": (DROPOUT_P, True, "dropout + key padding"),
 }
-MIB = 2**20
 
 
 # ------------------------------------------------------------------------------------------------
@@ -123,16 +122,6 @@ def fwd_bwd_fns(inputs, dropout_p):
 # ------------------------------------------------------------------------------------------------
 # Measurement
 # ------------------------------------------------------------------------------------------------
-def peak_mib(fn) -> float:
-    """Peak memory allocated during one fn() beyond what was allocated before it, in MiB."""
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - before) / MIB
-
-
 def free_memory():
     gc.collect()
     torch.cuda.empty_cache()

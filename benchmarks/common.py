@@ -29,6 +29,19 @@ def bench_ms(fn, warmup: int = 5, repeats: int = 25) -> float:
     return statistics.median(times)
 
 
+MIB = 2**20
+
+
+def peak_mib(fn) -> float:
+    """Peak memory allocated during one fn() beyond what was allocated before it, in MiB."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / MIB
+
+
 def attention_flops(batch, heads, seqlen_q, seqlen_k, head_dim, causal, mode="fwd") -> float:
     """4 * b * h * n_q * n_k * d for the forward (two matmuls), halved for causal; backward is 2.5x
     the forward, forward + backward 3.5x."""

@@ -13,7 +13,7 @@ A query row that sees no key gets output 0 and lse -inf (never NaN).
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 from torch import Tensor

@@ -5,7 +5,6 @@ twice PyTorch's own error (the same math in the input dtype), plus a tiny absolu
 cases where PyTorch happens to be exact.
 """
 
-import math
 import random
 
 import pytest
