@@ -29,7 +29,8 @@ CHILD = Path(__file__).resolve().parent / "first_call.py"
 
 
 def child(mode: str, cache: str) -> dict:
-    env = dict(os.environ, FLASHJIT_CACHE_DIR=cache, PYTHONPATH=f"{ROOT}:{os.environ.get('PYTHONPATH', '')}")
+    env = dict(os.environ, FLASHJIT_CACHE_DIR=cache,
+               PYTHONPATH=f"{ROOT}:{os.environ.get('PYTHONPATH', '')}")
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, str(CHILD), mode], env=env, capture_output=True,
                           text=True, timeout=900)

@@ -142,8 +142,8 @@ class _FlashAttnFunction(torch.autograd.Function):
         if dropout_p > 0.0:
             rng_state = _rng_state(q.device)
         out, lse = ops.call_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q,
-                           max_seqlen_k, softmax_scale, causal, causal_bottom_right, dropout_p,
-                           rng_state)
+                                max_seqlen_k, softmax_scale, causal, causal_bottom_right,
+                                dropout_p, rng_state)
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_k, rng_state)
         ctx.args = (max_seqlen_q, max_seqlen_k, softmax_scale, causal, causal_bottom_right,
                     dropout_p, deterministic)
@@ -156,8 +156,9 @@ class _FlashAttnFunction(torch.autograd.Function):
         (max_q, max_k, scale, causal, bottom_right, dropout_p, deterministic) = ctx.args
         if dout.stride(-1) != 1 or any(s % 8 for s in dout.stride()[:-1]):
             dout = dout.contiguous()
-        dq, dk, dv = ops.call_bwd(dout, q, k, v, out, lse, cu_q, cu_k, seqused_k, max_q, max_k, scale,
-                             causal, bottom_right, dropout_p, rng_state, deterministic)
+        dq, dk, dv = ops.call_bwd(dout, q, k, v, out, lse, cu_q, cu_k, seqused_k, max_q, max_k,
+                                  scale, causal, bottom_right, dropout_p, rng_state,
+                                  deterministic)
         return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
 
 

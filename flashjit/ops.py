@@ -147,7 +147,8 @@ def _bwd_scratch(q: Tensor, varlen: bool, batch: int, max_seqlen_q: int, bucket:
 
 
 def _expanded_kv_shape(q: Tensor, k: Tensor, varlen: bool) -> Tuple[int, ...]:
-    # dk/dv as computed per query head: fixed (batch, seqlen_k, heads, d); varlen (total_k, heads, d)
+    # dk/dv as computed per query head:
+    #   fixed (batch, seqlen_k, heads, d); varlen (total_k, heads, d)
     if varlen:
         return (k.shape[0], q.shape[1], k.shape[2])
     return (k.shape[0], k.shape[1], q.shape[2], k.shape[3])
