@@ -6,7 +6,7 @@
 #   4. benchmarks (JIT costs, peers, the original FlashAttention README benchmark, long
 #      sequences), results under $OUT/results/<gpu>/
 # Usage (on the device): bash benchmarks/device_run.sh [steps...]
-#   steps: build test sanitize profile sweep jit peers original long
+#   steps: build test test80 sanitize profile sweep overhead jit peers original long
 #   (default: build test sanitize jit peers)
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -24,9 +24,16 @@ for step in $STEPS; do
         --dropout no --jobs 16 2>&1 | tee "$OUT/prebuild.log" | tail -n 3
       # dropout specs the tests use
       python3 -m flashjit.prebuild --kernel ${KERNELS:-fwd bwd} --dtype fp16 bf16 --head-dim 64 128 \
-        --causal both --dropout yes --jobs 16 2>&1 | tee -a "$OUT/prebuild.log" | tail -n 3 ;;
+        --causal both --dropout yes --jobs 16 2>&1 | tee -a "$OUT/prebuild.log" | tail -n 3
+      # on sm90a the forward at d 64/128 is the sm90 family: the sm80 one too, for test80
+      FLASHJIT_KERNEL_FAMILY=sm80 python3 -m flashjit.prebuild --kernel fwd --dtype fp16 bf16 --head-dim 64 128 \
+        --causal both --dropout both --jobs 16 2>&1 | tee -a "$OUT/prebuild.log" | tail -n 3 ;;
     test)
       timeout ${TEST_TIMEOUT:-400} python3 -m pytest -q --maxfail=25 -p no:cacheprovider tests/gpu ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/pytest_gpu.log" | tail -n 30 ;;
+    test80)  # the sm80 (mma.sync) forward where the sm90 family would serve (d 64/128 on sm90a)
+      FLASHJIT_KERNEL_FAMILY=sm80 timeout ${TEST_TIMEOUT:-400} python3 -m pytest -q --maxfail=25 -p no:cacheprovider \
+        tests/gpu/test_fwd.py tests/gpu/test_bwd.py -k "grid or random or varlen or gqa or dropout_matches" 2>&1 \
+        | tee "$OUT/pytest_gpu_sm80.log" | tail -n 30 ;;
     sanitize)
       for tool in memcheck racecheck; do
         timeout 300 compute-sanitizer --tool $tool --error-exitcode 1 python3 tests/gpu/sanitize_small.py 2>&1 | tail -n 8 | tee "$OUT/sanitizer_$tool.log"

@@ -1,11 +1,15 @@
 """Forward tile sweep: time the forward kernel with other tile shapes, without editing csrc/.
 
-    python benchmarks/tile_sweep.py "128,64,4,2" "128,64,8,2" "64,64,4,2"
+    python benchmarks/tile_sweep.py "128,64,4,2" "128,64,8,2" "64,64,4,2" "sm90:64,2,2"
 
-Each variant (kBlockM, kBlockN, warps, min CTAs per SM) replaces the d <= 128 tile choice in a
-copy of csrc/ (FLASHJIT_CSRC_DIR) and is timed in its own process (each variant is its own build,
-and two builds of one spec cannot share a process). bf16, d 64 and 128, 16k tokens, hidden 2048.
-Used to pick the tiles in csrc/flash_fwd_launch.cuh; the numbers go to the notes, not the README.
+An sm80-family variant (kBlockM, kBlockN, warps, min CTAs per SM) replaces the d <= 128 tile
+choice of csrc/flash_fwd_launch.cuh (and runs with FLASHJIT_KERNEL_FAMILY=sm80); an sm90-family
+variant "sm90:kBlockN,min CTAs per SM,warpgroups" sets FLASHJIT_SM90_BLOCK_N /
+FLASHJIT_SM90_MIN_BLOCKS / FLASHJIT_SM90_WARPGROUPS in csrc/flash_fwd_sm90_launch.cuh (both head
+dims). Each variant is built from a copy of csrc/
+(FLASHJIT_CSRC_DIR) and timed in its own process (each variant is its own build, and two builds of
+one spec cannot share a process). bf16, d 64 and 128, 16k tokens, hidden 2048. Used to pick the
+tiles; the numbers go to the notes, not the README.
 """
 
 from __future__ import annotations
@@ -33,24 +37,37 @@ for d in (64, 128):
                        for _ in range(3))
             ms = bench_ms(lambda: flashjit.flash_attn_func(q, k, v, causal=causal), 5, 20)
             tf = attention_flops(b, h, seqlen, seqlen, d, causal) / ms / 1e9
-            print(f"d{d} s{seqlen} causal={int(causal)} {tf:.1f}", flush=True)
+            # a sanity check, not the tests: max |difference| from torch's SDPA
+            ref = torch.nn.functional.scaled_dot_product_attention(
+                *(x.transpose(1, 2) for x in (q, k, v)), is_causal=causal).transpose(1, 2)
+            err = (flashjit.flash_attn_func(q, k, v, causal=causal) - ref).abs().max().item()
+            print(f"d{d} s{seqlen} causal={int(causal)} {tf:.1f} (err {err:.2g})", flush=True)
 """
+
+
+def _patch(path: Path, pattern: str, replacement: str) -> None:
+    text, count = re.subn(pattern, replacement, path.read_text())
+    assert count == 1, f"{pattern!r} not found in {path.name}"
+    path.write_text(text)
 
 
 def main():
     for variant in sys.argv[1:]:
-        m, n, w, mb = (int(x) for x in variant.split(","))
         with tempfile.TemporaryDirectory() as tmp:
             csrc = Path(tmp) / "csrc"
             shutil.copytree(ROOT / "csrc", csrc)
-            launch = csrc / "flash_fwd_launch.cuh"
-            text = launch.read_text()
-            text, count = re.subn(r"using Big = FwdTraits<Element, kHeadDim, 128, 64, 4, 2>;",
-                                  f"using Big = FwdTraits<Element, kHeadDim, {m}, {n}, {w}, {mb}>;",
-                                  text)
-            assert count == 1, "tile choice not found in flash_fwd_launch.cuh"
-            launch.write_text(text)
             env = dict(os.environ, FLASHJIT_CSRC_DIR=str(csrc))
+            if variant.startswith("sm90:"):
+                launch = csrc / "flash_fwd_sm90_launch.cuh"
+                for name, value in zip(("BLOCK_N", "MIN_BLOCKS", "WARPGROUPS"), variant[5:].split(",")):
+                    _patch(launch, rf"#define FLASHJIT_SM90_{name} \d+",
+                           f"#define FLASHJIT_SM90_{name} {int(value)}")
+            else:
+                m, n, w, mb = (int(x) for x in variant.split(","))
+                _patch(csrc / "flash_fwd_launch.cuh",
+                       r"using Big = FwdTraits<Element, kHeadDim, 128, 64, 4, 2>;",
+                       f"using Big = FwdTraits<Element, kHeadDim, {m}, {n}, {w}, {mb}>;")
+                env["FLASHJIT_KERNEL_FAMILY"] = "sm80"
             out = subprocess.run([sys.executable, "-c", CHILD, str(ROOT)], env=env,
                                  capture_output=True, text=True)
             lines = [ln for ln in out.stdout.splitlines() if ln.startswith("d")]

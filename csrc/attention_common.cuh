@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "flash_params.h"
 #include "ptx.cuh"
 
 namespace flashjit {
@@ -16,7 +17,8 @@ __host__ __device__ constexpr int ceil_div(int a, int b) { return (a + b - 1) / 
 // Where one (batch, head) sequence lives, for fixed-length and varlen inputs alike.
 struct SeqInfo {
   int q_start, k_start;    // first row of the sequence in a varlen tensor (0 for fixed length)
-  int seqlen_q, seqlen_k;  // this sequence's lengths
+  int seqlen_q, seqlen_k;  // this sequence's lengths (seqlen_k: keys that exist, after padding)
+  int rows_k;              // key rows the sequence occupies in k/v (>= seqlen_k with padding)
 
   template <typename Params>
   __device__ SeqInfo(const Params& p, int b) {
@@ -30,6 +32,9 @@ struct SeqInfo {
       seqlen_q = p.seqlen_q;
       seqlen_k = p.seqlen_k;
     }
+    // Key padding (SDPA-style masks): only keys j < seqused_k[b] exist.
+    rows_k = seqlen_k;
+    if (p.seqused_k != nullptr) seqlen_k = min(seqlen_k, p.seqused_k[b]);
   }
   // Offset, in elements, of row 0 of head h of sequence b.
   __device__ int64_t q_offset(int64_t batch_stride, int64_t row_stride, int64_t head_stride, int b,
@@ -109,5 +114,100 @@ struct ScoreMask {
         }
   }
 };
+
+// What one forward CTA works on: query rows [m0, m0 + block_m) of head h of sequence b, against
+// key blocks [0, n_blocks) of block_n keys (fewer with causal masking), and where Q (at row m0),
+// K, V (at row 0), O and lse live. Shared by the sm80 and sm90 forward kernels.
+template <typename Element, bool kIsCausal>
+struct FwdTile {
+  SeqInfo seq;
+  bool varlen;
+  int b, h, m0;
+  int n_blocks;
+  ScoreMask<kIsCausal> mask;
+  const Element *q, *k, *v;
+
+  __device__ FwdTile(const FwdParams& p, int m_block, int h_, int b_, int block_m, int block_n)
+      : seq(p, b_), varlen(p.cu_seqlens_q != nullptr), b(b_), h(h_), m0(m_block * block_m) {
+    const int hk = h / (p.heads / p.heads_k);  // MQA/GQA: the K/V head of query head h
+    q = static_cast<const Element*>(p.q) +
+        seq.q_offset(p.q_batch_stride, p.q_row_stride, p.q_head_stride, b, h, varlen) +
+        m0 * p.q_row_stride;
+    k = static_cast<const Element*>(p.k) +
+        seq.k_offset(p.k_batch_stride, p.k_row_stride, p.k_head_stride, b, hk, varlen);
+    v = static_cast<const Element*>(p.v) +
+        seq.k_offset(p.v_batch_stride, p.v_row_stride, p.v_head_stride, b, hk, varlen);
+    // Query i sees key j iff j <= i + causal_offset (causal only), and j < seqlen_k.
+    const int causal_offset = p.causal_bottom_right ? seq.seqlen_k - seq.seqlen_q : 0;
+    mask = ScoreMask<kIsCausal>{seq.seqlen_k, causal_offset};
+    int n_end = seq.seqlen_k;
+    if constexpr (kIsCausal) n_end = min(n_end, max(0, m0 + block_m + causal_offset));
+    n_blocks = ceil_div(n_end, block_n);
+  }
+  __device__ bool empty() const { return m0 >= seq.seqlen_q; }  // past this sequence's end
+  // O at row m0, and lse at row m0 (computed late: registers are scarce in the main loop).
+  __device__ Element* out(const FwdParams& p) const {
+    return static_cast<Element*>(p.o) +
+           seq.q_offset(p.o_batch_stride, p.o_row_stride, p.o_head_stride, b, h, varlen) +
+           m0 * p.o_row_stride;
+  }
+  __device__ float* lse(const FwdParams& p) const {
+    return p.lse + (varlen ? 0 : b * p.lse_batch_stride) + h * p.lse_head_stride + seq.q_start +
+           m0;
+  }
+};
+
+// One block of the online softmax, per row: m' = max(m, max_j s_j); O *= exp2((m - m') c);
+// l = l exp2((m - m') c) + sum_j exp2(s_j c - m' c), with c = scale * log2(e); the scores become
+// P = exp2(s c - m' c) in place. Scores, O and the row statistics are in the mma C layout (see
+// ScoreMask::apply): each thread holds rows g and g + 8 of each m16 tile, and l is this thread's
+// partial sum over its columns (quad_sum completes it at the end). A row with no key yet keeps
+// m' = -inf and uses 0 as its reference, so every exp2 argument is -inf (-> 0), never NaN.
+template <int kMTiles, int kNTilesS, int kNTilesO>
+__device__ __forceinline__ void online_softmax_step(float (&acc_s)[kMTiles][kNTilesS][4],
+                                                    float (&acc_o)[kMTiles][kNTilesO][4],
+                                                    float (&row_max)[kMTiles][2],
+                                                    float (&row_sum)[kMTiles][2],
+                                                    float scale_log2) {
+#pragma unroll
+  for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      float mx = row_max[mt][half];
+#pragma unroll
+      for (int nt = 0; nt < kNTilesS; ++nt)
+        mx = fmaxf(mx, fmaxf(acc_s[mt][nt][2 * half], acc_s[mt][nt][2 * half + 1]));
+      mx = quad_max(mx);
+      const float ref = mx == -INFINITY ? 0.f : mx * scale_log2;
+      const float alpha = fast_exp2(row_max[mt][half] * scale_log2 - ref);
+      row_max[mt][half] = mx;
+      float sum = 0.f;
+#pragma unroll
+      for (int nt = 0; nt < kNTilesS; ++nt)
+#pragma unroll
+        for (int e = 2 * half; e < 2 * half + 2; ++e) {
+          acc_s[mt][nt][e] = fast_exp2(fmaf(acc_s[mt][nt][e], scale_log2, -ref));  // P
+          sum += acc_s[mt][nt][e];
+        }
+      row_sum[mt][half] = row_sum[mt][half] * alpha + sum;
+#pragma unroll
+      for (int nt = 0; nt < kNTilesO; ++nt) {
+        acc_o[mt][nt][2 * half] *= alpha;
+        acc_o[mt][nt][2 * half + 1] *= alpha;
+      }
+    }
+}
+
+// The end of the online softmax for one row: l = the quad's sum of the row's partial sums;
+// O is scaled by inv_l = 1 / l, and lse = m c / log2(e) + ln(l). A row that saw no key (l = 0):
+// inv_l = 0 (O = 0) and lse = -inf.
+struct RowResult {
+  float inv_l, lse;
+};
+__device__ __forceinline__ RowResult finish_row(float row_max, float row_sum, float scale_log2) {
+  const float l = quad_sum(row_sum);
+  if (!(l > 0.f)) return {0.f, -INFINITY};
+  return {1.f / l, (row_max * scale_log2 + __log2f(l)) * kLn2};
+}
 
 }  // namespace flashjit

@@ -432,8 +432,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   const bool varlen = p.cu_seqlens_q != nullptr;
 
   SeqInfo seq(p, b);
-  const int rows_k = seq.seqlen_k;  // dK, dV rows this sequence owns: all are written
-  if (p.seqused_k != nullptr) seq.seqlen_k = min(seq.seqlen_k, p.seqused_k[b]);  // key padding
+  const int rows_k = seq.rows_k;  // dK, dV rows this sequence owns: all are written, padding too
   const int n0 = n_block * kBlockN;
   if (n0 >= rows_k) return;
   const int hk = h / (p.heads / p.heads_k);
@@ -728,7 +727,6 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kNWarps <= 4 ? 2 : 
   const bool varlen = p.cu_seqlens_q != nullptr;
 
   SeqInfo seq(p, b);
-  if (p.seqused_k != nullptr) seq.seqlen_k = min(seq.seqlen_k, p.seqused_k[b]);
   const int m0 = m_block * kBlockM;
   if (m0 >= seq.seqlen_q) return;
   const int hk = h / (p.heads / p.heads_k);

@@ -39,27 +39,13 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSM)
   // Heavier (later) query blocks first: with causal masking they have the most keys.
   const int m_block = gridDim.x - 1 - blockIdx.x;
   const int h = blockIdx.y, b = blockIdx.z;
-  const bool varlen = p.cu_seqlens_q != nullptr;
-
-  SeqInfo seq(p, b);
-  if (p.seqused_k != nullptr) seq.seqlen_k = min(seq.seqlen_k, p.seqused_k[b]);  // key padding
-  const int m0 = m_block * kBlockM;
-  if (m0 >= seq.seqlen_q) return;
-  const int hk = h / (p.heads / p.heads_k);
-
-  const Element* q = static_cast<const Element*>(p.q) +
-                     seq.q_offset(p.q_batch_stride, p.q_row_stride, p.q_head_stride, b, h, varlen) +
-                     m0 * p.q_row_stride;
-  const Element* k = static_cast<const Element*>(p.k) +
-                     seq.k_offset(p.k_batch_stride, p.k_row_stride, p.k_head_stride, b, hk, varlen);
-  const Element* v = static_cast<const Element*>(p.v) +
-                     seq.k_offset(p.v_batch_stride, p.v_row_stride, p.v_head_stride, b, hk, varlen);
-  // Query i sees key j iff j <= i + causal_offset (causal only), and j < seqlen_k.
-  const int causal_offset = p.causal_bottom_right ? seq.seqlen_k - seq.seqlen_q : 0;
-  const ScoreMask<kIsCausal> mask{seq.seqlen_k, causal_offset};
-  int n_end = seq.seqlen_k;
-  if constexpr (kIsCausal) n_end = min(n_end, max(0, m0 + kBlockM + causal_offset));
-  const int n_blocks = ceil_div(n_end, kBlockN);
+  // This CTA's sequence, pointers and key-block range (attention_common.cuh).
+  const FwdTile<Element, kIsCausal> tile(p, m_block, h, b, kBlockM, kBlockN);
+  if (tile.empty()) return;
+  const SeqInfo& seq = tile.seq;
+  const int m0 = tile.m0, n_blocks = tile.n_blocks;
+  const ScoreMask<kIsCausal>& mask = tile.mask;
+  const Element *q = tile.q, *k = tile.k, *v = tile.v;
 
   // Per-thread accumulators. Thread (g, t) of a warp holds, for m16 tile mt, rows
   // r(mt, half) = warp * kWarpRows + mt * 16 + half * 8 + g and columns 2t, 2t+1 of each n8 tile.
@@ -150,36 +136,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSM)
     // Mask: keys past the sequence end, and (causal) keys after the query's diagonal.
     if (mask.needed(m0, n0, kBlockN)) mask.apply(acc_s, m0 + warp * Traits::kWarpRows, n0, g, t);
 
-    // Online softmax, per row: m' = max(m, max_j s_j); O *= exp2((m - m') c); l = l exp2((m - m') c)
-    // + sum_j exp2(s_j c - m' c), with c = scale * log2(e). A row with no key yet keeps m' = -inf
-    // and uses 0 as its reference, so every exp2 argument is -inf (-> 0), never NaN.
-#pragma unroll
-    for (int mt = 0; mt < kMTiles; ++mt)
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        float mx = row_max[mt][half];
-#pragma unroll
-        for (int nt = 0; nt < kNTilesS; ++nt)
-          mx = fmaxf(mx, fmaxf(acc_s[mt][nt][2 * half], acc_s[mt][nt][2 * half + 1]));
-        mx = quad_max(mx);
-        const float ref = mx == -INFINITY ? 0.f : mx * p.scale_log2;
-        const float alpha = fast_exp2(row_max[mt][half] * p.scale_log2 - ref);
-        row_max[mt][half] = mx;
-        float sum = 0.f;
-#pragma unroll
-        for (int nt = 0; nt < kNTilesS; ++nt)
-#pragma unroll
-          for (int e = 2 * half; e < 2 * half + 2; ++e) {
-            acc_s[mt][nt][e] = fast_exp2(fmaf(acc_s[mt][nt][e], p.scale_log2, -ref));  // P
-            sum += acc_s[mt][nt][e];
-          }
-        row_sum[mt][half] = row_sum[mt][half] * alpha + sum;
-#pragma unroll
-        for (int nt = 0; nt < kNTilesO; ++nt) {
-          acc_o[mt][nt][2 * half] *= alpha;
-          acc_o[mt][nt][2 * half + 1] *= alpha;
-        }
-      }
+    // Online softmax (attention_common.cuh): S becomes P, O and the row statistics are rescaled.
+    online_softmax_step(acc_s, acc_o, row_max, row_sum, p.scale_log2);
 
     // Dropout (after the row sums: l normalises the undropped P): P = P * mask / (1 - p).
     if constexpr (kHasDropout) {
@@ -215,33 +173,25 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSM)
     }
   }
 
-  // Output pointers, computed only now: registers are scarce in the main loop.
-  Element* o = static_cast<Element*>(p.o) +
-               seq.q_offset(p.o_batch_stride, p.o_row_stride, p.o_head_stride, b, h, varlen) +
-               m0 * p.o_row_stride;
-  float* lse = p.lse + (varlen ? 0 : b * p.lse_batch_stride) + h * p.lse_head_stride +
-               seq.q_start + m0;
+  Element* o = tile.out(p);  // output pointers computed only now: registers are scarce in the loop
+  float* lse = tile.lse(p);
 
-  // Epilogue: O /= l, lse = m c / log2(e) + ln(l). A row that saw no key: O = 0, lse = -inf.
+  // Epilogue: O /= l and lse (finish_row). A row that saw no key: O = 0, lse = -inf.
   // Each warp stages its own rows of O in its own rows of the Q tile (only it ever read them), then
   // writes them out with 16-byte stores.
 #pragma unroll
   for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
-      const float l = quad_sum(row_sum[mt][half]);
-      const float inv_l = l > 0.f ? 1.f / l : 0.f;
+      const RowResult res = finish_row(row_max[mt][half], row_sum[mt][half], p.scale_log2);
       const int row = warp * Traits::kWarpRows + mt * 16 + half * 8 + g;
 #pragma unroll
       for (int nt = 0; nt < kNTilesO; ++nt) {
-        const uint32_t packed = pack2<Element>(acc_o[mt][nt][2 * half] * inv_l,
-                                               acc_o[mt][nt][2 * half + 1] * inv_l);
+        const uint32_t packed = pack2<Element>(acc_o[mt][nt][2 * half] * res.inv_l,
+                                               acc_o[mt][nt][2 * half + 1] * res.inv_l);
         *reinterpret_cast<uint32_t*>(smem_q + row * kSmemRow + nt * 8 + 2 * t) = packed;
       }
-      if (t == 0 && row < rows_q) {
-        const float m = row_max[mt][half];
-        lse[row] = l > 0.f ? (m * p.scale_log2 + __log2f(l)) * kLn2 : -INFINITY;
-      }
+      if (t == 0 && row < rows_q) lse[row] = res.lse;
     }
   __syncwarp();
   constexpr int kWarpChunks = Traits::kWarpRows * Traits::kChunksPerRow;

@@ -16,6 +16,20 @@ def _mib(n: int) -> str:
     return f"{n / (1 << 20):.1f} MiB"
 
 
+def _forward_families(arch: str) -> str:
+    """Which kernel family the forward uses on ``arch``, per head-dim bucket (the backward is
+    always sm80), e.g. 'sm90 (wgmma) at head dims 64, 128; sm80 (mma.sync) otherwise'."""
+    from .jit.spec import HEAD_DIM_BUCKETS, JitSpec
+
+    try:
+        sm90 = [d for d in HEAD_DIM_BUCKETS if JitSpec("fwd", arch, "bf16", d).family == "sm90"]
+    except ValueError as err:  # a bad FLASHJIT_KERNEL_FAMILY
+        return f"unknown: {err}"
+    if not sm90:
+        return "sm80 (mma.sync)"
+    return f"sm90 (wgmma) at head dims {', '.join(map(str, sm90))}; sm80 (mma.sync) otherwise"
+
+
 def info() -> int:
     """Versions, GPU and arch, cache location and size: what a bug report needs."""
     import platform
@@ -43,7 +57,8 @@ def info() -> int:
     else:
         rows.append(("gpu", "none visible"))
     try:
-        rows.append(("arch", current_arch()))
+        arch = current_arch()
+        rows += [("arch", arch), ("forward family", _forward_families(arch))]
     except RuntimeError as err:
         rows.append(("arch", f"unknown: {err}"))
     rows += [

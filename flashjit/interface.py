@@ -40,13 +40,20 @@ def _check_tensor(name: str, t, rank: int) -> None:
         raise ValueError(f"{name}: the last dimension (head_dim) must be contiguous (stride 1)")
 
 
-def _check_alignment(name: str, t: Tensor) -> None:
+def _is_aligned(t: Tensor) -> bool:
+    """What the kernels' 16-byte loads need: a contiguous last dim, every other stride a multiple
+    of 8 elements (16 bytes in fp16/bf16) and a 16-byte aligned data pointer."""
+    if t.stride(-1) != 1 or any(s % 8 != 0 for s in t.stride()[:-1]):
+        return False
     # (while tracing there is no data pointer: the binding checks it again at run time)
-    misaligned = not torch.compiler.is_compiling() and t.data_ptr() % 16 != 0
-    if misaligned or any(s % 8 != 0 for s in t.stride()[:-1]):
+    return torch.compiler.is_compiling() or t.data_ptr() % 16 == 0
+
+
+def _check_alignment(name: str, t: Tensor) -> None:
+    if not _is_aligned(t):
         raise ValueError(
             f"{name}: data pointer and strides must be multiples of 16 bytes (8 elements); "
-            "call .contiguous() on it"
+            "call .contiguous() on it (.clone() if it is contiguous already)"
         )
 
 
@@ -154,8 +161,9 @@ class _FlashAttnFunction(torch.autograd.Function):
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse, cu_q, cu_k, seqused_k, rng_state = ctx.saved_tensors
         (max_q, max_k, scale, causal, bottom_right, dropout_p, deterministic) = ctx.args
-        if dout.stride(-1) != 1 or any(s % 8 for s in dout.stride()[:-1]):
-            dout = dout.contiguous()
+        if not _is_aligned(dout):
+            # a fresh, aligned allocation (.contiguous() would keep a contiguous misaligned view)
+            dout = dout.clone(memory_format=torch.contiguous_format)
         dq, dk, dv = ops.call_bwd(dout, q, k, v, out, lse, cu_q, cu_k, seqused_k, max_q, max_k,
                                   scale, causal, bottom_right, dropout_p, rng_state,
                                   deterministic)

@@ -8,7 +8,6 @@ compute output shapes: they never compile anything, so torch.compile can trace t
 
 from __future__ import annotations
 
-import os
 from typing import Optional, Tuple
 
 import torch
@@ -22,17 +21,10 @@ _DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16"}
 BWD_ROW_PAD = 128
 
 
-def kernel_family(device: torch.device) -> str:
-    """The kernel family serving `device`: only the mma.sync family (sm80) exists so far."""
-    family = os.environ.get("FLASHJIT_KERNEL_FAMILY", "sm80")
-    if family != "sm80":
-        raise ValueError(f"FLASHJIT_KERNEL_FAMILY={family!r}: only 'sm80' (mma.sync) is available")
-    return family
-
-
 def attention_spec(kernel: str, q: Tensor, causal: bool, dropout: bool) -> JitSpec:
-    """The JIT spec that serves an attention call on q's device, dtype and head dim."""
-    kernel_family(q.device)
+    """The JIT spec that serves an attention call on q's device, dtype and head dim. Its kernel
+    family follows from these (spec.default_family) and FLASHJIT_KERNEL_FAMILY, whose bad values
+    raise ValueError naming it."""
     return JitSpec(
         kernel=kernel,
         arch=current_arch(q.device),
@@ -44,7 +36,9 @@ def attention_spec(kernel: str, q: Tensor, causal: bool, dropout: bool) -> JitSp
 
 
 # (kernel, device index, dtype, head dim, causal, dropout) -> the spec's op. Resolved once per
-# process (environment overrides included), so a call costs one dict lookup, not a spec build.
+# process (environment overrides included: arch list, FLASHJIT_KERNEL_FAMILY), so a call costs
+# one dict lookup, not a spec build. The key determines the spec: the arch follows from the
+# device and the family from kernel, arch, head dim and the environment.
 _resolved: dict = {}
 
 

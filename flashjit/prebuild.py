@@ -3,6 +3,7 @@
     python -m flashjit.prebuild --arch 8.0 9.0 --dtype bf16 --head-dim 64 128 --causal both
     python -m flashjit.prebuild --kernel selftest
     python -m flashjit.prebuild --arch sm90a --list      # names only, builds nothing
+    python -m flashjit.prebuild --arch sm90a --family sm80   # mma.sync forward on Hopper too
 
 Each ``--arch`` argument is one binary: ``--arch 8.0 9.0`` builds an sm80 and an sm90a binary
 per spec, ``--arch '8.0;9.0'`` one sm80-sm90a binary (what FLASHJIT_CUDA_ARCH_LIST='8.0;9.0'
@@ -25,7 +26,9 @@ import time
 from pathlib import Path
 
 from .jit.arch import current_arch, parse_arch_list
-from .jit.spec import ATTENTION_KERNELS, DTYPES, HEAD_DIM_BUCKETS, KERNELS, JitSpec, head_dim_bucket
+from .jit.env import KERNEL_FAMILIES
+from .jit.spec import (ATTENTION_KERNELS, DTYPES, HEAD_DIM_BUCKETS, KERNELS,
+                       SM90_FWD_HEAD_DIMS, JitSpec, default_family, head_dim_bucket)
 
 _GIB = 1 << 30
 _MEMORY_PER_JOB = 4 * _GIB  # nvcc on one attention kernel peaks at a few GB
@@ -72,6 +75,11 @@ def _parser() -> argparse.ArgumentParser:
                    metavar="D", help="head dims, mapped to their buckets (default: all buckets)")
     p.add_argument("--causal", choices=list(_CHOICES), default="both")
     p.add_argument("--dropout", choices=list(_CHOICES), default="no")
+    p.add_argument("--family", choices=KERNEL_FAMILIES,
+                   help="sm80: mma.sync for every spec; sm90: the wgmma forward where it exists "
+                        "(fwd on sm90a at head dims "
+                        f"{', '.join(map(str, SM90_FWD_HEAD_DIMS))}), sm80 elsewhere "
+                        "(default: as FLASHJIT_KERNEL_FAMILY, else sm90)")
     p.add_argument("--jobs", "-j", type=int, default=None,
                    help="builds at once (default: min(CPUs, available memory / 4 GB))")
     p.add_argument("--list", action="store_true", help="print the spec names and exit")
@@ -94,9 +102,18 @@ def specs_from_args(args: argparse.Namespace) -> list[JitSpec]:
         for kernel, arch, dtype, head_dim, causal, dropout in itertools.product(
             attention, arches, args.dtype, head_dims, _CHOICES[args.causal], _CHOICES[args.dropout]
         ):
-            specs.append(JitSpec(kernel, arch, dtype, head_dim, causal, dropout))
+            specs.append(JitSpec(kernel, arch, dtype, head_dim, causal, dropout,
+                                 _family(args.family, kernel, arch, head_dim)))
     specs += [JitSpec(k) for k in args.kernel if KERNELS[k].cpu_only]
     return list(dict.fromkeys(specs))
+
+
+def _family(choice: str | None, kernel: str, arch: str, head_dim: int) -> str | None:
+    """--family for one spec: like FLASHJIT_KERNEL_FAMILY, sm90 is a preference (the backward
+    and other head dims have only sm80); None leaves it to JitSpec (environment, then default)."""
+    if choice == "sm90":
+        return default_family(kernel, arch, head_dim)  # arch and head_dim are normal here
+    return choice
 
 
 def _run_worker(fields_json: str) -> int:

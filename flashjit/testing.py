@@ -38,9 +38,8 @@ def dropout_mask(rng_state: Tensor, batch: int, heads: int, seqlen_q: int, seqle
     # The mask kernel ships in the backward specs; any of them will do.
     spec = JitSpec(kernel="bwd", arch=current_arch(device), dtype="fp16", head_dim=64,
                    causal=False, dropout=True)
-    with torch.cuda.device(device):
-        load_spec(spec).dropout_mask(mask, rng_state, batch, heads, seqlen_q, seqlen_k,
-                                     float(dropout_p), ops._stream(device))
+    ops._launch(load_spec(spec).dropout_mask, device, mask, rng_state, batch, heads, seqlen_q,
+                seqlen_k, float(dropout_p))
     return mask.bool()
 
 

@@ -21,6 +21,23 @@ def jit_disabled() -> bool:
     return os.environ.get("FLASHJIT_DISABLE_JIT", "") not in ("", "0")
 
 
+KERNEL_FAMILIES = ("sm80", "sm90")
+
+
+def kernel_family_preference() -> str | None:
+    """FLASHJIT_KERNEL_FAMILY: ``sm80`` forces the mma.sync family everywhere; ``sm90`` asks for
+    the wgmma family where it exists (what happens anyway); None when unset or empty."""
+    value = os.environ.get("FLASHJIT_KERNEL_FAMILY", "")
+    if not value:
+        return None
+    if value not in KERNEL_FAMILIES:
+        raise ValueError(
+            f"FLASHJIT_KERNEL_FAMILY={value!r} is not a kernel family: use 'sm80' (mma.sync) or "
+            "'sm90' (wgmma, where it exists), or leave it unset"
+        )
+    return value
+
+
 def lock_timeout() -> float:
     """Seconds to wait for another process's build of the same spec (FLASHJIT_LOCK_TIMEOUT)."""
     value = os.environ.get("FLASHJIT_LOCK_TIMEOUT", "")

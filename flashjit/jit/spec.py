@@ -1,8 +1,12 @@
 """Build specs: one frozen object per compiled specialisation, named after what it fixes.
 
 A spec says which kernel (fwd, bwd, selftest), for which arch, dtype, head-dim bucket and
-variant; from it follow the sources, the compiler flags and the readable name that also names
-the op namespace and the cache folder, e.g. ``fwd_sm90a_bf16_hd128_causal``.
+variant, and which kernel family implements it; from it follow the sources, the compiler flags
+and the readable name that also names the op namespace and the cache folder, e.g.
+``fwd_sm80_bf16_hd128_causal`` or ``fwd_sm90a_bf16_hd128_causal_wgmma``.
+
+Kernel families: ``sm80`` (mma.sync) serves every CUDA spec; ``sm90`` (Hopper wgmma) serves the
+forward on sm90a at the head-dim buckets in SM90_FWD_HEAD_DIMS, and is the default there.
 """
 
 from __future__ import annotations
@@ -12,10 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .arch import gencode_flags, normalize_arch
-from .env import verbose_enabled
+from .env import KERNEL_FAMILIES, kernel_family_preference, verbose_enabled
 from .paths import csrc_dir
 
 HEAD_DIM_BUCKETS = (32, 64, 96, 128, 160, 192, 224, 256)
+SM90_FWD_HEAD_DIMS = (64, 128)  # head-dim buckets the sm90 (wgmma) forward serves
 DTYPES = ("fp16", "bf16")
 _DTYPE_ALIASES = {
     "fp16": "fp16", "float16": "fp16", "half": "fp16", "torch.float16": "fp16",
@@ -25,7 +30,7 @@ _DTYPE_ALIASES = {
 
 @dataclass(frozen=True)
 class KernelDef:
-    """A kernel family: its sources (relative to csrc_dir()) and whether it is CPU-only."""
+    """A kernel: its sources (relative to csrc_dir()) and whether it is CPU-only."""
 
     sources: tuple[str, ...]
     cpu_only: bool = False
@@ -49,6 +54,18 @@ def head_dim_bucket(d: int) -> int:
             f"{HEAD_DIM_BUCKETS[-1]}"
         )
     return next(b for b in HEAD_DIM_BUCKETS if b >= d)
+
+
+def default_family(kernel: str, arch: str, head_dim_bucket: int) -> str:
+    """The kernel family a spec gets by default: ``sm90`` (wgmma) for the forward on exactly
+    ``sm90a`` at a bucket in SM90_FWD_HEAD_DIMS, else ``sm80`` (mma.sync).
+
+    A binary for several archs (``sm80-sm90a``) is sm80: one family must serve all its archs.
+    FLASHJIT_KERNEL_FAMILY is applied by JitSpec on top of this (see JitSpec.__post_init__).
+    """
+    if kernel == "fwd" and arch == "sm90a" and head_dim_bucket in SM90_FWD_HEAD_DIMS:
+        return "sm90"
+    return "sm80"
 
 
 def cxx_flags() -> list[str]:
@@ -75,9 +92,12 @@ def nvcc_flags(arch: str, verbose: bool = False) -> list[str]:
 class JitSpec:
     """One specialisation to compile. Hashable; equal specs share one binary.
 
-    ``head_dim`` is stored as its bucket (``head_dim=100`` becomes 128), ``arch`` in normal
+    ``head_dim`` is stored as its bucket (``head_dim=120`` becomes 128), ``arch`` in normal
     form (``sm90`` becomes ``sm90a``), ``dtype`` as ``fp16``/``bf16`` (torch dtypes accepted).
     The selftest kernel takes ``arch="cpu"`` (the default for it) and no dtype or head dim.
+    ``family`` (``sm80`` or ``sm90``; CUDA kernels only) defaults to default_family(), or to
+    ``sm80`` when FLASHJIT_KERNEL_FAMILY=sm80; an explicit ``sm90`` must be one default_family()
+    gives.
     """
 
     kernel: str
@@ -86,6 +106,7 @@ class JitSpec:
     head_dim: int | None = None
     causal: bool = False
     dropout: bool = False
+    family: str | None = None
 
     def __post_init__(self) -> None:
         kernel = KERNELS.get(self.kernel)
@@ -95,8 +116,10 @@ class JitSpec:
         if kernel.cpu_only:
             if self.arch not in (None, "cpu"):
                 raise ValueError(f"kernel {self.kernel!r} is CPU-only: arch must be 'cpu'")
-            if self.dtype is not None or self.head_dim is not None or self.causal or self.dropout:
-                raise ValueError(f"kernel {self.kernel!r} takes no dtype, head_dim, causal or dropout")
+            if (self.dtype is not None or self.head_dim is not None or self.causal or self.dropout
+                    or self.family is not None):
+                raise ValueError(
+                    f"kernel {self.kernel!r} takes no dtype, head_dim, causal, dropout or family")
             set_(self, "arch", "cpu")
             return
         if not self.arch:
@@ -111,14 +134,34 @@ class JitSpec:
         set_(self, "head_dim", head_dim_bucket(self.head_dim))
         set_(self, "causal", bool(self.causal))
         set_(self, "dropout", bool(self.dropout))
+        set_(self, "family", self._resolve_family())
+
+    def _resolve_family(self) -> str:
+        """The family of a CUDA spec whose other fields are normalised (see the class doc)."""
+        default = default_family(self.kernel, self.arch, self.head_dim)
+        if self.family is None:
+            # FLASHJIT_KERNEL_FAMILY is a preference: sm80 forces mma.sync; sm90 changes nothing,
+            # since the default already picks sm90 wherever it exists.
+            return "sm80" if kernel_family_preference() == "sm80" else default
+        if self.family not in KERNEL_FAMILIES:
+            raise ValueError(f"family must be one of {KERNEL_FAMILIES}, got {self.family!r}")
+        if self.family == "sm90" and default != "sm90":
+            raise ValueError(
+                f"family 'sm90' (wgmma) serves only kernel 'fwd' on arch 'sm90a' at head-dim "
+                f"buckets {SM90_FWD_HEAD_DIMS}; got kernel {self.kernel!r}, arch {self.arch!r}, "
+                f"head-dim bucket {self.head_dim}"
+            )
+        return self.family
 
     @property
     def name(self) -> str:
-        """Readable unique name, e.g. ``fwd_sm90a_bf16_hd128_causal`` or ``selftest_cpu``."""
+        """Readable unique name, e.g. ``fwd_sm80_bf16_hd128_causal``, ``selftest_cpu``; the sm90
+        family adds ``_wgmma``: ``fwd_sm90a_bf16_hd128_causal_wgmma``."""
         if KERNELS[self.kernel].cpu_only:
             return f"{self.kernel}_{self.arch}"
         name = f"{self.kernel}_{self.arch}_{self.dtype}_hd{self.head_dim}"
-        return name + ("_causal" if self.causal else "") + ("_dropout" if self.dropout else "")
+        name += ("_causal" if self.causal else "") + ("_dropout" if self.dropout else "")
+        return name + ("_wgmma" if self.family == "sm90" else "")
 
     @property
     def op_namespace(self) -> str:
@@ -145,6 +188,8 @@ class JitSpec:
                 f"-DFLASHJIT_IS_CAUSAL={int(self.causal)}",
                 f"-DFLASHJIT_HAS_DROPOUT={int(self.dropout)}",
             ]
+            if self.family == "sm90":
+                defines.append("-DFLASHJIT_FWD_FAMILY_SM90=1")
         return defines
 
     def cflags(self) -> list[str]:
@@ -158,7 +203,8 @@ class JitSpec:
         return nvcc_flags(self.arch, verbose) + self.defines
 
     def prebuild_command(self) -> str:
-        """The command that builds exactly this spec into the cache."""
+        """The command that builds exactly this spec into the cache (``--family`` always given,
+        so FLASHJIT_KERNEL_FAMILY where it runs changes nothing)."""
         args = ["python", "-m", "flashjit.prebuild", "--kernel", self.kernel]
         if self.with_cuda:
             args += [
@@ -167,6 +213,7 @@ class JitSpec:
                 "--head-dim", str(self.head_dim),
                 "--causal", "yes" if self.causal else "no",
                 "--dropout", "yes" if self.dropout else "no",
+                "--family", self.family,
             ]
         return shlex.join(args)
 
@@ -174,4 +221,5 @@ class JitSpec:
         return {
             "kernel": self.kernel, "arch": self.arch, "dtype": self.dtype,
             "head_dim": self.head_dim, "causal": self.causal, "dropout": self.dropout,
+            "family": self.family,
         }

@@ -42,6 +42,16 @@ def test_dispatcher_maps_tensors_to_specs(monkeypatch):
     q = torch.empty(1, 8, 2, 256, dtype=torch.float16)
     assert ops.attention_spec("bwd", q, causal=False, dropout=True).name == \
         "bwd_sm80_fp16_hd256_dropout"
+    # Hopper: the forward at head dims 64 and 128 is the wgmma family, the backward mma.sync.
+    monkeypatch.setenv("FLASHJIT_CUDA_ARCH_LIST", "9.0")
+    q = torch.empty(1, 8, 2, 120, dtype=torch.bfloat16)
+    assert ops.attention_spec("fwd", q, causal=True, dropout=False).name == \
+        "fwd_sm90a_bf16_hd128_causal_wgmma"
+    assert ops.attention_spec("bwd", q, causal=True, dropout=False).name == \
+        "bwd_sm90a_bf16_hd128_causal"
+    monkeypatch.setenv("FLASHJIT_KERNEL_FAMILY", "sm80")
+    assert ops.attention_spec("fwd", q, causal=True, dropout=False).name == \
+        "fwd_sm90a_bf16_hd128_causal"
     monkeypatch.setenv("FLASHJIT_KERNEL_FAMILY", "hopper")
     with pytest.raises(ValueError, match="FLASHJIT_KERNEL_FAMILY"):
         ops.attention_spec("fwd", q, causal=False, dropout=False)
@@ -76,3 +86,48 @@ def test_philox_known_answers_and_keep_rate():
     again = torch.tensor(_philox.dropout_mask(1234, 0, 1, 2, 40, 48, 0.25), dtype=torch.float32)
     other = torch.tensor(_philox.dropout_mask(1234, 10**6, 1, 2, 40, 48, 0.25), dtype=torch.float32)
     assert torch.equal(mask, again) and not torch.equal(mask, other)
+
+
+def _offset_view(shape, offset_elements, dtype=torch.float16):
+    """A contiguous tensor of `shape` starting `offset_elements` into a fresh buffer."""
+    numel = math.prod(shape)
+    base = torch.randn(numel + offset_elements, dtype=torch.float32).to(dtype)
+    return base[offset_elements:].view(shape)
+
+
+def test_alignment_predicate():
+    from flashjit.interface import _check_alignment, _is_aligned
+
+    shape = (2, 16, 4, 64)
+    assert _is_aligned(torch.zeros(shape, dtype=torch.float16))
+    assert _is_aligned(torch.zeros(2, 16, 4, 72, dtype=torch.float16)[..., :64])  # strides % 8
+    assert _is_aligned(_offset_view(shape, 8))  # 16 bytes in
+    assert not _is_aligned(_offset_view(shape, 1))  # data pointer 2 bytes off
+    assert not _is_aligned(torch.zeros(2, 16, 4, 68, dtype=torch.float16)[..., :64])
+    assert not _is_aligned(torch.zeros(2, 16, 64, 4, dtype=torch.float16).transpose(-1, -2))
+    with pytest.raises(ValueError, match="q: data pointer and strides"):
+        _check_alignment("q", _offset_view(shape, 1))
+
+
+def test_backward_copies_a_misaligned_dout(monkeypatch):
+    """A dout the kernels cannot load (here: its data pointer) is copied before ops.call_bwd."""
+    from types import SimpleNamespace
+
+    from flashjit.interface import _FlashAttnFunction
+
+    seen = []
+
+    def fake_call_bwd(dout, *args):
+        seen.append(dout)
+        return None, None, None
+
+    monkeypatch.setattr(ops, "call_bwd", fake_call_bwd)
+    ctx = SimpleNamespace(saved_tensors=(None,) * 9,
+                          args=(16, 16, 0.125, False, True, 0.0, False))
+    misaligned = _offset_view((2, 16, 4, 64), 1)
+    _FlashAttnFunction.backward(ctx, misaligned, None)
+    assert seen[-1] is not misaligned and seen[-1].data_ptr() % 16 == 0
+    assert torch.equal(seen[-1], misaligned)
+    aligned = torch.zeros(2, 16, 4, 64, dtype=torch.float16)
+    _FlashAttnFunction.backward(ctx, aligned, None)
+    assert seen[-1] is aligned  # no copy when none is needed

@@ -37,6 +37,29 @@ def test_prebuild_list_multi_arch_and_selftest(tmp_path):
         "fwd_sm80-sm90a_bf16_hd128_causal", "fwd_sm80-sm90a_bf16_hd128_causal_dropout", "selftest_cpu"]
 
 
+def test_prebuild_list_kernel_families(tmp_path):
+    """On sm90a the forward at head dims 64 and 128 is the wgmma family unless told otherwise."""
+    args = ["-m", "flashjit.prebuild", "--kernel", "fwd", "bwd", "--arch", "sm90a",
+            "--dtype", "bf16", "--head-dim", "64", "96", "--causal", "no", "--list"]
+    result = run_python(args, tmp_path / "cache")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [
+        "fwd_sm90a_bf16_hd64_wgmma", "fwd_sm90a_bf16_hd96", "bwd_sm90a_bf16_hd64",
+        "bwd_sm90a_bf16_hd96"]
+    sm80_names = ["fwd_sm90a_bf16_hd64", "fwd_sm90a_bf16_hd96", "bwd_sm90a_bf16_hd64",
+                  "bwd_sm90a_bf16_hd96"]
+    for extra_args, env in (([], {"FLASHJIT_KERNEL_FAMILY": "sm80"}), (["--family", "sm80"], {})):
+        result = run_python(args + extra_args, tmp_path / "cache", **env)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.split() == sm80_names
+    # --family wins over the environment, as in the commands spec.prebuild_command() writes
+    result = run_python(args + ["--family", "sm90"], tmp_path / "cache",
+                        FLASHJIT_KERNEL_FAMILY="sm80")
+    assert result.returncode == 0 and result.stdout.split()[0] == "fwd_sm90a_bf16_hd64_wgmma"
+    result = run_python(args, tmp_path / "cache", FLASHJIT_KERNEL_FAMILY="mma")
+    assert result.returncode == 2 and "FLASHJIT_KERNEL_FAMILY='mma'" in result.stderr
+
+
 def test_prebuild_without_arch_or_gpu_says_what_to_set(tmp_path):
     import torch
 
@@ -101,6 +124,9 @@ def test_info(cache_copy):
     for label in ("torch", "nvcc", "gpu", "arch", "csrc", "cache"):
         assert any(line.startswith(label) for line in out.splitlines()), label
     assert str(cache_copy) in out and "1 entries" in out
+    result = run_python(["-m", "flashjit", "info"], cache_copy, FLASHJIT_CUDA_ARCH_LIST="9.0")
+    assert result.returncode == 0, result.stderr
+    assert "sm90 (wgmma) at head dims 64, 128; sm80 (mma.sync) otherwise" in result.stdout
 
 
 def test_cache_list_and_clear(cache_copy):

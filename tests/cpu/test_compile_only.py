@@ -58,3 +58,19 @@ def test_compile_only_real_kernels(kernel, source, dtype, head_dim, causal, tmp_
     spec = JitSpec(kernel, "sm80-sm90a", dtype, head_dim, causal=causal)
     (obj,) = compile_only(spec, tmp_path)
     assert obj.stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        pytest.param(JitSpec("fwd", "sm90a", "bf16", 128, causal=True, family="sm90"),
+                     id="fwd_sm90a_bf16_hd128_causal_wgmma"),
+        pytest.param(JitSpec("fwd", "sm90a", "fp16", 64, dropout=True, family="sm90"),
+                     id="fwd_sm90a_fp16_hd64_dropout_wgmma"),
+    ],
+)
+def test_compile_only_sm90_family(spec, tmp_path):
+    """The wgmma forward: the same sources, built with -DFLASHJIT_FWD_FAMILY_SM90=1 for sm_90a."""
+    assert "-DFLASHJIT_FWD_FAMILY_SM90=1" in spec.cuda_cflags()
+    (obj,) = compile_only(spec, tmp_path)
+    assert obj.stat().st_size > 0

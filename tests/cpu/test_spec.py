@@ -2,16 +2,29 @@
 
 from __future__ import annotations
 
+import shlex
+
 import pytest
 
-from flashjit.jit import JitSpec, current_arch, head_dim_bucket, nvcc_flags, parse_arch_list
+from flashjit.jit import (JitSpec, current_arch, default_family, head_dim_bucket, nvcc_flags,
+                          parse_arch_list)
 from flashjit.jit.spec import cxx_flags
+from flashjit.prebuild import _parser, specs_from_args
 
 
 @pytest.mark.parametrize(
     "spec, name",
     [
-        (JitSpec("fwd", "sm90a", "bf16", 128, causal=True), "fwd_sm90a_bf16_hd128_causal"),
+        # (family given where the default is sm90: these are built at collection, outside the
+        # tests' clean environment; test_default_family checks the default itself)
+        (JitSpec("fwd", "sm90a", "bf16", 128, causal=True, family="sm90"),
+         "fwd_sm90a_bf16_hd128_causal_wgmma"),
+        (JitSpec("fwd", "sm90a", "bf16", 128, causal=True, family="sm80"),
+         "fwd_sm90a_bf16_hd128_causal"),
+        (JitSpec("fwd", "sm90a", "fp16", 64, dropout=True, family="sm90"),
+         "fwd_sm90a_fp16_hd64_dropout_wgmma"),
+        (JitSpec("fwd", "sm90a", "fp16", 96), "fwd_sm90a_fp16_hd96"),
+        (JitSpec("bwd", "sm90a", "bf16", 128), "bwd_sm90a_bf16_hd128"),
         (JitSpec("fwd", "sm80", "fp16", 64), "fwd_sm80_fp16_hd64"),
         (JitSpec("bwd", "sm86", "bf16", 256, causal=True, dropout=True),
          "bwd_sm86_bf16_hd256_causal_dropout"),
@@ -47,11 +60,70 @@ def test_spec_normalises_fields():
         dict(kernel="selftest", arch="sm80"),
         dict(kernel="selftest", dtype="fp16"),
         dict(kernel="selftest", causal=True),
+        dict(kernel="selftest", family="sm80"),
+        dict(kernel="fwd", arch="sm80", dtype="fp16", head_dim=64, family="sm70"),
+        dict(kernel="fwd", arch="sm90a", dtype="fp16", head_dim=64, family="wgmma"),
     ],
 )
 def test_spec_rejects_bad_fields(kwargs):
     with pytest.raises(ValueError):
         JitSpec(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kernel, arch, bucket, family",
+    [
+        ("fwd", "sm90a", 64, "sm90"),
+        ("fwd", "sm90a", 128, "sm90"),
+        ("fwd", "sm90a", 32, "sm80"),
+        ("fwd", "sm90a", 96, "sm80"),
+        ("fwd", "sm90a", 256, "sm80"),
+        ("bwd", "sm90a", 128, "sm80"),
+        ("fwd", "sm80", 128, "sm80"),
+        ("fwd", "sm100", 128, "sm80"),
+        ("fwd", "sm80-sm90a", 128, "sm80"),  # one family must serve every arch of the binary
+    ],
+)
+def test_default_family(kernel, arch, bucket, family):
+    assert default_family(kernel, arch, bucket) == family
+    spec = JitSpec(kernel, arch, "bf16", bucket)
+    assert spec.family == family
+    assert spec.name.endswith("_wgmma") == (family == "sm90")
+
+
+def test_kernel_family_env(monkeypatch):
+    hopper = dict(kernel="fwd", arch="9.0", dtype="bf16", head_dim=128)
+    monkeypatch.setenv("FLASHJIT_KERNEL_FAMILY", "sm80")  # forces mma.sync
+    assert JitSpec(**hopper).family == "sm80"
+    assert JitSpec(**hopper, family="sm90").family == "sm90"  # an explicit family wins
+    monkeypatch.setenv("FLASHJIT_KERNEL_FAMILY", "sm90")  # a preference: sm80 where no sm90
+    assert JitSpec(**hopper).family == "sm90"
+    assert JitSpec("bwd", "sm90a", "bf16", 128).family == "sm80"
+    assert JitSpec("fwd", "sm80", "bf16", 128).family == "sm80"
+    monkeypatch.setenv("FLASHJIT_KERNEL_FAMILY", "")  # empty: unset
+    assert JitSpec(**hopper).family == "sm90"
+    monkeypatch.setenv("FLASHJIT_KERNEL_FAMILY", "hopper")
+    with pytest.raises(ValueError, match="FLASHJIT_KERNEL_FAMILY.*'sm80'.*'sm90'"):
+        JitSpec(**hopper)
+    assert JitSpec("selftest").family is None  # CPU-only specs have no family
+
+
+@pytest.mark.parametrize(
+    "kernel, arch, head_dim",
+    [("bwd", "sm90a", 128), ("fwd", "sm80", 128), ("fwd", "sm80-sm90a", 64), ("fwd", "sm90a", 96),
+     ("fwd", "sm90a", 256)],
+)
+def test_explicit_sm90_family_must_exist(kernel, arch, head_dim):
+    with pytest.raises(ValueError, match="family 'sm90'"):
+        JitSpec(kernel, arch, "bf16", head_dim, family="sm90")
+
+
+def test_family_normalises_to_equal_specs():
+    spec = JitSpec("fwd", "sm90", "bf16", 120)  # bucket 128: sm90
+    assert spec == JitSpec("fwd", "sm90a", "bf16", 128, family="sm90")
+    assert spec != JitSpec("fwd", "sm90a", "bf16", 128, family="sm80")
+    assert spec.fields()["family"] == "sm90"
+    assert JitSpec(**spec.fields()) == spec
 
 
 def test_spec_defines_and_flags():
@@ -69,6 +141,17 @@ def test_spec_defines_and_flags():
     ]
     assert [s.name for s in spec.sources()] == ["fwd_binding.cpp", "flash_fwd.cu"]
     assert JitSpec("fwd", "sm80", "fp16", 64).defines[1] == "-DFLASHJIT_DTYPE_FP16=1"
+    # The sm90 family adds one define; sm80 specs have none of it, on Hopper too.
+    wgmma = JitSpec("fwd", "sm90a", "bf16", 128, causal=True)
+    assert wgmma.defines == [
+        "-DFLASHJIT_OP_NAMESPACE=flashjit_fwd_sm90a_bf16_hd128_causal_wgmma",
+        "-DFLASHJIT_DTYPE_BF16=1", "-DFLASHJIT_HEAD_DIM=128",
+        "-DFLASHJIT_IS_CAUSAL=1", "-DFLASHJIT_HAS_DROPOUT=0", "-DFLASHJIT_FWD_FAMILY_SM90=1",
+    ]
+    assert wgmma.cuda_cflags(verbose=False)[-1] == "-DFLASHJIT_FWD_FAMILY_SM90=1"
+    for sm80 in (spec, JitSpec("fwd", "sm90a", "bf16", 128, family="sm80"),
+                 JitSpec("bwd", "sm90a", "bf16", 128)):
+        assert not any("FAMILY" in d for d in sm80.cuda_cflags(verbose=False)), sm80.name
     selftest = JitSpec("selftest")
     assert selftest.defines == ["-DFLASHJIT_OP_NAMESPACE=flashjit_selftest_cpu"]
     assert selftest.cuda_cflags() == [] and not selftest.with_cuda
@@ -87,8 +170,30 @@ def test_prebuild_command():
     spec = JitSpec("bwd", "sm80-sm90a", "fp16", 64, causal=True)
     assert spec.prebuild_command() == (
         "python -m flashjit.prebuild --kernel bwd --arch 'sm80;sm90a' --dtype fp16 "
-        "--head-dim 64 --causal yes --dropout no")
+        "--head-dim 64 --causal yes --dropout no --family sm80")
+    assert JitSpec("fwd", "sm90a", "bf16", 128).prebuild_command().endswith(" --family sm90")
     assert JitSpec("selftest").prebuild_command() == "python -m flashjit.prebuild --kernel selftest"
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        JitSpec("bwd", "sm80-sm90a", "fp16", 64, causal=True, family="sm80"),
+        JitSpec("fwd", "sm90a", "bf16", 128, causal=True, family="sm90"),
+        JitSpec("fwd", "sm90a", "bf16", 64, dropout=True, family="sm80"),
+        JitSpec("fwd", "sm86", "fp16", 256, family="sm80"),
+        JitSpec("selftest"),
+    ],
+    ids=lambda spec: spec.name,
+)
+@pytest.mark.parametrize("env_family", [None, "sm80", "sm90"])
+def test_prebuild_command_rebuilds_the_same_spec(spec, env_family, monkeypatch):
+    """Whatever FLASHJIT_KERNEL_FAMILY says where the command runs."""
+    if env_family:
+        monkeypatch.setenv("FLASHJIT_KERNEL_FAMILY", env_family)
+    argv = shlex.split(spec.prebuild_command())
+    assert argv[:3] == ["python", "-m", "flashjit.prebuild"]
+    assert specs_from_args(_parser().parse_args(argv[3:])) == [spec]
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,252 @@
+// flash_fwd_sm90_kernel.cuh: the forward FlashAttention kernel, sm90 family (Hopper: wgmma).
+// Device code only; flash_fwd_sm90_launch.cuh has the grid and the tile choice.
+//
+// One CTA = one (query block of kBlockM = 64 * kNWarpGroups rows, head, batch). Warpgroup w owns
+// query rows [64 w, 64 w + 64): it computes S = Q K^T (64 x kBlockN) with wgmma from shared
+// memory, the online softmax in registers (fp32, exp2, as the sm80 family), and O += P V with P
+// from registers as wgmma's A operand and V from shared memory. K and V stream through two shared
+// stages filled by cp.async, the load of block j-1 overlapping all the work on block j; warpgroups
+// overlap each other's softmax with their tensor-core work.
+// All tiles live in shared memory in the 128-byte swizzled layout wgmma reads (ptx_sm90.cuh):
+// a tile of R rows x kHeadDim is kHeadDim / 64 panels of (R rows x 128 bytes).
+#pragma once
+
+#include <cmath>
+
+#include "attention_common.cuh"
+#include "dropout.cuh"
+#include "flash_params.h"
+#include "ptx.cuh"
+#include "ptx_sm90.cuh"
+
+namespace flashjit {
+
+// Tile shape of the sm90 forward. kMinBlocksPerSM caps registers at 64K / (threads * it).
+template <typename Element_, int kHeadDim_, int kBlockN_, int kNWarpGroups_, int kMinBlocksPerSM_>
+struct FwdSm90Traits {
+  using Element = Element_;
+  static constexpr int kHeadDim = kHeadDim_;  // compiled head-dim bucket (actual d <= this)
+  static constexpr int kBlockN = kBlockN_;
+  static constexpr int kNWarpGroups = kNWarpGroups_;
+  static constexpr int kBlockM = 64 * kNWarpGroups;  // each warpgroup: one m64 wgmma row block
+  static constexpr int kNThreads = 128 * kNWarpGroups;
+  static constexpr int kMinBlocksPerSM = kMinBlocksPerSM_;
+
+  static constexpr int kNTilesS = kBlockN / 8;   // n8 tiles of S per thread's rows
+  static constexpr int kNTilesO = kHeadDim / 8;  // n8 tiles of O
+  static constexpr int kChunksPerRow = kHeadDim / 8;  // 16-byte chunks of one row
+
+  // Shared memory (bytes): Q, then kStages K tiles, then kStages V tiles; every tile starts
+  // 1024-byte aligned (the swizzle pattern repeats every 8 rows of 128 bytes).
+  static constexpr int kStages = 2;
+  static constexpr int kPanelRowBytes = 128;  // 64 16-bit elements
+  static constexpr int kSmemQ = kBlockM * kHeadDim * 2;
+  static constexpr int kSmemKV = kBlockN * kHeadDim * 2;  // one K or V stage
+  static constexpr int kSmemAlign = 1024;                 // slack to align the dynamic base
+  static constexpr size_t kSmemBytes = size_t(kSmemQ + 2 * kStages * kSmemKV + kSmemAlign);
+
+  static_assert(sizeof(Element) == 2, "16-bit elements");
+  static_assert(kHeadDim == 64 || kHeadDim == 128, "wgmma N of P V: head-dim bucket 64 or 128");
+  static_assert(kBlockN == 64 || kBlockN == 128, "wgmma N of Q K^T: kBlockN 64 or 128");
+  static_assert(kNThreads % kChunksPerRow == 0 && (kNThreads / kChunksPerRow) % 8 == 0,
+                "tile loader: each thread keeps one column chunk and one row % 8");
+};
+
+// Byte offset of element (row, col) in a swizzled tile of kRows rows (col a multiple of 8 for a
+// 16-byte chunk; the offset of any col is that of its chunk + (col % 8) * 2).
+template <int kRows>
+__device__ __forceinline__ uint32_t sw128_offset(int row, int col) {
+  return (col / 64) * kRows * 128 + row * 128 + ((((col % 64) / 8) ^ (row % 8)) * 16) +
+         (col % 8) * 2;
+}
+
+// Copy a (kRows x kHeadDim) tile from global memory (row stride `row_stride` elements) into a
+// swizzled shared tile with cp.async; rows >= rows_valid and columns >= d are zero-filled. Thread
+// tid copies column chunk tid % kChunksPerRow of rows tid / kChunksPerRow + i * kRowStep: since
+// kRowStep is a multiple of 8, the swizzle of its chunk is the same in every row it copies.
+template <typename Traits, int kRows>
+__device__ __forceinline__ void load_tile_sw128(uint32_t smem, const typename Traits::Element* gmem,
+                                                int64_t row_stride, int rows_valid, int d, int tid) {
+  constexpr int kRowStep = Traits::kNThreads / Traits::kChunksPerRow;
+  static_assert(kRows % kRowStep == 0, "whole row steps per tile");
+  const int row0 = tid / Traits::kChunksPerRow, col = (tid % Traits::kChunksPerRow) * 8;
+  const typename Traits::Element* src = gmem + row0 * row_stride + col;
+  const uint32_t dst = smem + sw128_offset<kRows>(row0, col);
+#pragma unroll
+  for (int i = 0; i < kRows / kRowStep; ++i) {
+    const bool valid = row0 + i * kRowStep < rows_valid && col < d;
+    cp_async_16(dst + i * kRowStep * 128, valid ? src + i * kRowStep * row_stride : gmem, valid);
+  }
+}
+
+template <typename Traits, bool kIsCausal, bool kHasDropout>
+__global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSM)
+    flash_fwd_sm90_kernel(const __grid_constant__ FwdParams p) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using Element = typename Traits::Element;
+  constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN;
+  constexpr int kHeadDim = Traits::kHeadDim;
+  constexpr int kNTilesS = Traits::kNTilesS, kNTilesO = Traits::kNTilesO;
+
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  const uint32_t smem_raw_addr = smem_addr(smem_raw);
+  const uint32_t smem_q = (smem_raw_addr + Traits::kSmemAlign - 1) & ~uint32_t(Traits::kSmemAlign - 1);
+  const uint32_t smem_k = smem_q + Traits::kSmemQ;                     // kStages K tiles
+  const uint32_t smem_v = smem_k + Traits::kStages * Traits::kSmemKV;  // kStages V tiles
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int wg = warp / 4;                // warpgroup: query rows [64 wg, 64 wg + 64) of the tile
+  const int g = lane / 4, t = lane % 4;  // accumulator row group and column pair
+  // Heavier (later) query blocks first: with causal masking they have the most keys.
+  const int m_block = gridDim.x - 1 - blockIdx.x;
+  const int h = blockIdx.y, b = blockIdx.z;
+  // This CTA's sequence, pointers and key-block range (attention_common.cuh).
+  const FwdTile<Element, kIsCausal> tile(p, m_block, h, b, kBlockM, kBlockN);
+  if (tile.empty()) return;
+  const SeqInfo& seq = tile.seq;
+  const int m0 = tile.m0, n_blocks = tile.n_blocks;
+  const ScoreMask<kIsCausal>& mask = tile.mask;
+  const Element *q = tile.q, *k = tile.k, *v = tile.v;
+  // First query row of this thread's warp (16 rows per warp, as in the wgmma D layout).
+  const int warp_row0 = m0 + wg * 64 + (warp % 4) * 16;
+
+  // Per-thread state: rows g and g + 8 of the warp's 16 (the "m16 tile" of the shared softmax).
+  float acc_o[1][kNTilesO][4];  // O (64 x kHeadDim per warpgroup), unnormalised
+  float acc_s[1][kNTilesS][4];  // S, then P (64 x kBlockN per warpgroup)
+  float row_max[1][2] = {{-INFINITY, -INFINITY}};
+  float row_sum[1][2] = {{0.f, 0.f}};
+#pragma unroll
+  for (int nt = 0; nt < kNTilesO; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc_o[0][nt][e] = 0.f;
+#pragma unroll
+  for (int nt = 0; nt < kNTilesS; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc_s[0][nt][e] = 0.f;
+
+  DropoutMask dropout = kHasDropout ? DropoutMask(p.dropout, b, h, p.heads, p.seqlen_q, p.seqlen_k)
+                                    : DropoutMask();
+  const int rows_q = min(kBlockM, seq.seqlen_q - m0);
+  // K/V tile n_block -> shared stage `stage` (one cp.async group with the caller's commit).
+  auto load_kv = [&](int n_block, int stage) {
+    const int n0 = n_block * kBlockN;
+    load_tile_sw128<Traits, kBlockN>(smem_k + stage * Traits::kSmemKV, k + n0 * p.k_row_stride,
+                                     p.k_row_stride, seq.seqlen_k - n0, p.head_dim, tid);
+    load_tile_sw128<Traits, kBlockN>(smem_v + stage * Traits::kSmemKV, v + n0 * p.v_row_stride,
+                                     p.v_row_stride, seq.seqlen_k - n0, p.head_dim, tid);
+  };
+  if (n_blocks > 0) {
+    load_tile_sw128<Traits, kBlockM>(smem_q, q, p.q_row_stride, rows_q, p.head_dim, tid);
+    load_kv(n_blocks - 1, 0);
+    cp_async_commit();
+  }
+
+  // Descriptors (ptx_sm90.cuh). k16 step kk of the head dim lies in panel kk / 4, 32 bytes
+  // further per step inside it.
+  //   Q: this warpgroup's 64 rows, K-major, 8-row groups 1024 bytes apart.
+  //   K: kBlockN keys (the N of S), K-major, likewise.
+  //   V: the B operand of P V, keys x head dim with the head dim contiguous (MN-major): 8 keys per
+  //      1024-byte group (SBO), the next 64 head-dim columns one panel further (LBO).
+  const uint64_t desc_q = smem_desc_sw128(smem_q + wg * 64 * 128, 16, 1024);
+  const uint64_t desc_k0 = smem_desc_sw128(smem_k, 16, 1024);
+  const uint64_t desc_v0 = smem_desc_sw128(smem_v, kBlockN * 128, 1024);
+  auto kstep_offset = [](int kk, int rows) { return (kk / 4) * rows * 128 + (kk % 4) * 32; };
+
+  // Key blocks from the last to the first (the masked ones come first). One barrier per block:
+  // K/V[n_block] were requested one block earlier; right after the barrier, K/V[n_block-1] are
+  // requested into the other stage and land while this block computes.
+  for (int n_block = n_blocks - 1, stage = 0; n_block >= 0; --n_block, stage ^= 1) {
+    const int n0 = n_block * kBlockN;
+    cp_async_wait<0>();
+    fence_proxy_async_shared();  // this thread's cp.async writes -> visible to wgmma
+    __syncthreads();  // K/V[n_block] (and Q) are in shared memory; every warpgroup's wgmma on the
+                      // other stage (the previous block) has completed
+    if (n_block > 0) {
+      load_kv(n_block - 1, stage ^ 1);
+      cp_async_commit();
+    }
+
+    // S = Q K^T: (64 x kBlockN) per warpgroup, fp32, kHeadDim / 16 wgmma k-steps.
+    const uint64_t desc_k = desc_advance(desc_k0, stage * Traits::kSmemKV);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kHeadDim / 16; ++kk)
+      wgmma_ss<Element, kBlockN>(acc_s[0], desc_advance(desc_q, kstep_offset(kk, kBlockM)),
+                                 desc_advance(desc_k, kstep_offset(kk, kBlockN)), kk > 0);
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_registers(acc_s[0]);
+
+    // Mask: keys past the sequence end, and (causal) keys after the query's diagonal.
+    if (mask.needed(m0, n0, kBlockN)) mask.apply(acc_s, warp_row0, n0, g, t);
+
+    // Online softmax (attention_common.cuh): S becomes P, O and the row statistics are rescaled.
+    online_softmax_step(acc_s, acc_o, row_max, row_sum, p.scale_log2);
+
+    // Dropout (after the row sums: l normalises the undropped P): P = P * mask / (1 - p).
+    if constexpr (kHasDropout) {
+#pragma unroll
+      for (int nt = 0; nt < kNTilesS; ++nt)
+        dropout.apply(acc_s[0][nt], warp_row0 / 16, (n0 + nt * 8) / 8, g, t);
+    }
+
+    // O += P V: P (64 x kBlockN) from registers, V (kBlockN x kHeadDim) from shared memory, one
+    // wgmma per k16 step of keys (16 keys = 2048 bytes of the V stage).
+    uint32_t a[kBlockN / 16][4];  // the D layout of two n8 tiles of S is the A layout of a k16 step
+#pragma unroll
+    for (int ks = 0; ks < kBlockN / 16; ++ks) {
+      a[ks][0] = pack2<Element>(acc_s[0][2 * ks][0], acc_s[0][2 * ks][1]);
+      a[ks][1] = pack2<Element>(acc_s[0][2 * ks][2], acc_s[0][2 * ks][3]);
+      a[ks][2] = pack2<Element>(acc_s[0][2 * ks + 1][0], acc_s[0][2 * ks + 1][1]);
+      a[ks][3] = pack2<Element>(acc_s[0][2 * ks + 1][2], acc_s[0][2 * ks + 1][3]);
+    }
+    const uint64_t desc_v = desc_advance(desc_v0, stage * Traits::kSmemKV);
+    fence_registers(acc_o[0]);
+    wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < kBlockN / 16; ++ks)
+      wgmma_rs<Element, kHeadDim>(acc_o[0], a[ks], desc_advance(desc_v, ks * 16 * 128));
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_registers(acc_o[0]);
+  }
+
+  Element* o = tile.out(p);  // output pointers computed only now: registers are scarce in the loop
+  float* lse = tile.lse(p);
+
+  // Epilogue: O /= l and lse (finish_row). A row that saw no key: O = 0, lse = -inf.
+  // Each warp stages its own 16 rows of O in its rows of the Q tile (only its warpgroup's wgmma
+  // read them, and those have completed), then writes them out with 16-byte stores.
+  unsigned char* smem_q_ptr = smem_raw + (smem_q - smem_raw_addr);
+  const int warp_row = wg * 64 + (warp % 4) * 16;  // first row of this warp in the tile
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const RowResult res = finish_row(row_max[0][half], row_sum[0][half], p.scale_log2);
+    const int row = warp_row + half * 8 + g;
+#pragma unroll
+    for (int nt = 0; nt < kNTilesO; ++nt) {
+      const uint32_t packed = pack2<Element>(acc_o[0][nt][2 * half] * res.inv_l,
+                                             acc_o[0][nt][2 * half + 1] * res.inv_l);
+      *reinterpret_cast<uint32_t*>(smem_q_ptr + sw128_offset<kBlockM>(row, nt * 8 + 2 * t)) = packed;
+    }
+    if (t == 0 && row < rows_q) lse[row] = res.lse;
+  }
+  __syncwarp();
+  constexpr int kWarpChunks = 16 * Traits::kChunksPerRow;
+  static_assert(kWarpChunks % 32 == 0, "whole warp passes");
+#pragma unroll
+  for (int i = 0; i < kWarpChunks / 32; ++i) {
+    const int idx = i * 32 + lane;
+    const int row = warp_row + idx / Traits::kChunksPerRow;
+    const int col = (idx % Traits::kChunksPerRow) * 8;
+    if (row < rows_q && col < p.head_dim) {
+      *reinterpret_cast<uint4*>(o + row * p.o_row_stride + col) =
+          *reinterpret_cast<const uint4*>(smem_q_ptr + sw128_offset<kBlockM>(row, col));
+    }
+  }
+#else
+  __trap();  // compiled for an arch without wgmma: the launcher never selects this kernel there
+#endif
+}
+
+}  // namespace flashjit
