@@ -13,19 +13,33 @@ from pathlib import Path
 import torch
 
 
-def bench_ms(fn, warmup: int = 5, repeats: int = 25) -> float:
-    """Median milliseconds of fn() over `repeats` runs after `warmup` runs, timed with CUDA events."""
+def bench_ms(fn, warmup: int = 5, repeats: int = 25, min_batch_ms: float = 2.0) -> float:
+    """Median milliseconds per fn() call over `repeats` timed batches, after `warmup` calls.
+
+    Each batch is `n` back-to-back calls between two CUDA events, n chosen from the warm-up so
+    that a batch takes about `min_batch_ms`: the GPU then never waits for the host to enqueue the
+    next call, so a short kernel is timed by its GPU time, not by the Python/launch cost of the
+    call in front of it (bench_overhead.py measures that cost separately). n = 1 for calls longer
+    than min_batch_ms. The same function times flashjit and every peer.
+    """
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
     for _ in range(warmup):
         fn()
-    torch.cuda.synchronize()
+    end.record()
+    end.synchronize()
+    per_call = start.elapsed_time(end) / max(warmup, 1)
+    n = max(1, min(100, int(min_batch_ms / max(per_call, 1e-3))))
     times = []
     for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fn()
+        for _ in range(n):
+            fn()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end))
+        times.append(start.elapsed_time(end) / n)
     return statistics.median(times)
 
 

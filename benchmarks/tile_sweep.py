@@ -4,7 +4,7 @@
 
 An sm80-family variant (kBlockM, kBlockN, warps, min CTAs per SM) replaces the d <= 128 tile
 choice of csrc/flash_fwd_launch.cuh (and runs with FLASHJIT_KERNEL_FAMILY=sm80); an sm90-family
-variant "sm90:kBlockN,min CTAs per SM,warpgroups" sets FLASHJIT_SM90_BLOCK_N /
+variant "sm90:kBlockN,min CTAs per SM,warpgroups" defines FLASHJIT_SM90_BLOCK_N /
 FLASHJIT_SM90_MIN_BLOCKS / FLASHJIT_SM90_WARPGROUPS in csrc/flash_fwd_sm90_launch.cuh (both head
 dims). Each variant is built from a copy of csrc/
 (FLASHJIT_CSRC_DIR) and timed in its own process (each variant is its own build, and two builds of
@@ -58,10 +58,10 @@ def main():
             shutil.copytree(ROOT / "csrc", csrc)
             env = dict(os.environ, FLASHJIT_CSRC_DIR=str(csrc))
             if variant.startswith("sm90:"):
-                launch = csrc / "flash_fwd_sm90_launch.cuh"
-                for name, value in zip(("BLOCK_N", "MIN_BLOCKS", "WARPGROUPS"), variant[5:].split(",")):
-                    _patch(launch, rf"#define FLASHJIT_SM90_{name} \d+",
-                           f"#define FLASHJIT_SM90_{name} {int(value)}")
+                n, mb, wg = (int(x) for x in variant[5:].split(","))
+                _patch(csrc / "flash_fwd_sm90_launch.cuh", r"#ifdef FLASHJIT_SM90_BLOCK_N\n",
+                       f"#define FLASHJIT_SM90_BLOCK_N {n}\n#define FLASHJIT_SM90_MIN_BLOCKS {mb}\n"
+                       f"#define FLASHJIT_SM90_WARPGROUPS {wg}\n#ifdef FLASHJIT_SM90_BLOCK_N\n")
             else:
                 m, n, w, mb = (int(x) for x in variant.split(","))
                 _patch(csrc / "flash_fwd_launch.cuh",

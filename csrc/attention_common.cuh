@@ -157,18 +157,19 @@ struct FwdTile {
   }
 };
 
-// One block of the online softmax, per row: m' = max(m, max_j s_j); O *= exp2((m - m') c);
-// l = l exp2((m - m') c) + sum_j exp2(s_j c - m' c), with c = scale * log2(e); the scores become
-// P = exp2(s c - m' c) in place. Scores, O and the row statistics are in the mma C layout (see
-// ScoreMask::apply): each thread holds rows g and g + 8 of each m16 tile, and l is this thread's
-// partial sum over its columns (quad_sum completes it at the end). A row with no key yet keeps
-// m' = -inf and uses 0 as its reference, so every exp2 argument is -inf (-> 0), never NaN.
-template <int kMTiles, int kNTilesS, int kNTilesO>
-__device__ __forceinline__ void online_softmax_step(float (&acc_s)[kMTiles][kNTilesS][4],
-                                                    float (&acc_o)[kMTiles][kNTilesO][4],
-                                                    float (&row_max)[kMTiles][2],
-                                                    float (&row_sum)[kMTiles][2],
-                                                    float scale_log2) {
+// One block of the online softmax, per row: m' = max(m, max_j s_j); l = l alpha + sum_j p_j with
+// p_j = exp2(s_j c - m' c), alpha = exp2((m - m') c), c = scale * log2(e); the scores become P in
+// place and alpha is returned for the rescale of O (O *= alpha, rescale_rows), which the caller
+// may defer (the sm90 kernel does it once the previous P V has completed). Scores and the row
+// statistics are in the mma C layout (see ScoreMask::apply): each thread holds rows g and g + 8
+// of each m16 tile, and l is this thread's partial sum over its columns (quad_sum completes it at
+// the end). A row with no key yet keeps m' = -inf and uses 0 as its reference, so every exp2
+// argument is -inf (-> 0), never NaN.
+template <int kMTiles, int kNTilesS>
+__device__ __forceinline__ void softmax_update(float (&acc_s)[kMTiles][kNTilesS][4],
+                                               float (&row_max)[kMTiles][2],
+                                               float (&row_sum)[kMTiles][2], float scale_log2,
+                                               float (&alpha)[kMTiles][2]) {
 #pragma unroll
   for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
@@ -179,7 +180,7 @@ __device__ __forceinline__ void online_softmax_step(float (&acc_s)[kMTiles][kNTi
         mx = fmaxf(mx, fmaxf(acc_s[mt][nt][2 * half], acc_s[mt][nt][2 * half + 1]));
       mx = quad_max(mx);
       const float ref = mx == -INFINITY ? 0.f : mx * scale_log2;
-      const float alpha = fast_exp2(row_max[mt][half] * scale_log2 - ref);
+      alpha[mt][half] = fast_exp2(row_max[mt][half] * scale_log2 - ref);
       row_max[mt][half] = mx;
       float sum = 0.f;
 #pragma unroll
@@ -189,13 +190,32 @@ __device__ __forceinline__ void online_softmax_step(float (&acc_s)[kMTiles][kNTi
           acc_s[mt][nt][e] = fast_exp2(fmaf(acc_s[mt][nt][e], scale_log2, -ref));  // P
           sum += acc_s[mt][nt][e];
         }
-      row_sum[mt][half] = row_sum[mt][half] * alpha + sum;
-#pragma unroll
-      for (int nt = 0; nt < kNTilesO; ++nt) {
-        acc_o[mt][nt][2 * half] *= alpha;
-        acc_o[mt][nt][2 * half + 1] *= alpha;
-      }
+      row_sum[mt][half] = row_sum[mt][half] * alpha[mt][half] + sum;
     }
+}
+
+// O *= alpha, per row (C layout: elements 0, 1 of an n8 tile are row g, elements 2, 3 row g + 8).
+template <int kMTiles, int kNTilesO>
+__device__ __forceinline__ void rescale_rows(float (&acc_o)[kMTiles][kNTilesO][4],
+                                             const float (&alpha)[kMTiles][2]) {
+#pragma unroll
+  for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < kNTilesO; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc_o[mt][nt][e] *= alpha[mt][e / 2];
+}
+
+// Both steps at once: S becomes P, O and the row statistics are rescaled.
+template <int kMTiles, int kNTilesS, int kNTilesO>
+__device__ __forceinline__ void online_softmax_step(float (&acc_s)[kMTiles][kNTilesS][4],
+                                                    float (&acc_o)[kMTiles][kNTilesO][4],
+                                                    float (&row_max)[kMTiles][2],
+                                                    float (&row_sum)[kMTiles][2],
+                                                    float scale_log2) {
+  float alpha[kMTiles][2];
+  softmax_update(acc_s, row_max, row_sum, scale_log2, alpha);
+  rescale_rows(acc_o, alpha);
 }
 
 // The end of the online softmax for one row: l = the quad's sum of the row's partial sums;

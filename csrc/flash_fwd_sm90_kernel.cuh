@@ -4,9 +4,9 @@
 // One CTA = one (query block of kBlockM = 64 * kNWarpGroups rows, head, batch). Warpgroup w owns
 // query rows [64 w, 64 w + 64): it computes S = Q K^T (64 x kBlockN) with wgmma from shared
 // memory, the online softmax in registers (fp32, exp2, as the sm80 family), and O += P V with P
-// from registers as wgmma's A operand and V from shared memory. K and V stream through two shared
-// stages filled by cp.async, the load of block j-1 overlapping all the work on block j; warpgroups
-// overlap each other's softmax with their tensor-core work.
+// from registers as wgmma's A operand and V from shared memory. Within a warpgroup the softmax of
+// key block j runs while the tensor cores do P V of block j-1 (issued right behind S of block j);
+// K and V stream through two shared stages each, filled by cp.async one block ahead.
 // All tiles live in shared memory in the 128-byte swizzled layout wgmma reads (ptx_sm90.cuh):
 // a tile of R rows x kHeadDim is kHeadDim / 64 panels of (R rows x 128 bytes).
 #pragma once
@@ -62,20 +62,21 @@ __device__ __forceinline__ uint32_t sw128_offset(int row, int col) {
 
 // Copy a (kRows x kHeadDim) tile from global memory (row stride `row_stride` elements) into a
 // swizzled shared tile with cp.async; rows >= rows_valid and columns >= d are zero-filled. Thread
-// tid copies column chunk tid % kChunksPerRow of rows tid / kChunksPerRow + i * kRowStep: since
-// kRowStep is a multiple of 8, the swizzle of its chunk is the same in every row it copies.
+// tid copies column chunk tid % kChunksPerRow of rows tid / kChunksPerRow + i * kRowStep (< kRows):
+// since kRowStep is a multiple of 8, the swizzle of its chunk is the same in every row it copies.
 template <typename Traits, int kRows>
 __device__ __forceinline__ void load_tile_sw128(uint32_t smem, const typename Traits::Element* gmem,
                                                 int64_t row_stride, int rows_valid, int d, int tid) {
   constexpr int kRowStep = Traits::kNThreads / Traits::kChunksPerRow;
-  static_assert(kRows % kRowStep == 0, "whole row steps per tile");
   const int row0 = tid / Traits::kChunksPerRow, col = (tid % Traits::kChunksPerRow) * 8;
   const typename Traits::Element* src = gmem + row0 * row_stride + col;
   const uint32_t dst = smem + sw128_offset<kRows>(row0, col);
 #pragma unroll
-  for (int i = 0; i < kRows / kRowStep; ++i) {
-    const bool valid = row0 + i * kRowStep < rows_valid && col < d;
-    cp_async_16(dst + i * kRowStep * 128, valid ? src + i * kRowStep * row_stride : gmem, valid);
+  for (int i = 0; i < ceil_div(kRows, kRowStep); ++i) {
+    if (kRows % kRowStep == 0 || row0 + i * kRowStep < kRows) {
+      const bool valid = row0 + i * kRowStep < rows_valid && col < d;
+      cp_async_16(dst + i * kRowStep * 128, valid ? src + i * kRowStep * row_stride : gmem, valid);
+    }
   }
 }
 
@@ -127,17 +128,22 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSM)
   DropoutMask dropout = kHasDropout ? DropoutMask(p.dropout, b, h, p.heads, p.seqlen_q, p.seqlen_k)
                                     : DropoutMask();
   const int rows_q = min(kBlockM, seq.seqlen_q - m0);
-  // K/V tile n_block -> shared stage `stage` (one cp.async group with the caller's commit).
-  auto load_kv = [&](int n_block, int stage) {
-    const int n0 = n_block * kBlockN;
-    load_tile_sw128<Traits, kBlockN>(smem_k + stage * Traits::kSmemKV, k + n0 * p.k_row_stride,
+  // Key blocks are processed from the last to the first (the masked ones come first): iteration
+  // `it` works on block n_blocks - 1 - it. Its K tile goes to K stage it % 2, its V tile to V
+  // stage it % 2; one cp.async group (the caller commits) per call.
+  auto load_k = [&](int it) {
+    const int n0 = (n_blocks - 1 - it) * kBlockN;
+    load_tile_sw128<Traits, kBlockN>(smem_k + (it % 2) * Traits::kSmemKV, k + n0 * p.k_row_stride,
                                      p.k_row_stride, seq.seqlen_k - n0, p.head_dim, tid);
-    load_tile_sw128<Traits, kBlockN>(smem_v + stage * Traits::kSmemKV, v + n0 * p.v_row_stride,
+  };
+  auto load_v = [&](int it) {
+    const int n0 = (n_blocks - 1 - it) * kBlockN;
+    load_tile_sw128<Traits, kBlockN>(smem_v + (it % 2) * Traits::kSmemKV, v + n0 * p.v_row_stride,
                                      p.v_row_stride, seq.seqlen_k - n0, p.head_dim, tid);
   };
   if (n_blocks > 0) {
     load_tile_sw128<Traits, kBlockM>(smem_q, q, p.q_row_stride, rows_q, p.head_dim, tid);
-    load_kv(n_blocks - 1, 0);
+    load_k(0);
     cp_async_commit();
   }
 
@@ -151,37 +157,56 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSM)
   const uint64_t desc_k0 = smem_desc_sw128(smem_k, 16, 1024);
   const uint64_t desc_v0 = smem_desc_sw128(smem_v, kBlockN * 128, 1024);
   auto kstep_offset = [](int kk, int rows) { return (kk / 4) * rows * 128 + (kk % 4) * 32; };
+  // O += P V for the block of iteration `it` (V stage it % 2), P from registers as the A operand:
+  // one wgmma per k16 step of keys (16 keys = 2048 bytes of the V stage). Issued, not waited for.
+  uint32_t p_frag[kBlockN / 16][4];  // P of the previous block, packed (wgmma A layout)
+  auto issue_pv = [&](int it) {
+    const uint64_t desc_v = desc_advance(desc_v0, (it % 2) * Traits::kSmemKV);
+#pragma unroll
+    for (int ks = 0; ks < kBlockN / 16; ++ks)
+      wgmma_rs<Element, kHeadDim>(acc_o[0], p_frag[ks], desc_advance(desc_v, ks * 16 * 128));
+    wgmma_commit();
+  };
 
-  // Key blocks from the last to the first (the masked ones come first). One barrier per block:
-  // K/V[n_block] were requested one block earlier; right after the barrier, K/V[n_block-1] are
-  // requested into the other stage and land while this block computes.
-  for (int n_block = n_blocks - 1, stage = 0; n_block >= 0; --n_block, stage ^= 1) {
-    const int n0 = n_block * kBlockN;
+  // Pipeline, one barrier per key block. Iteration `it` computes S = Q K[it]^T and, behind it on
+  // the tensor cores, O += P[it-1] V[it-1]; the softmax of S[it] runs while that P V is in flight
+  // (only the rescale of O waits for it). Right after the barrier it requests K[it+1] and V[it]
+  // into the stages that iteration it-1 finished reading; each tile thus lands during one whole
+  // iteration (V one block behind K).
+  for (int it = 0; it < n_blocks; ++it) {
+    const int n0 = (n_blocks - 1 - it) * kBlockN;
     cp_async_wait<0>();
     fence_proxy_async_shared();  // this thread's cp.async writes -> visible to wgmma
-    __syncthreads();  // K/V[n_block] (and Q) are in shared memory; every warpgroup's wgmma on the
-                      // other stage (the previous block) has completed
-    if (n_block > 0) {
-      load_kv(n_block - 1, stage ^ 1);
-      cp_async_commit();
-    }
+    __syncthreads();  // K[it], V[it-1] (and Q) are in shared memory; every warpgroup's wgmma of
+                      // iteration it-1 (S[it-1] on K stage (it+1) % 2, P V on V stage it % 2) is done
+    if (it + 1 < n_blocks) load_k(it + 1);
+    load_v(it);
+    cp_async_commit();
 
     // S = Q K^T: (64 x kBlockN) per warpgroup, fp32, kHeadDim / 16 wgmma k-steps.
-    const uint64_t desc_k = desc_advance(desc_k0, stage * Traits::kSmemKV);
-    wgmma_fence();
+    const uint64_t desc_k = desc_advance(desc_k0, (it % 2) * Traits::kSmemKV);
+    fence_registers(acc_o[0]);  // the rescale of O and the packing of P stay above the fence
+    fence_registers(p_frag);
+    wgmma_fence();  // orders this thread's earlier writes of acc_o and p_frag before the wgmmas
 #pragma unroll
     for (int kk = 0; kk < kHeadDim / 16; ++kk)
       wgmma_ss<Element, kBlockN>(acc_s[0], desc_advance(desc_q, kstep_offset(kk, kBlockM)),
                                  desc_advance(desc_k, kstep_offset(kk, kBlockN)), kk > 0);
     wgmma_commit();
-    wgmma_wait<0>();
+    if (it > 0) {
+      issue_pv(it - 1);
+      wgmma_wait<1>();  // S is done; P V may still run
+    } else {
+      wgmma_wait<0>();
+    }
     fence_registers(acc_s[0]);
 
     // Mask: keys past the sequence end, and (causal) keys after the query's diagonal.
     if (mask.needed(m0, n0, kBlockN)) mask.apply(acc_s, warp_row0, n0, g, t);
 
-    // Online softmax (attention_common.cuh): S becomes P, O and the row statistics are rescaled.
-    online_softmax_step(acc_s, acc_o, row_max, row_sum, p.scale_log2);
+    // Online softmax (attention_common.cuh): S becomes P; alpha rescales O below.
+    float alpha[1][2];
+    softmax_update(acc_s, row_max, row_sum, p.scale_log2, alpha);
 
     // Dropout (after the row sums: l normalises the undropped P): P = P * mask / (1 - p).
     if constexpr (kHasDropout) {
@@ -190,23 +215,27 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSM)
         dropout.apply(acc_s[0][nt], warp_row0 / 16, (n0 + nt * 8) / 8, g, t);
     }
 
-    // O += P V: P (64 x kBlockN) from registers, V (kBlockN x kHeadDim) from shared memory, one
-    // wgmma per k16 step of keys (16 keys = 2048 bytes of the V stage).
-    uint32_t a[kBlockN / 16][4];  // the D layout of two n8 tiles of S is the A layout of a k16 step
-#pragma unroll
-    for (int ks = 0; ks < kBlockN / 16; ++ks) {
-      a[ks][0] = pack2<Element>(acc_s[0][2 * ks][0], acc_s[0][2 * ks][1]);
-      a[ks][1] = pack2<Element>(acc_s[0][2 * ks][2], acc_s[0][2 * ks][3]);
-      a[ks][2] = pack2<Element>(acc_s[0][2 * ks + 1][0], acc_s[0][2 * ks + 1][1]);
-      a[ks][3] = pack2<Element>(acc_s[0][2 * ks + 1][2], acc_s[0][2 * ks + 1][3]);
-    }
-    const uint64_t desc_v = desc_advance(desc_v0, stage * Traits::kSmemKV);
+    // The previous P V is done: now O may be rescaled and p_frag overwritten. (The register
+    // fences keep the compiler from moving either above the wait.)
+    wgmma_wait<0>();
     fence_registers(acc_o[0]);
-    wgmma_fence();
+    fence_registers(acc_s[0]);
+    rescale_rows(acc_o, alpha);
 #pragma unroll
-    for (int ks = 0; ks < kBlockN / 16; ++ks)
-      wgmma_rs<Element, kHeadDim>(acc_o[0], a[ks], desc_advance(desc_v, ks * 16 * 128));
-    wgmma_commit();
+    for (int ks = 0; ks < kBlockN / 16; ++ks) {  // D layout of two n8 tiles = A layout of a k16 step
+      p_frag[ks][0] = pack2<Element>(acc_s[0][2 * ks][0], acc_s[0][2 * ks][1]);
+      p_frag[ks][1] = pack2<Element>(acc_s[0][2 * ks][2], acc_s[0][2 * ks][3]);
+      p_frag[ks][2] = pack2<Element>(acc_s[0][2 * ks + 1][0], acc_s[0][2 * ks + 1][1]);
+      p_frag[ks][3] = pack2<Element>(acc_s[0][2 * ks + 1][2], acc_s[0][2 * ks + 1][3]);
+    }
+  }
+  // The last block's O += P V, once its V tile has landed.
+  if (n_blocks > 0) {
+    cp_async_wait<0>();
+    fence_proxy_async_shared();
+    __syncthreads();
+    wgmma_fence();
+    issue_pv(n_blocks - 1);
     wgmma_wait<0>();
     fence_registers(acc_o[0]);
   }

@@ -70,14 +70,22 @@ __device__ __forceinline__ void fence_proxy_async_shared() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
 
-// Keeps the compiler from moving accesses of the accumulator registers across a wgmma
-// fence/wait (an empty asm that "reads and writes" them).
+// Keep the compiler from moving accesses of wgmma operand registers (accumulators, A fragments)
+// across a wgmma fence/wait: an empty asm that "reads and writes" them.
 template <int kNTiles>
 __device__ __forceinline__ void fence_registers(float (&d)[kNTiles][4]) {
 #pragma unroll
   for (int i = 0; i < kNTiles; ++i)
 #pragma unroll
     for (int e = 0; e < 4; ++e) asm volatile("" : "+f"(d[i][e])::"memory");
+}
+
+template <int kSteps>
+__device__ __forceinline__ void fence_registers(uint32_t (&a)[kSteps][4]) {
+#pragma unroll
+  for (int i = 0; i < kSteps; ++i)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) asm volatile("" : "+r"(a[i][e])::"memory");
 }
 
 // ---------------------------------------------------------------------------------------------
