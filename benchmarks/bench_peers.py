@@ -5,8 +5,11 @@
 Setting (../shared/TARGETS.md): 16k tokens per batch (batch = 16384 / seqlen), hidden 2048
 (heads = 2048 / d), d 64 and 128, seqlen 512..16k, causal and not. Peers in the same run: torch
 SDPA's flash (FA2 port), cuDNN and memory-efficient backends. FLOPs: 4*b*h*n*n*d forward, halved
-for causal; backward 2.5x; forward+backward 3.5x. Time: median of CUDA-event timings after
-warm-up. Inputs are 64 MiB per tensor, larger than L2. Writes peers.json and peers.md (and
+for causal; backward 2.5x; forward+backward 3.5x. Time: common.bench_ms, the median over 10
+CUDA-event-timed batches of back-to-back calls (>= 20 ms per batch) after warm-up: GPU throughput,
+with the host cost of each call hidden behind the GPU work of the previous ones, for flashjit and
+the peers alike (bench_overhead.py measures the host cost). Inputs are 64 MiB per tensor, larger
+than L2. Writes peers.json and peers.md (and
 peers_d<d>.png when matplotlib is present) under benchmarks/results/<gpu>/.
 """
 
@@ -146,7 +149,7 @@ def main():
     p.add_argument("--tokens", type=int, default=16384)
     p.add_argument("--hidden", type=int, default=2048)
     p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--out", default=None, help="results base folder (default benchmarks/results)")
     p.add_argument("--replot", metavar="JSON", default=None,
                    help="no GPU: redraw the table and plots from a saved peers.json")

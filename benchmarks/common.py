@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 
-def bench_ms(fn, warmup: int = 5, repeats: int = 25, min_batch_ms: float = 2.0) -> float:
+def bench_ms(fn, warmup: int = 5, repeats: int = 25, min_batch_ms: float = 20.0) -> float:
     """Median milliseconds per fn() call over `repeats` timed batches, after `warmup` calls.
 
     Each batch is `n` back-to-back calls between two CUDA events, n chosen from the warm-up so
