@@ -114,7 +114,8 @@ def markdown(res: dict) -> str:
         f"# JIT costs ({env_header(res['environment'])})", "",
         "Each row from fresh processes with their own cache folder (bench_jit.py).", "",
         "| what | seconds |", "|---|---|",
-        f"| first forward call, cold cache (compiles fwd_sm90a_bf16_hd128_causal) | {cf['first_fwd_s']:.2f} |",
+        f"| first forward call, cold cache (compiles {cf.get('fwd_spec', 'the bf16 d 128 causal forward')})"
+        f" | {cf['first_fwd_s']:.2f} |",
         f"| of which the spec's compile and load | {cf['fwd_spec_load_s']:.2f} |",
         f"| first forward + backward, cold cache (compiles the fwd and bwd specs) | "
         f"{cb['first_fwd_s'] + cb.get('first_bwd_s', 0):.2f} |",
