@@ -57,4 +57,8 @@ for step in $STEPS; do
       timeout ${LONG_TIMEOUT:-300} python3 benchmarks/bench_long.py --out "$OUT/results" ${LONG_ARGS:-} 2>&1 | tail -n 25 ;;
   esac
 done
+# The device returns at most 8 files from $OUT: results (tables, JSON, plots) travel as one archive.
+if [ -d "$OUT/results" ]; then
+  tar czf "$OUT/results.tgz" -C "$OUT" results && rm -rf "$OUT/results"
+fi
 echo "=== done $(date +%T)"
