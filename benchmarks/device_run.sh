@@ -25,12 +25,12 @@ for step in $STEPS; do
       # dropout specs the tests use
       python3 -m flashjit.prebuild --kernel ${KERNELS:-fwd bwd} --dtype fp16 bf16 --head-dim 64 128 \
         --causal both --dropout yes --jobs 16 2>&1 | tee -a "$OUT/prebuild.log" | tail -n 3
-      # on sm90a the forward at d 64/128 is the sm90 family: the sm80 one too, for test80
-      FLASHJIT_KERNEL_FAMILY=sm80 python3 -m flashjit.prebuild --kernel fwd --dtype fp16 bf16 --head-dim 64 128 \
+      # on sm90a the forward at d 64/128 (and the backward there without dropout) is the sm90 family: the sm80 one too, for test80
+      FLASHJIT_KERNEL_FAMILY=sm80 python3 -m flashjit.prebuild --kernel fwd bwd --dtype fp16 bf16 --head-dim 64 128 \
         --causal both --dropout both --jobs 16 2>&1 | tee -a "$OUT/prebuild.log" | tail -n 3 ;;
     test)
       timeout ${TEST_TIMEOUT:-400} python3 -m pytest -q --maxfail=25 -p no:cacheprovider tests/gpu ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/pytest_gpu.log" | tail -n 30 ;;
-    test80)  # the sm80 (mma.sync) forward where the sm90 family would serve (d 64/128 on sm90a)
+    test80)  # the sm80 (mma.sync) forward and backward where the sm90 family would serve (d 64/128 on sm90a)
       FLASHJIT_KERNEL_FAMILY=sm80 timeout ${TEST_TIMEOUT:-400} python3 -m pytest -q --maxfail=25 -p no:cacheprovider \
         tests/gpu/test_fwd.py tests/gpu/test_bwd.py -k "grid or random or varlen or gqa or dropout_matches" 2>&1 \
         | tee "$OUT/pytest_gpu_sm80.log" | tail -n 30 ;;

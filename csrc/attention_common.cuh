@@ -113,6 +113,22 @@ struct ScoreMask {
           if (col >= seqlen_k || (kIsCausal && col > row + causal_offset)) acc[mt][nt][e] = -INFINITY;
         }
   }
+
+  // The same for transposed scores S^T (rows = keys, columns = queries) of one m64 wgmma
+  // accumulator row block: element e of n8 tile nt of lane (g, t) is key key0 + (e / 2) * 8 + g,
+  // query query0 + nt * 8 + 2 t + e % 2 (key0: the first key of the thread's warp).
+  template <int kNTiles>
+  __device__ __forceinline__ void apply_transposed(float (&acc)[kNTiles][4], int key0, int query0,
+                                                   int g, int t) const {
+#pragma unroll
+    for (int nt = 0; nt < kNTiles; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int key = key0 + (e / 2) * 8 + g;
+        const int query = query0 + nt * 8 + 2 * t + (e % 2);
+        if (key >= seqlen_k || (kIsCausal && key > query + causal_offset)) acc[nt][e] = -INFINITY;
+      }
+  }
 };
 
 // What one forward CTA works on: query rows [m0, m0 + block_m) of head h of sequence b, against

@@ -338,6 +338,73 @@ __device__ __forceinline__ int64_t accum_row0(const SeqInfo& seq, int b, bool va
   return varlen ? int64_t(seq.q_start) + int64_t(kAccumPadRows) * b : 0;
 }
 
+// What one dK/dV CTA works on: keys [n0, n0 + block_n) of sequence b (K/V head hk, query head
+// h), against the query blocks [m_begin, m_blocks) of block_m rows that see them (causal masking
+// starts later; a block of padding keys sees none); and where its tensors live: K, V, dK, dV at
+// row n0, Q, dO, lse, D and dq_accum at row 0 of the sequence. Shared by the sm80 and sm90
+// dK/dV kernels.
+template <typename Element, bool kIsCausal>
+struct BwdKeyTile {
+  SeqInfo seq;
+  int n0;
+  int causal_offset;  // query i sees key j iff j <= i + causal_offset (causal only), j < seqlen_k
+  int m_begin, m_blocks;
+  const Element *q, *dout, *k, *v;
+  Element *dk, *dv;
+  const float *lse, *dsum;
+  float* dq_accum;  // rows of d_bucket floats
+
+  __device__ BwdKeyTile(const BwdParams& p, int n_block, int h, int b, int block_m, int block_n,
+                        int d_bucket)
+      : seq(p, b), n0(n_block * block_n) {
+    const bool varlen = p.cu_seqlens_q != nullptr;
+    const int hk = h / (p.heads / p.heads_k);  // MQA/GQA: the K/V head of query head h
+    q = static_cast<const Element*>(p.q) +
+        seq.q_offset(p.q_batch_stride, p.q_row_stride, p.q_head_stride, b, h, varlen);
+    dout = static_cast<const Element*>(p.dout) +
+           seq.q_offset(p.do_batch_stride, p.do_row_stride, p.do_head_stride, b, h, varlen);
+    k = static_cast<const Element*>(p.k) +
+        seq.k_offset(p.k_batch_stride, p.k_row_stride, p.k_head_stride, b, hk, varlen) +
+        n0 * p.k_row_stride;
+    v = static_cast<const Element*>(p.v) +
+        seq.k_offset(p.v_batch_stride, p.v_row_stride, p.v_head_stride, b, hk, varlen) +
+        n0 * p.v_row_stride;
+    dk = static_cast<Element*>(p.dk) +
+         seq.k_offset(p.dk_batch_stride, p.dk_row_stride, p.dk_head_stride, b, h, varlen) +
+         n0 * p.dk_row_stride;
+    dv = static_cast<Element*>(p.dv) +
+         seq.k_offset(p.dv_batch_stride, p.dv_row_stride, p.dv_head_stride, b, h, varlen) +
+         n0 * p.dv_row_stride;
+    lse = p.lse + (varlen ? 0 : b * p.lse_batch_stride) + h * p.lse_head_stride + seq.q_start;
+    const int64_t row0 = accum_row0(seq, b, varlen);
+    dsum = p.dsum + (varlen ? 0 : b * p.dsum_batch_stride) + h * p.dsum_head_stride + row0;
+    dq_accum = p.dq_accum + (varlen ? 0 : b * p.dq_accum_batch_stride) +
+               h * p.dq_accum_head_stride + row0 * d_bucket;
+    // The first query block with a row that sees key n0 is the first one this block contributes to.
+    causal_offset = p.causal_bottom_right ? seq.seqlen_k - seq.seqlen_q : 0;
+    m_blocks = ceil_div(seq.seqlen_q, block_m);
+    m_begin = kIsCausal ? max(0, n0 - causal_offset) / block_m : 0;
+    if (n0 >= seq.seqlen_k) m_begin = m_blocks;  // only padding keys: dK = dV = 0
+  }
+  // Past the key rows this sequence owns (rows_k: padding rows included, which get dK = dV = 0).
+  __device__ bool empty() const { return n0 >= seq.rows_k; }
+};
+
+// cp.async of the lse and D values of query rows [m0, m0 + block_m) into block_m floats each at
+// smem_lse and smem_dsum (0 past the sequence end): threads [0, block_m) copy lse, threads
+// [block_m, 2 block_m) copy D. The caller commits.
+__device__ __forceinline__ void load_lse_dsum(uint32_t smem_lse, uint32_t smem_dsum,
+                                              const float* lse, const float* dsum, int m0,
+                                              int block_m, int seqlen_q, int tid) {
+  const bool is_lse = tid < block_m;
+  const int row = is_lse ? tid : tid - block_m;
+  if (row < block_m) {
+    const bool valid = m0 + row < seqlen_q;
+    const float* src = is_lse ? lse : dsum;
+    cp_async_4((is_lse ? smem_lse : smem_dsum) + 4 * row, valid ? src + m0 + row : src, valid);
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // 1. Preprocess: D_i = rowsum(dO_i * O_i) in fp32 for a block of kAccumPadRows rows (0 past the
 // sequence end), and, on the atomic path, zero the same rows of dq_accum (every column of the
@@ -428,49 +495,16 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int g = lane / 4, t = lane % 4;  // mma fragment row group and column pair
-  const int n_block = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
-  const bool varlen = p.cu_seqlens_q != nullptr;
-
-  SeqInfo seq(p, b);
-  const int rows_k = seq.rows_k;  // dK, dV rows this sequence owns: all are written, padding too
-  const int n0 = n_block * kBlockN;
-  if (n0 >= rows_k) return;
-  const int hk = h / (p.heads / p.heads_k);
-
-  const Element* q = static_cast<const Element*>(p.q) +
-                     seq.q_offset(p.q_batch_stride, p.q_row_stride, p.q_head_stride, b, h, varlen);
-  const Element* dout =
-      static_cast<const Element*>(p.dout) +
-      seq.q_offset(p.do_batch_stride, p.do_row_stride, p.do_head_stride, b, h, varlen);
-  const Element* k =
-      static_cast<const Element*>(p.k) +
-      seq.k_offset(p.k_batch_stride, p.k_row_stride, p.k_head_stride, b, hk, varlen) +
-      n0 * p.k_row_stride;
-  const Element* v =
-      static_cast<const Element*>(p.v) +
-      seq.k_offset(p.v_batch_stride, p.v_row_stride, p.v_head_stride, b, hk, varlen) +
-      n0 * p.v_row_stride;
-  Element* dk = static_cast<Element*>(p.dk) +
-                seq.k_offset(p.dk_batch_stride, p.dk_row_stride, p.dk_head_stride, b, h, varlen) +
-                n0 * p.dk_row_stride;
-  Element* dv = static_cast<Element*>(p.dv) +
-                seq.k_offset(p.dv_batch_stride, p.dv_row_stride, p.dv_head_stride, b, h, varlen) +
-                n0 * p.dv_row_stride;
-  const float* lse = p.lse + (varlen ? 0 : b * p.lse_batch_stride) + h * p.lse_head_stride +
-                     seq.q_start;
-  const int64_t row0 = accum_row0(seq, b, varlen);
-  const float* dsum =
-      p.dsum + (varlen ? 0 : b * p.dsum_batch_stride) + h * p.dsum_head_stride + row0;
-  float* dq_accum = p.dq_accum + (varlen ? 0 : b * p.dq_accum_batch_stride) +
-                    h * p.dq_accum_head_stride + row0 * kHeadDim;
-
-  // Query i sees key j iff j <= i + causal_offset (causal only), and j < seqlen_k. The first query
-  // block with a row that sees key n0 is the first one this key block contributes to.
-  const int causal_offset = p.causal_bottom_right ? seq.seqlen_k - seq.seqlen_q : 0;
-  const int m_blocks = ceil_div(seq.seqlen_q, kBlockM);
-  int m_begin = 0;
-  if constexpr (kIsCausal) m_begin = max(0, n0 - causal_offset) / kBlockM;
-  if (n0 >= seq.seqlen_k) m_begin = m_blocks;  // only padding keys: dK = dV = 0
+  const int h = blockIdx.y, b = blockIdx.z;
+  // This CTA's keys, query-block range and pointers (BwdKeyTile).
+  const BwdKeyTile<Element, kIsCausal> tile(p, blockIdx.x, h, b, kBlockM, kBlockN, kHeadDim);
+  if (tile.empty()) return;
+  const SeqInfo& seq = tile.seq;
+  const int n0 = tile.n0, causal_offset = tile.causal_offset;
+  const int m_begin = tile.m_begin, m_blocks = tile.m_blocks;
+  const Element *q = tile.q, *dout = tile.dout, *k = tile.k, *v = tile.v;
+  const float *lse = tile.lse, *dsum = tile.dsum;
+  float* dq_accum = tile.dq_accum;
 
   float acc_dk[kdKVMTiles][kdKVNTiles][4];  // dS^T Q (scaled at the end)
   float acc_dv[kdKVMTiles][kdKVNTiles][4];  // (P Z)^T dO
@@ -483,15 +517,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
     load_tile_async<Traits, kBlockM>(smem_addr(smem_q) + stage * Traits::kSmemQ * kElt,
                                      q + m0 * p.q_row_stride, p.q_row_stride, seq.seqlen_q - m0,
                                      p.head_dim, tid);
-    if (tid < kBlockM) {
-      const bool valid = m0 + tid < seq.seqlen_q;
-      cp_async_4(smem_addr(smem_lse + stage * kBlockM + tid), valid ? lse + m0 + tid : lse, valid);
-    } else if (tid < 2 * kBlockM) {
-      const int row = tid - kBlockM;
-      const bool valid = m0 + row < seq.seqlen_q;
-      cp_async_4(smem_addr(smem_dsum + stage * kBlockM + row), valid ? dsum + m0 + row : dsum,
-                 valid);
-    }
+    load_lse_dsum(smem_addr(smem_lse + stage * kBlockM), smem_addr(smem_dsum + stage * kBlockM),
+                  lse, dsum, m0, kBlockM, seq.seqlen_q, tid);
   };
   auto load_do = [&](int m_block, int stage) {
     const int m0 = m_block * kBlockM;
@@ -648,8 +675,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   store_fragments<Element, kdKVMTiles, kdKVNTiles, kSmemRow>(smem_v, acc_dv, 1.f, dkv_n, dkv_d, g,
                                                              t);
   __syncthreads();
-  store_tile<Traits, kBlockN>(dk, p.dk_row_stride, smem_k, rows_k - n0, p.head_dim, tid);
-  store_tile<Traits, kBlockN>(dv, p.dv_row_stride, smem_v, rows_k - n0, p.head_dim, tid);
+  store_tile<Traits, kBlockN>(tile.dk, p.dk_row_stride, smem_k, seq.rows_k - n0, p.head_dim, tid);
+  store_tile<Traits, kBlockN>(tile.dv, p.dv_row_stride, smem_v, seq.rows_k - n0, p.head_dim, tid);
 }
 
 // ---------------------------------------------------------------------------------------------

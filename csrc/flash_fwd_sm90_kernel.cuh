@@ -18,6 +18,7 @@
 #include "flash_params.h"
 #include "ptx.cuh"
 #include "ptx_sm90.cuh"
+#include "smem_sw128.cuh"
 
 namespace flashjit {
 
@@ -51,34 +52,6 @@ struct FwdSm90Traits {
   static_assert(kNThreads % kChunksPerRow == 0 && (kNThreads / kChunksPerRow) % 8 == 0,
                 "tile loader: each thread keeps one column chunk and one row % 8");
 };
-
-// Byte offset of element (row, col) in a swizzled tile of kRows rows (col a multiple of 8 for a
-// 16-byte chunk; the offset of any col is that of its chunk + (col % 8) * 2).
-template <int kRows>
-__device__ __forceinline__ uint32_t sw128_offset(int row, int col) {
-  return (col / 64) * kRows * 128 + row * 128 + ((((col % 64) / 8) ^ (row % 8)) * 16) +
-         (col % 8) * 2;
-}
-
-// Copy a (kRows x kHeadDim) tile from global memory (row stride `row_stride` elements) into a
-// swizzled shared tile with cp.async; rows >= rows_valid and columns >= d are zero-filled. Thread
-// tid copies column chunk tid % kChunksPerRow of rows tid / kChunksPerRow + i * kRowStep (< kRows):
-// since kRowStep is a multiple of 8, the swizzle of its chunk is the same in every row it copies.
-template <typename Traits, int kRows>
-__device__ __forceinline__ void load_tile_sw128(uint32_t smem, const typename Traits::Element* gmem,
-                                                int64_t row_stride, int rows_valid, int d, int tid) {
-  constexpr int kRowStep = Traits::kNThreads / Traits::kChunksPerRow;
-  const int row0 = tid / Traits::kChunksPerRow, col = (tid % Traits::kChunksPerRow) * 8;
-  const typename Traits::Element* src = gmem + row0 * row_stride + col;
-  const uint32_t dst = smem + sw128_offset<kRows>(row0, col);
-#pragma unroll
-  for (int i = 0; i < ceil_div(kRows, kRowStep); ++i) {
-    if (kRows % kRowStep == 0 || row0 + i * kRowStep < kRows) {
-      const bool valid = row0 + i * kRowStep < rows_valid && col < d;
-      cp_async_16(dst + i * kRowStep * 128, valid ? src + i * kRowStep * row_stride : gmem, valid);
-    }
-  }
-}
 
 template <typename Traits, bool kIsCausal, bool kHasDropout>
 __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSM)

@@ -41,7 +41,8 @@ namespace flashjit {
 //     groups follow at SBO; LBO is unused (each k16 step stays inside one 128-byte row).
 //   MN-major operand (V with its head dim, the N of P V, contiguous; transposed by the
 //     instruction): 64 N-elements per 128-byte row, the next 64 N-elements at LBO; 8 K-rows
-//     (keys) of 128 B form a group, groups follow at SBO.
+//     (keys) of 128 B form a group, groups follow at SBO. An MN-major A operand (the backward's
+//     dS, stored keys x queries, as the A of dQ = dS K) is laid out the same way, M for N.
 // ---------------------------------------------------------------------------------------------
 __device__ __forceinline__ uint64_t smem_desc_sw128(uint32_t smem_addr, uint32_t lbo_bytes,
                                                     uint32_t sbo_bytes) {
@@ -72,25 +73,24 @@ __device__ __forceinline__ void fence_proxy_async_shared() {
 
 // Keep the compiler from moving accesses of wgmma operand registers (accumulators, A fragments)
 // across a wgmma fence/wait: an empty asm that "reads and writes" them.
-template <int kNTiles>
-__device__ __forceinline__ void fence_registers(float (&d)[kNTiles][4]) {
+template <typename T, int kRows>
+__device__ __forceinline__ void fence_registers(T (&x)[kRows][4]) {
+  static_assert(std::is_same_v<T, float> || std::is_same_v<T, uint32_t>, "fp32 or packed 16-bit");
 #pragma unroll
-  for (int i = 0; i < kNTiles; ++i)
+  for (int i = 0; i < kRows; ++i)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) asm volatile("" : "+f"(d[i][e])::"memory");
-}
-
-template <int kSteps>
-__device__ __forceinline__ void fence_registers(uint32_t (&a)[kSteps][4]) {
-#pragma unroll
-  for (int i = 0; i < kSteps; ++i)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) asm volatile("" : "+r"(a[i][e])::"memory");
+    for (int e = 0; e < 4; ++e) {
+      if constexpr (std::is_same_v<T, float>)
+        asm volatile("" : "+f"(x[i][e])::"memory");
+      else
+        asm volatile("" : "+r"(x[i][e])::"memory");
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
 // wgmma.mma_async m64nNk16, fp32 accumulate, N = 64 or 128.
-//   wgmma_ss: D (+)= A * B, A and B K-major in shared memory; D is overwritten when !accumulate.
+//   wgmma_ss: D (+)= A * B, A and B in shared memory, K-major unless kTransA / kTransB (then
+//             MN-major: imm-trans-a / imm-trans-b); D is overwritten when !accumulate.
 //   wgmma_rs: D += A * B, A from registers, B MN-major in shared memory (transposed: imm-trans-b).
 // ---------------------------------------------------------------------------------------------
 #define FLASHJIT_D_N8(d, i) "+f"(d[i][0]), "+f"(d[i][1]), "+f"(d[i][2]), "+f"(d[i][3])
@@ -109,17 +109,17 @@ __device__ __forceinline__ void fence_registers(uint32_t (&a)[kSteps][4]) {
   "%20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, "  \
   "%38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, "  \
   "%56, %57, %58, %59, %60, %61, %62, %63}"
-// Operands after the D registers: (A descriptor, B descriptor, scale-d) for SS; (a0..a3,
-// B descriptor, scale-d) for RS. imm-scale-a = imm-scale-b = 1 (no negation).
-#define FLASHJIT_WGMMA_SS(N, TYPE, DREGS, A, B, SCALE)                                          \
+// Operands after the D registers: (A descriptor, B descriptor, scale-d, imm-trans-a, imm-trans-b)
+// for SS; (a0..a3, B descriptor, scale-d) for RS. imm-scale-a = imm-scale-b = 1 (no negation).
+#define FLASHJIT_WGMMA_SS(N, TYPE, DREGS, A, B, SCALE, TA, TB)                                  \
   "{\n.reg .pred p;\nsetp.ne.b32 p, %" SCALE ", 0;\nwgmma.mma_async.sync.aligned.m64n" N       \
-  "k16.f32." TYPE "." TYPE " " DREGS ", %" A ", %" B ", p, 1, 1, 0, 0;\n}\n"
+  "k16.f32." TYPE "." TYPE " " DREGS ", %" A ", %" B ", p, 1, 1, %" TA ", %" TB ";\n}\n"
 #define FLASHJIT_WGMMA_RS(N, TYPE, DREGS, A0, A1, A2, A3, B, SCALE)                             \
   "{\n.reg .pred p;\nsetp.ne.b32 p, %" SCALE ", 0;\nwgmma.mma_async.sync.aligned.m64n" N       \
   "k16.f32." TYPE "." TYPE " " DREGS ", {%" A0 ", %" A1 ", %" A2 ", %" A3 "}, %" B             \
   ", p, 1, 1, 1;\n}\n"
 
-template <typename Element, int N>
+template <typename Element, int N, bool kTransA = false, bool kTransB = false>
 __device__ __forceinline__ void wgmma_ss(float (&d)[N / 8][4], uint64_t desc_a, uint64_t desc_b,
                                          bool accumulate) {
   constexpr bool kHalf = std::is_same_v<Element, __half>;
@@ -127,17 +127,21 @@ __device__ __forceinline__ void wgmma_ss(float (&d)[N / 8][4], uint64_t desc_a, 
   static_assert(N == 64 || N == 128, "wgmma_ss: N = 64 or 128");
   const int scale_d = accumulate ? 1 : 0;
   if constexpr (N == 64 && kHalf) {
-    asm volatile(FLASHJIT_WGMMA_SS("64", "f16", FLASHJIT_REGS_0_31, "32", "33", "34")
-                 : FLASHJIT_D_N64(d) : "l"(desc_a), "l"(desc_b), "r"(scale_d));
+    asm volatile(FLASHJIT_WGMMA_SS("64", "f16", FLASHJIT_REGS_0_31, "32", "33", "34", "35", "36")
+                 : FLASHJIT_D_N64(d)
+                 : "l"(desc_a), "l"(desc_b), "r"(scale_d), "n"(int(kTransA)), "n"(int(kTransB)));
   } else if constexpr (N == 64) {
-    asm volatile(FLASHJIT_WGMMA_SS("64", "bf16", FLASHJIT_REGS_0_31, "32", "33", "34")
-                 : FLASHJIT_D_N64(d) : "l"(desc_a), "l"(desc_b), "r"(scale_d));
+    asm volatile(FLASHJIT_WGMMA_SS("64", "bf16", FLASHJIT_REGS_0_31, "32", "33", "34", "35", "36")
+                 : FLASHJIT_D_N64(d)
+                 : "l"(desc_a), "l"(desc_b), "r"(scale_d), "n"(int(kTransA)), "n"(int(kTransB)));
   } else if constexpr (kHalf) {
-    asm volatile(FLASHJIT_WGMMA_SS("128", "f16", FLASHJIT_REGS_0_63, "64", "65", "66")
-                 : FLASHJIT_D_N128(d) : "l"(desc_a), "l"(desc_b), "r"(scale_d));
+    asm volatile(FLASHJIT_WGMMA_SS("128", "f16", FLASHJIT_REGS_0_63, "64", "65", "66", "67", "68")
+                 : FLASHJIT_D_N128(d)
+                 : "l"(desc_a), "l"(desc_b), "r"(scale_d), "n"(int(kTransA)), "n"(int(kTransB)));
   } else {
-    asm volatile(FLASHJIT_WGMMA_SS("128", "bf16", FLASHJIT_REGS_0_63, "64", "65", "66")
-                 : FLASHJIT_D_N128(d) : "l"(desc_a), "l"(desc_b), "r"(scale_d));
+    asm volatile(FLASHJIT_WGMMA_SS("128", "bf16", FLASHJIT_REGS_0_63, "64", "65", "66", "67", "68")
+                 : FLASHJIT_D_N128(d)
+                 : "l"(desc_a), "l"(desc_b), "r"(scale_d), "n"(int(kTransA)), "n"(int(kTransB)));
   }
 }
 

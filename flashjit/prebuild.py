@@ -3,7 +3,7 @@
     python -m flashjit.prebuild --arch 8.0 9.0 --dtype bf16 --head-dim 64 128 --causal both
     python -m flashjit.prebuild --kernel selftest
     python -m flashjit.prebuild --arch sm90a --list      # names only, builds nothing
-    python -m flashjit.prebuild --arch sm90a --family sm80   # mma.sync forward on Hopper too
+    python -m flashjit.prebuild --arch sm90a --family sm80   # mma.sync fwd and bwd on Hopper too
 
 Each ``--arch`` argument is one binary: ``--arch 8.0 9.0`` builds an sm80 and an sm90a binary
 per spec, ``--arch '8.0;9.0'`` one sm80-sm90a binary (what FLASHJIT_CUDA_ARCH_LIST='8.0;9.0'
@@ -28,7 +28,8 @@ from pathlib import Path
 from .jit.arch import current_arch, parse_arch_list
 from .jit.env import KERNEL_FAMILIES
 from .jit.spec import (ATTENTION_KERNELS, DTYPES, HEAD_DIM_BUCKETS, KERNELS,
-                       SM90_FWD_HEAD_DIMS, JitSpec, default_family, head_dim_bucket)
+                       SM90_BWD_HEAD_DIMS, SM90_FWD_HEAD_DIMS, JitSpec, default_family,
+                       head_dim_bucket)
 
 _GIB = 1 << 30
 _MEMORY_PER_JOB = 4 * _GIB  # nvcc on one attention kernel peaks at a few GB
@@ -76,10 +77,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--causal", choices=list(_CHOICES), default="both")
     p.add_argument("--dropout", choices=list(_CHOICES), default="no")
     p.add_argument("--family", choices=KERNEL_FAMILIES,
-                   help="sm80: mma.sync for every spec; sm90: the wgmma forward where it exists "
-                        "(fwd on sm90a at head dims "
-                        f"{', '.join(map(str, SM90_FWD_HEAD_DIMS))}), sm80 elsewhere "
-                        "(default: as FLASHJIT_KERNEL_FAMILY, else sm90)")
+                   help="sm80: mma.sync for every spec; sm90: wgmma where it exists (on sm90a: "
+                        f"fwd at head dims {', '.join(map(str, SM90_FWD_HEAD_DIMS))}, bwd "
+                        f"without dropout at head dims {', '.join(map(str, SM90_BWD_HEAD_DIMS))}), "
+                        "sm80 elsewhere (default: as FLASHJIT_KERNEL_FAMILY, else sm90)")
     p.add_argument("--jobs", "-j", type=int, default=None,
                    help="builds at once (default: min(CPUs, available memory / 4 GB))")
     p.add_argument("--list", action="store_true", help="print the spec names and exit")
@@ -103,16 +104,19 @@ def specs_from_args(args: argparse.Namespace) -> list[JitSpec]:
             attention, arches, args.dtype, head_dims, _CHOICES[args.causal], _CHOICES[args.dropout]
         ):
             specs.append(JitSpec(kernel, arch, dtype, head_dim, causal, dropout,
-                                 _family(args.family, kernel, arch, head_dim)))
+                                 _family(args.family, kernel, arch, head_dim, dropout)))
     specs += [JitSpec(k) for k in args.kernel if KERNELS[k].cpu_only]
     return list(dict.fromkeys(specs))
 
 
-def _family(choice: str | None, kernel: str, arch: str, head_dim: int) -> str | None:
-    """--family for one spec: like FLASHJIT_KERNEL_FAMILY, sm90 is a preference (the backward
-    and other head dims have only sm80); None leaves it to JitSpec (environment, then default)."""
+def _family(choice: str | None, kernel: str, arch: str, head_dim: int,
+            dropout: bool) -> str | None:
+    """--family for one spec: like FLASHJIT_KERNEL_FAMILY, sm90 is a preference (dropout in the
+    backward and other head dims have only sm80); None leaves it to JitSpec (environment, then
+    default)."""
     if choice == "sm90":
-        return default_family(kernel, arch, head_dim)  # arch and head_dim are normal here
+        # arch and head_dim are normal here
+        return default_family(kernel, arch, head_dim, dropout)
     return choice
 
 

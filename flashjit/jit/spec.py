@@ -5,8 +5,9 @@ variant, and which kernel family implements it; from it follow the sources, the 
 and the readable name that also names the op namespace and the cache folder, e.g.
 ``fwd_sm80_bf16_hd128_causal`` or ``fwd_sm90a_bf16_hd128_causal_wgmma``.
 
-Kernel families: ``sm80`` (mma.sync) serves every CUDA spec; ``sm90`` (Hopper wgmma) serves the
-forward on sm90a at the head-dim buckets in SM90_FWD_HEAD_DIMS, and is the default there.
+Kernel families: ``sm80`` (mma.sync) serves every CUDA spec; ``sm90`` (Hopper wgmma) serves, on
+sm90a, the forward at the head-dim buckets in SM90_FWD_HEAD_DIMS and the backward without dropout
+at those in SM90_BWD_HEAD_DIMS, and is the default there.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from .paths import csrc_dir
 
 HEAD_DIM_BUCKETS = (32, 64, 96, 128, 160, 192, 224, 256)
 SM90_FWD_HEAD_DIMS = (64, 128)  # head-dim buckets the sm90 (wgmma) forward serves
+SM90_BWD_HEAD_DIMS = (64, 128)  # ... and the sm90 backward (without dropout: that stays sm80)
 DTYPES = ("fp16", "bf16")
 _DTYPE_ALIASES = {
     "fp16": "fp16", "float16": "fp16", "half": "fp16", "torch.float16": "fp16",
@@ -42,6 +44,11 @@ KERNELS: dict[str, KernelDef] = {
     "selftest": KernelDef(("selftest/selftest_op.cpp",), cpu_only=True),
 }
 ATTENTION_KERNELS = tuple(k for k, d in KERNELS.items() if not d.cpu_only)
+# The define that selects the sm90 (wgmma) family in each kernel's sources.
+_SM90_FAMILY_DEFINES = {
+    "fwd": "-DFLASHJIT_FWD_FAMILY_SM90=1",
+    "bwd": "-DFLASHJIT_BWD_FAMILY_SM90=1",
+}
 
 
 def head_dim_bucket(d: int) -> int:
@@ -56,14 +63,19 @@ def head_dim_bucket(d: int) -> int:
     return next(b for b in HEAD_DIM_BUCKETS if b >= d)
 
 
-def default_family(kernel: str, arch: str, head_dim_bucket: int) -> str:
-    """The kernel family a spec gets by default: ``sm90`` (wgmma) for the forward on exactly
-    ``sm90a`` at a bucket in SM90_FWD_HEAD_DIMS, else ``sm80`` (mma.sync).
+def default_family(kernel: str, arch: str, head_dim_bucket: int, dropout: bool = False) -> str:
+    """The kernel family a spec gets by default: ``sm90`` (wgmma) on exactly ``sm90a`` for the
+    forward at a bucket in SM90_FWD_HEAD_DIMS and for the backward without dropout at a bucket in
+    SM90_BWD_HEAD_DIMS, else ``sm80`` (mma.sync).
 
     A binary for several archs (``sm80-sm90a``) is sm80: one family must serve all its archs.
     FLASHJIT_KERNEL_FAMILY is applied by JitSpec on top of this (see JitSpec.__post_init__).
     """
-    if kernel == "fwd" and arch == "sm90a" and head_dim_bucket in SM90_FWD_HEAD_DIMS:
+    if arch != "sm90a":
+        return "sm80"
+    if kernel == "fwd" and head_dim_bucket in SM90_FWD_HEAD_DIMS:
+        return "sm90"
+    if kernel == "bwd" and head_dim_bucket in SM90_BWD_HEAD_DIMS and not dropout:
         return "sm90"
     return "sm80"
 
@@ -96,8 +108,8 @@ class JitSpec:
     form (``sm90`` becomes ``sm90a``), ``dtype`` as ``fp16``/``bf16`` (torch dtypes accepted).
     The selftest kernel takes ``arch="cpu"`` (the default for it) and no dtype or head dim.
     ``family`` (``sm80`` or ``sm90``; CUDA kernels only) defaults to default_family(), or to
-    ``sm80`` when FLASHJIT_KERNEL_FAMILY=sm80; an explicit ``sm90`` must be one default_family()
-    gives.
+    ``sm80`` when FLASHJIT_KERNEL_FAMILY=sm80 (the forward and the backward alike); an explicit
+    ``sm90`` must be one default_family() gives.
     """
 
     kernel: str
@@ -138,7 +150,7 @@ class JitSpec:
 
     def _resolve_family(self) -> str:
         """The family of a CUDA spec whose other fields are normalised (see the class doc)."""
-        default = default_family(self.kernel, self.arch, self.head_dim)
+        default = default_family(self.kernel, self.arch, self.head_dim, self.dropout)
         if self.family is None:
             # FLASHJIT_KERNEL_FAMILY is a preference: sm80 forces mma.sync; sm90 changes nothing,
             # since the default already picks sm90 wherever it exists.
@@ -147,16 +159,18 @@ class JitSpec:
             raise ValueError(f"family must be one of {KERNEL_FAMILIES}, got {self.family!r}")
         if self.family == "sm90" and default != "sm90":
             raise ValueError(
-                f"family 'sm90' (wgmma) serves only kernel 'fwd' on arch 'sm90a' at head-dim "
-                f"buckets {SM90_FWD_HEAD_DIMS}; got kernel {self.kernel!r}, arch {self.arch!r}, "
-                f"head-dim bucket {self.head_dim}"
+                f"family 'sm90' (wgmma) serves only arch 'sm90a': kernel 'fwd' at head-dim "
+                f"buckets {SM90_FWD_HEAD_DIMS} and kernel 'bwd' without dropout at head-dim "
+                f"buckets {SM90_BWD_HEAD_DIMS}; got kernel {self.kernel!r}, arch {self.arch!r}, "
+                f"head-dim bucket {self.head_dim}, dropout {self.dropout}"
             )
         return self.family
 
     @property
     def name(self) -> str:
         """Readable unique name, e.g. ``fwd_sm80_bf16_hd128_causal``, ``selftest_cpu``; the sm90
-        family adds ``_wgmma``: ``fwd_sm90a_bf16_hd128_causal_wgmma``."""
+        family adds ``_wgmma``: ``fwd_sm90a_bf16_hd128_causal_wgmma``,
+        ``bwd_sm90a_bf16_hd128_causal_wgmma``."""
         if KERNELS[self.kernel].cpu_only:
             return f"{self.kernel}_{self.arch}"
         name = f"{self.kernel}_{self.arch}_{self.dtype}_hd{self.head_dim}"
@@ -179,7 +193,8 @@ class JitSpec:
 
     @property
     def defines(self) -> list[str]:
-        """Preprocessor defines given to both the C++ and the nvcc compiles."""
+        """Preprocessor defines given to both the C++ and the nvcc compiles; the sm90 family adds
+        ``-DFLASHJIT_FWD_FAMILY_SM90=1`` (fwd) or ``-DFLASHJIT_BWD_FAMILY_SM90=1`` (bwd)."""
         defines = [f"-DFLASHJIT_OP_NAMESPACE={self.op_namespace}"]
         if self.with_cuda:
             defines += [
@@ -189,7 +204,7 @@ class JitSpec:
                 f"-DFLASHJIT_HAS_DROPOUT={int(self.dropout)}",
             ]
             if self.family == "sm90":
-                defines.append("-DFLASHJIT_FWD_FAMILY_SM90=1")
+                defines.append(_SM90_FAMILY_DEFINES[self.kernel])
         return defines
 
     def cflags(self) -> list[str]:

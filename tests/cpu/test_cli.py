@@ -22,7 +22,8 @@ def test_prebuild_list_is_the_deduplicated_cross_product(tmp_path):
     names = result.stdout.split()
     # 2 kernels x 2 archs x 2 dtypes x 2 buckets (56 -> 64) x 2 causal
     assert len(names) == len(set(names)) == 32
-    assert "fwd_sm80_fp16_hd64" in names and "bwd_sm90a_bf16_hd128_causal" in names
+    assert "fwd_sm80_fp16_hd64" in names and "bwd_sm90a_bf16_hd128_causal_wgmma" in names
+    assert "bwd_sm80_bf16_hd128_causal" in names
     assert not (tmp_path / "cache").exists()  # --list touches nothing
 
 
@@ -38,16 +39,22 @@ def test_prebuild_list_multi_arch_and_selftest(tmp_path):
 
 
 def test_prebuild_list_kernel_families(tmp_path):
-    """On sm90a the forward at head dims 64 and 128 is the wgmma family unless told otherwise."""
+    """On sm90a the forward at head dims 64 and 128 is the wgmma family, and so is the backward
+    there without dropout, unless told otherwise."""
     args = ["-m", "flashjit.prebuild", "--kernel", "fwd", "bwd", "--arch", "sm90a",
-            "--dtype", "bf16", "--head-dim", "64", "96", "--causal", "no", "--list"]
+            "--dtype", "bf16", "--head-dim", "64", "96", "--causal", "no", "--dropout", "both",
+            "--list"]
     result = run_python(args, tmp_path / "cache")
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == [
-        "fwd_sm90a_bf16_hd64_wgmma", "fwd_sm90a_bf16_hd96", "bwd_sm90a_bf16_hd64",
-        "bwd_sm90a_bf16_hd96"]
-    sm80_names = ["fwd_sm90a_bf16_hd64", "fwd_sm90a_bf16_hd96", "bwd_sm90a_bf16_hd64",
-                  "bwd_sm90a_bf16_hd96"]
+    sm90_names = [
+        "fwd_sm90a_bf16_hd64_wgmma", "fwd_sm90a_bf16_hd64_dropout_wgmma", "fwd_sm90a_bf16_hd96",
+        "fwd_sm90a_bf16_hd96_dropout", "bwd_sm90a_bf16_hd64_wgmma", "bwd_sm90a_bf16_hd64_dropout",
+        "bwd_sm90a_bf16_hd96", "bwd_sm90a_bf16_hd96_dropout"]
+    assert result.stdout.split() == sm90_names
+    sm80_names = [
+        "fwd_sm90a_bf16_hd64", "fwd_sm90a_bf16_hd64_dropout", "fwd_sm90a_bf16_hd96",
+        "fwd_sm90a_bf16_hd96_dropout", "bwd_sm90a_bf16_hd64", "bwd_sm90a_bf16_hd64_dropout",
+        "bwd_sm90a_bf16_hd96", "bwd_sm90a_bf16_hd96_dropout"]
     for extra_args, env in (([], {"FLASHJIT_KERNEL_FAMILY": "sm80"}), (["--family", "sm80"], {})):
         result = run_python(args + extra_args, tmp_path / "cache", **env)
         assert result.returncode == 0, result.stderr
@@ -55,7 +62,7 @@ def test_prebuild_list_kernel_families(tmp_path):
     # --family wins over the environment, as in the commands spec.prebuild_command() writes
     result = run_python(args + ["--family", "sm90"], tmp_path / "cache",
                         FLASHJIT_KERNEL_FAMILY="sm80")
-    assert result.returncode == 0 and result.stdout.split()[0] == "fwd_sm90a_bf16_hd64_wgmma"
+    assert result.returncode == 0 and result.stdout.split() == sm90_names
     result = run_python(args, tmp_path / "cache", FLASHJIT_KERNEL_FAMILY="mma")
     assert result.returncode == 2 and "FLASHJIT_KERNEL_FAMILY='mma'" in result.stderr
 
@@ -124,9 +131,20 @@ def test_info(cache_copy):
     for label in ("torch", "nvcc", "gpu", "arch", "csrc", "cache"):
         assert any(line.startswith(label) for line in out.splitlines()), label
     assert str(cache_copy) in out and "1 entries" in out
-    result = run_python(["-m", "flashjit", "info"], cache_copy, FLASHJIT_CUDA_ARCH_LIST="9.0")
+    rows = _info_rows(cache_copy, FLASHJIT_CUDA_ARCH_LIST="9.0")
+    assert rows["forward family"] == "sm90 (wgmma) at head dims 64, 128; sm80 (mma.sync) otherwise"
+    assert rows["backward family"] == ("sm90 (wgmma) at head dims 64, 128 without dropout; "
+                                       "sm80 (mma.sync) with dropout and at other head dims")
+    rows = _info_rows(cache_copy, FLASHJIT_CUDA_ARCH_LIST="9.0", FLASHJIT_KERNEL_FAMILY="sm80")
+    assert rows["forward family"] == rows["backward family"] == "sm80 (mma.sync)"
+
+
+def _info_rows(cache, **env) -> dict[str, str]:
+    """``python -m flashjit info``'s rows, name -> value (names are padded with spaces)."""
+    result = run_python(["-m", "flashjit", "info"], cache, **env)
     assert result.returncode == 0, result.stderr
-    assert "sm90 (wgmma) at head dims 64, 128; sm80 (mma.sync) otherwise" in result.stdout
+    return {name: value.strip() for name, value in
+            (line.split("  ", 1) for line in result.stdout.splitlines() if "  " in line)}
 
 
 def test_cache_list_and_clear(cache_copy):

@@ -67,10 +67,16 @@ def test_compile_only_real_kernels(kernel, source, dtype, head_dim, causal, tmp_
                      id="fwd_sm90a_bf16_hd128_causal_wgmma"),
         pytest.param(JitSpec("fwd", "sm90a", "fp16", 64, dropout=True, family="sm90"),
                      id="fwd_sm90a_fp16_hd64_dropout_wgmma"),
+        pytest.param(JitSpec("bwd", "sm90a", "bf16", 128, causal=True, family="sm90"),
+                     id="bwd_sm90a_bf16_hd128_causal_wgmma"),
+        pytest.param(JitSpec("bwd", "sm90a", "fp16", 64, family="sm90"),
+                     id="bwd_sm90a_fp16_hd64_wgmma"),
     ],
 )
 def test_compile_only_sm90_family(spec, tmp_path):
-    """The wgmma forward: the same sources, built with -DFLASHJIT_FWD_FAMILY_SM90=1 for sm_90a."""
-    assert "-DFLASHJIT_FWD_FAMILY_SM90=1" in spec.cuda_cflags()
+    """The wgmma forward and backward: the same sources, built for sm_90a with
+    -DFLASHJIT_FWD_FAMILY_SM90=1 or -DFLASHJIT_BWD_FAMILY_SM90=1."""
+    define = {"fwd": "-DFLASHJIT_FWD_FAMILY_SM90=1", "bwd": "-DFLASHJIT_BWD_FAMILY_SM90=1"}
+    assert define[spec.kernel] in spec.cuda_cflags()
     (obj,) = compile_only(spec, tmp_path)
     assert obj.stat().st_size > 0

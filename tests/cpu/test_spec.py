@@ -24,7 +24,11 @@ from flashjit.prebuild import _parser, specs_from_args
         (JitSpec("fwd", "sm90a", "fp16", 64, dropout=True, family="sm90"),
          "fwd_sm90a_fp16_hd64_dropout_wgmma"),
         (JitSpec("fwd", "sm90a", "fp16", 96), "fwd_sm90a_fp16_hd96"),
-        (JitSpec("bwd", "sm90a", "bf16", 128), "bwd_sm90a_bf16_hd128"),
+        (JitSpec("bwd", "sm90a", "bf16", 128, causal=True, family="sm90"),
+         "bwd_sm90a_bf16_hd128_causal_wgmma"),
+        (JitSpec("bwd", "sm90a", "bf16", 128, family="sm80"), "bwd_sm90a_bf16_hd128"),
+        (JitSpec("bwd", "sm90a", "fp16", 64, dropout=True), "bwd_sm90a_fp16_hd64_dropout"),
+        (JitSpec("bwd", "sm90a", "bf16", 96), "bwd_sm90a_bf16_hd96"),
         (JitSpec("fwd", "sm80", "fp16", 64), "fwd_sm80_fp16_hd64"),
         (JitSpec("bwd", "sm86", "bf16", 256, causal=True, dropout=True),
          "bwd_sm86_bf16_hd256_causal_dropout"),
@@ -71,37 +75,53 @@ def test_spec_rejects_bad_fields(kwargs):
 
 
 @pytest.mark.parametrize(
-    "kernel, arch, bucket, family",
+    "kernel, arch, bucket, dropout, family",
     [
-        ("fwd", "sm90a", 64, "sm90"),
-        ("fwd", "sm90a", 128, "sm90"),
-        ("fwd", "sm90a", 32, "sm80"),
-        ("fwd", "sm90a", 96, "sm80"),
-        ("fwd", "sm90a", 256, "sm80"),
-        ("bwd", "sm90a", 128, "sm80"),
-        ("fwd", "sm80", 128, "sm80"),
-        ("fwd", "sm100", 128, "sm80"),
-        ("fwd", "sm80-sm90a", 128, "sm80"),  # one family must serve every arch of the binary
+        ("fwd", "sm90a", 64, False, "sm90"),
+        ("fwd", "sm90a", 128, False, "sm90"),
+        ("fwd", "sm90a", 64, True, "sm90"),  # the wgmma forward has dropout
+        ("fwd", "sm90a", 32, False, "sm80"),
+        ("fwd", "sm90a", 96, False, "sm80"),
+        ("fwd", "sm90a", 256, False, "sm80"),
+        ("bwd", "sm90a", 64, False, "sm90"),
+        ("bwd", "sm90a", 128, False, "sm90"),
+        ("bwd", "sm90a", 64, True, "sm80"),  # the wgmma backward has no dropout
+        ("bwd", "sm90a", 128, True, "sm80"),
+        ("bwd", "sm90a", 96, False, "sm80"),
+        ("bwd", "sm90a", 256, False, "sm80"),
+        ("bwd", "sm80", 128, False, "sm80"),
+        ("bwd", "sm80-sm90a", 64, False, "sm80"),
+        ("fwd", "sm80", 128, False, "sm80"),
+        ("fwd", "sm100", 128, False, "sm80"),
+        ("fwd", "sm80-sm90a", 128, False, "sm80"),  # one family must serve every arch of the binary
     ],
 )
-def test_default_family(kernel, arch, bucket, family):
-    assert default_family(kernel, arch, bucket) == family
-    spec = JitSpec(kernel, arch, "bf16", bucket)
+def test_default_family(kernel, arch, bucket, dropout, family):
+    assert default_family(kernel, arch, bucket, dropout) == family
+    if not dropout:
+        assert default_family(kernel, arch, bucket) == family  # dropout defaults to False
+    spec = JitSpec(kernel, arch, "bf16", bucket, dropout=dropout)
     assert spec.family == family
     assert spec.name.endswith("_wgmma") == (family == "sm90")
 
 
 def test_kernel_family_env(monkeypatch):
     hopper = dict(kernel="fwd", arch="9.0", dtype="bf16", head_dim=128)
-    monkeypatch.setenv("FLASHJIT_KERNEL_FAMILY", "sm80")  # forces mma.sync
+    hopper_bwd = dict(hopper, kernel="bwd")
+    monkeypatch.setenv("FLASHJIT_KERNEL_FAMILY", "sm80")  # forces mma.sync, backward included
     assert JitSpec(**hopper).family == "sm80"
+    assert JitSpec(**hopper_bwd).family == "sm80"
     assert JitSpec(**hopper, family="sm90").family == "sm90"  # an explicit family wins
+    assert JitSpec(**hopper_bwd, family="sm90").family == "sm90"
     monkeypatch.setenv("FLASHJIT_KERNEL_FAMILY", "sm90")  # a preference: sm80 where no sm90
     assert JitSpec(**hopper).family == "sm90"
-    assert JitSpec("bwd", "sm90a", "bf16", 128).family == "sm80"
+    assert JitSpec(**hopper_bwd).family == "sm90"
+    assert JitSpec(**hopper_bwd, dropout=True).family == "sm80"
+    assert JitSpec("bwd", "sm90a", "bf16", 96).family == "sm80"
     assert JitSpec("fwd", "sm80", "bf16", 128).family == "sm80"
     monkeypatch.setenv("FLASHJIT_KERNEL_FAMILY", "")  # empty: unset
     assert JitSpec(**hopper).family == "sm90"
+    assert JitSpec(**hopper_bwd).family == "sm90"
     monkeypatch.setenv("FLASHJIT_KERNEL_FAMILY", "hopper")
     with pytest.raises(ValueError, match="FLASHJIT_KERNEL_FAMILY.*'sm80'.*'sm90'"):
         JitSpec(**hopper)
@@ -109,13 +129,16 @@ def test_kernel_family_env(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "kernel, arch, head_dim",
-    [("bwd", "sm90a", 128), ("fwd", "sm80", 128), ("fwd", "sm80-sm90a", 64), ("fwd", "sm90a", 96),
-     ("fwd", "sm90a", 256)],
+    "kernel, arch, head_dim, dropout",
+    [("bwd", "sm90a", 128, True), ("bwd", "sm90a", 96, False), ("bwd", "sm80", 128, False),
+     ("bwd", "sm80-sm90a", 64, False), ("fwd", "sm80", 128, False),
+     ("fwd", "sm80-sm90a", 64, False), ("fwd", "sm90a", 96, False), ("fwd", "sm90a", 256, False)],
 )
-def test_explicit_sm90_family_must_exist(kernel, arch, head_dim):
-    with pytest.raises(ValueError, match="family 'sm90'"):
-        JitSpec(kernel, arch, "bf16", head_dim, family="sm90")
+def test_explicit_sm90_family_must_exist(kernel, arch, head_dim, dropout):
+    # the message states both rules: the forward's head dims, the backward's without dropout
+    with pytest.raises(ValueError, match=r"family 'sm90'.*'fwd' at head-dim buckets \(64, 128\) "
+                                         r"and kernel 'bwd' without dropout at head-dim buckets"):
+        JitSpec(kernel, arch, "bf16", head_dim, dropout=dropout, family="sm90")
 
 
 def test_family_normalises_to_equal_specs():
@@ -141,16 +164,20 @@ def test_spec_defines_and_flags():
     ]
     assert [s.name for s in spec.sources()] == ["fwd_binding.cpp", "flash_fwd.cu"]
     assert JitSpec("fwd", "sm80", "fp16", 64).defines[1] == "-DFLASHJIT_DTYPE_FP16=1"
-    # The sm90 family adds one define; sm80 specs have none of it, on Hopper too.
-    wgmma = JitSpec("fwd", "sm90a", "bf16", 128, causal=True)
-    assert wgmma.defines == [
-        "-DFLASHJIT_OP_NAMESPACE=flashjit_fwd_sm90a_bf16_hd128_causal_wgmma",
-        "-DFLASHJIT_DTYPE_BF16=1", "-DFLASHJIT_HEAD_DIM=128",
-        "-DFLASHJIT_IS_CAUSAL=1", "-DFLASHJIT_HAS_DROPOUT=0", "-DFLASHJIT_FWD_FAMILY_SM90=1",
-    ]
-    assert wgmma.cuda_cflags(verbose=False)[-1] == "-DFLASHJIT_FWD_FAMILY_SM90=1"
+    # The sm90 family adds one define, the kernel's own; sm80 specs have none, on Hopper too.
+    for kernel in ("fwd", "bwd"):
+        wgmma = JitSpec(kernel, "sm90a", "bf16", 128, causal=True)
+        family_define = f"-DFLASHJIT_{kernel.upper()}_FAMILY_SM90=1"
+        assert wgmma.defines == [
+            f"-DFLASHJIT_OP_NAMESPACE=flashjit_{kernel}_sm90a_bf16_hd128_causal_wgmma",
+            "-DFLASHJIT_DTYPE_BF16=1", "-DFLASHJIT_HEAD_DIM=128",
+            "-DFLASHJIT_IS_CAUSAL=1", "-DFLASHJIT_HAS_DROPOUT=0", family_define,
+        ]
+        assert wgmma.cuda_cflags(verbose=False)[-1] == family_define
     for sm80 in (spec, JitSpec("fwd", "sm90a", "bf16", 128, family="sm80"),
-                 JitSpec("bwd", "sm90a", "bf16", 128)):
+                 JitSpec("bwd", "sm90a", "bf16", 128, family="sm80"),
+                 JitSpec("bwd", "sm90a", "bf16", 128, dropout=True),
+                 JitSpec("bwd", "sm90a", "bf16", 96)):
         assert not any("FAMILY" in d for d in sm80.cuda_cflags(verbose=False)), sm80.name
     selftest = JitSpec("selftest")
     assert selftest.defines == ["-DFLASHJIT_OP_NAMESPACE=flashjit_selftest_cpu"]
@@ -172,6 +199,7 @@ def test_prebuild_command():
         "python -m flashjit.prebuild --kernel bwd --arch 'sm80;sm90a' --dtype fp16 "
         "--head-dim 64 --causal yes --dropout no --family sm80")
     assert JitSpec("fwd", "sm90a", "bf16", 128).prebuild_command().endswith(" --family sm90")
+    assert JitSpec("bwd", "sm90a", "bf16", 128).prebuild_command().endswith(" --family sm90")
     assert JitSpec("selftest").prebuild_command() == "python -m flashjit.prebuild --kernel selftest"
 
 
@@ -181,6 +209,9 @@ def test_prebuild_command():
         JitSpec("bwd", "sm80-sm90a", "fp16", 64, causal=True, family="sm80"),
         JitSpec("fwd", "sm90a", "bf16", 128, causal=True, family="sm90"),
         JitSpec("fwd", "sm90a", "bf16", 64, dropout=True, family="sm80"),
+        JitSpec("bwd", "sm90a", "fp16", 64, causal=True, family="sm90"),
+        JitSpec("bwd", "sm90a", "fp16", 64, family="sm80"),
+        JitSpec("bwd", "sm90a", "bf16", 128, dropout=True, family="sm80"),
         JitSpec("fwd", "sm86", "fp16", 256, family="sm80"),
         JitSpec("selftest"),
     ],

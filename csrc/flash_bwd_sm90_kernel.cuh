@@ -1,0 +1,315 @@
+// flash_bwd_sm90_kernel.cuh: the dK/dV kernel of the backward, sm90 family (Hopper: wgmma).
+// Device code only; flash_bwd_sm90_launch.cuh has the grid and the tile choice, and launches the
+// sm80 family's preprocess, postprocess and deterministic dQ kernels (flash_bwd_kernel.cuh) around
+// this one.
+//
+// The algorithm of the sm80 dK/dV kernel (see flash_bwd_kernel.cuh for the math): one CTA per (key
+// block of kBlockN = 128 keys, head, batch) keeps K, V and the dK, dV accumulators and loops over
+// the query blocks of kBlockM rows that see its keys. Two warpgroups; warpgroup w owns keys
+// [64 w, 64 w + 64) of the block. The scores are computed transposed (keys x queries), so that
+// P^T and dS^T come out of the wgmma accumulators already in the A layout of the dV and dK
+// products. Per query block, per warpgroup:
+//   S^T = K Q^T, dP^T = V dO^T       (64 x kBlockM) wgmma, K/V and Q/dO from shared memory
+//   P^T = exp2(S^T scale log2(e) - lse log2(e)),  dS^T = P^T (dP^T - D)     registers, fp32
+//   dV += P^T dO, dK += dS^T Q       (64 x d) wgmma, A from registers, dO/Q MN-major in smem
+//   dQ = dS K                        dS^T stored to shared memory and read back as an MN-major A,
+//                                    K as an MN-major B; added to dq_accum with fp32 atomics.
+// dQ (kBlockM x d) needs the dS of all 128 keys, so both warpgroups meet at a barrier first and
+// then split it: by query rows (64 each) when kBlockM = 128, by head-dim columns (64 each) when
+// kBlockM = 64. No dropout: the sm80 family serves it. All tiles are 128-byte swizzled
+// (smem_sw128.cuh).
+#pragma once
+
+#include <type_traits>
+
+#include "attention_common.cuh"
+#include "flash_bwd_kernel.cuh"
+#include "flash_params.h"
+#include "ptx.cuh"
+#include "ptx_sm90.cuh"
+#include "smem_sw128.cuh"
+
+namespace flashjit {
+
+template <typename Element_, int kHeadDim_, int kBlockM_>
+struct BwdSm90Traits {
+  using Element = Element_;
+  static constexpr int kHeadDim = kHeadDim_;  // compiled head-dim bucket (actual d <= this)
+  static constexpr int kBlockM = kBlockM_;    // queries per block: the N of S^T and dP^T
+  static constexpr int kBlockN = 128;         // keys per CTA: 64 per warpgroup (wgmma M)
+  static constexpr int kNThreads = 256;       // two warpgroups
+  static constexpr int kChunksPerRow = kHeadDim / 8;  // 16-byte chunks of a Q, K, V, dO row
+
+  static constexpr int kNTilesS = kBlockM / 8;   // n8 tiles of S^T, dP^T (columns = queries)
+  static constexpr int kNTilesD = kHeadDim / 8;  // n8 tiles of dK, dV
+  // dQ split between the warpgroups: by rows (each 64 queries x d) or by columns (64 x d / 2).
+  static constexpr bool kDqSplitRows = kBlockM == 128;
+  static constexpr int kDqN = kDqSplitRows ? kHeadDim : kHeadDim / 2;
+  static constexpr int kNTilesDq = kDqN / 8;
+
+  // Shared memory (bytes), each tile 1024-byte aligned: K, V (kBlockN x d), kStages x Q, kStages x
+  // dO (kBlockM x d), dS^T (kBlockN x kBlockM), then lse and D (kStages x kBlockM floats each).
+  static constexpr int kStages = 2;
+  static constexpr int kSmemKV = kBlockN * kHeadDim * 2;
+  static constexpr int kSmemQ = kBlockM * kHeadDim * 2;
+  static constexpr int kSmemDS = kBlockN * kBlockM * 2;
+  static constexpr int kSmemTiles = 2 * kSmemKV + 2 * kStages * kSmemQ + kSmemDS;
+  static constexpr int kSmemAlign = 1024;  // slack to align the dynamic base
+  static constexpr size_t kSmemBytes =
+      size_t(kSmemTiles + 2 * kStages * kBlockM * sizeof(float) + kSmemAlign);
+
+  // The sm80 dK/dV tile whose dq_accum fragment order (dq_accum_add) this kernel's atomics follow,
+  // so that the sm80 postprocess reads it back: warps of 16 dQ rows x kDqN columns, numbered
+  // along the columns first.
+  using DqLayout = std::conditional_t<kDqSplitRows,
+                                      BwdTraits<Element, kHeadDim, 128, 128, 8, 4, 4, 8, 2, 2>,
+                                      BwdTraits<Element, kHeadDim, 64, 128, 8, 2, 4, 4, 2, 2>>;
+
+  static_assert(sizeof(Element) == 2, "16-bit elements");
+  static_assert(kHeadDim == 64 || kHeadDim == 128, "wgmma N of dK, dV: head-dim bucket 64 or 128");
+  static_assert(kBlockM == 64 || kBlockM == 128, "wgmma N of S^T: kBlockM 64 or 128");
+  static_assert(kDqN == 64 || kDqN == 128, "dQ columns per warpgroup: whole 64-column panels");
+  static_assert(DqLayout::kdQFragsPerWarp == kNTilesDq && DqLayout::kdQWarpD == kDqN,
+                "dq_accum fragment order of the postprocess");
+};
+
+template <typename Traits, bool kIsCausal>
+__global__ void __launch_bounds__(Traits::kNThreads, 1)
+    flash_bwd_dk_dv_sm90_kernel(const __grid_constant__ BwdParams p) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using Element = typename Traits::Element;
+  constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN;
+  constexpr int kHeadDim = Traits::kHeadDim, kStages = Traits::kStages;
+  constexpr int kNTilesS = Traits::kNTilesS, kNTilesD = Traits::kNTilesD;
+  constexpr int kNTilesDq = Traits::kNTilesDq;
+  constexpr int kSmemQ = Traits::kSmemQ;
+
+  // (128: the alignment the sm80 kernels of this translation unit declare; the base is aligned
+  // up to 1024 bytes by hand.)
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  const uint32_t smem_raw_addr = smem_addr(smem_raw);
+  const uint32_t smem_k =
+      (smem_raw_addr + Traits::kSmemAlign - 1) & ~uint32_t(Traits::kSmemAlign - 1);
+  const uint32_t smem_v = smem_k + Traits::kSmemKV;
+  const uint32_t smem_q = smem_v + Traits::kSmemKV;       // kStages buffers
+  const uint32_t smem_do = smem_q + kStages * kSmemQ;     // kStages buffers
+  const uint32_t smem_ds = smem_do + kStages * kSmemQ;    // dS^T
+  const uint32_t smem_lse = smem_ds + Traits::kSmemDS;    // kStages x kBlockM floats
+  const uint32_t smem_dsum = smem_lse + kStages * kBlockM * sizeof(float);
+  auto generic = [&](uint32_t addr) { return smem_raw + (addr - smem_raw_addr); };
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int wg = warp / 4;               // warpgroup: keys [64 wg, 64 wg + 64) of the block
+  const int g = lane / 4, t = lane % 4;  // accumulator row group and column pair
+  const int h = blockIdx.y, b = blockIdx.z;
+  // This CTA's keys, query-block range and pointers (flash_bwd_kernel.cuh).
+  const BwdKeyTile<Element, kIsCausal> tile(p, blockIdx.x, h, b, kBlockM, kBlockN, kHeadDim);
+  if (tile.empty()) return;
+  const SeqInfo& seq = tile.seq;
+  const int n0 = tile.n0;
+  const ScoreMask<kIsCausal> mask{seq.seqlen_k, tile.causal_offset};
+  const int warp_row = wg * 64 + (warp % 4) * 16;  // first key (row of S^T, dK, dV) of the warp
+
+  float acc_dk[kNTilesD][4], acc_dv[kNTilesD][4];  // dS^T Q (scaled at the end), P^T dO
+#pragma unroll
+  for (int nt = 0; nt < kNTilesD; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc_dk[nt][e] = acc_dv[nt][e] = 0.f;
+
+  // cp.async of query block m_block (Q, dO, lse, D) into stage `stage`; the caller commits.
+  auto load_query_block = [&](int m_block, int stage) {
+    const int m0 = m_block * kBlockM;
+    load_tile_sw128<Traits, kBlockM>(smem_q + stage * kSmemQ, tile.q + m0 * p.q_row_stride,
+                                     p.q_row_stride, seq.seqlen_q - m0, p.head_dim, tid);
+    load_tile_sw128<Traits, kBlockM>(smem_do + stage * kSmemQ, tile.dout + m0 * p.do_row_stride,
+                                     p.do_row_stride, seq.seqlen_q - m0, p.head_dim, tid);
+    load_lse_dsum(smem_lse + stage * kBlockM * 4, smem_dsum + stage * kBlockM * 4, tile.lse,
+                  tile.dsum, m0, kBlockM, seq.seqlen_q, tid);
+  };
+  if (tile.m_begin < tile.m_blocks) {
+    load_tile_sw128<Traits, kBlockN>(smem_k, tile.k, p.k_row_stride, seq.seqlen_k - n0,
+                                     p.head_dim, tid);
+    load_tile_sw128<Traits, kBlockN>(smem_v, tile.v, p.v_row_stride, seq.seqlen_k - n0,
+                                     p.head_dim, tid);
+    load_query_block(tile.m_begin, 0);
+    cp_async_commit();
+  }
+
+  // Descriptors (ptx_sm90.cuh); k16 step kk of the head dim: panel kk / 4, 32 bytes per step in it.
+  //   K, V: this warpgroup's 64 keys, the A operand of S^T, dP^T (K-major).
+  //   Q, dO (stage 0): the B operand of S^T, dP^T (K-major, N = queries), and of dK, dV (MN-major:
+  //     K = queries, 16 per 2048 bytes; N = head dim, the next 64 columns one panel further).
+  //   dQ: A = dS (M = queries, K = keys) from the dS^T tile (MN-major, 16 keys per 2048 bytes):
+  //     this warpgroup's 64 queries (one panel) or all 64; B = K (K = keys, N = head dim, MN-major):
+  //     all columns or this warpgroup's 64-column panel.
+  const uint64_t desc_k = smem_desc_sw128(smem_k + wg * 64 * 128, 16, 1024);
+  const uint64_t desc_v = smem_desc_sw128(smem_v + wg * 64 * 128, 16, 1024);
+  const uint64_t desc_q_kmajor = smem_desc_sw128(smem_q, 16, 1024);
+  const uint64_t desc_do_kmajor = smem_desc_sw128(smem_do, 16, 1024);
+  const uint64_t desc_q_mnmajor = smem_desc_sw128(smem_q, kBlockM * 128, 1024);
+  const uint64_t desc_do_mnmajor = smem_desc_sw128(smem_do, kBlockM * 128, 1024);
+  constexpr bool kDqSplitRows = Traits::kDqSplitRows;
+  const uint64_t desc_ds =
+      smem_desc_sw128(smem_ds + (kDqSplitRows ? wg * kBlockN * 128 : 0), kBlockN * 128, 1024);
+  const uint64_t desc_k_dq =
+      smem_desc_sw128(smem_k + (kDqSplitRows ? 0 : wg * kBlockN * 128), kBlockN * 128, 1024);
+  auto kstep_offset = [](int kk, int rows) { return (kk / 4) * rows * 128 + (kk % 4) * 32; };
+
+  // This warp's dQ fragments in dq_accum (Traits::DqLayout order) and its first dQ column.
+  const int dq_warp = kDqSplitRows ? warp : 2 * (warp % 4) + wg;
+  const int dq_col0 = kDqSplitRows ? 0 : wg * Traits::kDqN;
+
+  uint32_t p_frag[kBlockM / 16][4], ds_frag[kBlockM / 16][4];  // P^T, dS^T packed (A layout)
+#pragma unroll 1
+  for (int m_block = tile.m_begin; m_block < tile.m_blocks; ++m_block) {
+    const int it = m_block - tile.m_begin, stage = it % kStages;
+    const int m0 = m_block * kBlockM;
+    const uint32_t stage_off = stage * kSmemQ;  // descriptor advance to this block's Q, dO
+    cp_async_wait<0>();
+    fence_proxy_async_shared();  // this thread's cp.async writes -> visible to wgmma
+    __syncthreads();  // the block's Q, dO, lse, D (and K, V) have landed; every warpgroup's wgmmas
+                      // of the previous block (reading the other stage and dS^T) have completed
+    if (m_block + 1 < tile.m_blocks) {
+      load_query_block(m_block + 1, stage ^ 1);
+      cp_async_commit();
+    }
+
+    // S^T = K Q^T and dP^T = V dO^T: (64 keys x kBlockM queries) per warpgroup, fp32, one
+    // commit group each (A: K or V, B: Q or dO of this stage).
+    float acc_s[kNTilesS][4], acc_dp[kNTilesS][4];
+    auto issue_scores_t = [&](float(&acc)[kNTilesS][4], uint64_t desc_a, uint64_t desc_b) {
+#pragma unroll
+      for (int kk = 0; kk < kHeadDim / 16; ++kk)
+        wgmma_ss<Element, kBlockM>(acc, desc_advance(desc_a, kstep_offset(kk, kBlockN)),
+                                   desc_advance(desc_b, stage_off + kstep_offset(kk, kBlockM)),
+                                   kk > 0);
+      wgmma_commit();
+    };
+    wgmma_fence();
+    issue_scores_t(acc_s, desc_k, desc_q_kmajor);
+    issue_scores_t(acc_dp, desc_v, desc_do_kmajor);
+    wgmma_wait<1>();  // S^T is done; dP^T may still run
+    fence_registers(acc_s);
+
+    // Mask (keys past the sequence end; causal: keys after the query's diagonal), then
+    // P^T = exp2(S^T scale log2(e) - ref) with ref = lse log2(e) of the column's query (+inf for
+    // a query past the sequence end or one that sees no key: P = 0).
+    if (mask.needed(m0, n0, kBlockN)) mask.apply_transposed(acc_s, n0 + warp_row, m0, g, t);
+    const float* lse_s = reinterpret_cast<const float*>(generic(smem_lse)) + stage * kBlockM;
+    const float* dsum_s = reinterpret_cast<const float*>(generic(smem_dsum)) + stage * kBlockM;
+#pragma unroll
+    for (int nt = 0; nt < kNTilesS; ++nt) {
+      const int col = nt * 8 + 2 * t;  // this thread's two queries: col, col + 1
+      const float2 lse2 = *reinterpret_cast<const float2*>(lse_s + col);
+      const float ref[2] = {lse_reference(lse2.x, m0 + col < seq.seqlen_q),
+                            lse_reference(lse2.y, m0 + col + 1 < seq.seqlen_q)};
+#pragma unroll
+      for (int e = 0; e < 4; ++e)
+        acc_s[nt][e] = fast_exp2(fmaf(acc_s[nt][e], p.scale_log2, -ref[e % 2]));
+    }
+    wgmma_wait<0>();  // dP^T is done
+    fence_registers(acc_dp);
+
+    // dS^T = P^T (dP^T - D), D per query column (0 past the sequence end). Pack P^T and dS^T: the
+    // D layout of n8 tiles 2 ks, 2 ks + 1 is the A layout of k16 step ks (16 queries).
+#pragma unroll
+    for (int nt = 0; nt < kNTilesS; ++nt) {
+      const float2 dsum2 = *reinterpret_cast<const float2*>(dsum_s + nt * 8 + 2 * t);
+#pragma unroll
+      for (int e = 0; e < 4; ++e)
+        acc_dp[nt][e] = acc_s[nt][e] * (acc_dp[nt][e] - (e % 2 ? dsum2.y : dsum2.x));
+    }
+#pragma unroll
+    for (int ks = 0; ks < kBlockM / 16; ++ks) {
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {  // n8 tile 2 ks + half: a[2 half] row g, a[2 half + 1] g + 8
+        p_frag[ks][2 * half] = pack2<Element>(acc_s[2 * ks + half][0], acc_s[2 * ks + half][1]);
+        p_frag[ks][2 * half + 1] = pack2<Element>(acc_s[2 * ks + half][2], acc_s[2 * ks + half][3]);
+        ds_frag[ks][2 * half] = pack2<Element>(acc_dp[2 * ks + half][0], acc_dp[2 * ks + half][1]);
+        ds_frag[ks][2 * half + 1] =
+            pack2<Element>(acc_dp[2 * ks + half][2], acc_dp[2 * ks + half][3]);
+      }
+    }
+
+    // dV += P^T dO and dK += dS^T Q: A from registers, one wgmma per k16 step of queries.
+    fence_registers(p_frag);
+    fence_registers(ds_frag);
+    fence_registers(acc_dv);
+    fence_registers(acc_dk);
+    wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < kBlockM / 16; ++ks)
+      wgmma_rs<Element, kHeadDim>(acc_dv, p_frag[ks],
+                                  desc_advance(desc_do_mnmajor, stage_off + ks * 16 * 128));
+#pragma unroll
+    for (int ks = 0; ks < kBlockM / 16; ++ks)
+      wgmma_rs<Element, kHeadDim>(acc_dk, ds_frag[ks],
+                                  desc_advance(desc_q_mnmajor, stage_off + ks * 16 * 128));
+    wgmma_commit();
+
+    if (!p.deterministic) {
+      // dS^T to shared memory (keys x queries, swizzled) while dV, dK run: rows g, g + 8 of the
+      // warp, columns 16 ks + 8 half + 2 t, straight from the packed A fragments.
+      unsigned char* ds_tile = generic(smem_ds);
+#pragma unroll
+      for (int ks = 0; ks < kBlockM / 16; ++ks)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int row = warp_row + (e % 2) * 8 + g, col = ks * 16 + (e / 2) * 8 + 2 * t;
+          *reinterpret_cast<uint32_t*>(ds_tile + sw128_offset<kBlockN>(row, col)) = ds_frag[ks][e];
+        }
+      fence_proxy_async_shared();  // this thread's dS^T writes -> visible to wgmma
+      __syncthreads();             // dS^T of all 128 keys is in shared memory
+
+      // dQ = dS K over the block's 128 keys (unscaled; the postprocess scales), this warpgroup's
+      // part, added to the query block's tile of dq_accum. Rows past the sequence end add 0 to
+      // padding rows; fragments of columns >= d are skipped.
+      float acc_dq[kNTilesDq][4];
+      wgmma_fence();
+#pragma unroll
+      for (int ks = 0; ks < kBlockN / 16; ++ks)
+        wgmma_ss<Element, Traits::kDqN, true, true>(acc_dq, desc_advance(desc_ds, ks * 16 * 128),
+                                                    desc_advance(desc_k_dq, ks * 16 * 128), ks > 0);
+      wgmma_commit();
+      wgmma_wait<0>();  // dV, dK and dQ are done
+      fence_registers(acc_dq);
+      float* accum = tile.dq_accum + int64_t(m0) * kHeadDim + dq_warp * kNTilesDq * 128;
+#pragma unroll
+      for (int nt = 0; nt < kNTilesDq; ++nt)
+        if (dq_col0 + nt * 8 < p.head_dim) dq_accum_add(accum + nt * 128, lane, acc_dq[nt]);
+    } else {
+      wgmma_wait<0>();  // dV, dK are done (dQ: the deterministic dQ kernel)
+    }
+    fence_registers(acc_dv);
+    fence_registers(acc_dk);
+    fence_registers(p_frag);
+    fence_registers(ds_frag);
+  }
+
+  // Epilogue: dK = scale dS^T Q and dV staged in the K and V tiles (every warpgroup is done with
+  // them), then written out with 16-byte stores. Key rows past seqused_k (padding) get zeros.
+  __syncthreads();
+  unsigned char* dk_tile = generic(smem_k);
+  unsigned char* dv_tile = generic(smem_v);
+#pragma unroll
+  for (int nt = 0; nt < kNTilesD; ++nt)
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const uint32_t off = sw128_offset<kBlockN>(warp_row + half * 8 + g, nt * 8 + 2 * t);
+      *reinterpret_cast<uint32_t*>(dk_tile + off) =
+          pack2<Element>(acc_dk[nt][2 * half] * p.softmax_scale,
+                         acc_dk[nt][2 * half + 1] * p.softmax_scale);
+      *reinterpret_cast<uint32_t*>(dv_tile + off) =
+          pack2<Element>(acc_dv[nt][2 * half], acc_dv[nt][2 * half + 1]);
+    }
+  __syncthreads();
+  store_tile_sw128<Traits, kBlockN>(tile.dk, p.dk_row_stride, dk_tile, seq.rows_k - n0,
+                                    p.head_dim, tid);
+  store_tile_sw128<Traits, kBlockN>(tile.dv, p.dv_row_stride, dv_tile, seq.rows_k - n0,
+                                    p.head_dim, tid);
+#else
+  __trap();  // compiled for an arch without wgmma: the launcher never selects this kernel there
+#endif
+}
+
+}  // namespace flashjit

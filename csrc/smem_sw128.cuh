@@ -1,0 +1,60 @@
+// smem_sw128.cuh: shared-memory tiles in the 128-byte swizzled layout that wgmma reads (see
+// ptx_sm90.cuh): a tile of kRows rows x C 16-bit columns is C / 64 panels of (kRows x 128 bytes),
+// chunk c of row r of a panel at chunk c ^ (r % 8). Used by the sm90 kernels.
+#pragma once
+
+#include <cstdint>
+
+#include "attention_common.cuh"
+#include "ptx.cuh"
+
+namespace flashjit {
+
+// Byte offset of element (row, col) in a swizzled tile of kRows rows (col a multiple of 8 for a
+// 16-byte chunk; the offset of any col is that of its chunk + (col % 8) * 2).
+template <int kRows>
+__device__ __forceinline__ uint32_t sw128_offset(int row, int col) {
+  return (col / 64) * kRows * 128 + row * 128 + ((((col % 64) / 8) ^ (row % 8)) * 16) +
+         (col % 8) * 2;
+}
+
+// Copy a (kRows x kHeadDim) tile from global memory (row stride `row_stride` elements) into a
+// swizzled shared tile with cp.async; rows >= rows_valid and columns >= d are zero-filled. Thread
+// tid copies column chunk tid % kChunksPerRow of rows tid / kChunksPerRow + i * kRowStep (< kRows):
+// since kRowStep is a multiple of 8, the swizzle of its chunk is the same in every row it copies.
+template <typename Traits, int kRows>
+__device__ __forceinline__ void load_tile_sw128(uint32_t smem, const typename Traits::Element* gmem,
+                                                int64_t row_stride, int rows_valid, int d, int tid) {
+  constexpr int kRowStep = Traits::kNThreads / Traits::kChunksPerRow;
+  const int row0 = tid / Traits::kChunksPerRow, col = (tid % Traits::kChunksPerRow) * 8;
+  const typename Traits::Element* src = gmem + row0 * row_stride + col;
+  const uint32_t dst = smem + sw128_offset<kRows>(row0, col);
+#pragma unroll
+  for (int i = 0; i < ceil_div(kRows, kRowStep); ++i) {
+    if (kRows % kRowStep == 0 || row0 + i * kRowStep < kRows) {
+      const bool valid = row0 + i * kRowStep < rows_valid && col < d;
+      cp_async_16(dst + i * kRowStep * 128, valid ? src + i * kRowStep * row_stride : gmem, valid);
+    }
+  }
+}
+
+// Copy a swizzled (kRows x kHeadDim) shared tile to global memory (row stride `row_stride`
+// elements) with 16-byte stores: rows < rows_valid, columns < d.
+template <typename Traits, int kRows>
+__device__ __forceinline__ void store_tile_sw128(typename Traits::Element* gmem, int64_t row_stride,
+                                                 const unsigned char* smem, int rows_valid, int d,
+                                                 int tid) {
+  constexpr int kChunks = kRows * Traits::kChunksPerRow;
+  static_assert(kChunks % Traits::kNThreads == 0, "whole passes");
+#pragma unroll
+  for (int i = 0; i < kChunks / Traits::kNThreads; ++i) {
+    const int idx = i * Traits::kNThreads + tid;
+    const int row = idx / Traits::kChunksPerRow, col = (idx % Traits::kChunksPerRow) * 8;
+    if (row < rows_valid && col < d) {
+      *reinterpret_cast<uint4*>(gmem + row * row_stride + col) =
+          *reinterpret_cast<const uint4*>(smem + sw128_offset<kRows>(row, col));
+    }
+  }
+}
+
+}  // namespace flashjit
