@@ -6,7 +6,7 @@
 #   4. benchmarks (JIT costs, peers, the original FlashAttention README benchmark, long
 #      sequences), results under $OUT/results/<gpu>/
 # Usage (on the device): bash benchmarks/device_run.sh [steps...]
-#   steps: build test test80 sanitize profile sweep overhead jit peers original long
+#   steps: build test test80 sanitize profile sweep kernels overhead jit peers original long
 #   (default: build test sanitize jit peers)
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -45,6 +45,10 @@ for step in $STEPS; do
       grep RESULT "$OUT/profile.txt" ;;
     sweep)
       timeout 400 python3 benchmarks/tile_sweep.py ${SWEEP:-128,64,4,2} 2>&1 | tee "$OUT/sweep.log" ;;
+    kernels)  # per-kernel GPU times, flashjit vs SDPA flash (diagnostic)
+      for cfg in "--d 128 --causal" "--d 128" "--d 64 --causal" "--d 64"; do
+        timeout 120 python3 benchmarks/kernel_times.py --seqlen ${KERNELS_SEQLEN:-1024} $cfg 2>&1
+      done | tee "$OUT/kernel_times.log" | grep "us$" ;;
     overhead)
       timeout 300 python3 benchmarks/bench_overhead.py 2>&1 | tee "$OUT/overhead.md" ;;
     jit)

@@ -1,12 +1,16 @@
-"""Forward tile sweep: time the forward kernel with other tile shapes, without editing csrc/.
+"""Tile sweep: time the forward kernel with other tile shapes without editing csrc/, or the
+backward of other csrc/ trees.
 
     python benchmarks/tile_sweep.py "128,64,4,2" "128,64,8,2" "64,64,4,2" "sm90:64,2,2"
+    python benchmarks/tile_sweep.py "bwd:csrc" "bwd:/tmp/other/csrc"
 
 An sm80-family variant (kBlockM, kBlockN, warps, min CTAs per SM) replaces the d <= 128 tile
 choice of csrc/flash_fwd_launch.cuh (and runs with FLASHJIT_KERNEL_FAMILY=sm80); an sm90-family
 variant "sm90:kBlockN,min CTAs per SM,warpgroups" defines FLASHJIT_SM90_BLOCK_N /
 FLASHJIT_SM90_MIN_BLOCKS / FLASHJIT_SM90_WARPGROUPS in csrc/flash_fwd_sm90_launch.cuh (both head
-dims). Each variant is built from a copy of csrc/
+dims). A "bwd:DIR" variant times the backward (default kernel family) built from the csrc tree DIR
+(relative to the repo root or absolute): A/B of kernel versions in one run. Each variant is
+built from a copy of csrc/
 (FLASHJIT_CSRC_DIR) and timed in its own process (each variant is its own build, and two builds of
 one spec cannot share a process). bf16, d 64 and 128, 16k tokens, hidden 2048. Used to pick the
 tiles; the numbers go to the notes, not the README.
@@ -45,6 +49,32 @@ for d in (64, 128):
 """
 
 
+# Backward only (the forward runs once, outside the timing), bf16; the error is max |dq - SDPA's|.
+CHILD_BWD = r"""
+import sys, torch
+sys.path.insert(0, sys.argv[1] + "/benchmarks")
+import flashjit
+from common import bench_ms, attention_flops
+for d in (64, 128):
+    for seqlen in (1024, 4096, 16384):
+        for causal in (False, True):
+            b, h = 16384 // seqlen, 2048 // d
+            q, k, v = (torch.randn(b, seqlen, h, d, device="cuda", dtype=torch.bfloat16,
+                                   requires_grad=True) for _ in range(3))
+            dout = torch.randn_like(q)
+            out = flashjit.flash_attn_func(q, k, v, causal=causal)
+            ms = bench_ms(lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True), 5, 20)
+            tf = attention_flops(b, h, seqlen, seqlen, d, causal, "bwd") / ms / 1e9
+            (dq,) = torch.autograd.grad(out, q, dout)
+            qt, kt, vt = (x.detach().transpose(1, 2).requires_grad_() for x in (q, k, v))
+            ref = torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
+            (dq_ref,) = torch.autograd.grad(ref, qt, dout.transpose(1, 2))
+            err = (dq - dq_ref.transpose(1, 2)).abs().max().item()
+            print(f"d{d} s{seqlen} causal={int(causal)} {tf:.1f} (err {err:.2g})", flush=True)
+            del q, k, v, out, dout
+"""
+
+
 def _patch(path: Path, pattern: str, replacement: str) -> None:
     text, count = re.subn(pattern, replacement, path.read_text())
     assert count == 1, f"{pattern!r} not found in {path.name}"
@@ -57,7 +87,15 @@ def main():
             csrc = Path(tmp) / "csrc"
             shutil.copytree(ROOT / "csrc", csrc)
             env = dict(os.environ, FLASHJIT_CSRC_DIR=str(csrc))
-            if variant.startswith("sm90:"):
+            child = CHILD
+            if variant.startswith("bwd:"):
+                shutil.rmtree(csrc)
+                shutil.copytree(ROOT / variant[4:], csrc)
+                child = CHILD_BWD
+                subprocess.run([sys.executable, "-m", "flashjit.prebuild", "--kernel", "fwd", "bwd",
+                                "--dtype", "bf16", "--head-dim", "64", "128", "--causal", "both",
+                                "--dropout", "no", "--jobs", "16"], env=env, capture_output=True)
+            elif variant.startswith("sm90:"):
                 n, mb, wg = (int(x) for x in variant[5:].split(","))
                 _patch(csrc / "flash_fwd_sm90_launch.cuh", r"#ifdef FLASHJIT_SM90_BLOCK_N\n",
                        f"#define FLASHJIT_SM90_BLOCK_N {n}\n#define FLASHJIT_SM90_MIN_BLOCKS {mb}\n"
@@ -68,7 +106,7 @@ def main():
                        r"using Big = FwdTraits<Element, kHeadDim, 128, 64, 4, 2>;",
                        f"using Big = FwdTraits<Element, kHeadDim, {m}, {n}, {w}, {mb}>;")
                 env["FLASHJIT_KERNEL_FAMILY"] = "sm80"
-            out = subprocess.run([sys.executable, "-c", CHILD, str(ROOT)], env=env,
+            out = subprocess.run([sys.executable, "-c", child, str(ROOT)], env=env,
                                  capture_output=True, text=True)
             lines = [ln for ln in out.stdout.splitlines() if ln.startswith("d")]
             print(f"variant {variant}: " + ("  ".join(lines) if lines else out.stderr[-1500:]),

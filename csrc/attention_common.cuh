@@ -160,6 +160,10 @@ struct FwdTile {
     if constexpr (kIsCausal) n_end = min(n_end, max(0, m0 + block_m + causal_offset));
     n_blocks = ceil_div(n_end, block_n);
   }
+  // The CTA's own tile: grid (query blocks, heads, batch), heavier (later) query blocks first,
+  // since with causal masking they have the most keys.
+  __device__ FwdTile(const FwdParams& p, int block_m, int block_n)
+      : FwdTile(p, gridDim.x - 1 - blockIdx.x, blockIdx.y, blockIdx.z, block_m, block_n) {}
   __device__ bool empty() const { return m0 >= seq.seqlen_q; }  // past this sequence's end
   // O at row m0, and lse at row m0 (computed late: registers are scarce in the main loop).
   __device__ Element* out(const FwdParams& p) const {

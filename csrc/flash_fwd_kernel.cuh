@@ -36,11 +36,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSM)
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int g = lane / 4, t = lane % 4;  // mma fragment row group and column pair
-  // Heavier (later) query blocks first: with causal masking they have the most keys.
-  const int m_block = gridDim.x - 1 - blockIdx.x;
-  const int h = blockIdx.y, b = blockIdx.z;
-  // This CTA's sequence, pointers and key-block range (attention_common.cuh).
-  const FwdTile<Element, kIsCausal> tile(p, m_block, h, b, kBlockM, kBlockN);
+  // This CTA's query block, sequence, pointers and key-block range (attention_common.cuh).
+  const FwdTile<Element, kIsCausal> tile(p, kBlockM, kBlockN);
   if (tile.empty()) return;
   const SeqInfo& seq = tile.seq;
   const int m0 = tile.m0, n_blocks = tile.n_blocks;
@@ -62,8 +59,9 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSM)
     row_sum[mt][0] = row_sum[mt][1] = 0.f;
   }
 
-  DropoutMask dropout = kHasDropout ? DropoutMask(p.dropout, b, h, p.heads, p.seqlen_q, p.seqlen_k)
-                                    : DropoutMask();
+  DropoutMask dropout = kHasDropout
+                            ? DropoutMask(p.dropout, tile.b, tile.h, p.heads, p.seqlen_q, p.seqlen_k)
+                            : DropoutMask();
   const int rows_q = min(kBlockM, seq.seqlen_q - m0);
   // K/V tile n_block -> shared buffer `stage` (one cp.async group with the caller's commit).
   auto load_kv = [&](int n_block, int stage) {

@@ -71,11 +71,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSM)
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int wg = warp / 4;                // warpgroup: query rows [64 wg, 64 wg + 64) of the tile
   const int g = lane / 4, t = lane % 4;  // accumulator row group and column pair
-  // Heavier (later) query blocks first: with causal masking they have the most keys.
-  const int m_block = gridDim.x - 1 - blockIdx.x;
-  const int h = blockIdx.y, b = blockIdx.z;
-  // This CTA's sequence, pointers and key-block range (attention_common.cuh).
-  const FwdTile<Element, kIsCausal> tile(p, m_block, h, b, kBlockM, kBlockN);
+  // This CTA's query block, sequence, pointers and key-block range (attention_common.cuh).
+  const FwdTile<Element, kIsCausal> tile(p, kBlockM, kBlockN);
   if (tile.empty()) return;
   const SeqInfo& seq = tile.seq;
   const int m0 = tile.m0, n_blocks = tile.n_blocks;
@@ -98,22 +95,20 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSM)
 #pragma unroll
     for (int e = 0; e < 4; ++e) acc_s[0][nt][e] = 0.f;
 
-  DropoutMask dropout = kHasDropout ? DropoutMask(p.dropout, b, h, p.heads, p.seqlen_q, p.seqlen_k)
-                                    : DropoutMask();
+  DropoutMask dropout = kHasDropout
+                            ? DropoutMask(p.dropout, tile.b, tile.h, p.heads, p.seqlen_q, p.seqlen_k)
+                            : DropoutMask();
   const int rows_q = min(kBlockM, seq.seqlen_q - m0);
   // Key blocks are processed from the last to the first (the masked ones come first): iteration
   // `it` works on block n_blocks - 1 - it. Its K tile goes to K stage it % 2, its V tile to V
   // stage it % 2; one cp.async group (the caller commits) per call.
-  auto load_k = [&](int it) {
+  auto load_kv = [&](uint32_t smem, const Element* gmem, int64_t row_stride, int it) {
     const int n0 = (n_blocks - 1 - it) * kBlockN;
-    load_tile_sw128<Traits, kBlockN>(smem_k + (it % 2) * Traits::kSmemKV, k + n0 * p.k_row_stride,
-                                     p.k_row_stride, seq.seqlen_k - n0, p.head_dim, tid);
+    load_tile_sw128<Traits, kBlockN>(smem + (it % 2) * Traits::kSmemKV, gmem + n0 * row_stride,
+                                     row_stride, seq.seqlen_k - n0, p.head_dim, tid);
   };
-  auto load_v = [&](int it) {
-    const int n0 = (n_blocks - 1 - it) * kBlockN;
-    load_tile_sw128<Traits, kBlockN>(smem_v + (it % 2) * Traits::kSmemKV, v + n0 * p.v_row_stride,
-                                     p.v_row_stride, seq.seqlen_k - n0, p.head_dim, tid);
-  };
+  auto load_k = [&](int it) { load_kv(smem_k, k, p.k_row_stride, it); };
+  auto load_v = [&](int it) { load_kv(smem_v, v, p.v_row_stride, it); };
   if (n_blocks > 0) {
     load_tile_sw128<Traits, kBlockM>(smem_q, q, p.q_row_stride, rows_q, p.head_dim, tid);
     load_k(0);
