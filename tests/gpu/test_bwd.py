@@ -136,6 +136,20 @@ def test_bwd_deterministic_is_bitwise_reproducible():
         q, k, v, causal=True, deterministic=True))
 
 
+def test_bwd_with_lse_in_the_loss():
+    """lse has no gradient: a loss that also uses it gets exactly the gradients of out alone (the
+    backward receives no lse gradient, not a materialised zero one)."""
+    q, k, v = (_leaf(2, 300, 4, 64, dtype=torch.float16) for _ in range(3))
+    dout = torch.randn_like(q)
+    out = flashjit.flash_attn_func(q, k, v, causal=True, deterministic=True)
+    expected = torch.autograd.grad(out, (q, k, v), dout)
+    out, lse = flashjit.flash_attn_func(q, k, v, causal=True, deterministic=True, return_lse=True)
+    assert not lse.requires_grad
+    loss = (out.float() * dout.float()).sum() + lse.sum()
+    for a, b in zip(torch.autograd.grad(loss, (q, k, v)), expected):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("causal", [False, True])
