@@ -1,5 +1,6 @@
-// attention_common.cuh: device helpers shared by the forward and backward kernels (sm80 family):
-// where a sequence lives (fixed length or varlen), the cp.async tile loader, and the score mask.
+// attention_common.cuh: device helpers shared by the forward and backward kernels of both families:
+// where a sequence lives (fixed length or varlen), the cp.async tile loader (padded tiles, sm80
+// family), the score mask, a forward CTA's tile and the online softmax.
 #pragma once
 
 #include <cmath>

@@ -17,6 +17,8 @@
 //                  so gradients are bitwise reproducible.
 // Rows that see no key have lse = -inf; they get P = 0 (their exp2 reference is +inf) and so
 // contribute nothing and get dQ = 0.
+// The sm90 family (flash_bwd_sm90_kernel.cuh) replaces kernel 2 and uses the rest of this file
+// as it is: BwdKeyTile, the preprocess, the postprocess and the deterministic dQ kernel.
 #pragma once
 
 #include <cmath>
