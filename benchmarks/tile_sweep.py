@@ -2,14 +2,16 @@
 backward of other csrc/ trees.
 
     python benchmarks/tile_sweep.py "128,64,4,2" "128,64,8,2" "64,64,4,2" "sm90:64,2,2"
-    python benchmarks/tile_sweep.py "bwd:csrc" "bwd:/tmp/other/csrc"
+    python benchmarks/tile_sweep.py "bwd:csrc" "bwd:/tmp/other/csrc" "bwd-dropout:csrc"
 
 An sm80-family variant (kBlockM, kBlockN, warps, min CTAs per SM) replaces the d <= 128 tile
 choice of csrc/flash_fwd_launch.cuh (and runs with FLASHJIT_KERNEL_FAMILY=sm80); an sm90-family
 variant "sm90:kBlockN,min CTAs per SM,warpgroups" defines FLASHJIT_SM90_BLOCK_N /
 FLASHJIT_SM90_MIN_BLOCKS / FLASHJIT_SM90_WARPGROUPS in csrc/flash_fwd_sm90_launch.cuh (both head
 dims). A "bwd:DIR" variant times the backward (default kernel family) built from the csrc tree DIR
-(relative to the repo root or absolute): A/B of kernel versions in one run. Each variant is
+(relative to the repo root or absolute): A/B of kernel versions in one run; "bwd-dropout:DIR"
+does the same with dropout_p 0.1 (FLASHJIT_KERNEL_FAMILY=sm80 in the environment compares the
+mma.sync family). Each variant is
 built from a copy of csrc/
 (FLASHJIT_CSRC_DIR) and timed in its own process (each variant is its own build, and two builds of
 one spec cannot share a process). bf16, d 64 and 128, 16k tokens, hidden 2048. Used to pick the
@@ -49,7 +51,8 @@ for d in (64, 128):
 """
 
 
-# Backward only (the forward runs once, outside the timing), bf16; the error is max |dq - SDPA's|.
+# Backward only (the forward runs once, outside the timing), bf16; the error is max |dq - SDPA's|
+# (not meaningful with dropout: SDPA's reference has none).
 CHILD_BWD = r"""
 import sys, torch
 sys.path.insert(0, sys.argv[1] + "/benchmarks")
@@ -62,7 +65,8 @@ for d in (64, 128):
             q, k, v = (torch.randn(b, seqlen, h, d, device="cuda", dtype=torch.bfloat16,
                                    requires_grad=True) for _ in range(3))
             dout = torch.randn_like(q)
-            out = flashjit.flash_attn_func(q, k, v, causal=causal)
+            p = float(sys.argv[2])
+            out = flashjit.flash_attn_func(q, k, v, causal=causal, dropout_p=p)
             ms = bench_ms(lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True), 5, 20)
             tf = attention_flops(b, h, seqlen, seqlen, d, causal, "bwd") / ms / 1e9
             (dq,) = torch.autograd.grad(out, q, dout)
@@ -87,14 +91,16 @@ def main():
             csrc = Path(tmp) / "csrc"
             shutil.copytree(ROOT / "csrc", csrc)
             env = dict(os.environ, FLASHJIT_CSRC_DIR=str(csrc))
-            child = CHILD
-            if variant.startswith("bwd:"):
+            child, child_args = CHILD, []
+            if variant.startswith(("bwd:", "bwd-dropout:")):
+                kind, tree = variant.split(":", 1)
                 shutil.rmtree(csrc)
-                shutil.copytree(ROOT / variant[4:], csrc)
-                child = CHILD_BWD
+                shutil.copytree(ROOT / tree, csrc)
+                child, child_args = CHILD_BWD, ["0.1" if kind == "bwd-dropout" else "0.0"]
                 subprocess.run([sys.executable, "-m", "flashjit.prebuild", "--kernel", "fwd", "bwd",
                                 "--dtype", "bf16", "--head-dim", "64", "128", "--causal", "both",
-                                "--dropout", "no", "--jobs", "16"], env=env, capture_output=True)
+                                "--dropout", "yes" if kind == "bwd-dropout" else "no",
+                                "--jobs", "16"], env=env, capture_output=True)
             elif variant.startswith("sm90:"):
                 n, mb, wg = (int(x) for x in variant[5:].split(","))
                 _patch(csrc / "flash_fwd_sm90_launch.cuh", r"#ifdef FLASHJIT_SM90_BLOCK_N\n",
@@ -106,7 +112,7 @@ def main():
                        r"using Big = FwdTraits<Element, kHeadDim, 128, 64, 4, 2>;",
                        f"using Big = FwdTraits<Element, kHeadDim, {m}, {n}, {w}, {mb}>;")
                 env["FLASHJIT_KERNEL_FAMILY"] = "sm80"
-            out = subprocess.run([sys.executable, "-c", child, str(ROOT)], env=env,
+            out = subprocess.run([sys.executable, "-c", child, str(ROOT)] + child_args, env=env,
                                  capture_output=True, text=True)
             lines = [ln for ln in out.stdout.splitlines() if ln.startswith("d")]
             print(f"variant {variant}: " + ("  ".join(lines) if lines else out.stderr[-1500:]),

@@ -2,7 +2,7 @@
 //
 // The spec's defines pick the one instantiation compiled here: FLASHJIT_DTYPE_FP16 /
 // FLASHJIT_DTYPE_BF16, FLASHJIT_HEAD_DIM (bucket), FLASHJIT_IS_CAUSAL, FLASHJIT_HAS_DROPOUT, and
-// FLASHJIT_BWD_FAMILY_SM90=1 for the Hopper (wgmma) family (no dropout), else the sm80 family.
+// FLASHJIT_BWD_FAMILY_SM90=1 for the Hopper (wgmma) family, else the sm80 family.
 // Also holds the dropout-mask test kernel. Torch-free. Compile check by hand, e.g.:
 //   nvcc -c -std=c++17 -O3 --use_fast_math --expt-relaxed-constexpr -Xptxas=-v \
 //        -gencode=arch=compute_90a,code=sm_90a -DFLASHJIT_DTYPE_BF16=1 -DFLASHJIT_HEAD_DIM=128 \
@@ -20,9 +20,9 @@ namespace flashjit {
 
 const char* bwd_run(const BwdParams& params, void* stream) {
 #if FLASHJIT_BWD_FAMILY_SM90
-  static_assert(!spec::kHasDropout, "the sm90 backward has no dropout: the sm80 family serves it");
-  const cudaError_t err = run_bwd_sm90<spec::Element, spec::kHeadDim, spec::kIsCausal>(
-      params, static_cast<cudaStream_t>(stream));
+  const cudaError_t err =
+      run_bwd_sm90<spec::Element, spec::kHeadDim, spec::kIsCausal, spec::kHasDropout>(
+          params, static_cast<cudaStream_t>(stream));
 #else
   const cudaError_t err =
       run_bwd<spec::Element, spec::kHeadDim, spec::kIsCausal, spec::kHasDropout>(

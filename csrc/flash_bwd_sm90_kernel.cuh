@@ -16,13 +16,18 @@
 //                                    K as an MN-major B; added to dq_accum with fp32 atomics.
 // dQ (kBlockM x d) needs the dS of all 128 keys, so both warpgroups meet at a barrier first and
 // then split it: by query rows (64 each) when kBlockM = 128, by head-dim columns (64 each) when
-// kBlockM = 64. No dropout: the sm80 family serves it. All tiles are 128-byte swizzled
-// (smem_sw128.cuh).
+// kBlockM = 64. All tiles are 128-byte swizzled (smem_sw128.cuh).
+// Dropout: the keep mask is the one of dropout.cuh, defined on the mma C layout of the untransposed
+// scores (one Philox call per lane and m16 x n8 tile). Each lane computes, for every tile its warp
+// covers (kBlockM / 16 query tiles x 2 key tiles), the call of the lane with its own index, and
+// then fetches the bits of its transposed elements from the two lanes that hold them (two shuffles
+// per word): the same Philox cost as the untransposed kernels.
 #pragma once
 
 #include <type_traits>
 
 #include "attention_common.cuh"
+#include "dropout.cuh"
 #include "flash_bwd_kernel.cuh"
 #include "flash_params.h"
 #include "ptx.cuh"
@@ -73,7 +78,37 @@ struct BwdSm90Traits {
                 "dq_accum fragment order of the postprocess");
 };
 
-template <typename Traits, bool kIsCausal>
+// Keep bits of the dropout mask for a warp's transposed scores (keys x queries): after compute(),
+// get(nt, e) is 1 iff element e of n8 tile nt of the thread's S^T accumulator is kept.
+template <int kBlockM>
+struct TransposedKeepBits {
+  static constexpr int kTilesQ = kBlockM / 16;        // m16 tiles of queries
+  using Bits = TileKeepBits<kTilesQ, 2>;              // x 2 n8 tiles of the warp's 16 keys
+  uint32_t words[2][Bits::kWords];                    // the tiles' bits of lane 4 (2t + c) + g / 2
+
+  // Queries from m0, the warp's keys from key0 (a multiple of 16), both within the sequence.
+  __device__ __forceinline__ void compute(const DropoutMask& drop, int m0, int key0, int lane) {
+    Bits own;  // this lane's Philox calls for every tile of the warp, as lane (lane / 4, lane % 4)
+    own.compute(drop, m0 / 16, key0 / 8, lane / 4, lane % 4);
+    // Element (query 8 nt + 2 t + c, key g + 8 h) of S^T is, untransposed, element
+    // 2 (nt % 2) + g % 2 of lane (2 t + c, g / 2) of tile (nt / 2, h).
+    const int g = lane / 4, t = lane % 4;
+#pragma unroll
+    for (int c = 0; c < 2; ++c)
+#pragma unroll
+      for (int w = 0; w < Bits::kWords; ++w)
+        words[c][w] = __shfl_sync(0xffffffffu, own.words[w], 4 * (2 * t + c) + g / 2);
+    g_odd = g % 2;
+  }
+  __device__ __forceinline__ uint32_t get(int nt, int e) const {
+    const int idx = (nt / 2) * 2 + e / 2;  // tile (query tile nt / 2, key tile h = e / 2)
+    const int bit = 4 * (idx % 8) + 2 * (nt % 2) + g_odd;
+    return (words[e % 2][idx / 8] >> bit) & 1u;
+  }
+  int g_odd;
+};
+
+template <typename Traits, bool kIsCausal, bool kHasDropout>
 __global__ void __launch_bounds__(Traits::kNThreads, 1)
     flash_bwd_dk_dv_sm90_kernel(const __grid_constant__ BwdParams p) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -109,6 +144,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   const int n0 = tile.n0;
   const ScoreMask<kIsCausal> mask{seq.seqlen_k, tile.causal_offset};
   const int warp_row = wg * 64 + (warp % 4) * 16;  // first key (row of S^T, dK, dV) of the warp
+  DropoutMask drop;
+  if constexpr (kHasDropout) drop = DropoutMask(p.dropout, b, h, p.heads, p.seqlen_q, p.seqlen_k);
 
   float acc_dk[kNTilesD][4], acc_dv[kNTilesD][4];  // dS^T Q (scaled at the end), P^T dO
 #pragma unroll
@@ -174,6 +211,9 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
       cp_async_commit();
     }
 
+    TransposedKeepBits<kBlockM> keep;  // dropout, ahead of the register peak
+    if constexpr (kHasDropout) keep.compute(drop, m0, n0 + warp_row, lane);
+
     // S^T = K Q^T and dP^T = V dO^T: (64 keys x kBlockM queries) per warpgroup, fp32, one
     // commit group each (A: K or V, B: Q or dO of this stage).
     float acc_s[kNTilesS][4], acc_dp[kNTilesS][4];
@@ -210,14 +250,23 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
     wgmma_wait<0>();  // dP^T is done
     fence_registers(acc_dp);
 
-    // dS^T = P^T (dP^T - D), D per query column (0 past the sequence end). Pack P^T and dS^T: the
+    // dS^T = P^T (dP^T Z - D), D per query column (0 past the sequence end); with dropout mask Z
+    // (kept entries scaled by 1 / keep_prob), P^T becomes P^T Z for dV. Pack P^T and dS^T: the
     // D layout of n8 tiles 2 ks, 2 ks + 1 is the A layout of k16 step ks (16 queries).
 #pragma unroll
     for (int nt = 0; nt < kNTilesS; ++nt) {
       const float2 dsum2 = *reinterpret_cast<const float2*>(dsum_s + nt * 8 + 2 * t);
 #pragma unroll
-      for (int e = 0; e < 4; ++e)
-        acc_dp[nt][e] = acc_s[nt][e] * (acc_dp[nt][e] - (e % 2 ? dsum2.y : dsum2.x));
+      for (int e = 0; e < 4; ++e) {
+        const float pe = acc_s[nt][e];
+        float dpe = acc_dp[nt][e];
+        if constexpr (kHasDropout) {
+          const bool kept = keep.get(nt, e);
+          dpe = kept ? dpe * drop.inv_keep_prob : 0.f;
+          acc_s[nt][e] = kept ? pe * drop.inv_keep_prob : 0.f;
+        }
+        acc_dp[nt][e] = pe * (dpe - (e % 2 ? dsum2.y : dsum2.x));
+      }
     }
 #pragma unroll
     for (int ks = 0; ks < kBlockM / 16; ++ks) {

@@ -26,12 +26,12 @@ struct BwdSm90Tile {
 
 // The whole backward: preprocess (D, zero dq_accum); the wgmma dK/dV kernel (+ atomic dQ) and the
 // dQ postprocess; or, with p.deterministic, the dK/dV kernel then the sm80 dQ kernel.
-template <typename Element, int kHeadDim, bool kIsCausal>
+template <typename Element, int kHeadDim, bool kIsCausal, bool kHasDropout>
 cudaError_t run_bwd_sm90(const BwdParams& p, cudaStream_t stream) {
   using Traits = BwdSm90Traits<Element, kHeadDim, BwdSm90Tile<kHeadDim>::kBlockM>;
   cudaError_t err = launch_bwd_preprocess<Element, kHeadDim>(p, stream);
   if (err != cudaSuccess) return err;
-  auto kernel = flash_bwd_dk_dv_sm90_kernel<Traits, kIsCausal>;
+  auto kernel = flash_bwd_dk_dv_sm90_kernel<Traits, kIsCausal, kHasDropout>;
   err = set_smem(kernel, Traits::kSmemBytes);
   if (err != cudaSuccess) return err;
   // Grid: (key blocks, heads, batch); with causal masking the first key blocks see the most
@@ -40,7 +40,8 @@ cudaError_t run_bwd_sm90(const BwdParams& p, cudaStream_t stream) {
   kernel<<<grid, Traits::kNThreads, Traits::kSmemBytes, stream>>>(p);
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  if (p.deterministic) return launch_bwd_dq<BwdDqTile<Element, kHeadDim>, kIsCausal, false>(p, stream);
+  if (p.deterministic)
+    return launch_bwd_dq<BwdDqTile<Element, kHeadDim>, kIsCausal, kHasDropout>(p, stream);
   return launch_bwd_postprocess<typename Traits::DqLayout>(p, stream);
 }
 

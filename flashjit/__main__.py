@@ -18,32 +18,16 @@ def _mib(n: int) -> str:
 
 def _families(kernel: str, arch: str) -> str:
     """Which kernel family ``kernel`` (fwd or bwd) uses on ``arch``, per head-dim bucket, e.g.
-    'sm90 (wgmma) at head dims 64, 128; sm80 (mma.sync) otherwise', or for the backward, whose
-    dropout specs are sm80, 'sm90 (wgmma) at head dims 64, 128 without dropout; sm80 (mma.sync)
-    with dropout and at other head dims'."""
+    'sm90 (wgmma) at head dims 64, 128; sm80 (mma.sync) otherwise'."""
     from .jit.spec import HEAD_DIM_BUCKETS, JitSpec
 
-    def sm90_buckets(dropout: bool) -> list[int]:
-        return [d for d in HEAD_DIM_BUCKETS
-                if JitSpec(kernel, arch, "bf16", d, dropout=dropout).family == "sm90"]
-
     try:
-        plain, with_dropout = sm90_buckets(False), sm90_buckets(True)
+        sm90 = [d for d in HEAD_DIM_BUCKETS if JitSpec(kernel, arch, "bf16", d).family == "sm90"]
     except ValueError as err:  # a bad FLASHJIT_KERNEL_FAMILY
         return f"unknown: {err}"
-    if not plain and not with_dropout:
+    if not sm90:
         return "sm80 (mma.sync)"
-    if plain == with_dropout:
-        return f"sm90 (wgmma) at head dims {_join(plain)}; sm80 (mma.sync) otherwise"
-    if not with_dropout:
-        return (f"sm90 (wgmma) at head dims {_join(plain)} without dropout; sm80 (mma.sync) "
-                "with dropout and at other head dims")
-    return (f"sm90 (wgmma) at head dims {_join(plain)} without dropout, {_join(with_dropout)} "
-            "with dropout; sm80 (mma.sync) otherwise")
-
-
-def _join(head_dims: list[int]) -> str:
-    return ", ".join(map(str, head_dims))
+    return f"sm90 (wgmma) at head dims {', '.join(map(str, sm90))}; sm80 (mma.sync) otherwise"
 
 
 def info() -> int:

@@ -23,7 +23,7 @@ BWD_ROW_PAD = 128
 
 def attention_spec(kernel: str, q: Tensor, causal: bool, dropout: bool) -> JitSpec:
     """The JIT spec that serves an attention call on q's device, dtype and head dim. Its kernel
-    family follows from these (spec.default_family: kernel, arch, head dim and dropout) and
+    family follows from these (spec.default_family: kernel, arch and head dim) and
     FLASHJIT_KERNEL_FAMILY, whose bad values raise ValueError naming it."""
     return JitSpec(
         kernel=kernel,
@@ -38,7 +38,7 @@ def attention_spec(kernel: str, q: Tensor, causal: bool, dropout: bool) -> JitSp
 # (kernel, device index, dtype, head dim, causal, dropout) -> the spec's op. Resolved once per
 # process (environment overrides included: arch list, FLASHJIT_KERNEL_FAMILY), so a call costs
 # one dict lookup, not a spec build. The key determines the spec: the arch follows from the
-# device and the family from kernel, arch, head dim, dropout and the environment.
+# device and the family from kernel, arch, head dim and the environment.
 _resolved: dict = {}
 
 

@@ -79,7 +79,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--family", choices=KERNEL_FAMILIES,
                    help="sm80: mma.sync for every spec; sm90: wgmma where it exists (on sm90a: "
                         f"fwd at head dims {', '.join(map(str, SM90_FWD_HEAD_DIMS))}, bwd "
-                        f"without dropout at head dims {', '.join(map(str, SM90_BWD_HEAD_DIMS))}), "
+                        f"at head dims {', '.join(map(str, SM90_BWD_HEAD_DIMS))}), "
                         "sm80 elsewhere (default: as FLASHJIT_KERNEL_FAMILY, else sm90)")
     p.add_argument("--jobs", "-j", type=int, default=None,
                    help="builds at once (default: min(CPUs, available memory / 4 GB))")
@@ -104,19 +104,16 @@ def specs_from_args(args: argparse.Namespace) -> list[JitSpec]:
             attention, arches, args.dtype, head_dims, _CHOICES[args.causal], _CHOICES[args.dropout]
         ):
             specs.append(JitSpec(kernel, arch, dtype, head_dim, causal, dropout,
-                                 _family(args.family, kernel, arch, head_dim, dropout)))
+                                 _family(args.family, kernel, arch, head_dim)))
     specs += [JitSpec(k) for k in args.kernel if KERNELS[k].cpu_only]
     return list(dict.fromkeys(specs))
 
 
-def _family(choice: str | None, kernel: str, arch: str, head_dim: int,
-            dropout: bool) -> str | None:
-    """--family for one spec: like FLASHJIT_KERNEL_FAMILY, sm90 is a preference (dropout in the
-    backward and other head dims have only sm80); None leaves it to JitSpec (environment, then
-    default)."""
+def _family(choice: str | None, kernel: str, arch: str, head_dim: int) -> str | None:
+    """--family for one spec: like FLASHJIT_KERNEL_FAMILY, sm90 is a preference (other head dims
+    and archs have only sm80); None leaves it to JitSpec (environment, then default)."""
     if choice == "sm90":
-        # arch and head_dim are normal here
-        return default_family(kernel, arch, head_dim, dropout)
+        return default_family(kernel, arch, head_dim)  # arch and head_dim are normal here
     return choice
 
 

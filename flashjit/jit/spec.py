@@ -6,8 +6,8 @@ and the readable name that also names the op namespace and the cache folder, e.g
 ``fwd_sm80_bf16_hd128_causal`` or ``fwd_sm90a_bf16_hd128_causal_wgmma``.
 
 Kernel families: ``sm80`` (mma.sync) serves every CUDA spec; ``sm90`` (Hopper wgmma) serves, on
-sm90a, the forward at the head-dim buckets in SM90_FWD_HEAD_DIMS and the backward without dropout
-at those in SM90_BWD_HEAD_DIMS, and is the default there.
+sm90a, the forward at the head-dim buckets in SM90_FWD_HEAD_DIMS and the backward at those in
+SM90_BWD_HEAD_DIMS, with and without dropout, and is the default there.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from .paths import csrc_dir
 
 HEAD_DIM_BUCKETS = (32, 64, 96, 128, 160, 192, 224, 256)
 SM90_FWD_HEAD_DIMS = (64, 128)  # head-dim buckets the sm90 (wgmma) forward serves
-SM90_BWD_HEAD_DIMS = (64, 128)  # ... and the sm90 backward (without dropout: that stays sm80)
+SM90_BWD_HEAD_DIMS = (64, 128)  # ... and the sm90 backward
 DTYPES = ("fp16", "bf16")
 _DTYPE_ALIASES = {
     "fp16": "fp16", "float16": "fp16", "half": "fp16", "torch.float16": "fp16",
@@ -63,9 +63,9 @@ def head_dim_bucket(d: int) -> int:
     return next(b for b in HEAD_DIM_BUCKETS if b >= d)
 
 
-def default_family(kernel: str, arch: str, head_dim_bucket: int, dropout: bool = False) -> str:
+def default_family(kernel: str, arch: str, head_dim_bucket: int) -> str:
     """The kernel family a spec gets by default: ``sm90`` (wgmma) on exactly ``sm90a`` for the
-    forward at a bucket in SM90_FWD_HEAD_DIMS and for the backward without dropout at a bucket in
+    forward at a bucket in SM90_FWD_HEAD_DIMS and for the backward at a bucket in
     SM90_BWD_HEAD_DIMS, else ``sm80`` (mma.sync).
 
     A binary for several archs (``sm80-sm90a``) is sm80: one family must serve all its archs.
@@ -75,7 +75,7 @@ def default_family(kernel: str, arch: str, head_dim_bucket: int, dropout: bool =
         return "sm80"
     if kernel == "fwd" and head_dim_bucket in SM90_FWD_HEAD_DIMS:
         return "sm90"
-    if kernel == "bwd" and head_dim_bucket in SM90_BWD_HEAD_DIMS and not dropout:
+    if kernel == "bwd" and head_dim_bucket in SM90_BWD_HEAD_DIMS:
         return "sm90"
     return "sm80"
 
@@ -150,7 +150,7 @@ class JitSpec:
 
     def _resolve_family(self) -> str:
         """The family of a CUDA spec whose other fields are normalised (see the class doc)."""
-        default = default_family(self.kernel, self.arch, self.head_dim, self.dropout)
+        default = default_family(self.kernel, self.arch, self.head_dim)
         if self.family is None:
             # FLASHJIT_KERNEL_FAMILY is a preference: sm80 forces mma.sync; sm90 changes nothing,
             # since the default already picks sm90 wherever it exists.
@@ -160,9 +160,9 @@ class JitSpec:
         if self.family == "sm90" and default != "sm90":
             raise ValueError(
                 f"family 'sm90' (wgmma) serves only arch 'sm90a': kernel 'fwd' at head-dim "
-                f"buckets {SM90_FWD_HEAD_DIMS} and kernel 'bwd' without dropout at head-dim "
-                f"buckets {SM90_BWD_HEAD_DIMS}; got kernel {self.kernel!r}, arch {self.arch!r}, "
-                f"head-dim bucket {self.head_dim}, dropout {self.dropout}"
+                f"buckets {SM90_FWD_HEAD_DIMS} and kernel 'bwd' at head-dim buckets "
+                f"{SM90_BWD_HEAD_DIMS}; got kernel {self.kernel!r}, arch {self.arch!r}, "
+                f"head-dim bucket {self.head_dim}"
             )
         return self.family
 

@@ -42,8 +42,8 @@ def test_dispatcher_maps_tensors_to_specs(monkeypatch):
     q = torch.empty(1, 8, 2, 256, dtype=torch.float16)
     assert ops.attention_spec("bwd", q, causal=False, dropout=True).name == \
         "bwd_sm80_fp16_hd256_dropout"
-    # Hopper: at head dims 64 and 128 the forward is the wgmma family, and so is the backward
-    # without dropout; the backward with dropout is mma.sync.
+    # Hopper: at head dims 64 and 128 the forward and the backward are the wgmma family, with
+    # and without dropout.
     monkeypatch.setenv("FLASHJIT_CUDA_ARCH_LIST", "9.0")
     q = torch.empty(1, 8, 2, 120, dtype=torch.bfloat16)
     assert ops.attention_spec("fwd", q, causal=True, dropout=False).name == \
@@ -51,7 +51,7 @@ def test_dispatcher_maps_tensors_to_specs(monkeypatch):
     assert ops.attention_spec("bwd", q, causal=True, dropout=False).name == \
         "bwd_sm90a_bf16_hd128_causal_wgmma"
     assert ops.attention_spec("bwd", q, causal=True, dropout=True).name == \
-        "bwd_sm90a_bf16_hd128_causal_dropout"
+        "bwd_sm90a_bf16_hd128_causal_dropout_wgmma"
     assert ops.attention_spec("bwd", q[..., :96], causal=False, dropout=False).name == \
         "bwd_sm90a_bf16_hd96"
     monkeypatch.setenv("FLASHJIT_KERNEL_FAMILY", "sm80")

@@ -69,8 +69,8 @@ def test_compile_only_real_kernels(kernel, source, dtype, head_dim, causal, tmp_
                      id="fwd_sm90a_fp16_hd64_dropout_wgmma"),
         pytest.param(JitSpec("bwd", "sm90a", "bf16", 128, causal=True, family="sm90"),
                      id="bwd_sm90a_bf16_hd128_causal_wgmma"),
-        pytest.param(JitSpec("bwd", "sm90a", "fp16", 64, family="sm90"),
-                     id="bwd_sm90a_fp16_hd64_wgmma"),
+        pytest.param(JitSpec("bwd", "sm90a", "fp16", 64, dropout=True, family="sm90"),
+                     id="bwd_sm90a_fp16_hd64_dropout_wgmma"),
     ],
 )
 def test_compile_only_sm90_family(spec, tmp_path):

@@ -27,7 +27,10 @@ from flashjit.prebuild import _parser, specs_from_args
         (JitSpec("bwd", "sm90a", "bf16", 128, causal=True, family="sm90"),
          "bwd_sm90a_bf16_hd128_causal_wgmma"),
         (JitSpec("bwd", "sm90a", "bf16", 128, family="sm80"), "bwd_sm90a_bf16_hd128"),
-        (JitSpec("bwd", "sm90a", "fp16", 64, dropout=True), "bwd_sm90a_fp16_hd64_dropout"),
+        (JitSpec("bwd", "sm90a", "fp16", 64, dropout=True, family="sm90"),
+         "bwd_sm90a_fp16_hd64_dropout_wgmma"),
+        (JitSpec("bwd", "sm90a", "fp16", 64, dropout=True, family="sm80"),
+         "bwd_sm90a_fp16_hd64_dropout"),
         (JitSpec("bwd", "sm90a", "bf16", 96), "bwd_sm90a_bf16_hd96"),
         (JitSpec("fwd", "sm80", "fp16", 64), "fwd_sm80_fp16_hd64"),
         (JitSpec("bwd", "sm86", "bf16", 256, causal=True, dropout=True),
@@ -85,8 +88,8 @@ def test_spec_rejects_bad_fields(kwargs):
         ("fwd", "sm90a", 256, False, "sm80"),
         ("bwd", "sm90a", 64, False, "sm90"),
         ("bwd", "sm90a", 128, False, "sm90"),
-        ("bwd", "sm90a", 64, True, "sm80"),  # the wgmma backward has no dropout
-        ("bwd", "sm90a", 128, True, "sm80"),
+        ("bwd", "sm90a", 64, True, "sm90"),  # the wgmma backward has dropout too
+        ("bwd", "sm90a", 128, True, "sm90"),
         ("bwd", "sm90a", 96, False, "sm80"),
         ("bwd", "sm90a", 256, False, "sm80"),
         ("bwd", "sm80", 128, False, "sm80"),
@@ -97,9 +100,7 @@ def test_spec_rejects_bad_fields(kwargs):
     ],
 )
 def test_default_family(kernel, arch, bucket, dropout, family):
-    assert default_family(kernel, arch, bucket, dropout) == family
-    if not dropout:
-        assert default_family(kernel, arch, bucket) == family  # dropout defaults to False
+    assert default_family(kernel, arch, bucket) == family
     spec = JitSpec(kernel, arch, "bf16", bucket, dropout=dropout)
     assert spec.family == family
     assert spec.name.endswith("_wgmma") == (family == "sm90")
@@ -116,7 +117,7 @@ def test_kernel_family_env(monkeypatch):
     monkeypatch.setenv("FLASHJIT_KERNEL_FAMILY", "sm90")  # a preference: sm80 where no sm90
     assert JitSpec(**hopper).family == "sm90"
     assert JitSpec(**hopper_bwd).family == "sm90"
-    assert JitSpec(**hopper_bwd, dropout=True).family == "sm80"
+    assert JitSpec(**hopper_bwd, dropout=True).family == "sm90"
     assert JitSpec("bwd", "sm90a", "bf16", 96).family == "sm80"
     assert JitSpec("fwd", "sm80", "bf16", 128).family == "sm80"
     monkeypatch.setenv("FLASHJIT_KERNEL_FAMILY", "")  # empty: unset
@@ -130,14 +131,14 @@ def test_kernel_family_env(monkeypatch):
 
 @pytest.mark.parametrize(
     "kernel, arch, head_dim, dropout",
-    [("bwd", "sm90a", 128, True), ("bwd", "sm90a", 96, False), ("bwd", "sm80", 128, False),
+    [("bwd", "sm90a", 160, True), ("bwd", "sm90a", 96, False), ("bwd", "sm80", 128, False),
      ("bwd", "sm80-sm90a", 64, False), ("fwd", "sm80", 128, False),
      ("fwd", "sm80-sm90a", 64, False), ("fwd", "sm90a", 96, False), ("fwd", "sm90a", 256, False)],
 )
 def test_explicit_sm90_family_must_exist(kernel, arch, head_dim, dropout):
-    # the message states both rules: the forward's head dims, the backward's without dropout
+    # the message states both rules: the forward's head dims and the backward's
     with pytest.raises(ValueError, match=r"family 'sm90'.*'fwd' at head-dim buckets \(64, 128\) "
-                                         r"and kernel 'bwd' without dropout at head-dim buckets"):
+                                         r"and kernel 'bwd' at head-dim buckets"):
         JitSpec(kernel, arch, "bf16", head_dim, dropout=dropout, family="sm90")
 
 
@@ -176,7 +177,7 @@ def test_spec_defines_and_flags():
         assert wgmma.cuda_cflags(verbose=False)[-1] == family_define
     for sm80 in (spec, JitSpec("fwd", "sm90a", "bf16", 128, family="sm80"),
                  JitSpec("bwd", "sm90a", "bf16", 128, family="sm80"),
-                 JitSpec("bwd", "sm90a", "bf16", 128, dropout=True),
+                 JitSpec("bwd", "sm90a", "bf16", 128, dropout=True, family="sm80"),
                  JitSpec("bwd", "sm90a", "bf16", 96)):
         assert not any("FAMILY" in d for d in sm80.cuda_cflags(verbose=False)), sm80.name
     selftest = JitSpec("selftest")

@@ -9,14 +9,16 @@ import flashjit
 
 torch.manual_seed(0)
 # (64, fp16) and (128, bf16) run the sm90 family on sm90a; the deterministic call adds the dQ
-# kernel of that path.
-for dtype, d, causal, deterministic in [(torch.float16, 64, False, False),
-                                        (torch.bfloat16, 128, True, False),
-                                        (torch.bfloat16, 128, False, True)]:
+# kernel of that path, the last one dropout.
+for dtype, d, causal, deterministic, dropout_p in [(torch.float16, 64, False, False, 0.0),
+                                                   (torch.bfloat16, 128, True, False, 0.0),
+                                                   (torch.bfloat16, 128, False, True, 0.0),
+                                                   (torch.float16, 64, True, False, 0.2)]:
     q = torch.randn(1, 130, 2, d, device="cuda", dtype=dtype, requires_grad=True)
     k = torch.randn(1, 77, 1, d, device="cuda", dtype=dtype, requires_grad=True)
     v = torch.randn(1, 77, 1, d, device="cuda", dtype=dtype, requires_grad=True)
-    out = flashjit.flash_attn_func(q, k, v, causal=causal, deterministic=deterministic)
+    out = flashjit.flash_attn_func(q, k, v, causal=causal, deterministic=deterministic,
+                                   dropout_p=dropout_p)
     out.sum().backward()
 torch.cuda.synchronize()
 print("sanitize_small: ok")
