@@ -30,7 +30,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-CHILD = r"""
+# The child processes: a loop over bf16 configs (16k tokens, hidden 2048), timed with bench_ms.
+CHILD_LOOP = r"""
 import sys, torch
 sys.path.insert(0, sys.argv[1] + "/benchmarks")
 import flashjit
@@ -39,7 +40,9 @@ for d in (64, 128):
     for seqlen in (1024, 4096, 16384):
         for causal in (False, True):
             b, h = 16384 // seqlen, 2048 // d
-            q, k, v = (torch.randn(b, seqlen, h, d, device="cuda", dtype=torch.bfloat16)
+"""
+
+CHILD = CHILD_LOOP + r"""            q, k, v = (torch.randn(b, seqlen, h, d, device="cuda", dtype=torch.bfloat16)
                        for _ in range(3))
             ms = bench_ms(lambda: flashjit.flash_attn_func(q, k, v, causal=causal), 5, 20)
             tf = attention_flops(b, h, seqlen, seqlen, d, causal) / ms / 1e9
@@ -53,16 +56,7 @@ for d in (64, 128):
 
 # Backward only (the forward runs once, outside the timing), bf16; the error is max |dq - SDPA's|
 # (not meaningful with dropout: SDPA's reference has none).
-CHILD_BWD = r"""
-import sys, torch
-sys.path.insert(0, sys.argv[1] + "/benchmarks")
-import flashjit
-from common import bench_ms, attention_flops
-for d in (64, 128):
-    for seqlen in (1024, 4096, 16384):
-        for causal in (False, True):
-            b, h = 16384 // seqlen, 2048 // d
-            q, k, v = (torch.randn(b, seqlen, h, d, device="cuda", dtype=torch.bfloat16,
+CHILD_BWD = CHILD_LOOP + r"""            q, k, v = (torch.randn(b, seqlen, h, d, device="cuda", dtype=torch.bfloat16,
                                    requires_grad=True) for _ in range(3))
             dout = torch.randn_like(q)
             p = float(sys.argv[2])
