@@ -139,7 +139,8 @@ struct BwdTiles<Element, 256, kHasDropout> {
 
 // dQ kernel of the deterministic path: 64 query rows, 4 warps of 16 rows, in at most 99 KB for
 // every device (so one tile serves all); K and V double-buffered while two stages fit (d <= 160).
-// H100: 1.2-1.45x the time of the atomic path.
+// H100: 1.2-1.45x the time of the mma.sync atomic path (not re-timed against the sm90 family's,
+// which uses this kernel too).
 template <typename Element, int kHeadDim>
 using BwdDqTile =
     BwdDqTraits<Element, kHeadDim, 64, kHeadDim <= 64 ? 128 : kHeadDim <= 96 ? 64 : 32, 4,
