@@ -11,9 +11,31 @@
 
 namespace flashjit {
 
-constexpr float kLn2 = 0.69314718055994530942f;
-
 __host__ __device__ constexpr int ceil_div(int a, int b) { return (a + b - 1) / b; }
+
+// The grid of every attention kernel: x = the blocks of one (head, batch) pair, and the
+// heads * batch pairs numbered hb = h + heads * b over y and z, since CUDA caps gridDim.y and
+// gridDim.z at 65535 (x at 2^31 - 1). With heads * batch <= 65535 this is the (blocks, heads,
+// batch) grid it replaces, launched in the same order.
+constexpr int kMaxGridYZ = 65535;
+inline dim3 attention_grid(int blocks, int heads, int batch) {
+  const int64_t pairs = int64_t(heads) * batch;
+  const int64_t y = pairs < kMaxGridYZ ? pairs : kMaxGridYZ;
+  return dim3(unsigned(blocks), unsigned(y), unsigned((pairs + y - 1) / y));
+}
+
+// This CTA's (head, batch) pair of an attention_grid; `valid` is false for the few CTAs past the
+// last pair (y * z rounds heads * batch up), which must return at once.
+struct GridHeadBatch {
+  int h, b;
+  bool valid;
+  __device__ GridHeadBatch(int heads, int batch) {
+    const int64_t hb = blockIdx.y + int64_t(gridDim.y) * blockIdx.z;
+    valid = hb < int64_t(heads) * batch;
+    h = int(hb % heads);
+    b = int(hb / heads);
+  }
+};
 
 // Where one (batch, head) sequence lives, for fixed-length and varlen inputs alike.
 struct SeqInfo {
@@ -161,10 +183,10 @@ struct FwdTile {
     if constexpr (kIsCausal) n_end = min(n_end, max(0, m0 + block_m + causal_offset));
     n_blocks = ceil_div(n_end, block_n);
   }
-  // The CTA's own tile: grid (query blocks, heads, batch), heavier (later) query blocks first,
-  // since with causal masking they have the most keys.
-  __device__ FwdTile(const FwdParams& p, int block_m, int block_n)
-      : FwdTile(p, gridDim.x - 1 - blockIdx.x, blockIdx.y, blockIdx.z, block_m, block_n) {}
+  // The CTA's own tile of an attention_grid (query blocks, heads x batch), heavier (later) query
+  // blocks first, since with causal masking they have the most keys.
+  __device__ FwdTile(const FwdParams& p, const GridHeadBatch& hb, int block_m, int block_n)
+      : FwdTile(p, gridDim.x - 1 - blockIdx.x, hb.h, hb.b, block_m, block_n) {}
   __device__ bool empty() const { return m0 >= seq.seqlen_q; }  // past this sequence's end
   // O at row m0, and lse at row m0 (computed late: registers are scarce in the main loop).
   __device__ Element* out(const FwdParams& p) const {
@@ -179,13 +201,17 @@ struct FwdTile {
 };
 
 // One block of the online softmax, per row: m' = max(m, max_j s_j); l = l alpha + sum_j p_j with
-// p_j = exp2(s_j c - m' c), alpha = exp2((m - m') c), c = scale * log2(e); the scores become P in
+// p_j = exp2(s_j c - m' c), alpha = exp2(m c - m' c), c = scale * log2(e); the scores become P in
 // place and alpha is returned for the rescale of O (O *= alpha, rescale_rows), which the caller
-// may defer (the sm90 kernel does it once the previous P V has completed). Scores and the row
-// statistics are in the mma C layout (see ScoreMask::apply): each thread holds rows g and g + 8
-// of each m16 tile, and l is this thread's partial sum over its columns (quad_sum completes it at
-// the end). A row with no key yet keeps m' = -inf and uses 0 as its reference, so every exp2
-// argument is -inf (-> 0), never NaN.
+// may defer (the sm90 kernel does it once the previous P V has completed). Each exponent is
+// rn(s c) - rn(m' c), two separately rounded products (__fmul_rn: never contracted into one fma),
+// so that the row's maximum gets exactly exp2(0) = 1 however large the logits: an fma's
+// s c - rn(m' c) would leave the rounding error of rn(m' c), up to ~1e-3 at |m' c| ~ 1e4, in
+// every P. The backward recomputes P the same way from the lse this writes (finish_row).
+// Scores and the row statistics are in the mma C layout (see ScoreMask::apply): each thread
+// holds rows g and g + 8 of each m16 tile, and l is this thread's partial sum over its columns
+// (quad_sum completes it at the end). A row with no key yet keeps m' = -inf and uses 0 as its
+// reference, so every exp2 argument is -inf (-> 0), never NaN.
 template <int kMTiles, int kNTilesS>
 __device__ __forceinline__ void softmax_update(float (&acc_s)[kMTiles][kNTilesS][4],
                                                float (&row_max)[kMTiles][2],
@@ -200,15 +226,15 @@ __device__ __forceinline__ void softmax_update(float (&acc_s)[kMTiles][kNTilesS]
       for (int nt = 0; nt < kNTilesS; ++nt)
         mx = fmaxf(mx, fmaxf(acc_s[mt][nt][2 * half], acc_s[mt][nt][2 * half + 1]));
       mx = quad_max(mx);
-      const float ref = mx == -INFINITY ? 0.f : mx * scale_log2;
-      alpha[mt][half] = fast_exp2(row_max[mt][half] * scale_log2 - ref);
+      const float ref = mx == -INFINITY ? 0.f : __fmul_rn(mx, scale_log2);
+      alpha[mt][half] = fast_exp2(__fmul_rn(row_max[mt][half], scale_log2) - ref);
       row_max[mt][half] = mx;
       float sum = 0.f;
 #pragma unroll
       for (int nt = 0; nt < kNTilesS; ++nt)
 #pragma unroll
         for (int e = 2 * half; e < 2 * half + 2; ++e) {
-          acc_s[mt][nt][e] = fast_exp2(fmaf(acc_s[mt][nt][e], scale_log2, -ref));  // P
+          acc_s[mt][nt][e] = fast_exp2(__fmul_rn(acc_s[mt][nt][e], scale_log2) - ref);  // P
           sum += acc_s[mt][nt][e];
         }
       row_sum[mt][half] = row_sum[mt][half] * alpha[mt][half] + sum;
@@ -240,15 +266,28 @@ __device__ __forceinline__ void online_softmax_step(float (&acc_s)[kMTiles][kNTi
 }
 
 // The end of the online softmax for one row: l = the quad's sum of the row's partial sums;
-// O is scaled by inv_l = 1 / l, and lse = m c / log2(e) + ln(l). A row that saw no key (l = 0):
-// inv_l = 0 (O = 0) and lse = -inf.
+// O is scaled by inv_l = 1 / l, and lse, in log2 units (the kernels' convention: lse_log2 =
+// lse / ln(2) = log2 sum_j exp2(s_j c)), is rn(m c) + log2(l), the reference the backward
+// subtracts from rn(s c) to recompute P. A row that saw no key (l = 0): inv_l = 0 (O = 0) and
+// lse = -inf.
 struct RowResult {
-  float inv_l, lse;
+  float inv_l, lse_log2;
 };
 __device__ __forceinline__ RowResult finish_row(float row_max, float row_sum, float scale_log2) {
   const float l = quad_sum(row_sum);
   if (!(l > 0.f)) return {0.f, -INFINITY};
-  return {1.f / l, (row_max * scale_log2 + __log2f(l)) * kLn2};
+  return {1.f / l, __fmul_rn(row_max, scale_log2) + __log2f(l)};
+}
+
+// Two values of O packed as Element for the epilogue's pass `pass`: 0 gives round(O), 1 gives the
+// rounding residual O - round(O) (also rounded; round(O) + residual carries O to about twice the
+// Element's precision), which the backward adds back in D = rowsum(dO * O) (FwdParams::o_residual).
+template <typename Element>
+__device__ __forceinline__ uint32_t pack_out(float a, float b, int pass) {
+  const uint32_t rounded = pack2<Element>(a, b);
+  if (pass == 0) return rounded;
+  const float2 r = unpack2<Element>(rounded);
+  return pack2<Element>(a - r.x, b - r.y);
 }
 
 }  // namespace flashjit

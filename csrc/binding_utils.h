@@ -9,6 +9,7 @@
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
+#include "flash_api.h"
 #include "flash_params.h"
 
 // TORCH_LIBRARY through one more macro level, so that FLASHJIT_OP_NAMESPACE (a -D define) is
@@ -36,6 +37,26 @@ inline void set_strides(const at::Tensor& t, bool varlen, int64_t& batch_stride,
   batch_stride = varlen ? 0 : t.stride(0);
   row_stride = t.stride(varlen ? 0 : 1);
   head_stride = t.stride(varlen ? 1 : 2);
+}
+
+// The forward's rounding residual of out (FwdParams::o_residual), or nullptr: it is addressed
+// with out's strides, so it must have out's layout.
+inline void* residual_ptr(const std::optional<at::Tensor>& out_residual, const at::Tensor& out) {
+  if (!out_residual.has_value()) return nullptr;
+  TORCH_CHECK(out_residual->sizes() == out.sizes() && out_residual->strides() == out.strides() &&
+                  out_residual->dtype() == out.dtype(),
+              "flashjit: out_residual must have out's shape, strides and dtype");
+  return out_residual->data_ptr();
+}
+
+// Zeroes the rows of a varlen output (total, heads, d), contiguous, past cu_seqlens[batch].
+inline void zero_varlen_tail(const at::Tensor& x, const at::Tensor& cu_seqlens, int batch,
+                             int64_t stream) {
+  TORCH_CHECK(x.is_contiguous(), "flashjit: varlen outputs must be contiguous");
+  const char* err = zero_rows_past_end_run(x.data_ptr(), x.stride(0) * x.element_size(),
+                                           x.size(0), cu_seqlens.data_ptr<int>() + batch,
+                                           reinterpret_cast<void*>(stream));
+  TORCH_CHECK(err == nullptr, "flashjit: zeroing varlen rows past the last sequence failed: ", err);
 }
 
 // Dropout parameters; keep_threshold compares against a uniform 32-bit integer.

@@ -22,9 +22,10 @@ namespace {
 // (batch, seqlen_k, heads, d); varlen: (total, heads, d) each. lse float32 (batch, heads,
 // seqlen_q) or (heads, total_q). Scratch (float32, contiguous): dq_accum (batch, heads,
 // round_up(seqlen_q, 128), d_bucket) or (heads, total_q + 128 batch, d_bucket); dsum likewise
-// without the last dim.
+// without the last dim. out_residual (optional): the forward's O - round(O), with out's strides.
 void bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-         const at::Tensor& out, const at::Tensor& lse, const at::Tensor& dq, const at::Tensor& dk,
+         const at::Tensor& out, const std::optional<at::Tensor>& out_residual,
+         const at::Tensor& lse, const at::Tensor& dq, const at::Tensor& dk,
          const at::Tensor& dv, const at::Tensor& dq_accum, const at::Tensor& dsum,
          const std::optional<at::Tensor>& cu_seqlens_q,
          const std::optional<at::Tensor>& cu_seqlens_k,
@@ -48,6 +49,7 @@ void bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const
   p.k = k.data_ptr();
   p.v = v.data_ptr();
   p.o = out.data_ptr();
+  p.o_residual = residual_ptr(out_residual, out);
   p.dout = dout.data_ptr();
   p.lse = lse.data_ptr<float>();
   p.dq = dq.data_ptr();
@@ -94,6 +96,11 @@ void bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const
   p.causal_bottom_right = causal_bottom_right;
   p.deterministic = deterministic;
   p.dropout = make_dropout_params(rng_state, dropout_p);
+  if (varlen) {  // rows past the last sequence: zero, whatever the kernels below skip
+    zero_varlen_tail(dq, *cu_seqlens_q, p.batch, stream);
+    zero_varlen_tail(dk, *cu_seqlens_k, p.batch, stream);
+    zero_varlen_tail(dv, *cu_seqlens_k, p.batch, stream);
+  }
   if (p.batch == 0 || p.heads == 0) return;
   if (p.seqlen_q == 0 || p.seqlen_k == 0) {  // nothing attends: every gradient is zero
     dq.zero_();
@@ -124,7 +131,8 @@ void dropout_mask(const at::Tensor& mask, const at::Tensor& rng_state, int64_t b
 
 FLASHJIT_LIBRARY(FLASHJIT_OP_NAMESPACE, m) {
   m.def(
-      "bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor(a!) dq, "
+      "bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor? out_residual, "
+      "Tensor lse, Tensor(a!) dq, "
       "Tensor(b!) dk, Tensor(c!) dv, Tensor(d!) dq_accum, Tensor(e!) dsum, Tensor? cu_seqlens_q, "
       "Tensor? cu_seqlens_k, Tensor? seqused_k, int max_seqlen_q, int max_seqlen_k, "
       "float softmax_scale, bool causal_bottom_right, Tensor? rng_state, float dropout_p, "

@@ -2,6 +2,8 @@
 // Plain C++ (no torch, no CUDA headers): streams travel as void*, errors as a message string.
 #pragma once
 
+#include <cstdint>
+
 #include "flash_params.h"
 
 namespace flashjit {
@@ -9,6 +11,11 @@ namespace flashjit {
 // Each returns nullptr on success, else a static error string (from cudaGetErrorString).
 const char* fwd_run(const FwdParams& params, void* stream);
 const char* bwd_run(const BwdParams& params, void* stream);
+
+// Zeroes rows [*end_row, rows) of `rows` contiguous rows of `row_bytes` bytes (a multiple of 16):
+// the rows of a varlen output past cu_seqlens[batch] (varlen_tail.cuh; end_row is a device pointer).
+const char* zero_rows_past_end_run(void* x, int64_t row_bytes, int64_t rows, const int* end_row,
+                                   void* stream);
 
 // Test helper: the dropout keep mask (uint8, 1 = kept) of a fixed-length call into `mask`,
 // (batch, heads, seqlen_q, seqlen_k) contiguous. Defined in the backward translation unit.

@@ -4,7 +4,7 @@
 // FLASHJIT_DTYPE_BF16, FLASHJIT_HEAD_DIM (bucket), FLASHJIT_IS_CAUSAL, FLASHJIT_HAS_DROPOUT, and
 // FLASHJIT_BWD_FAMILY_SM90=1 for the Hopper (wgmma) family, else the sm80 family.
 // Also holds the dropout-mask test kernel. Torch-free. Compile check by hand, e.g.:
-//   nvcc -c -std=c++17 -O3 --use_fast_math --expt-relaxed-constexpr -Xptxas=-v \
+//   nvcc -c -O3 --use_fast_math --expt-relaxed-constexpr -Xptxas=-v \
 //        -gencode=arch=compute_90a,code=sm_90a -DFLASHJIT_DTYPE_BF16=1 -DFLASHJIT_HEAD_DIM=128 \
 //        -DFLASHJIT_IS_CAUSAL=1 -DFLASHJIT_HAS_DROPOUT=0 -Icsrc csrc/flash_bwd.cu
 #include "dropout.cuh"
@@ -15,6 +15,7 @@
 #include "flash_bwd_launch.cuh"
 #endif
 #include "spec_config.h"
+#include "varlen_tail.cuh"
 
 namespace flashjit {
 

@@ -302,11 +302,15 @@ __device__ __forceinline__ void store_tile(typename Traits::Element* gmem, int64
   }
 }
 
-// Per-row softmax reference of the backward: P = exp2(S scale_log2 - ref) with ref = lse log2(e).
-// A row that sees no key (lse = -inf) and a row past the sequence end get ref = +inf, so P = 0.
-__device__ __forceinline__ float lse_reference(float lse, bool row_valid) {
-  constexpr float kLog2e = 1.4426950408889634074f;
-  return !row_valid || lse == -INFINITY ? INFINITY : lse * kLog2e;
+// Per-row softmax reference of the backward: P = exp2(rn(S scale_log2) - ref) with ref = the
+// forward's lse in log2 units (finish_row), evaluated as the forward does (recompute_p), so that
+// a row's maximum gets P = 1 / l exactly. A row that sees no key (lse = -inf) and a row past the
+// sequence end get ref = +inf, so P = 0.
+__device__ __forceinline__ float lse_reference(float lse_log2, bool row_valid) {
+  return !row_valid || lse_log2 == -INFINITY ? INFINITY : lse_log2;
+}
+__device__ __forceinline__ float recompute_p(float s, float scale_log2, float ref) {
+  return fast_exp2(__fmul_rn(s, scale_log2) - ref);  // two roundings, never one fma
 }
 
 // dq_accum layout. Each query block's (kBlockM x kHeadDim) tile of the fp32 dQ accumulator is
@@ -409,8 +413,9 @@ __device__ __forceinline__ void load_lse_dsum(uint32_t smem_lse, uint32_t smem_d
 
 // ---------------------------------------------------------------------------------------------
 // 1. Preprocess: D_i = rowsum(dO_i * O_i) in fp32 for a block of kAccumPadRows rows (0 past the
-// sequence end), and, on the atomic path, zero the same rows of dq_accum (every column of the
-// bucket: the fragment-ordered tiles use them all).
+// sequence end), with O = round(O) + its rounding residual where the forward wrote one, and, on
+// the atomic path, zero the same rows of dq_accum (every column of the bucket: the
+// fragment-ordered tiles use them all).
 // ---------------------------------------------------------------------------------------------
 constexpr int kPreprocessThreads = 128;
 
@@ -425,7 +430,9 @@ __global__ void __launch_bounds__(kPreprocessThreads)
   static_assert(kAccumPadRows % kRowsPerPass == 0, "whole passes");
 
   const int tid = threadIdx.x;
-  const int h = blockIdx.y, b = blockIdx.z;
+  const GridHeadBatch hb(p.heads, p.batch);
+  if (!hb.valid) return;
+  const int h = hb.h, b = hb.b;
   const bool varlen = p.cu_seqlens_q != nullptr;
   const SeqInfo seq(p, b);
   const int m0 = blockIdx.x * kAccumPadRows;
@@ -439,6 +446,12 @@ __global__ void __launch_bounds__(kPreprocessThreads)
   const int64_t row0 = accum_row0(seq, b, varlen);
   float* dsum = p.dsum + (varlen ? 0 : b * p.dsum_batch_stride) + h * p.dsum_head_stride + row0;
 
+  // The residual, at o's offsets (same strides), or nullptr.
+  const Element* o_res = p.o_residual == nullptr
+                             ? nullptr
+                             : static_cast<const Element*>(p.o_residual) +
+                                   (o - static_cast<const Element*>(p.o));
+
   const int col = (tid % kGroup) * 8;  // this lane's 8 columns of its row
 #pragma unroll 1
   for (int row = m0 + tid / kGroup; row < m0 + kAccumPadRows; row += kRowsPerPass) {
@@ -446,11 +459,16 @@ __global__ void __launch_bounds__(kPreprocessThreads)
     if (row < seq.seqlen_q && col < p.head_dim) {
       const uint4 x = *reinterpret_cast<const uint4*>(dout + row * p.do_row_stride + col);
       const uint4 y = *reinterpret_cast<const uint4*>(o + row * p.o_row_stride + col);
+      const uint4 r = o_res == nullptr
+                          ? make_uint4(0u, 0u, 0u, 0u)
+                          : *reinterpret_cast<const uint4*>(o_res + row * p.o_row_stride + col);
       const uint32_t xs[4] = {x.x, x.y, x.z, x.w}, ys[4] = {y.x, y.y, y.z, y.w};
+      const uint32_t rs[4] = {r.x, r.y, r.z, r.w};
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         const float2 a = unpack2<Element>(xs[i]), c = unpack2<Element>(ys[i]);
-        sum = fmaf(a.x, c.x, fmaf(a.y, c.y, sum));
+        const float2 e = unpack2<Element>(rs[i]);
+        sum = fmaf(a.x, c.x + e.x, fmaf(a.y, c.y + e.y, sum));
       }
     }
 #pragma unroll
@@ -497,7 +515,9 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int g = lane / 4, t = lane % 4;  // mma fragment row group and column pair
-  const int h = blockIdx.y, b = blockIdx.z;
+  const GridHeadBatch hb(p.heads, p.batch);
+  if (!hb.valid) return;
+  const int h = hb.h, b = hb.b;
   // This CTA's keys, query-block range and pointers (BwdKeyTile).
   const BwdKeyTile<Element, kIsCausal> tile(p, blockIdx.x, h, b, kBlockM, kBlockN, kHeadDim);
   if (tile.empty()) return;
@@ -614,7 +634,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
         float pz[4], ds[4];
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const float pe = fast_exp2(fmaf(acc_s[mt][nt][e], p.scale_log2, -ref[mt][e / 2]));
+          const float pe = recompute_p(acc_s[mt][nt][e], p.scale_log2, ref[mt][e / 2]);
           float dpe = acc_dp[mt][nt][e];
           pz[e] = pe;
           if constexpr (kHasDropout) {
@@ -697,7 +717,9 @@ __global__ void __launch_bounds__(Traits::kNThreads)
   __shared__ __align__(16) Element smem_dq[kBlockM * kSmemRow];
 
   const int tid = threadIdx.x;
-  const int h = blockIdx.y, b = blockIdx.z;
+  const GridHeadBatch hb(p.heads, p.batch);
+  if (!hb.valid) return;
+  const int h = hb.h, b = hb.b;
   const bool varlen = p.cu_seqlens_q != nullptr;
   const SeqInfo seq(p, b);
   const int m0 = blockIdx.x * kBlockM;
@@ -752,7 +774,9 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kNWarps <= 4 ? 2 : 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int g = lane / 4, t = lane % 4;
   const int m_block = gridDim.x - 1 - blockIdx.x;  // heavier (later) query blocks first
-  const int h = blockIdx.y, b = blockIdx.z;
+  const GridHeadBatch hb(p.heads, p.batch);
+  if (!hb.valid) return;
+  const int h = hb.h, b = hb.b;
   const bool varlen = p.cu_seqlens_q != nullptr;
 
   SeqInfo seq(p, b);
@@ -862,7 +886,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kNWarps <= 4 ? 2 : 
         const uint32_t kept_bits = kHasDropout ? keep.get(mt, nt) : 0xfu;
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const float pe = fast_exp2(fmaf(acc_s[mt][nt][e], p.scale_log2, -ref[mt][e / 2]));
+          const float pe = recompute_p(acc_s[mt][nt][e], p.scale_log2, ref[mt][e / 2]);
           float dpe = acc_dp[mt][nt][e];
           if constexpr (kHasDropout) dpe = (kept_bits >> e) & 1u ? dpe * drop.inv_keep_prob : 0.f;
           acc_dp[mt][nt][e] = pe * (dpe - dsum_row[mt][e / 2]);

@@ -16,29 +16,29 @@ cudaError_t set_smem(Kernel kernel, size_t smem) {
   return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
 }
 
-// Grid: (query blocks of 128 rows, heads, batch).
+// Grid: (query blocks of 128 rows, heads x batch: attention_grid).
 template <typename Element, int kHeadDim>
 cudaError_t launch_bwd_preprocess(const BwdParams& p, cudaStream_t stream) {
-  const dim3 grid(ceil_div(p.seqlen_q, kAccumPadRows), p.heads, p.batch);
+  const dim3 grid = attention_grid(ceil_div(p.seqlen_q, kAccumPadRows), p.heads, p.batch);
   flash_bwd_preprocess_kernel<Element, kHeadDim><<<grid, kPreprocessThreads, 0, stream>>>(p);
   return cudaGetLastError();
 }
 
-// Grid: (key blocks, heads, batch).
+// Grid: (key blocks, heads x batch: attention_grid).
 template <typename Traits, bool kIsCausal, bool kHasDropout>
 cudaError_t launch_bwd_dk_dv(const BwdParams& p, cudaStream_t stream) {
   auto kernel = flash_bwd_dk_dv_kernel<Traits, kIsCausal, kHasDropout>;
   cudaError_t err = set_smem(kernel, Traits::kSmemBytes);
   if (err != cudaSuccess) return err;
-  const dim3 grid(ceil_div(p.seqlen_k, Traits::kBlockN), p.heads, p.batch);
+  const dim3 grid = attention_grid(ceil_div(p.seqlen_k, Traits::kBlockN), p.heads, p.batch);
   kernel<<<grid, Traits::kNThreads, Traits::kSmemBytes, stream>>>(p);
   return cudaGetLastError();
 }
 
-// Grid: (query blocks of the dK/dV tile, heads, batch).
+// Grid: (query blocks of the dK/dV tile, heads x batch: attention_grid).
 template <typename Traits>
 cudaError_t launch_bwd_postprocess(const BwdParams& p, cudaStream_t stream) {
-  const dim3 grid(ceil_div(p.seqlen_q, Traits::kBlockM), p.heads, p.batch);
+  const dim3 grid = attention_grid(ceil_div(p.seqlen_q, Traits::kBlockM), p.heads, p.batch);
   flash_bwd_postprocess_kernel<Traits><<<grid, Traits::kNThreads, 0, stream>>>(p);
   return cudaGetLastError();
 }
@@ -52,13 +52,13 @@ cudaError_t launch_bwd_tile(const BwdParams& p, cudaStream_t stream) {
   return launch_bwd_postprocess<Traits>(p, stream);
 }
 
-// Grid: (query blocks, heads, batch).
+// Grid: (query blocks, heads x batch: attention_grid).
 template <typename Traits, bool kIsCausal, bool kHasDropout>
 cudaError_t launch_bwd_dq(const BwdParams& p, cudaStream_t stream) {
   auto kernel = flash_bwd_dq_kernel<Traits, kIsCausal, kHasDropout>;
   cudaError_t err = set_smem(kernel, Traits::kSmemBytes);
   if (err != cudaSuccess) return err;
-  const dim3 grid(ceil_div(p.seqlen_q, Traits::kBlockM), p.heads, p.batch);
+  const dim3 grid = attention_grid(ceil_div(p.seqlen_q, Traits::kBlockM), p.heads, p.batch);
   kernel<<<grid, Traits::kNThreads, Traits::kSmemBytes, stream>>>(p);
   return cudaGetLastError();
 }

@@ -136,7 +136,9 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int wg = warp / 4;               // warpgroup: keys [64 wg, 64 wg + 64) of the block
   const int g = lane / 4, t = lane % 4;  // accumulator row group and column pair
-  const int h = blockIdx.y, b = blockIdx.z;
+  const GridHeadBatch hb(p.heads, p.batch);
+  if (!hb.valid) return;
+  const int h = hb.h, b = hb.b;
   // This CTA's keys, query-block range and pointers (flash_bwd_kernel.cuh).
   const BwdKeyTile<Element, kIsCausal> tile(p, blockIdx.x, h, b, kBlockM, kBlockN, kHeadDim);
   if (tile.empty()) return;
@@ -245,7 +247,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
                             lse_reference(lse2.y, m0 + col + 1 < seq.seqlen_q)};
 #pragma unroll
       for (int e = 0; e < 4; ++e)
-        acc_s[nt][e] = fast_exp2(fmaf(acc_s[nt][e], p.scale_log2, -ref[e % 2]));
+        acc_s[nt][e] = recompute_p(acc_s[nt][e], p.scale_log2, ref[e % 2]);
     }
     wgmma_wait<0>();  // dP^T is done
     fence_registers(acc_dp);

@@ -34,9 +34,9 @@ cudaError_t run_bwd_sm90(const BwdParams& p, cudaStream_t stream) {
   auto kernel = flash_bwd_dk_dv_sm90_kernel<Traits, kIsCausal, kHasDropout>;
   err = set_smem(kernel, Traits::kSmemBytes);
   if (err != cudaSuccess) return err;
-  // Grid: (key blocks, heads, batch); with causal masking the first key blocks see the most
-  // queries and start first.
-  const dim3 grid(ceil_div(p.seqlen_k, Traits::kBlockN), p.heads, p.batch);
+  // Grid: (key blocks, heads x batch: attention_grid); with causal masking the first key blocks
+  // see the most queries and start first.
+  const dim3 grid = attention_grid(ceil_div(p.seqlen_k, Traits::kBlockN), p.heads, p.batch);
   kernel<<<grid, Traits::kNThreads, Traits::kSmemBytes, stream>>>(p);
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;

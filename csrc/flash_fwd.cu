@@ -4,7 +4,7 @@
 //   FLASHJIT_DTYPE_FP16 / FLASHJIT_DTYPE_BF16, FLASHJIT_HEAD_DIM (bucket), FLASHJIT_IS_CAUSAL, FLASHJIT_HAS_DROPOUT,
 //   and FLASHJIT_FWD_FAMILY_SM90=1 for the Hopper (wgmma) family, else the sm80 (mma.sync) family.
 // Torch-free. Compile check by hand, e.g.:
-//   nvcc -c -std=c++17 -O3 -gencode=arch=compute_80,code=sm_80 -DFLASHJIT_DTYPE_BF16=1 \
+//   nvcc -c -O3 -gencode=arch=compute_80,code=sm_80 -DFLASHJIT_DTYPE_BF16=1 \
 //        -DFLASHJIT_HEAD_DIM=128 -DFLASHJIT_IS_CAUSAL=0 -DFLASHJIT_HAS_DROPOUT=0 -Icsrc csrc/flash_fwd.cu
 #include "flash_api.h"
 #if FLASHJIT_FWD_FAMILY_SM90
@@ -13,6 +13,7 @@
 #include "flash_fwd_launch.cuh"
 #endif
 #include "spec_config.h"
+#include "varlen_tail.cuh"
 
 namespace flashjit {
 

@@ -37,7 +37,9 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSM)
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int g = lane / 4, t = lane % 4;  // mma fragment row group and column pair
   // This CTA's query block, sequence, pointers and key-block range (attention_common.cuh).
-  const FwdTile<Element, kIsCausal> tile(p, kBlockM, kBlockN);
+  const GridHeadBatch hb(p.heads, p.batch);
+  if (!hb.valid) return;
+  const FwdTile<Element, kIsCausal> tile(p, hb, kBlockM, kBlockN);
   if (tile.empty()) return;
   const SeqInfo& seq = tile.seq;
   const int m0 = tile.m0, n_blocks = tile.n_blocks;
@@ -176,7 +178,12 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSM)
 
   // Epilogue: O /= l and lse (finish_row). A row that saw no key: O = 0, lse = -inf.
   // Each warp stages its own rows of O in its own rows of the Q tile (only it ever read them), then
-  // writes them out with 16-byte stores.
+  // writes them out with 16-byte stores. With p.o_residual, the rounding residual of O (pack_out)
+  // is staged at the same rows of the K/V tiles, free once every warp is past its last P V.
+  const bool residual = p.o_residual != nullptr;
+  static_assert(2 * Traits::kStages * Traits::kSmemK >= Traits::kSmemQ, "residual staging fits");
+  Element* smem_r = smem_k;
+  if (residual) __syncthreads();
 #pragma unroll
   for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
@@ -185,13 +192,17 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSM)
       const int row = warp * Traits::kWarpRows + mt * 16 + half * 8 + g;
 #pragma unroll
       for (int nt = 0; nt < kNTilesO; ++nt) {
-        const uint32_t packed = pack2<Element>(acc_o[mt][nt][2 * half] * res.inv_l,
-                                               acc_o[mt][nt][2 * half + 1] * res.inv_l);
-        *reinterpret_cast<uint32_t*>(smem_q + row * kSmemRow + nt * 8 + 2 * t) = packed;
+        const float x = acc_o[mt][nt][2 * half] * res.inv_l;
+        const float y = acc_o[mt][nt][2 * half + 1] * res.inv_l;
+        const int offset = row * kSmemRow + nt * 8 + 2 * t;
+        *reinterpret_cast<uint32_t*>(smem_q + offset) = pack_out<Element>(x, y, 0);
+        if (residual) *reinterpret_cast<uint32_t*>(smem_r + offset) = pack_out<Element>(x, y, 1);
       }
-      if (t == 0 && row < rows_q) lse[row] = res.lse;
+      if (t == 0 && row < rows_q) lse[row] = res.lse_log2;
     }
   __syncwarp();
+  Element* o_res = residual ? static_cast<Element*>(p.o_residual) + (o - static_cast<Element*>(p.o))
+                            : nullptr;
   constexpr int kWarpChunks = Traits::kWarpRows * Traits::kChunksPerRow;
 #pragma unroll
   for (int i = 0; i < ceil_div(kWarpChunks, 32); ++i) {
@@ -201,6 +212,9 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSM)
     if ((kWarpChunks % 32 == 0 || idx < kWarpChunks) && row < rows_q && col < p.head_dim) {
       *reinterpret_cast<uint4*>(o + row * p.o_row_stride + col) =
           *reinterpret_cast<const uint4*>(smem_q + row * kSmemRow + col);
+      if (residual)
+        *reinterpret_cast<uint4*>(o_res + row * p.o_row_stride + col) =
+            *reinterpret_cast<const uint4*>(smem_r + row * kSmemRow + col);
     }
   }
 }

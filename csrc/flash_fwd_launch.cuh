@@ -7,7 +7,7 @@
 
 namespace flashjit {
 
-// Grid: (query blocks, heads, batch); one CTA of Traits::kNThreads threads each.
+// Grid: (query blocks, heads x batch: attention_grid); CTAs of Traits::kNThreads threads.
 template <typename Traits, bool kIsCausal, bool kHasDropout>
 cudaError_t launch_fwd(const FwdParams& p, cudaStream_t stream) {
   auto kernel = flash_fwd_kernel<Traits, kIsCausal, kHasDropout>;
@@ -17,7 +17,7 @@ cudaError_t launch_fwd(const FwdParams& p, cudaStream_t stream) {
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
     if (err != cudaSuccess) return err;
   }
-  const dim3 grid(ceil_div(p.seqlen_q, Traits::kBlockM), p.heads, p.batch);
+  const dim3 grid = attention_grid(ceil_div(p.seqlen_q, Traits::kBlockM), p.heads, p.batch);
   kernel<<<grid, Traits::kNThreads, smem, stream>>>(p);
   return cudaGetLastError();
 }

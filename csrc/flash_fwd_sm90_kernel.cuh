@@ -72,7 +72,9 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSM)
   const int wg = warp / 4;                // warpgroup: query rows [64 wg, 64 wg + 64) of the tile
   const int g = lane / 4, t = lane % 4;  // accumulator row group and column pair
   // This CTA's query block, sequence, pointers and key-block range (attention_common.cuh).
-  const FwdTile<Element, kIsCausal> tile(p, kBlockM, kBlockN);
+  const GridHeadBatch hb(p.heads, p.batch);
+  if (!hb.valid) return;
+  const FwdTile<Element, kIsCausal> tile(p, hb, kBlockM, kBlockN);
   if (tile.empty()) return;
   const SeqInfo& seq = tile.seq;
   const int m0 = tile.m0, n_blocks = tile.n_blocks;
@@ -213,33 +215,48 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSM)
 
   // Epilogue: O /= l and lse (finish_row). A row that saw no key: O = 0, lse = -inf.
   // Each warp stages its own 16 rows of O in its rows of the Q tile (only its warpgroup's wgmma
-  // read them, and those have completed), then writes them out with 16-byte stores.
+  // read them, and those have completed), then writes them out with 16-byte stores; with
+  // p.o_residual a second pass does the same for the rounding residual of O (pack_out).
   unsigned char* smem_q_ptr = smem_raw + (smem_q - smem_raw_addr);
   const int warp_row = wg * 64 + (warp % 4) * 16;  // first row of this warp in the tile
+  float inv_l[2];
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     const RowResult res = finish_row(row_max[0][half], row_sum[0][half], p.scale_log2);
     const int row = warp_row + half * 8 + g;
-#pragma unroll
-    for (int nt = 0; nt < kNTilesO; ++nt) {
-      const uint32_t packed = pack2<Element>(acc_o[0][nt][2 * half] * res.inv_l,
-                                             acc_o[0][nt][2 * half + 1] * res.inv_l);
-      *reinterpret_cast<uint32_t*>(smem_q_ptr + sw128_offset<kBlockM>(row, nt * 8 + 2 * t)) = packed;
-    }
-    if (t == 0 && row < rows_q) lse[row] = res.lse;
+    inv_l[half] = res.inv_l;
+    if (t == 0 && row < rows_q) lse[row] = res.lse_log2;
   }
-  __syncwarp();
-  constexpr int kWarpChunks = 16 * Traits::kChunksPerRow;
-  static_assert(kWarpChunks % 32 == 0, "whole warp passes");
 #pragma unroll
-  for (int i = 0; i < kWarpChunks / 32; ++i) {
-    const int idx = i * 32 + lane;
-    const int row = warp_row + idx / Traits::kChunksPerRow;
-    const int col = (idx % Traits::kChunksPerRow) * 8;
-    if (row < rows_q && col < p.head_dim) {
-      *reinterpret_cast<uint4*>(o + row * p.o_row_stride + col) =
-          *reinterpret_cast<const uint4*>(smem_q_ptr + sw128_offset<kBlockM>(row, col));
+  for (int pass = 0; pass < 2; ++pass) {
+    if (pass == 1 && p.o_residual == nullptr) break;
+    Element* dst =
+        pass == 0 ? o : static_cast<Element*>(p.o_residual) + (o - static_cast<Element*>(p.o));
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int row = warp_row + half * 8 + g;
+#pragma unroll
+      for (int nt = 0; nt < kNTilesO; ++nt) {
+        const uint32_t packed = pack_out<Element>(acc_o[0][nt][2 * half] * inv_l[half],
+                                                  acc_o[0][nt][2 * half + 1] * inv_l[half], pass);
+        *reinterpret_cast<uint32_t*>(smem_q_ptr + sw128_offset<kBlockM>(row, nt * 8 + 2 * t)) =
+            packed;
+      }
     }
+    __syncwarp();
+    constexpr int kWarpChunks = 16 * Traits::kChunksPerRow;
+    static_assert(kWarpChunks % 32 == 0, "whole warp passes");
+#pragma unroll
+    for (int i = 0; i < kWarpChunks / 32; ++i) {
+      const int idx = i * 32 + lane;
+      const int row = warp_row + idx / Traits::kChunksPerRow;
+      const int col = (idx % Traits::kChunksPerRow) * 8;
+      if (row < rows_q && col < p.head_dim) {
+        *reinterpret_cast<uint4*>(dst + row * p.o_row_stride + col) =
+            *reinterpret_cast<const uint4*>(smem_q_ptr + sw128_offset<kBlockM>(row, col));
+      }
+    }
+    __syncwarp();  // the staging rows are rewritten by the next pass
   }
 #else
   __trap();  // compiled for an arch without wgmma: the launcher never selects this kernel there

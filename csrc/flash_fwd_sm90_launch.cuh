@@ -39,8 +39,8 @@ cudaError_t run_fwd_sm90(const FwdParams& p, cudaStream_t stream) {
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
     if (err != cudaSuccess) return err;
   }
-  // Grid: (query blocks, heads, batch).
-  const dim3 grid(ceil_div(p.seqlen_q, Traits::kBlockM), p.heads, p.batch);
+  // Grid: (query blocks, heads x batch: attention_grid).
+  const dim3 grid = attention_grid(ceil_div(p.seqlen_q, Traits::kBlockM), p.heads, p.batch);
   kernel<<<grid, Traits::kNThreads, smem, stream>>>(p);
   return cudaGetLastError();
 }

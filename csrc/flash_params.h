@@ -7,7 +7,9 @@
 //   fixed length: q (batch, seqlen_q, heads, d), k/v (batch, seqlen_k, heads_k, d)
 //   varlen:       q (total_q, heads, d), k/v (total_k, heads_k, d); sequence b occupies rows
 //                 cu_seqlens_q[b] .. cu_seqlens_q[b+1]-1 (int32 offsets, batch+1 of them)
-//   lse:          float32, fixed (batch, heads, seqlen_q), varlen (heads, total_q); natural log
+//   lse:          float32, fixed (batch, heads, seqlen_q), varlen (heads, total_q), in log2 units:
+//                 log2 sum_j exp2(S_ij scale log2(e)) = the natural-log lse / ln(2) (flashjit/ops.py
+//                 converts for the caller; attention_common.cuh's finish_row says why)
 #pragma once
 
 #include <cstdint>
@@ -24,13 +26,18 @@ struct DropoutParams {
   uint32_t keep_threshold;   // a 32-bit uniform u keeps the element iff u < keep_threshold
 };
 
-// Forward: O = softmax(scale * Q K^T + mask) V, and lse = logsumexp of each row of the scores.
+// Forward: O = softmax(scale * Q K^T + mask) V, and lse = logsumexp of each row of the scores
+// (log2 units, see above).
 struct FwdParams {
   const void* q;  // (.., seqlen_q, heads, d)
   const void* k;  // (.., seqlen_k, heads_k, d)
   const void* v;  // (.., seqlen_k, heads_k, d)
   void* o;        // like q
   float* lse;     // (batch, heads, seqlen_q) or (heads, total_q)
+  // Optional (nullptr: not written), with o's strides: the rounding residual O - round(O) of the
+  // output, for the backward's D = rowsum(dO * O). D from round(O) alone is off by dO . (O -
+  // round(O)), which is the whole of dS = P (dP - D) where a row's softmax is one-hot.
+  void* o_residual;
 
   // Strides in elements. batch strides are unused for varlen.
   int64_t q_batch_stride, q_row_stride, q_head_stride;
@@ -74,6 +81,7 @@ struct BwdParams {
   const void* k;     // (.., seqlen_k, heads_k, d)
   const void* v;     // (.., seqlen_k, heads_k, d)
   const void* o;     // like q: the forward's output
+  const void* o_residual;  // with o's strides: the forward's O - round(O), or nullptr
   const void* dout;  // like q
   const float* lse;  // (batch, heads, seqlen_q) or (heads, total_q), as written by the forward
   void* dq;          // like q

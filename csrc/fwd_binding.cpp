@@ -14,8 +14,10 @@ namespace flashjit {
 namespace {
 
 // q, k, v, out: (batch, seqlen, heads, d) or varlen (total, heads, d); lse float32.
+// out_residual (optional, like out with out's strides): O - round(O), for the backward.
 void fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-         const at::Tensor& lse, const std::optional<at::Tensor>& cu_seqlens_q,
+         const at::Tensor& lse, const std::optional<at::Tensor>& out_residual,
+         const std::optional<at::Tensor>& cu_seqlens_q,
          const std::optional<at::Tensor>& cu_seqlens_k,
          const std::optional<at::Tensor>& seqused_k, int64_t max_seqlen_q,
          int64_t max_seqlen_k, double softmax_scale, bool causal_bottom_right,
@@ -28,6 +30,7 @@ void fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at
   p.v = v.data_ptr();
   p.o = out.data_ptr();
   p.lse = lse.data_ptr<float>();
+  p.o_residual = residual_ptr(out_residual, out);
   set_strides(q, varlen, p.q_batch_stride, p.q_row_stride, p.q_head_stride);
   set_strides(k, varlen, p.k_batch_stride, p.k_row_stride, p.k_head_stride);
   set_strides(v, varlen, p.v_batch_stride, p.v_row_stride, p.v_head_stride);
@@ -54,7 +57,8 @@ void fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at
   p.causal_bottom_right = causal_bottom_right;
   p.dropout = make_dropout_params(rng_state, dropout_p);
   p.seqused_k = seqused_k.has_value() ? seqused_k->data_ptr<int>() : nullptr;
-  if (p.batch == 0 || p.seqlen_q == 0) return;
+  if (varlen) zero_varlen_tail(out, *cu_seqlens_q, p.batch, stream);
+  if (p.batch == 0 || p.heads == 0 || p.seqlen_q == 0) return;
   const char* err = fwd_run(p, reinterpret_cast<void*>(stream));
   TORCH_CHECK(err == nullptr, "flashjit forward kernel launch failed: ", err);
 }
@@ -63,7 +67,8 @@ void fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at
 
 FLASHJIT_LIBRARY(FLASHJIT_OP_NAMESPACE, m) {
   m.def(
-      "fwd(Tensor q, Tensor k, Tensor v, Tensor(a!) out, Tensor(b!) lse, Tensor? cu_seqlens_q, "
+      "fwd(Tensor q, Tensor k, Tensor v, Tensor(a!) out, Tensor(b!) lse, Tensor(c!)? out_residual, "
+      "Tensor? cu_seqlens_q, "
       "Tensor? cu_seqlens_k, Tensor? seqused_k, int max_seqlen_q, int max_seqlen_k, float softmax_scale, "
       "bool causal_bottom_right, Tensor? rng_state, float dropout_p, int stream) -> ()");
   m.impl("fwd", c10::DispatchKey::CUDA, TORCH_FN(fwd));

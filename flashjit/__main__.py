@@ -30,6 +30,20 @@ def _families(kernel: str, arch: str) -> str:
     return f"sm90 (wgmma) at head dims {', '.join(map(str, sm90))}; sm80 (mma.sync) otherwise"
 
 
+def _warnings(torch, nvcc) -> list[str]:
+    """What stops flashjit kernels from running or compiling here, in plain words."""
+    warnings = []
+    if torch.version.cuda is None:
+        warnings.append(f"torch {torch.__version__} has no CUDA support: install a CUDA build of "
+                        "torch to run flashjit kernels")
+    elif not torch.cuda.is_available():
+        warnings.append("no CUDA GPU is visible: flashjit kernels cannot run here (prebuild "
+                        "--arch still compiles them for a GPU elsewhere)")
+    if nvcc is None:
+        warnings.append("nvcc not found: set CUDA_HOME to a CUDA toolkit to compile kernels")
+    return warnings
+
+
 def info() -> int:
     """Versions, GPU and arch, cache location and size: what a bug report needs."""
     import platform
@@ -46,7 +60,9 @@ def info() -> int:
         ("python", f"{platform.python_version()} ({sys.executable})"),
         ("torch", f"{torch.__version__} (CUDA {torch.version.cuda}, "
                   f"cxx11 ABI {int(torch._C._GLIBCXX_USE_CXX11_ABI)})"),
-        ("nvcc", f"{env.nvcc_version()} ({nvcc})" if nvcc else "not found"),
+        # the nvcc builds will use (CUDA_HOME, else CUDA_PATH, else PATH, else /usr/local/cuda)
+        ("nvcc", f"{env.nvcc_version() or 'version unknown'} ({nvcc})" if nvcc
+                 else "not found: set CUDA_HOME to a CUDA toolkit"),
         ("c++", env.cxx_version() or f"{env.cxx_compiler()} not found"),
     ]
     if torch.cuda.is_available():
@@ -60,8 +76,8 @@ def info() -> int:
         arch = current_arch()
         rows += [("arch", arch), ("forward family", _families("fwd", arch)),
                  ("backward family", _families("bwd", arch))]
-    except RuntimeError as err:
-        rows.append(("arch", f"unknown: {err}"))
+    except RuntimeError as err:  # the reason, once: "arch  no CUDA GPU is visible, ..."
+        rows.append(("arch", str(err).removeprefix("flashjit: ")))
     rows += [
         ("csrc", str(csrc_dir())),
         ("cache", str(root)),
@@ -70,6 +86,7 @@ def info() -> int:
     ]
     rows += [(name, value) for name, value in sorted(os.environ.items())
              if name.startswith("FLASHJIT_") or name in ("TORCH_CUDA_ARCH_LIST", "CUDA_HOME")]
+    rows += [("warning", text) for text in _warnings(torch, nvcc)]
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value}")

@@ -21,70 +21,81 @@ from torch import Tensor
 from . import ops
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
+_LN2 = math.log(2.0)
 MAX_HEAD_DIM = 256
 
 
 # ------------------------------------------------------------------------------------------------
 # Validation
 # ------------------------------------------------------------------------------------------------
+def _no_cuda_hint() -> str:
+    if torch.version.cuda is None:
+        return (f"; this torch ({torch.__version__}) has no CUDA support: install a CUDA build of "
+                "torch (https://pytorch.org/get-started/locally/)")
+    if not torch.cuda.is_available():
+        return "; no CUDA GPU is visible to torch"
+    return ""
+
+
 def _check_tensor(name: str, t, rank: int) -> None:
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.device.type != "cuda":
-        raise ValueError(f"{name} must be a CUDA tensor, got device {t.device}")
+        raise ValueError(f"{name} must be a CUDA tensor, got device {t.device}{_no_cuda_hint()}")
     if t.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"{name} must be float16 or bfloat16, got {t.dtype}")
     if t.dim() != rank:
         raise ValueError(f"{name} must have {rank} dimensions, got shape {tuple(t.shape)}")
-    if t.stride(-1) != 1:
-        raise ValueError(f"{name}: the last dimension (head_dim) must be contiguous (stride 1)")
 
 
-def _is_aligned(t: Tensor) -> bool:
-    """What the kernels' 16-byte loads need: a contiguous last dim, every other stride a multiple
-    of 8 elements (16 bytes in fp16/bf16) and a 16-byte aligned data pointer."""
-    if t.stride(-1) != 1 or any(s % 8 != 0 for s in t.stride()[:-1]):
-        return False
-    # (while tracing there is no data pointer: the binding checks it again at run time)
-    return torch.compiler.is_compiling() or t.data_ptr() % 16 == 0
+def _strides_aligned(t: Tensor) -> bool:
+    """The strides the kernels' 16-byte loads need: a contiguous last dim and every other stride a
+    multiple of 8 elements (16 bytes in fp16/bf16). The data pointer's alignment is fixed where
+    it is known, in the op itself (ops._aligned): torch.compile traces this function without one."""
+    return t.stride(-1) == 1 and all(s % 8 == 0 for s in t.stride()[:-1])
 
 
-def _check_alignment(name: str, t: Tensor) -> None:
-    if not _is_aligned(t):
-        raise ValueError(
-            f"{name}: data pointer and strides must be multiples of 16 bytes (8 elements); "
-            "call .contiguous() on it (.clone() if it is contiguous already)"
-        )
+def _kernel_layout(t: Tensor, head_dim: int) -> Tensor:
+    """t as the kernels read it: the last dim zero-padded to head_dim (a multiple of 8) and with
+    aligned strides (_strides_aligned). A copy, once per call, only where t is not so already;
+    autograd slices the padding off the gradient."""
+    if t.shape[-1] != head_dim:
+        t = torch.nn.functional.pad(t, (0, head_dim - t.shape[-1]))
+    if not _strides_aligned(t):
+        t = t.clone(memory_format=torch.contiguous_format)
+    return t
 
 
-def _check_qkv(q: Tensor, k: Tensor, v: Tensor, varlen: bool) -> None:
+def _check_qkv(q: Tensor, k: Tensor, v: Tensor, varlen: bool, names=("q", "k", "v")) -> None:
+    """names: how the caller calls q, k and v (("qkv",) * 3 for a packed qkv, say)."""
     rank = 3 if varlen else 4
-    for name, t in (("q", q), ("k", k), ("v", v)):
+    for name, t in zip(names, (q, k, v)):
         _check_tensor(name, t, rank)
+    nq, nk, nv = names
     if k.device != q.device or v.device != q.device:
-        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+        raise ValueError(f"{nq}, {nk}, {nv} must be on one device, got {q.device}, {k.device}, "
+                         f"{v.device}")
     if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise TypeError(f"q, k, v must have one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+        raise TypeError(f"{nq}, {nk}, {nv} must have one dtype, got {q.dtype}, {k.dtype}, "
+                        f"{v.dtype}")
     d = q.shape[-1]
     if k.shape[-1] != d or v.shape[-1] != d:
-        raise ValueError(f"q, k, v must have the same head_dim, got {q.shape[-1]}, "
+        raise ValueError(f"{nq}, {nk}, {nv} must have the same head_dim, got {q.shape[-1]}, "
                          f"{k.shape[-1]}, {v.shape[-1]}")
-    if d % 8 != 0 or d > MAX_HEAD_DIM or d == 0:
-        raise ValueError(f"head_dim {d} is not supported: it must be a multiple of 8 and <= "
+    if not 1 <= d <= MAX_HEAD_DIM:
+        raise ValueError(f"head_dim {d} of {nq} is not supported: it must be between 1 and "
                          f"{MAX_HEAD_DIM}")
     if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and "
+        raise ValueError(f"{nk} and {nv} must have the same shape, got {tuple(k.shape)} and "
                          f"{tuple(v.shape)}")
     head_dim = 1 if varlen else 2
     if not varlen and k.shape[0] != q.shape[0]:
-        raise ValueError(f"q and k must have the same batch size, got {q.shape[0]} and "
+        raise ValueError(f"{nq} and {nk} must have the same batch size, got {q.shape[0]} and "
                          f"{k.shape[0]}")
     heads, heads_k = q.shape[head_dim], k.shape[head_dim]
     if heads_k == 0 or heads % heads_k != 0:
-        raise ValueError(f"the number of query heads ({heads}) must be a multiple of the number "
-                         f"of key/value heads ({heads_k})")
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        _check_alignment(name, t)
+        raise ValueError(f"the number of query heads of {nq} ({heads}) must be a multiple of the "
+                         f"number of key/value heads of {nk} ({heads_k})")
 
 
 def _check_scalars(dropout_p: float, softmax_scale: Optional[float], d: int) -> float:
@@ -98,12 +109,39 @@ def _check_scalars(dropout_p: float, softmax_scale: Optional[float], d: int) -> 
     return scale
 
 
+def _check_variants(window_size, softcap, alibi_slopes) -> None:
+    """flash-attn 2.x's variant arguments: checked, and refused (NotImplementedError naming the
+    argument) unless they ask for plain attention."""
+    if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
+            or any(isinstance(w, bool) or not isinstance(w, int) for w in window_size)):
+        raise TypeError(f"window_size must be a pair (left, right) of ints, got {window_size!r}")
+    if any(w < -1 for w in window_size):
+        raise ValueError(f"window_size entries must be >= -1 (-1: unbounded), got {window_size!r}")
+    if tuple(window_size) != (-1, -1):
+        raise NotImplementedError(f"window_size={tuple(window_size)}: sliding-window attention is "
+                                  "not implemented in flashjit yet; only (-1, -1) is supported")
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+        raise TypeError(f"softcap must be a float, got {type(softcap).__name__}")
+    if not (math.isfinite(softcap) and softcap >= 0.0):
+        raise ValueError(f"softcap must be a finite number >= 0 (0: off), got {softcap}")
+    if softcap > 0.0:
+        raise NotImplementedError(f"softcap={softcap}: logit softcapping is not implemented in "
+                                  "flashjit yet; only softcap=0.0 is supported")
+    if alibi_slopes is not None:
+        raise NotImplementedError("alibi_slopes: ALiBi is not implemented in flashjit yet; pass "
+                                  "alibi_slopes=None")
+
+
 def _capturing() -> bool:
+    """True inside CUDA-graph capture or torch.compile tracing: device values must not be read.
+    is_compiling() comes first: dynamo cannot trace is_current_stream_capturing()."""
+    if torch.compiler.is_compiling():
+        return True
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def _check_cu_seqlens(name: str, cu: Tensor, device: torch.device, total: int,
-                      max_seqlen: int) -> None:
+                      max_seqlen: int, max_name: str) -> None:
     if not isinstance(cu, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(cu).__name__}")
     if cu.dtype != torch.int32:
@@ -114,7 +152,9 @@ def _check_cu_seqlens(name: str, cu: Tensor, device: torch.device, total: int,
         raise ValueError(f"{name} must be on {device}, got {cu.device}")
     if not cu.is_contiguous():
         raise ValueError(f"{name} must be contiguous")
-    if _capturing() or torch.compiler.is_compiling():
+    if max_seqlen < 0:
+        raise ValueError(f"{max_name} must be >= 0, got {max_seqlen}")
+    if _capturing():
         return  # values live on the device; checking them would synchronise
     host = cu.tolist()
     lengths = [b - a for a, b in zip(host[:-1], host[1:])]
@@ -123,7 +163,7 @@ def _check_cu_seqlens(name: str, cu: Tensor, device: torch.device, total: int,
     if host[-1] > total:
         raise ValueError(f"{name}[-1] = {host[-1]} exceeds the {total} packed rows")
     if max(lengths) > max_seqlen:
-        raise ValueError(f"max_seqlen for {name} is {max_seqlen} but a sequence has "
+        raise ValueError(f"{max_name} is {max_seqlen} but a sequence of {name} has "
                          f"{max(lengths)} rows")
 
 
@@ -148,12 +188,17 @@ class _FlashAttnFunction(torch.autograd.Function):
         rng_state = None
         if dropout_p > 0.0:
             rng_state = _rng_state(q.device)
-        out, lse = ops.call_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q,
-                                max_seqlen_k, softmax_scale, causal, causal_bottom_right,
-                                dropout_p, rng_state)
-        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_k, rng_state)
+        # With a backward ahead, the forward also writes O's rounding residual (one more tensor
+        # like out), so that the backward's D = rowsum(dO * O) uses O at fp32 precision: D from
+        # the rounded O alone is wrong by dO . (O - round(O)), all of dS in one-hot softmax rows.
+        residual = any(ctx.needs_input_grad[:3])
+        out, lse, out_residual = ops.call_fwd(
+            q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k,
+            softmax_scale, causal, causal_bottom_right, dropout_p, rng_state, residual)
+        ctx.save_for_backward(q, k, v, out, out_residual, lse, cu_seqlens_q, cu_seqlens_k,
+                              seqused_k, rng_state)
         ctx.args = (max_seqlen_q, max_seqlen_k, softmax_scale, causal, causal_bottom_right,
-                    dropout_p, deterministic)
+                    dropout_p, deterministic, residual)
         ctx.mark_non_differentiable(lse)
         # No zero-filled gradient for lse (it has none) or for an unused out: one allocation and
         # one fill kernel less per backward.
@@ -164,79 +209,178 @@ class _FlashAttnFunction(torch.autograd.Function):
     def backward(ctx, dout, _dlse):
         if dout is None:  # only lse was used, and it has no gradient
             return (None,) * 13
-        q, k, v, out, lse, cu_q, cu_k, seqused_k, rng_state = ctx.saved_tensors
-        (max_q, max_k, scale, causal, bottom_right, dropout_p, deterministic) = ctx.args
-        if not _is_aligned(dout):
-            # a fresh, aligned allocation (.contiguous() would keep a contiguous misaligned view)
+        q, k, v, out, out_residual, lse, cu_q, cu_k, seqused_k, rng_state = ctx.saved_tensors
+        (max_q, max_k, scale, causal, bottom_right, dropout_p, deterministic, residual) = ctx.args
+        if not _strides_aligned(dout):
             dout = dout.clone(memory_format=torch.contiguous_format)
-        dq, dk, dv = ops.call_bwd(dout, q, k, v, out, lse, cu_q, cu_k, seqused_k, max_q, max_k,
-                                  scale, causal, bottom_right, dropout_p, rng_state,
-                                  deterministic)
+        dq, dk, dv = ops.call_bwd(dout, q, k, v, out, out_residual if residual else None, lse,
+                                  cu_q, cu_k, seqused_k, max_q, max_k, scale, causal,
+                                  bottom_right, dropout_p, rng_state, deterministic)
         return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
 
 
 def _attention(q, k, v, cu_q, cu_k, seqused_k, max_q, max_k, scale, causal, bottom_right,
-               dropout_p, deterministic, return_lse):
+               dropout_p, deterministic):
+    """(out, lse in log2 units) for validated inputs. Head dims that are not a multiple of 8 are zero-padded
+    (scores and softmax are unchanged: the padded columns add 0 to every dot product) and the
+    output is sliced back; unaligned inputs are copied (_kernel_layout)."""
+    d = q.shape[-1]
+    padded = -(-d // 8) * 8
+    q, k, v = (_kernel_layout(t, padded) for t in (q, k, v))
     out, lse = _FlashAttnFunction.apply(q, k, v, cu_q, cu_k, seqused_k, max_q, max_k, scale,
-                                        causal, bottom_right, float(dropout_p), deterministic)
-    return (out, lse) if return_lse else out
+                                        causal, bottom_right, float(dropout_p),
+                                        bool(deterministic))
+    return (out if padded == d else out[..., :d]), lse
+
+
+def _result(out: Tensor, lse_log2: Tensor, return_attn_probs: bool):
+    """flash-attn's return convention: out, or (out, softmax_lse, S_dmask) with
+    return_attn_probs; softmax_lse in natural-log units (the kernels keep it in log2 units,
+    csrc/attention_common.cuh: finish_row). S_dmask (the dropout-masked attention probabilities,
+    which flash-attn returns for tests only) is always None: flashjit never materialises P."""
+    return (out, lse_log2 * _LN2, None) if return_attn_probs else out
 
 
 # ------------------------------------------------------------------------------------------------
-# Public functions
+# Public functions (flash-attn 2.x names, argument order, defaults and return conventions)
 # ------------------------------------------------------------------------------------------------
+_COMMON_DOC = """
+    dropout_p: probability of dropping an attention weight (float in [0, 1)); use 0.0 in eval.
+    softmax_scale: scale of Q K^T before the softmax (default 1 / sqrt(head_dim)).
+    causal: causal mask aligned bottom-right: query i sees key j iff j <= i + seqlen_k - seqlen_q
+        (flash-attn >= 2.1).
+    window_size, softcap, alibi_slopes: flash-attn 2.x's variant arguments. Only their defaults
+        ((-1, -1), 0.0, None) are supported yet; anything else raises NotImplementedError naming
+        the argument (after TypeError/ValueError for malformed values).
+    deterministic: bitwise reproducible gradients (a separate dQ pass instead of float atomics).
+    return_attn_probs: also return softmax_lse (float32, natural log) and S_dmask, which is
+        always None (flashjit never materialises the attention matrix).
+    Head dims 1-256: a head dim that is not a multiple of 8 is zero-padded inside the call (a
+    copy) and the output sliced back. Inputs whose data pointer or strides are not 16-byte
+    aligned (or whose last dim is not contiguous) are copied once to an aligned buffer.
+    Raises TypeError/ValueError naming the argument for bad input, before anything compiles."""
+
+
 def flash_attn_func(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0,
                     softmax_scale: Optional[float] = None, causal: bool = False,
-                    return_lse: bool = False, deterministic: bool = False):
-    """Exact attention. q (batch, seqlen_q, heads, d); k, v (batch, seqlen_k, heads_k, d) with
-    heads % heads_k == 0 (MQA/GQA). Returns out like q, and lse float32 (batch, heads, seqlen_q)
-    when return_lse. Causal masking is aligned bottom-right."""
+                    window_size=(-1, -1), softcap: float = 0.0, alibi_slopes=None,
+                    deterministic: bool = False, return_attn_probs: bool = False):
     _check_qkv(q, k, v, varlen=False)
+    _check_variants(window_size, softcap, alibi_slopes)
     scale = _check_scalars(dropout_p, softmax_scale, q.shape[-1])
-    return _attention(q, k, v, None, None, None, q.shape[1], k.shape[1], scale, bool(causal),
-                      True, dropout_p, bool(deterministic), return_lse)
+    out, lse = _attention(q, k, v, None, None, None, q.shape[1], k.shape[1], scale, bool(causal),
+                          True, dropout_p, deterministic)
+    return _result(out, lse, return_attn_probs)
+
+
+flash_attn_func.__doc__ = """Exact attention, as flash_attn.flash_attn_func (2.x).
+
+    q (batch, seqlen_q, heads, d); k, v (batch, seqlen_k, heads_k, d), heads % heads_k == 0
+    (MQA/GQA); fp16 or bf16 on one CUDA device. Returns out (batch, seqlen_q, heads, d), and with
+    return_attn_probs (out, softmax_lse (batch, heads, seqlen_q), None).""" + _COMMON_DOC
 
 
 def flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
                            cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int,
                            dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
-                           causal: bool = False, return_lse: bool = False,
-                           deterministic: bool = False):
-    """Packed sequences: q (total_q, heads, d), k, v (total_k, heads_k, d); sequence b is rows
-    cu_seqlens[b] .. cu_seqlens[b + 1] - 1 (int32, batch + 1 entries). lse is (heads, total_q).
-    This is how key padding is done: pack the real tokens of each sequence."""
-    _check_qkv(q, k, v, varlen=True)
+                           causal: bool = False, window_size=(-1, -1), softcap: float = 0.0,
+                           alibi_slopes=None, deterministic: bool = False,
+                           return_attn_probs: bool = False, block_table=None, *,
+                           _names=("q", "k", "v")):
+    _check_qkv(q, k, v, varlen=True, names=_names)
+    _check_variants(window_size, softcap, alibi_slopes)
+    if block_table is not None:
+        raise NotImplementedError("block_table: paged KV is not implemented in flashjit yet; pass "
+                                  "block_table=None")
     scale = _check_scalars(dropout_p, softmax_scale, q.shape[-1])
-    _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.device, q.shape[0], int(max_seqlen_q))
-    _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, q.device, k.shape[0], int(max_seqlen_k))
+    _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.device, q.shape[0], int(max_seqlen_q),
+                      "max_seqlen_q")
+    _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, q.device, k.shape[0], int(max_seqlen_k),
+                      "max_seqlen_k")
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():
         raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have the same length, got "
                          f"{cu_seqlens_q.numel()} and {cu_seqlens_k.numel()}")
-    return _attention(q, k, v, cu_seqlens_q, cu_seqlens_k, None, int(max_seqlen_q),
-                      int(max_seqlen_k), scale, bool(causal), True, dropout_p,
-                      bool(deterministic), return_lse)
+    out, lse = _attention(q, k, v, cu_seqlens_q, cu_seqlens_k, None, int(max_seqlen_q),
+                          int(max_seqlen_k), scale, bool(causal), True, dropout_p, deterministic)
+    return _result(out, lse, return_attn_probs)
+
+
+flash_attn_varlen_func.__doc__ = """Packed variable-length sequences, as
+    flash_attn.flash_attn_varlen_func (2.x).
+
+    q (total_q, heads, d), k, v (total_k, heads_k, d); sequence b is rows cu_seqlens[b] ..
+    cu_seqlens[b + 1] - 1 (int32, batch + 1 entries, on q's device); max_seqlen_q/k bound the
+    sequence lengths. Rows past cu_seqlens[-1] get output (and gradient) 0. softmax_lse is
+    (heads, total_q). Key padding is done this way: pack the real tokens of each sequence.
+    block_table (paged KV) must be None. In eager mode the cu_seqlens values are checked on the
+    host (one synchronisation); under CUDA-graph capture and torch.compile they are not.""" + \
+    _COMMON_DOC
+
+
+def _unpack(packed, name: str, parts: int, varlen: bool):
+    """The q/k/v views of a packed qkv ((.., 3, heads, d)) or kv ((.., 2, heads_k, d))."""
+    rank = 4 if varlen else 5
+    layout = ("(total, " if varlen else "(batch, seqlen, ") + \
+        ("3, heads, d)" if parts == 3 else "2, heads_k, d)")
+    if not isinstance(packed, Tensor) or packed.dim() != rank or packed.shape[-3] != parts:
+        raise ValueError(f"{name} must be a tensor of shape {layout}, got "
+                         f"{getattr(packed, 'shape', type(packed).__name__)}")
+    return packed.unbind(-3)
 
 
 def flash_attn_qkvpacked_func(qkv: Tensor, dropout_p: float = 0.0,
                               softmax_scale: Optional[float] = None, causal: bool = False,
-                              return_lse: bool = False, deterministic: bool = False):
-    """qkv (batch, seqlen, 3, heads, d): views into it are used, no copies."""
-    if not isinstance(qkv, Tensor) or qkv.dim() != 5 or qkv.shape[2] != 3:
-        raise ValueError(f"qkv must be a tensor of shape (batch, seqlen, 3, heads, d), got "
-                         f"{getattr(qkv, 'shape', type(qkv).__name__)}")
-    q, k, v = qkv.unbind(2)
-    return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, return_lse, deterministic)
+                              window_size=(-1, -1), softcap: float = 0.0, alibi_slopes=None,
+                              deterministic: bool = False, return_attn_probs: bool = False):
+    """qkv (batch, seqlen, 3, heads, d): q, k, v are views into it (no copies; the gradient is
+    one tensor like qkv). Otherwise as flash_attn_func."""
+    q, k, v = _unpack(qkv, "qkv", 3, varlen=False)
+    _check_qkv(q, k, v, varlen=False, names=("qkv",) * 3)
+    return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
+                           alibi_slopes, deterministic, return_attn_probs)
 
 
 def flash_attn_kvpacked_func(q: Tensor, kv: Tensor, dropout_p: float = 0.0,
                              softmax_scale: Optional[float] = None, causal: bool = False,
-                             return_lse: bool = False, deterministic: bool = False):
-    """q (batch, seqlen_q, heads, d); kv (batch, seqlen_k, 2, heads_k, d)."""
-    if not isinstance(kv, Tensor) or kv.dim() != 5 or kv.shape[2] != 2:
-        raise ValueError(f"kv must be a tensor of shape (batch, seqlen_k, 2, heads_k, d), got "
-                         f"{getattr(kv, 'shape', type(kv).__name__)}")
-    k, v = kv.unbind(2)
-    return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, return_lse, deterministic)
+                             window_size=(-1, -1), softcap: float = 0.0, alibi_slopes=None,
+                             deterministic: bool = False, return_attn_probs: bool = False):
+    """q (batch, seqlen_q, heads, d); kv (batch, seqlen_k, 2, heads_k, d). Otherwise as
+    flash_attn_func."""
+    k, v = _unpack(kv, "kv", 2, varlen=False)
+    _check_qkv(q, k, v, varlen=False, names=("q", "kv", "kv"))
+    return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
+                           alibi_slopes, deterministic, return_attn_probs)
+
+
+def flash_attn_varlen_qkvpacked_func(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int,
+                                     dropout_p: float = 0.0,
+                                     softmax_scale: Optional[float] = None, causal: bool = False,
+                                     window_size=(-1, -1), softcap: float = 0.0,
+                                     alibi_slopes=None, deterministic: bool = False,
+                                     return_attn_probs: bool = False):
+    """qkv (total, 3, heads, d) with int32 cu_seqlens (batch + 1) for queries and keys alike.
+    Otherwise as flash_attn_varlen_func."""
+    q, k, v = _unpack(qkv, "qkv", 3, varlen=True)
+    return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+                                  dropout_p, softmax_scale, causal, window_size, softcap,
+                                  alibi_slopes, deterministic, return_attn_probs,
+                                  _names=("qkv",) * 3)
+
+
+def flash_attn_varlen_kvpacked_func(q: Tensor, kv: Tensor, cu_seqlens_q: Tensor,
+                                    cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int,
+                                    dropout_p: float = 0.0,
+                                    softmax_scale: Optional[float] = None, causal: bool = False,
+                                    window_size=(-1, -1), softcap: float = 0.0,
+                                    alibi_slopes=None, deterministic: bool = False,
+                                    return_attn_probs: bool = False):
+    """q (total_q, heads, d); kv (total_k, 2, heads_k, d). Otherwise as
+    flash_attn_varlen_func."""
+    k, v = _unpack(kv, "kv", 2, varlen=True)
+    return flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                  max_seqlen_k, dropout_p, softmax_scale, causal, window_size,
+                                  softcap, alibi_slopes, deterministic, return_attn_probs,
+                                  _names=("q", "kv", "kv"))
 
 
 def _key_padding_lengths(attn_mask, batch: int, seqlen_k: int, device) -> Tensor:
@@ -249,17 +393,17 @@ def _key_padding_lengths(attn_mask, batch: int, seqlen_k: int, device) -> Tensor
                         f" got {attn_mask.dtype}")
     if attn_mask.device != device:
         raise ValueError(f"attn_mask must be on {device}, got {attn_mask.device}")
-    try:
-        mask = torch.broadcast_to(attn_mask, (batch, 1, 1, seqlen_k)) if attn_mask.dim() <= 4 \
-            else None
-    except RuntimeError:
-        mask = None
-    if mask is None:
+    target = (batch, 1, 1, seqlen_k)
+    shape = tuple(attn_mask.shape)
+    # broadcastable to target: at most 4 dims, each 1 or target's (checked without try/except, so
+    # torch.compile traces it)
+    if len(shape) > 4 or any(n not in (1, t) for n, t in zip(reversed(shape), reversed(target))):
         raise ValueError("attn_mask must be a key-padding mask broadcastable to (batch, 1, 1, "
-                         f"seqlen_k) = ({batch}, 1, 1, {seqlen_k}); got {tuple(attn_mask.shape)}")
+                         f"seqlen_k) = {target}; got {shape}")
+    mask = attn_mask.expand(target)
     mask = mask.reshape(batch, seqlen_k)
     lengths = mask.sum(dim=1, dtype=torch.int32)
-    if not (_capturing() or torch.compiler.is_compiling()):
+    if not _capturing():
         prefix = torch.arange(seqlen_k, device=device)[None, :] < lengths[:, None]
         if not torch.equal(prefix, mask):
             raise ValueError("attn_mask must be a right-padding mask (True for the first n keys "
@@ -286,11 +430,11 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor,
     if attn_mask is not None and is_causal:
         raise ValueError("attn_mask and is_causal cannot both be set (as in torch)")
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # views: (batch, seq, heads, d)
-    _check_qkv(q, k, v, varlen=False)
+    _check_qkv(q, k, v, varlen=False, names=("query", "key", "value"))
     softmax_scale = _check_scalars(dropout_p, scale, q.shape[-1])
     seqused_k = None
     if attn_mask is not None:
         seqused_k = _key_padding_lengths(attn_mask, q.shape[0], k.shape[1], q.device)
-    out = _attention(q, k, v, None, None, seqused_k, q.shape[1], k.shape[1], softmax_scale,
-                     bool(is_causal), False, dropout_p, False, False)
+    out, _ = _attention(q, k, v, None, None, seqused_k, q.shape[1], k.shape[1], softmax_scale,
+                        bool(is_causal), False, dropout_p, False)
     return out.transpose(1, 2)

@@ -83,6 +83,16 @@ def _stream(device) -> int:
     return torch.cuda.current_stream(index).cuda_stream
 
 
+def _aligned(t: Optional[Tensor]) -> Optional[Tensor]:
+    """t, or a fresh copy where its data pointer is not 16-byte aligned (a view at an odd storage
+    offset), as the kernels' 16-byte loads need; strides were fixed before (interface.
+    _kernel_layout). Here, at run time, the pointer is known also under torch.compile. The copy is
+    a fresh allocation: .contiguous() would return a contiguous misaligned view as it is."""
+    if t is None or t.data_ptr() % 16 == 0:
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
+
+
 def _lse_shape(q: Tensor, varlen: bool) -> Tuple[int, ...]:
     # fixed (batch, heads, seqlen_q); varlen (heads, total_q)
     return (q.shape[1], q.shape[0]) if varlen else (q.shape[0], q.shape[2], q.shape[1])
@@ -102,15 +112,21 @@ def _fwd_impl(
     causal_bottom_right: bool,
     dropout_p: float,
     rng_state: Optional[Tensor],
-) -> Tuple[Tensor, Tensor]:
-    """Forward attention: returns (out like q, lse float32)."""
+    with_residual: bool,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Forward attention: returns (out like q, lse float32 in log2 units (the natural-log lse /
+    ln 2; csrc/flash_params.h), out_residual). out_residual is like out, O - round(O) (for the
+    backward's D), with with_residual; else an empty tensor."""
     varlen = cu_seqlens_q is not None
+    q, k, v = _aligned(q), _aligned(k), _aligned(v)
     out = _empty(q.shape, q.dtype, q.device)
     lse = _empty(_lse_shape(q, varlen), torch.float32, q.device)
+    residual = _empty(q.shape if with_residual else (0,), q.dtype, q.device)
     _launch(_spec_op("fwd", q, causal, dropout_p > 0.0), q.device,
-            q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k,
-            softmax_scale, causal_bottom_right, rng_state, dropout_p)
-    return out, lse
+            q, k, v, out, lse, residual if with_residual else None, cu_seqlens_q, cu_seqlens_k,
+            seqused_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal_bottom_right, rng_state,
+            dropout_p)
+    return out, lse, residual
 
 
 fwd = torch.library.custom_op("flashjit::fwd", _fwd_impl, mutates_args=(), device_types="cuda")
@@ -118,11 +134,12 @@ fwd = torch.library.custom_op("flashjit::fwd", _fwd_impl, mutates_args=(), devic
 
 @fwd.register_fake
 def _fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k,
-              softmax_scale, causal, causal_bottom_right, dropout_p, rng_state):
+              softmax_scale, causal, causal_bottom_right, dropout_p, rng_state, with_residual):
     varlen = cu_seqlens_q is not None
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = q.new_empty(_lse_shape(q, varlen), dtype=torch.float32)
-    return out, lse
+    residual = q.new_empty(q.shape if with_residual else (0,))
+    return out, lse, residual
 
 
 def _bwd_scratch(q: Tensor, varlen: bool, batch: int, max_seqlen_q: int, bucket: int):
@@ -165,6 +182,7 @@ def _bwd_impl(
     k: Tensor,
     v: Tensor,
     out: Tensor,
+    out_residual: Optional[Tensor],
     lse: Tensor,
     cu_seqlens_q: Optional[Tensor],
     cu_seqlens_k: Optional[Tensor],
@@ -178,8 +196,10 @@ def _bwd_impl(
     rng_state: Optional[Tensor],
     deterministic: bool,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    """Backward attention: returns (dq, dk, dv) shaped like (q, k, v)."""
+    """Backward attention: returns (dq, dk, dv) shaped like (q, k, v). out_residual: the
+    forward's, or None (D from out alone)."""
     varlen = cu_seqlens_q is not None
+    dout, q, k, v = _aligned(dout), _aligned(q), _aligned(k), _aligned(v)
     batch = cu_seqlens_q.shape[0] - 1 if varlen else q.shape[0]
     bucket = head_dim_bucket(q.shape[-1])
     dq = _empty(q.shape, q.dtype, q.device)
@@ -187,9 +207,9 @@ def _bwd_impl(
     dv = _empty(_expanded_kv_shape(q, v, varlen), v.dtype, v.device)
     dq_accum, dsum = _bwd_scratch(q, varlen, batch, max_seqlen_q, bucket)
     _launch(_spec_op("bwd", q, causal, dropout_p > 0.0), q.device,
-            dout, q, k, v, out, lse, dq, dk, dv, dq_accum, dsum, cu_seqlens_q, cu_seqlens_k,
-            seqused_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal_bottom_right, rng_state,
-            dropout_p, deterministic)
+            dout, q, k, v, out, out_residual, lse, dq, dk, dv, dq_accum, dsum, cu_seqlens_q,
+            cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+            causal_bottom_right, rng_state, dropout_p, deterministic)
     heads_k = k.shape[1 if varlen else 2]
     return dq, _reduce_groups(dk, heads_k, varlen), _reduce_groups(dv, heads_k, varlen)
 
@@ -198,9 +218,9 @@ bwd = torch.library.custom_op("flashjit::bwd", _bwd_impl, mutates_args=(), devic
 
 
 @bwd.register_fake
-def _bwd_fake(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q,
-              max_seqlen_k, softmax_scale, causal, causal_bottom_right, dropout_p, rng_state,
-              deterministic):
+def _bwd_fake(dout, q, k, v, out, out_residual, lse, cu_seqlens_q, cu_seqlens_k, seqused_k,
+              max_seqlen_q, max_seqlen_k, softmax_scale, causal, causal_bottom_right, dropout_p,
+              rng_state, deterministic):
     new = lambda t: torch.empty(t.shape, dtype=t.dtype, device=t.device)  # noqa: E731
     return new(q), new(k), new(v)
 
@@ -219,6 +239,7 @@ def call_fwd(q, k, v, *args):
     return (_fwd_impl if _eager(q, k, v) else fwd)(q, k, v, *args)
 
 
-def call_bwd(dout, q, k, v, out, lse, *args):
+def call_bwd(dout, q, k, v, out, out_residual, lse, *args):
     """flashjit::bwd, straight to its implementation when eager (see _eager)."""
-    return (_bwd_impl if _eager(dout, q, k, v, out, lse) else bwd)(dout, q, k, v, out, lse, *args)
+    impl = _bwd_impl if _eager(dout, q, k, v, out, out_residual, lse) else bwd
+    return impl(dout, q, k, v, out, out_residual, lse, *args)

@@ -7,7 +7,7 @@
 
 Each ``--arch`` argument is one binary: ``--arch 8.0 9.0`` builds an sm80 and an sm90a binary
 per spec, ``--arch '8.0;9.0'`` one sm80-sm90a binary (what FLASHJIT_CUDA_ARCH_LIST='8.0;9.0'
-loads). Without ``--arch``, current_arch() decides (GPU or arch list environment variables).
+loads). Without ``--arch``: FLASHJIT_CUDA_ARCH_LIST, else TORCH_CUDA_ARCH_LIST, else the GPU's.
 Each build runs in its own process through the same cache and lock as first use, with its
 output kept in a log file under the cache's logs/ folder.
 """
@@ -20,13 +20,14 @@ import datetime
 import itertools
 import json
 import os
+import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from .jit.arch import current_arch, parse_arch_list
-from .jit.env import KERNEL_FAMILIES
+from .jit.arch import NoGpuError, current_arch, parse_arch_list
+from .jit.env import KERNEL_FAMILIES, nvcc_path
 from .jit.spec import (ATTENTION_KERNELS, DTYPES, HEAD_DIM_BUCKETS, KERNELS,
                        SM90_BWD_HEAD_DIMS, SM90_FWD_HEAD_DIMS, JitSpec, default_family,
                        head_dim_bucket)
@@ -61,31 +62,55 @@ def default_jobs() -> int:
     return max(1, min(_cpu_count(), by_memory))
 
 
+_EXAMPLES = """\
+examples:
+  python -m flashjit.prebuild --arch 8.0 9.0 --dtype bf16 --head-dim 64 128
+      an sm80 and an sm90a binary for each bf16 spec at head dims 64 and 128
+  python -m flashjit.prebuild --arch '8.0;9.0'
+      every spec as one binary that runs on both sm80 and sm90a
+  python -m flashjit.prebuild --arch sm90a --list
+      the spec names only; builds nothing
+  python -m flashjit.prebuild --arch sm90a --family sm80
+      the mma.sync kernels on Hopper too
+  python -m flashjit.prebuild --kernel selftest
+      the CPU-only test op: checks the C++ toolchain, needs no GPU, CUDA torch or nvcc
+"""
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m flashjit.prebuild",
         description="Compile flashjit specs into the cache (FLASHJIT_CACHE_DIR) ahead of use.",
+        epilog=_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--kernel", nargs="+", choices=list(KERNELS), default=list(ATTENTION_KERNELS),
-                   help="kernels to build (default: %(default)s)")
+                   help=f"kernels to build (default: {' '.join(ATTENTION_KERNELS)})")
     p.add_argument("--arch", nargs="+", metavar="ARCH",
                    help="one binary per argument: 8.0, 9.0, sm80, sm90a, or '8.0;9.0' for one "
-                        "binary holding both (default: current_arch())")
-    p.add_argument("--dtype", nargs="+", choices=DTYPES, default=list(DTYPES))
+                        "binary holding both (default: FLASHJIT_CUDA_ARCH_LIST, else "
+                        "TORCH_CUDA_ARCH_LIST, else the visible GPU's arch)")
+    p.add_argument("--dtype", nargs="+", choices=DTYPES, default=list(DTYPES),
+                   help=f"data types (default: {' '.join(DTYPES)})")
     p.add_argument("--head-dim", nargs="+", type=int, default=list(HEAD_DIM_BUCKETS),
-                   metavar="D", help="head dims, mapped to their buckets (default: all buckets)")
-    p.add_argument("--causal", choices=list(_CHOICES), default="both")
-    p.add_argument("--dropout", choices=list(_CHOICES), default="no")
+                   metavar="D", help="head dims, mapped to their buckets (default: all buckets, "
+                                     f"{' '.join(map(str, HEAD_DIM_BUCKETS))})")
+    p.add_argument("--causal", choices=list(_CHOICES), default="both",
+                   help="causal masking: yes, no or both (default: both)")
+    p.add_argument("--dropout", choices=list(_CHOICES), default="no",
+                   help="dropout: yes, no or both (default: no)")
     p.add_argument("--family", choices=KERNEL_FAMILIES,
                    help="sm80: mma.sync for every spec; sm90: wgmma where it exists (on sm90a: "
                         f"fwd at head dims {', '.join(map(str, SM90_FWD_HEAD_DIMS))}, bwd "
                         f"at head dims {', '.join(map(str, SM90_BWD_HEAD_DIMS))}), "
                         "sm80 elsewhere (default: as FLASHJIT_KERNEL_FAMILY, else sm90)")
-    p.add_argument("--jobs", "-j", type=int, default=None,
-                   help="builds at once (default: min(CPUs, available memory / 4 GB))")
-    p.add_argument("--list", action="store_true", help="print the spec names and exit")
+    p.add_argument("--jobs", "-j", type=int, default=None, metavar="N",
+                   help="builds at once (default: one per CPU, at most one per 4 GB of "
+                        "available memory)")
+    p.add_argument("--list", action="store_true",
+                   help="print the spec names and exit (default: build them)")
     p.add_argument("--dry-run", action="store_true",
-                   help="print each spec, whether it is cached, and its cache folder; build nothing")
+                   help="print each spec, whether it is cached, and its cache folder; build "
+                        "nothing (default: build what is missing)")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: build one spec (JSON fields)
     return p
 
@@ -98,7 +123,12 @@ def specs_from_args(args: argparse.Namespace) -> list[JitSpec]:
         if args.arch:
             arches = ["-".join(parse_arch_list(a)) for a in args.arch]
         else:
-            arches = [current_arch()]
+            try:
+                arches = [current_arch()]
+            except NoGpuError:  # its text names only the environment variable
+                raise NoGpuError(
+                    "no CUDA GPU is visible; pass --arch (e.g. --arch 9.0 or --arch sm90a) to "
+                    "build for a GPU elsewhere, or set FLASHJIT_CUDA_ARCH_LIST") from None
         head_dims = sorted({head_dim_bucket(d) for d in args.head_dim})
         for kernel, arch, dtype, head_dim, causal, dropout in itertools.product(
             attention, arches, args.dtype, head_dims, _CHOICES[args.causal], _CHOICES[args.dropout]
@@ -135,6 +165,52 @@ def _build_one(spec: JitSpec, log: Path, env: dict) -> tuple[bool, float]:
     return result.returncode == 0, time.perf_counter() - start
 
 
+def missing_cuda_toolchain() -> list[str]:
+    """What building a CUDA spec here lacks, in plain words; empty when nothing is missing."""
+    import torch
+
+    missing = []
+    if torch.version.cuda is None:
+        missing.append(f"a CUDA build of torch (torch {torch.__version__} has no CUDA support)")
+    if nvcc_path() is None:
+        missing.append("nvcc (set CUDA_HOME to a CUDA toolkit)")
+    return missing
+
+
+# gcc's "fatal error:", nvcc's "error:" and "error #20-D:", ptxas's "ptxas error   :"; not
+# "-Werror=", "BuildError:" nor torch's "Error building extension 'x':"
+_ERROR_LINE = re.compile(r"\berror(\s*#[\w-]+)?\s*:", re.IGNORECASE)
+_EXCEPTION_LINE = re.compile(r"^[\w.]+(Error|Exception): ")  # a traceback's last line
+_COMPILER_LOG = re.compile(r"compiler output is in (\S+\.log)")  # named by build.BuildError
+
+
+def failure_summary(worker_log: Path) -> tuple[str | None, Path]:
+    """The first compiler ``error:`` line of a failed build, and the log that holds it.
+
+    The worker log holds the worker's traceback, whose BuildError names a second log under the
+    cache's logs/ folder with the compiler output; that one is searched first. Without an error
+    line (e.g. no CUDA torch), the worker's exception line; None if neither log says anything.
+    """
+    try:
+        worker_text = worker_log.read_text(errors="replace")
+    except OSError:
+        return None, worker_log
+    named = _COMPILER_LOG.search(worker_text)
+    if named:
+        try:
+            compiler_log = Path(named.group(1))
+            line = next((l for l in compiler_log.read_text(errors="replace").splitlines()
+                         if _ERROR_LINE.search(l)), None)
+            if line:
+                return line.strip(), compiler_log
+        except OSError:
+            pass
+    lines = worker_text.splitlines()
+    line = (next((l for l in lines if _ERROR_LINE.search(l)), None)
+            or next((l for l in reversed(lines) if _EXCEPTION_LINE.match(l)), None))
+    return (line.strip() if line else None), worker_log
+
+
 def _worker_env(jobs: int) -> dict:
     env = dict(os.environ)
     env.pop("FLASHJIT_DISABLE_JIT", None)
@@ -149,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         specs = specs_from_args(args)
     except (ValueError, RuntimeError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {str(err).removeprefix('flashjit: ')}", file=sys.stderr)
         return 2
     if args.list:
         for spec in specs:
@@ -170,13 +246,24 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     todo = [spec for spec, hit in zip(specs, cached) if not hit]
-    try:
-        ensure_writable(root)
-        log_dir = logs_dir(root) / f"prebuild-{datetime.datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}"
-        log_dir.mkdir()
-    except (CacheDirError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    cuda_todo = [spec for spec in todo if spec.with_cuda]
+    missing = missing_cuda_toolchain() if cuda_todo else []
+    if missing:  # every worker would fail the same way; say it once, before spawning any
+        count = f"{len(cuda_todo)} CUDA spec{'s' if len(cuda_todo) > 1 else ''}"
+        print(f"error: cannot build {count} here: building CUDA specs needs "
+              f"{' and '.join(missing)}, not a GPU; --kernel selftest alone needs neither",
+              file=sys.stderr)
         return 1
+    log_dir = None
+    if todo:  # a log folder only when something is built
+        try:
+            ensure_writable(root)
+            log_dir = (logs_dir(root)
+                       / f"prebuild-{datetime.datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}")
+            log_dir.mkdir()
+        except (CacheDirError, OSError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
     jobs = max(1, args.jobs or default_jobs())
     env = _worker_env(jobs)
     total = len(specs)
@@ -189,25 +276,36 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{done}/{total}] {spec.name} ... cached", flush=True)
 
     start = time.perf_counter()
-    failed: list[tuple[JitSpec, Path]] = []
-    with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
-        futures = {pool.submit(_build_one, spec, log_dir / f"{spec.name}.log", env): spec
-                   for spec in todo}
-        for future in concurrent.futures.as_completed(futures):
-            spec = futures[future]
-            ok, seconds = future.result()
-            done += 1
-            log = log_dir / f"{spec.name}.log"
-            status = f"{seconds:.1f} s" if ok else f"FAILED after {seconds:.1f} s, log: {log}"
-            print(f"[{done}/{total}] {spec.name} ... {status}", flush=True)
-            if not ok:
-                failed.append((spec, log))
+    failed: list[tuple[JitSpec, Path, str | None, Path]] = []
+    try:
+        with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
+            futures = {pool.submit(_build_one, spec, log_dir / f"{spec.name}.log", env): spec
+                       for spec in todo}
+            for future in concurrent.futures.as_completed(futures):
+                spec = futures[future]
+                ok, seconds = future.result()
+                done += 1
+                log = log_dir / f"{spec.name}.log"
+                status = f"{seconds:.1f} s" if ok else f"FAILED after {seconds:.1f} s, log: {log}"
+                print(f"[{done}/{total}] {spec.name} ... {status}", flush=True)
+                if not ok:
+                    error, error_log = failure_summary(log)
+                    print(f"    {error or 'no error line found'}", flush=True)
+                    failed.append((spec, log, error, error_log))
+    finally:  # interrupted before any worker started: leave no empty log folder
+        if log_dir and not any(log_dir.iterdir()):
+            log_dir.rmdir()
+            log_dir = None
 
     built = len(todo) - len(failed)
+    logs = f"; logs in {log_dir}" if log_dir else ""
     print(f"built {built}, cached {total - len(todo)}, failed {len(failed)} in "
-          f"{time.perf_counter() - start:.1f} s; logs in {log_dir}", flush=True)
-    for spec, log in failed:
-        print(f"FAILED {spec.name}: see {log}", file=sys.stderr)
+          f"{time.perf_counter() - start:.1f} s{logs}", flush=True)
+    for spec, log, error, error_log in failed:
+        print(f"FAILED {spec.name}: {error or 'no error line found'}", file=sys.stderr)
+        if error_log != log:
+            print(f"  compiler output: {error_log}", file=sys.stderr)
+        print(f"  build log: {log}", file=sys.stderr)
     return 1 if failed else 0
 
 

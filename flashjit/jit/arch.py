@@ -90,11 +90,17 @@ def gencode_flags(arch: str) -> list[str]:
     return flags
 
 
+class NoGpuError(RuntimeError):
+    """current_arch() found neither an arch list nor a GPU; callers with their own way to name
+    an arch (prebuild's --arch) catch it to say so."""
+
+
 def current_arch(device=None) -> str:
     """The arch to build for: FLASHJIT_CUDA_ARCH_LIST, else TORCH_CUDA_ARCH_LIST, else the GPU's.
 
     A list of several archs gives one name for a binary holding them all (``sm80-sm90a``).
-    Raises RuntimeError when there is no list and no GPU, or the GPU is older than sm80.
+    Raises RuntimeError when the GPU is older than sm80 or a list is invalid, NoGpuError (a
+    RuntimeError) when there is no list and no GPU.
     """
     for var in ARCH_ENV_VARS:
         value = os.environ.get(var, "").strip()
@@ -106,7 +112,7 @@ def current_arch(device=None) -> str:
     import torch
 
     if not torch.cuda.is_available():
-        raise RuntimeError(
+        raise NoGpuError(
             "flashjit: no CUDA GPU is visible, so the arch to compile for is unknown. Set "
             "FLASHJIT_CUDA_ARCH_LIST (e.g. '8.0;9.0' or 'sm90a') to build without a GPU"
         )

@@ -81,8 +81,12 @@ def default_family(kernel: str, arch: str, head_dim_bucket: int) -> str:
 
 
 def cxx_flags() -> list[str]:
-    """Default host C++ flags (the binding files)."""
-    return ["-O3", "-std=c++17"]
+    """Default host C++ flags (the binding files).
+
+    No ``-std``: torch.utils.cpp_extension adds the C++ standard its headers need (C++20 from
+    torch 2.13 on), and a later ``-std`` of ours would override it and break the build.
+    """
+    return ["-O3"]
 
 
 def nvcc_flags(arch: str, verbose: bool = False) -> list[str]:
@@ -90,10 +94,11 @@ def nvcc_flags(arch: str, verbose: bool = False) -> list[str]:
 
     Our ``-gencode`` flags make torch.utils.cpp_extension add no arch flags of its own (its
     ``_get_cuda_arch_flags`` returns nothing once a flag mentions ``arch``), so
-    TORCH_CUDA_ARCH_LIST never widens a build. ``verbose`` adds line info and ptxas's
-    register/shared-memory report.
+    TORCH_CUDA_ARCH_LIST never widens a build. No ``-std``: cpp_extension gives nvcc torch's
+    C++ standard when our flags name none (compile_only() leaves nvcc at its default).
+    ``verbose`` adds line info and ptxas's register/shared-memory report.
     """
-    flags = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "--use_fast_math", "-DNDEBUG"]
+    flags = ["-O3", "--expt-relaxed-constexpr", "--use_fast_math", "-DNDEBUG"]
     flags += gencode_flags(arch)
     if verbose:
         flags += ["-lineinfo", "-Xptxas=-v"]

@@ -1,6 +1,7 @@
 """The public API's CPU-side behaviour: input validation before any compile, the dispatcher's
 mapping of tensors to specs, the reference math and the dropout RNG's CPU reference."""
 
+import inspect
 import math
 
 import pytest
@@ -17,8 +18,14 @@ def _qkv(b=1, s=16, h=2, d=64, dtype=torch.float16, device="cpu"):
 
 def test_cpu_tensors_are_rejected_naming_the_argument():
     q, k, v = _qkv()
-    with pytest.raises(ValueError, match="q must be a CUDA tensor"):
+    with pytest.raises(ValueError, match="q must be a CUDA tensor") as err:
         flashjit.flash_attn_func(q, k, v)
+    if torch.version.cuda is None:  # a CPU build of torch: the message says so
+        assert "has no CUDA support" in str(err.value)
+    with pytest.raises(ValueError, match="query must be a CUDA tensor"):
+        flashjit.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)))
+    with pytest.raises(ValueError, match="qkv must be a CUDA tensor"):
+        flashjit.flash_attn_qkvpacked_func(torch.stack((q, k, v), dim=2))
     with pytest.raises(TypeError, match="q must be a torch.Tensor"):
         flashjit.flash_attn_func([1, 2], k, v)
     with pytest.raises(ValueError, match="qkv must be a tensor of shape"):
@@ -102,25 +109,48 @@ def _offset_view(shape, offset_elements, dtype=torch.float16):
     return base[offset_elements:].view(shape)
 
 
-def test_alignment_predicate():
-    from flashjit.interface import _check_alignment, _is_aligned
+def test_alignment_predicates():
+    from flashjit.interface import _strides_aligned
 
     shape = (2, 16, 4, 64)
-    assert _is_aligned(torch.zeros(shape, dtype=torch.float16))
-    assert _is_aligned(torch.zeros(2, 16, 4, 72, dtype=torch.float16)[..., :64])  # strides % 8
-    assert _is_aligned(_offset_view(shape, 8))  # 16 bytes in
-    assert not _is_aligned(_offset_view(shape, 1))  # data pointer 2 bytes off
-    assert not _is_aligned(torch.zeros(2, 16, 4, 68, dtype=torch.float16)[..., :64])
-    assert not _is_aligned(torch.zeros(2, 16, 64, 4, dtype=torch.float16).transpose(-1, -2))
-    with pytest.raises(ValueError, match="q: data pointer and strides"):
-        _check_alignment("q", _offset_view(shape, 1))
+    assert _strides_aligned(torch.zeros(shape, dtype=torch.float16))
+    assert _strides_aligned(torch.zeros(2, 16, 4, 72, dtype=torch.float16)[..., :64])  # % 8
+    assert not _strides_aligned(torch.zeros(2, 16, 4, 68, dtype=torch.float16)[..., :64])
+    assert not _strides_aligned(torch.zeros(2, 16, 64, 4, dtype=torch.float16).transpose(-1, -2))
+    # the data pointer: fixed in the op, at run time
+    aligned = _offset_view(shape, 8)  # 16 bytes in
+    assert ops._aligned(aligned) is aligned and ops._aligned(None) is None
+    misaligned = _offset_view(shape, 1)  # data pointer 2 bytes off
+    fixed = ops._aligned(misaligned)
+    assert fixed.data_ptr() % 16 == 0 and torch.equal(fixed, misaligned)
 
 
-def test_backward_copies_a_misaligned_dout(monkeypatch):
-    """A dout the kernels cannot load (here: its data pointer) is copied before ops.call_bwd."""
+def test_kernel_layout_copies_only_what_the_kernels_cannot_read():
+    """Inputs with strides the kernels cannot load are copied; head dims not a multiple of 8 are
+    zero-padded; an input the kernels can read is passed through as it is."""
+    from flashjit.interface import _kernel_layout, _strides_aligned
+
+    aligned = torch.randn(2, 16, 4, 64, dtype=torch.float16)
+    assert _kernel_layout(aligned, 64) is aligned
+    for bad in (torch.randn(2, 16, 4, 68, dtype=torch.float16)[..., :64],
+                torch.randn(2, 16, 64, 4, dtype=torch.float16).transpose(-1, -2)):
+        fixed = _kernel_layout(bad, 64)
+        assert _strides_aligned(fixed) and torch.equal(fixed, bad)
+    odd = torch.randn(2, 16, 4, 59, dtype=torch.float16, requires_grad=True)
+    padded = _kernel_layout(odd, 64)
+    assert padded.shape == (2, 16, 4, 64) and _strides_aligned(padded)
+    assert torch.equal(padded[..., :59], odd) and torch.all(padded[..., 59:] == 0)
+    grad = torch.randn(padded.shape, dtype=torch.float16)
+    (g,) = torch.autograd.grad(padded, odd, grad)
+    assert torch.equal(g, grad[..., :59])  # the padding's gradient is dropped, the rest exact
+
+
+def test_backward_copies_a_dout_with_unaligned_strides(monkeypatch):
+    """A dout whose strides the kernels cannot load is copied before ops.call_bwd (its data
+    pointer is ops._aligned's, checked above)."""
     from types import SimpleNamespace
 
-    from flashjit.interface import _FlashAttnFunction
+    from flashjit.interface import _FlashAttnFunction, _strides_aligned
 
     seen = []
 
@@ -129,12 +159,63 @@ def test_backward_copies_a_misaligned_dout(monkeypatch):
         return None, None, None
 
     monkeypatch.setattr(ops, "call_bwd", fake_call_bwd)
-    ctx = SimpleNamespace(saved_tensors=(None,) * 9,
-                          args=(16, 16, 0.125, False, True, 0.0, False))
-    misaligned = _offset_view((2, 16, 4, 64), 1)
-    _FlashAttnFunction.backward(ctx, misaligned, None)
-    assert seen[-1] is not misaligned and seen[-1].data_ptr() % 16 == 0
-    assert torch.equal(seen[-1], misaligned)
+    ctx = SimpleNamespace(saved_tensors=(None,) * 10,
+                          args=(16, 16, 0.125, False, True, 0.0, False, True))
+    strided = torch.zeros(2, 16, 4, 68, dtype=torch.float16)[..., :64]
+    _FlashAttnFunction.backward(ctx, strided, None)
+    assert seen[-1] is not strided and _strides_aligned(seen[-1])
+    assert torch.equal(seen[-1], strided)
     aligned = torch.zeros(2, 16, 4, 64, dtype=torch.float16)
     _FlashAttnFunction.backward(ctx, aligned, None)
     assert seen[-1] is aligned  # no copy when none is needed
+
+
+# flash-attn 2.x's public signatures (flash_attn/flash_attn_interface.py, v2.6-2.8): a positional
+# call written for flash-attn must mean the same here.
+_VARIANTS = [("window_size", (-1, -1)), ("softcap", 0.0), ("alibi_slopes", None),
+             ("deterministic", False), ("return_attn_probs", False)]
+_COMMON = [("dropout_p", 0.0), ("softmax_scale", None), ("causal", False)] + _VARIANTS
+_REQUIRED = inspect.Parameter.empty
+FLASH_ATTN_SIGNATURES = {
+    "flash_attn_func": [("q", _REQUIRED), ("k", _REQUIRED), ("v", _REQUIRED)] + _COMMON,
+    "flash_attn_qkvpacked_func": [("qkv", _REQUIRED)] + _COMMON,
+    "flash_attn_kvpacked_func": [("q", _REQUIRED), ("kv", _REQUIRED)] + _COMMON,
+    "flash_attn_varlen_func": [(n, _REQUIRED) for n in (
+        "q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k")]
+        + _COMMON + [("block_table", None)],
+    "flash_attn_varlen_qkvpacked_func": [(n, _REQUIRED) for n in (
+        "qkv", "cu_seqlens", "max_seqlen")] + _COMMON,
+    "flash_attn_varlen_kvpacked_func": [(n, _REQUIRED) for n in (
+        "q", "kv", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k")] + _COMMON,
+}
+
+
+@pytest.mark.parametrize("name", sorted(FLASH_ATTN_SIGNATURES))
+def test_signatures_match_flash_attn(name):
+    params = [p for p in inspect.signature(getattr(flashjit, name)).parameters.values()
+              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    assert [(p.name, p.default) for p in params] == FLASH_ATTN_SIGNATURES[name]
+
+
+def test_variant_arguments_are_checked_then_refused():
+    from flashjit.interface import _check_variants
+
+    _check_variants((-1, -1), 0.0, None)  # plain attention: accepted
+    _check_variants([-1, -1], 0, None)
+    with pytest.raises(NotImplementedError, match="window_size"):
+        _check_variants((128, 0), 0.0, None)
+    with pytest.raises(TypeError, match="window_size must be a pair"):
+        _check_variants(128, 0.0, None)
+    with pytest.raises(TypeError, match="window_size must be a pair"):
+        _check_variants((1.5, 0), 0.0, None)
+    with pytest.raises(ValueError, match="window_size entries must be >= -1"):
+        _check_variants((-2, 0), 0.0, None)
+    with pytest.raises(NotImplementedError, match="softcap"):
+        _check_variants((-1, -1), 30.0, None)
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="softcap must be a finite number"):
+            _check_variants((-1, -1), bad, None)
+    with pytest.raises(TypeError, match="softcap must be a float"):
+        _check_variants((-1, -1), "30", None)
+    with pytest.raises(NotImplementedError, match="alibi_slopes"):
+        _check_variants((-1, -1), 0.0, torch.ones(4))

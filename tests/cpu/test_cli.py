@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
 import shutil
 
+import torch
 from jithelpers import entries, run_python
 
 import flashjit
 from flashjit.jit import csrc_dir
-from flashjit.prebuild import default_jobs
+from flashjit.prebuild import _parser, default_jobs, failure_summary
 
 
 def test_prebuild_list_is_the_deduplicated_cross_product(tmp_path):
@@ -77,9 +79,47 @@ def test_prebuild_without_arch_or_gpu_says_what_to_set(tmp_path):
     else:
         assert result.returncode == 2
         assert "FLASHJIT_CUDA_ARCH_LIST" in result.stderr
+        assert "no CUDA GPU is visible; pass --arch (e.g. --arch 9.0" in result.stderr
+        assert "flashjit:" not in result.stderr
     result = run_python(["-m", "flashjit.prebuild", "--kernel", "fwd", "--list"], tmp_path / "cache",
                         FLASHJIT_CUDA_ARCH_LIST="8.6", TORCH_CUDA_ARCH_LIST="")
     assert result.returncode == 0 and result.stdout.split()[0] == "fwd_sm86_fp16_hd32"
+    result = run_python(["-m", "flashjit.prebuild", "--kernel", "fwd", "--list"], tmp_path / "cache",
+                        FLASHJIT_CUDA_ARCH_LIST="7.0")
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[-1].startswith("error: cannot use FLASHJIT_CUDA_ARCH_LIST")
+
+
+def test_prebuild_help_is_plain_words_with_examples(tmp_path):
+    result = run_python(["-m", "flashjit.prebuild", "--help"], tmp_path / "cache")
+    assert result.returncode == 0, result.stderr
+    assert "['" not in result.stdout and "()" not in result.stdout  # no Python reprs
+    examples = result.stdout.split("\nexamples:\n", 1)[1]
+    assert "python -m flashjit.prebuild --kernel selftest\n" in examples
+    for action in _parser()._actions:
+        if action.help not in (None, argparse.SUPPRESS) and action.dest != "help":
+            assert "(default: " in action.help, action.option_strings
+
+
+def test_prebuild_cuda_specs_need_cuda_torch_and_nvcc(tmp_path):
+    """A missing CUDA toolchain is reported once, before any build; no worker, no log folder."""
+    cache = tmp_path / "cache"
+    args = ["-m", "flashjit.prebuild", "--kernel", "fwd", "selftest", "--arch", "9.0",
+            "--dtype", "bf16", "--head-dim", "64", "--causal", "no"]
+    result = run_python(args, cache, CUDA_HOME=str(tmp_path / "no-toolkit"))
+    assert result.returncode == 1
+    assert "error: cannot build 1 CUDA spec here" in result.stderr
+    assert "nvcc (set CUDA_HOME to a CUDA toolkit)" in result.stderr
+    if torch.version.cuda is None:
+        assert f"a CUDA build of torch (torch {torch.__version__} has no CUDA support)" in \
+            result.stderr
+    assert "flashjit prebuild:" not in result.stdout  # nothing was started
+    assert not cache.exists() or (entries(cache) == [] and not (cache / "logs").exists())
+    # --list and --dry-run need neither
+    for flag in ("--list", "--dry-run"):
+        result = run_python(args + [flag], cache, CUDA_HOME=str(tmp_path / "no-toolkit"))
+        assert result.returncode == 0, result.stderr
+        assert "fwd_sm90a_bf16_hd64_wgmma" in result.stdout
 
 
 def test_prebuild_dry_run_reports_cache_state(cache_copy):
@@ -99,6 +139,8 @@ def test_prebuild_warm_run_reports_cached(cache_copy):
     assert result.returncode == 0, result.stderr
     assert "[1/1] selftest_cpu ... cached" in result.stdout
     assert "built 0, cached 1, failed 0" in result.stdout
+    assert "logs in" not in result.stdout
+    assert not (cache_copy / "logs").exists()  # nothing built: no empty prebuild-* folder
 
 
 def test_prebuild_failure_exits_nonzero_with_the_log(tmp_path):
@@ -117,6 +159,55 @@ def test_prebuild_failure_exits_nonzero_with_the_log(tmp_path):
     text = log.read_text()
     assert "deliberately_missing_header.h" in text and "BuildError" in text
     assert entries(cache) == [] and list(cache.glob(".tmp-*")) == []
+    # the compiler's own error line reaches the console, with the log that holds it
+    (compiler_log,) = (cache / "logs").glob("selftest_cpu-*.log")
+    error = f"{source}:1:10: fatal error: deliberately_missing_header.h: No such file or directory"
+    assert "[1/1] selftest_cpu ... FAILED" in result.stdout and f"    {error}\n" in result.stdout
+    assert f"FAILED selftest_cpu: {error}\n  compiler output: {compiler_log}\n" in result.stderr
+
+
+# nvcc 13.0's output for an undefined name, as torch's cpp_extension passes it on
+NVCC_OUTPUT = """\
+Error building extension 'flashjit_fwd_sm90a_bf16_hd64_1a2b': [1/3] nvcc -Werror=all-warnings -c k.cu
+FAILED: k.cuda.o
+k.cu(1): error: identifier "undefined_name" is undefined
+  __attribute__((global)) void k(float* x) { x[0] = undefined_name; }
+                                                    ^
+
+1 error detected in the compilation of "k.cu".
+ninja: build stopped: subcommand failed.
+"""
+
+
+def test_failure_summary_reads_the_compiler_log_the_worker_log_names(tmp_path):
+    compiler_log = tmp_path / "fwd_sm90a_bf16_hd64-20260101-000000.log"
+    compiler_log.write_text("fwd_sm90a_bf16_hd64\nkey fields: {}\n\n" + NVCC_OUTPUT)
+    worker_log = tmp_path / "worker.log"
+    worker_log.write_text(
+        "Traceback (most recent call last):\n  File \"x.py\", line 1, in <module>\n"
+        "flashjit.jit.build.BuildError: flashjit: compiling fwd_sm90a_bf16_hd64 failed; the "
+        f"compiler output is in {compiler_log}. To report it, rerun with FLASHJIT_VERBOSE=1\n")
+    assert failure_summary(worker_log) == (
+        'k.cu(1): error: identifier "undefined_name" is undefined', compiler_log)
+    compiler_log.unlink()  # gone: the worker log is all there is
+    assert failure_summary(worker_log) == (
+        "flashjit.jit.build.BuildError: flashjit: compiling fwd_sm90a_bf16_hd64 failed; the "
+        f"compiler output is in {compiler_log}. To report it, rerun with FLASHJIT_VERBOSE=1",
+        worker_log)
+
+
+def test_failure_summary_without_compiler_output(tmp_path):
+    worker_log = tmp_path / "worker.log"
+    worker_log.write_text(
+        "Traceback (most recent call last):\n"
+        "flashjit.jit.build.BuildError: flashjit: nvcc not found (set CUDA_HOME) to build x\n"
+        "/site-packages/torch/_subclasses/functional_tensor.py:368: UserWarning: no NumPy\n")
+    assert failure_summary(worker_log) == (
+        "flashjit.jit.build.BuildError: flashjit: nvcc not found (set CUDA_HOME) to build x",
+        worker_log)
+    worker_log.write_text("Killed\n")
+    assert failure_summary(worker_log) == (None, worker_log)
+    assert failure_summary(tmp_path / "missing.log") == (None, tmp_path / "missing.log")
 
 
 def test_default_jobs_is_positive():
@@ -136,6 +227,50 @@ def test_info(cache_copy):
     assert rows["backward family"] == "sm90 (wgmma) at head dims 64, 128; sm80 (mma.sync) otherwise"
     rows = _info_rows(cache_copy, FLASHJIT_CUDA_ARCH_LIST="9.0", FLASHJIT_KERNEL_FAMILY="sm80")
     assert rows["forward family"] == rows["backward family"] == "sm80 (mma.sync)"
+
+
+def _info_lines(cache, **env) -> list[tuple[str, str]]:
+    """``python -m flashjit info``'s rows as (name, value), in order (names repeat: warning)."""
+    result = run_python(["-m", "flashjit", "info"], cache, **env)
+    assert result.returncode == 0, result.stderr
+    return [(name, value.strip()) for name, value in
+            (line.split("  ", 1) for line in result.stdout.splitlines() if "  " in line)]
+
+
+def test_info_warns_when_kernels_cannot_run(tmp_path):
+    warnings = [v for n, v in _info_lines(tmp_path / "cache", TORCH_CUDA_ARCH_LIST="")
+                if n == "warning"]
+    no_cuda = f"torch {torch.__version__} has no CUDA support: install a CUDA build of torch"
+    no_gpu = "no CUDA GPU is visible: flashjit kernels cannot run here"
+    if torch.version.cuda is None:
+        assert any(w.startswith(no_cuda) for w in warnings), warnings
+    elif not torch.cuda.is_available():
+        assert any(w.startswith(no_gpu) for w in warnings), warnings
+    else:
+        assert not [w for w in warnings if w.startswith((no_cuda, no_gpu))], warnings
+
+
+def test_info_arch_error_has_one_prefix(tmp_path):
+    rows = dict(_info_lines(tmp_path / "cache", FLASHJIT_CUDA_ARCH_LIST="7.0"))
+    assert rows["arch"].startswith("cannot use FLASHJIT_CUDA_ARCH_LIST='7.0': CUDA arch '7.0' is "
+                                   "older than sm80"), rows["arch"]
+    if not torch.cuda.is_available():
+        rows = dict(_info_lines(tmp_path / "cache", TORCH_CUDA_ARCH_LIST=""))
+        assert rows["arch"].startswith("no CUDA GPU is visible, so the arch"), rows["arch"]
+
+
+def test_info_shows_the_nvcc_builds_use(tmp_path):
+    toolkit = tmp_path / "toolkit"
+    (toolkit / "bin").mkdir(parents=True)
+    nvcc = toolkit / "bin" / "nvcc"
+    nvcc.write_text("#!/bin/sh\necho 'nvcc: NVIDIA (R) Cuda compiler driver'\n"
+                    "echo 'Cuda compilation tools, release 99.9, V99.9.1'\n")
+    nvcc.chmod(0o755)
+    rows = dict(_info_lines(tmp_path / "cache", CUDA_HOME=str(toolkit)))
+    assert rows["nvcc"] == f"Cuda compilation tools, release 99.9, V99.9.1 ({nvcc})"
+    lines = _info_lines(tmp_path / "cache", CUDA_HOME=str(tmp_path / "no-toolkit"))
+    assert dict(lines)["nvcc"] == "not found: set CUDA_HOME to a CUDA toolkit"
+    assert ("warning", "nvcc not found: set CUDA_HOME to a CUDA toolkit to compile kernels") in lines
 
 
 def _info_rows(cache, **env) -> dict[str, str]:

@@ -158,9 +158,9 @@ def test_spec_defines_and_flags():
         "-DFLASHJIT_IS_CAUSAL=1", "-DFLASHJIT_HAS_DROPOUT=0",
     ]
     assert spec.defines == defines
-    assert spec.cflags() == ["-O3", "-std=c++17", *defines]
+    assert spec.cflags() == ["-O3", *defines]
     assert spec.cuda_cflags(verbose=False) == [
-        "-O3", "-std=c++17", "--expt-relaxed-constexpr", "--use_fast_math", "-DNDEBUG",
+        "-O3", "--expt-relaxed-constexpr", "--use_fast_math", "-DNDEBUG",
         "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90a,code=sm_90a", *defines,
     ]
     assert [s.name for s in spec.sources()] == ["fwd_binding.cpp", "flash_fwd.cu"]
@@ -183,7 +183,7 @@ def test_spec_defines_and_flags():
     selftest = JitSpec("selftest")
     assert selftest.defines == ["-DFLASHJIT_OP_NAMESPACE=flashjit_selftest_cpu"]
     assert selftest.cuda_cflags() == [] and not selftest.with_cuda
-    assert cxx_flags() == ["-O3", "-std=c++17"]
+    assert cxx_flags() == ["-O3"]
 
 
 def test_verbose_flags(monkeypatch):

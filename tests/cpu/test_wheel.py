@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import pytest
 
 from jithelpers import REPO
 
-_TREE = ["pyproject.toml", "README.md", "flashjit", "csrc"]
+_TREE = ["pyproject.toml", "README.md", "LICENSE", "flashjit", "csrc"]
 
 
 @pytest.fixture(scope="module")
@@ -47,9 +48,25 @@ def test_wheel_is_small_pure_python_with_csrc(wheel):
     assert "flashjit/jit/build.py" in names and "flashjit/prebuild.py" in names
     assert not [n for n in names if n.endswith((".so", ".o", ".pyd"))]
     metadata = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("METADATA")))
-    requires = {line.split(b":", 1)[1].strip().split(b";")[0].strip()
-                for line in metadata.splitlines() if line.startswith(b"Requires-Dist:")}
-    assert {b"torch", b"ninja", b"filelock", b"platformdirs"} <= requires
+    requires = [line.split(b":", 1)[1].strip().split(b";")[0].strip()
+                for line in metadata.splitlines() if line.startswith(b"Requires-Dist:")]
+    dists = {re.match(rb"[\w.-]+", r).group(): r for r in requires}
+    assert {b"torch", b"ninja", b"filelock", b"platformdirs"} <= dists.keys()
+    # The tested torch range (pyproject.toml), its bounds in either order.
+    torch_range = dists[b"torch"].removeprefix(b"torch")
+    assert sorted(torch_range.split(b",")) == [b"<2.15", b">=2.11"], torch_range
+
+
+def test_wheel_carries_license_and_urls(wheel):
+    wheel, _ = wheel
+    names = zipfile.ZipFile(wheel).namelist()
+    (license_file,) = [n for n in names if n.endswith(".dist-info/licenses/LICENSE")]
+    assert b"BSD 3-Clause" in zipfile.ZipFile(wheel).read(license_file)
+    metadata = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("METADATA")))
+    lines = metadata.decode().splitlines()
+    assert "License-Expression: BSD-3-Clause" in lines
+    assert "License-File: LICENSE" in lines
+    assert "Project-URL: Repository, https://github.com/flashjit/flashjit" in lines
 
 
 def test_installed_wheel_finds_its_own_csrc(wheel, tmp_path):

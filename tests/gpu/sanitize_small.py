@@ -20,5 +20,15 @@ for dtype, d, causal, deterministic, dropout_p in [(torch.float16, 64, False, Fa
     out = flashjit.flash_attn_func(q, k, v, causal=causal, deterministic=deterministic,
                                    dropout_p=dropout_p)
     out.sum().backward()
+# varlen with rows past the last sequence (the tail-zeroing kernel), at a head dim of the sm80
+# family, and a head dim that is padded (59 -> 64)
+for d in (96, 59):
+    q = torch.randn(150, 2, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(120, 1, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(120, 1, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    cu_q = torch.tensor([0, 60, 130], device="cuda", dtype=torch.int32)
+    cu_k = torch.tensor([0, 50, 100], device="cuda", dtype=torch.int32)
+    out = flashjit.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 70, 50, causal=True)
+    out.sum().backward()
 torch.cuda.synchronize()
 print("sanitize_small: ok")

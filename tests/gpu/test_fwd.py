@@ -43,7 +43,7 @@ def assert_close_to_reference(out, lse, q, k, v, causal, scale=None, bottom_righ
 def test_fwd_grid(dtype, d, causal, sq, sk):
     torch.manual_seed(sq * 1000 + sk + d)
     q, k, v = _qkv(2, sq, sk, 3, 3, d, dtype)
-    out, lse = flashjit.flash_attn_func(q, k, v, causal=causal, return_lse=True)
+    out, lse, _ = flashjit.flash_attn_func(q, k, v, causal=causal, return_attn_probs=True)
     assert out.shape == q.shape and out.dtype == dtype
     assert lse.shape == (2, 3, sq) and lse.dtype == torch.float32
     assert_close_to_reference(out, lse, q, k, v, causal)
@@ -54,7 +54,7 @@ def test_fwd_grid(dtype, d, causal, sq, sk):
 @pytest.mark.parametrize("causal", [False, True])
 def test_fwd_gqa(dtype, h, hk, causal):
     q, k, v = _qkv(2, 300, 300, h, hk, 64, dtype)
-    out, lse = flashjit.flash_attn_func(q, k, v, causal=causal, return_lse=True)
+    out, lse, _ = flashjit.flash_attn_func(q, k, v, causal=causal, return_attn_probs=True)
     assert_close_to_reference(out, lse, q, k, v, causal)
 
 
@@ -68,21 +68,21 @@ def test_fwd_random_shapes():
         dtype, causal = rng.choice(DTYPES), rng.random() < 0.5
         scale = rng.choice([None, 0.05, 0.3])
         q, k, v = _qkv(b, sq, sk, h, hk, d, dtype)
-        out, lse = flashjit.flash_attn_func(q, k, v, causal=causal, softmax_scale=scale,
-                                            return_lse=True)
+        out, lse, _ = flashjit.flash_attn_func(q, k, v, causal=causal, softmax_scale=scale,
+                                               return_attn_probs=True)
         assert_close_to_reference(out, lse, q, k, v, causal, scale)
 
 
 def test_fwd_large_batch_heads():
     q, k, v = _qkv(64, 64, 64, 40, 40, 64, torch.bfloat16)  # 2560 (batch, head) pairs
-    out, lse = flashjit.flash_attn_func(q, k, v, return_lse=True)
+    out, lse, _ = flashjit.flash_attn_func(q, k, v, return_attn_probs=True)
     assert_close_to_reference(out, lse, q, k, v, False)
 
 
 def test_fwd_rows_without_keys_give_zero_and_minus_inf():
     # causal, bottom-right, seqlen_q > seqlen_k: the first seqlen_q - seqlen_k rows see no key
     q, k, v = _qkv(2, 100, 30, 2, 2, 64, torch.float16)
-    out, lse = flashjit.flash_attn_func(q, k, v, causal=True, return_lse=True)
+    out, lse, _ = flashjit.flash_attn_func(q, k, v, causal=True, return_attn_probs=True)
     assert not torch.isnan(out).any() and not torch.isnan(lse).any()
     assert torch.all(out[:, :70] == 0) and torch.all(lse[:, :, :70] == float("-inf"))
     assert torch.all(torch.isfinite(lse[:, :, 70:]))
@@ -110,8 +110,9 @@ def test_fwd_varlen_with_empty_sequences(causal):
     v = torch.randn(sum(lens_k), hk, d, device="cuda", dtype=dtype)
     cu = lambda ls: torch.tensor([0] + list(torch.tensor(ls).cumsum(0)), device="cuda",  # noqa
                                  dtype=torch.int32)
-    out, lse = flashjit.flash_attn_varlen_func(q, k, v, cu(lens_q), cu(lens_k), max(lens_q),
-                                               max(lens_k), causal=causal, return_lse=True)
+    out, lse, _ = flashjit.flash_attn_varlen_func(q, k, v, cu(lens_q), cu(lens_k), max(lens_q),
+                                                  max(lens_k), causal=causal,
+                                                  return_attn_probs=True)
     assert lse.shape == (h, sum(lens_q))
     oq = ok = 0
     for lq, lk in zip(lens_q, lens_k):
