@@ -4,6 +4,7 @@
     out = flashjit.flash_attn_func(q, k, v, causal=True)   # q (batch, seq, heads, d)
 """
 
+from . import testing  # noqa: F401  (flashjit.testing.next_dropout_mask, as the README says)
 from ._version import __version__
 from .interface import (
     flash_attn_func,

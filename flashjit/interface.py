@@ -13,6 +13,8 @@ A query row that sees no key gets output 0 and lse -inf (never NaN).
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 from typing import Optional
 
 import torch
@@ -98,29 +100,80 @@ def _check_qkv(q: Tensor, k: Tensor, v: Tensor, varlen: bool, names=("q", "k", "
                          f"number of key/value heads of {nk} ({heads_k})")
 
 
+def _check_real(name: str, x) -> float:
+    """x as a float: TypeError naming it unless x is a real number (bools and strings are not)."""
+    if isinstance(x, bool) or not isinstance(x, (numbers.Real, torch.SymFloat, torch.SymInt)):
+        raise TypeError(f"{name} must be a number, got {x!r}")
+    return x
+
+
+def _check_int(name: str, x, upper: int = 2**31 - 1) -> int:
+    """x as an int in [0, upper]: TypeError/ValueError naming it otherwise."""
+    if isinstance(x, torch.SymInt):  # a traced size under torch.compile(dynamic=True)
+        return x
+    if isinstance(x, bool):
+        raise TypeError(f"{name} must be an int, got {x!r}")
+    try:
+        value = operator.index(x)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {x!r}") from None
+    if not 0 <= value <= upper:
+        raise ValueError(f"{name} must be between 0 and {upper}, got {value}")
+    return value
+
+
+def _check_flag(name: str, x) -> bool:
+    """x as a bool: True/False (numpy's too) or the ints 0/1; TypeError naming it otherwise (a
+    string such as 'False' would otherwise mean True)."""
+    if isinstance(x, bool) or type(x).__name__ == "bool_" or (
+            isinstance(x, int) and x in (0, 1)):
+        return bool(x)
+    raise TypeError(f"{name} must be a bool, got {x!r}")
+
+
 def _check_scalars(dropout_p: float, softmax_scale: Optional[float], d: int) -> float:
-    if not 0.0 <= float(dropout_p) < 1.0:
+    """softmax_scale as a float (default 1 / sqrt(d)), after checking dropout_p too."""
+    dropout_p = _check_real("dropout_p", dropout_p)
+    if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     if softmax_scale is None:
         return 1.0 / math.sqrt(d)
-    scale = float(softmax_scale)
+    scale = float(_check_real("softmax_scale", softmax_scale))
     if not (math.isfinite(scale) and scale > 0.0):
         raise ValueError(f"softmax_scale must be a positive finite number, got {softmax_scale}")
     return scale
 
 
-def _check_variants(window_size, softcap, alibi_slopes) -> None:
-    """flash-attn 2.x's variant arguments: checked, and refused (NotImplementedError naming the
-    argument) unless they ask for plain attention."""
+def _resolve_window(window_size, causal, seqlen_q: int, seqlen_k: int) -> bool:
+    """flash-attn 2.x's window_size: query i sees keys i + seqlen_k - seqlen_q - left ..
+    i + seqlen_k - seqlen_q + right (-1: unbounded); causal sets right to 0. Bounds that exclude
+    no key (left >= seqlen_k - 1, right >= seqlen_q - 1: any window at least as wide as the
+    sequences) are unbounded. Returns whether the attention is causal: the windows that remain
+    are plain (-1, -1) or causal (-1, 0); any other raises NotImplementedError (the variants
+    issue adds them). seqlen_q/k: the (maximum) sequence lengths."""
     if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
             or any(isinstance(w, bool) or not isinstance(w, int) for w in window_size)):
         raise TypeError(f"window_size must be a pair (left, right) of ints, got {window_size!r}")
-    if any(w < -1 for w in window_size):
+    left, right = window_size
+    if left < -1 or right < -1:
         raise ValueError(f"window_size entries must be >= -1 (-1: unbounded), got {window_size!r}")
-    if tuple(window_size) != (-1, -1):
-        raise NotImplementedError(f"window_size={tuple(window_size)}: sliding-window attention is "
-                                  "not implemented in flashjit yet; only (-1, -1) is supported")
-    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+    if left >= seqlen_k - 1:
+        left = -1
+    if right >= seqlen_q - 1:
+        right = -1
+    if causal:
+        right = 0
+    if left == -1 and right in (-1, 0):
+        return right == 0
+    raise NotImplementedError(f"window_size={tuple(window_size)}: sliding-window attention is "
+                              "not implemented in flashjit yet; only windows that exclude no key "
+                              "((-1, -1), or (-1, 0) = causal) are supported")
+
+
+def _check_variants(softcap, alibi_slopes) -> None:
+    """flash-attn 2.x's softcap and alibi_slopes: checked, and refused (NotImplementedError
+    naming the argument) unless they ask for plain attention."""
+    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
         raise TypeError(f"softcap must be a float, got {type(softcap).__name__}")
     if not (math.isfinite(softcap) and softcap >= 0.0):
         raise ValueError(f"softcap must be a finite number >= 0 (0: off), got {softcap}")
@@ -128,6 +181,9 @@ def _check_variants(window_size, softcap, alibi_slopes) -> None:
         raise NotImplementedError(f"softcap={softcap}: logit softcapping is not implemented in "
                                   "flashjit yet; only softcap=0.0 is supported")
     if alibi_slopes is not None:
+        if not isinstance(alibi_slopes, Tensor):
+            raise TypeError(f"alibi_slopes must be None or a float32 tensor, got "
+                            f"{type(alibi_slopes).__name__}")
         raise NotImplementedError("alibi_slopes: ALiBi is not implemented in flashjit yet; pass "
                                   "alibi_slopes=None")
 
@@ -152,8 +208,6 @@ def _check_cu_seqlens(name: str, cu: Tensor, device: torch.device, total: int,
         raise ValueError(f"{name} must be on {device}, got {cu.device}")
     if not cu.is_contiguous():
         raise ValueError(f"{name} must be contiguous")
-    if max_seqlen < 0:
-        raise ValueError(f"{max_name} must be >= 0, got {max_seqlen}")
     if _capturing():
         return  # values live on the device; checking them would synchronise
     host = cu.tolist()
@@ -261,16 +315,26 @@ _COMMON_DOC = """
     Raises TypeError/ValueError naming the argument for bad input, before anything compiles."""
 
 
+def _flash_attn(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                deterministic, return_attn_probs, names=("q", "k", "v")):
+    """flash_attn_func, with `names`: how the caller calls q, k, v in error messages."""
+    _check_qkv(q, k, v, varlen=False, names=names)
+    causal = _resolve_window(window_size, _check_flag("causal", causal), q.shape[1], k.shape[1])
+    _check_variants(softcap, alibi_slopes)
+    scale = _check_scalars(dropout_p, softmax_scale, q.shape[-1])
+    deterministic = _check_flag("deterministic", deterministic)
+    return_attn_probs = _check_flag("return_attn_probs", return_attn_probs)
+    out, lse = _attention(q, k, v, None, None, None, q.shape[1], k.shape[1], scale, causal, True,
+                          dropout_p, deterministic)
+    return _result(out, lse, return_attn_probs)
+
+
 def flash_attn_func(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0,
                     softmax_scale: Optional[float] = None, causal: bool = False,
                     window_size=(-1, -1), softcap: float = 0.0, alibi_slopes=None,
                     deterministic: bool = False, return_attn_probs: bool = False):
-    _check_qkv(q, k, v, varlen=False)
-    _check_variants(window_size, softcap, alibi_slopes)
-    scale = _check_scalars(dropout_p, softmax_scale, q.shape[-1])
-    out, lse = _attention(q, k, v, None, None, None, q.shape[1], k.shape[1], scale, bool(causal),
-                          True, dropout_p, deterministic)
-    return _result(out, lse, return_attn_probs)
+    return _flash_attn(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
+                       alibi_slopes, deterministic, return_attn_probs)
 
 
 flash_attn_func.__doc__ = """Exact attention, as flash_attn.flash_attn_func (2.x).
@@ -280,29 +344,47 @@ flash_attn_func.__doc__ = """Exact attention, as flash_attn.flash_attn_func (2.x
     return_attn_probs (out, softmax_lse (batch, heads, seqlen_q), None).""" + _COMMON_DOC
 
 
+def _flash_attn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                       dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                       deterministic, return_attn_probs, block_table=None,
+                       names=("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q",
+                              "max_seqlen_k")):
+    """flash_attn_varlen_func, with `names`: how the caller calls its tensors and lengths in
+    error messages."""
+    nq, nk, nv, ncu_q, ncu_k, nmax_q, nmax_k = names
+    _check_qkv(q, k, v, varlen=True, names=(nq, nk, nv))
+    max_seqlen_q, max_seqlen_k = _check_int(nmax_q, max_seqlen_q), _check_int(nmax_k, max_seqlen_k)
+    causal = _resolve_window(window_size, _check_flag("causal", causal), max_seqlen_q,
+                             max_seqlen_k)
+    _check_variants(softcap, alibi_slopes)
+    if block_table is not None:
+        if not isinstance(block_table, Tensor):
+            raise TypeError(f"block_table must be None or an int32 tensor, got "
+                            f"{type(block_table).__name__}")
+        raise NotImplementedError("block_table: paged KV is not implemented in flashjit yet; pass "
+                                  "block_table=None")
+    scale = _check_scalars(dropout_p, softmax_scale, q.shape[-1])
+    deterministic = _check_flag("deterministic", deterministic)
+    return_attn_probs = _check_flag("return_attn_probs", return_attn_probs)
+    _check_cu_seqlens(ncu_q, cu_seqlens_q, q.device, q.shape[0], max_seqlen_q, nmax_q)
+    _check_cu_seqlens(ncu_k, cu_seqlens_k, q.device, k.shape[0], max_seqlen_k, nmax_k)
+    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+        raise ValueError(f"{ncu_q} and {ncu_k} must have the same length, got "
+                         f"{cu_seqlens_q.numel()} and {cu_seqlens_k.numel()}")
+    out, lse = _attention(q, k, v, cu_seqlens_q, cu_seqlens_k, None, max_seqlen_q, max_seqlen_k,
+                          scale, causal, True, dropout_p, deterministic)
+    return _result(out, lse, return_attn_probs)
+
+
 def flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
                            cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int,
                            dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
                            causal: bool = False, window_size=(-1, -1), softcap: float = 0.0,
                            alibi_slopes=None, deterministic: bool = False,
-                           return_attn_probs: bool = False, block_table=None, *,
-                           _names=("q", "k", "v")):
-    _check_qkv(q, k, v, varlen=True, names=_names)
-    _check_variants(window_size, softcap, alibi_slopes)
-    if block_table is not None:
-        raise NotImplementedError("block_table: paged KV is not implemented in flashjit yet; pass "
-                                  "block_table=None")
-    scale = _check_scalars(dropout_p, softmax_scale, q.shape[-1])
-    _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.device, q.shape[0], int(max_seqlen_q),
-                      "max_seqlen_q")
-    _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, q.device, k.shape[0], int(max_seqlen_k),
-                      "max_seqlen_k")
-    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
-        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have the same length, got "
-                         f"{cu_seqlens_q.numel()} and {cu_seqlens_k.numel()}")
-    out, lse = _attention(q, k, v, cu_seqlens_q, cu_seqlens_k, None, int(max_seqlen_q),
-                          int(max_seqlen_k), scale, bool(causal), True, dropout_p, deterministic)
-    return _result(out, lse, return_attn_probs)
+                           return_attn_probs: bool = False, block_table=None):
+    return _flash_attn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                              dropout_p, softmax_scale, causal, window_size, softcap,
+                              alibi_slopes, deterministic, return_attn_probs, block_table)
 
 
 flash_attn_varlen_func.__doc__ = """Packed variable-length sequences, as
@@ -322,7 +404,9 @@ def _unpack(packed, name: str, parts: int, varlen: bool):
     rank = 4 if varlen else 5
     layout = ("(total, " if varlen else "(batch, seqlen, ") + \
         ("3, heads, d)" if parts == 3 else "2, heads_k, d)")
-    if not isinstance(packed, Tensor) or packed.dim() != rank or packed.shape[-3] != parts:
+    if not isinstance(packed, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(packed).__name__}")
+    if packed.dim() != rank or packed.shape[-3] != parts:
         raise ValueError(f"{name} must be a tensor of shape {layout}, got "
                          f"{getattr(packed, 'shape', type(packed).__name__)}")
     return packed.unbind(-3)
@@ -335,9 +419,8 @@ def flash_attn_qkvpacked_func(qkv: Tensor, dropout_p: float = 0.0,
     """qkv (batch, seqlen, 3, heads, d): q, k, v are views into it (no copies; the gradient is
     one tensor like qkv). Otherwise as flash_attn_func."""
     q, k, v = _unpack(qkv, "qkv", 3, varlen=False)
-    _check_qkv(q, k, v, varlen=False, names=("qkv",) * 3)
-    return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
-                           alibi_slopes, deterministic, return_attn_probs)
+    return _flash_attn(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
+                       alibi_slopes, deterministic, return_attn_probs, names=("qkv",) * 3)
 
 
 def flash_attn_kvpacked_func(q: Tensor, kv: Tensor, dropout_p: float = 0.0,
@@ -347,9 +430,8 @@ def flash_attn_kvpacked_func(q: Tensor, kv: Tensor, dropout_p: float = 0.0,
     """q (batch, seqlen_q, heads, d); kv (batch, seqlen_k, 2, heads_k, d). Otherwise as
     flash_attn_func."""
     k, v = _unpack(kv, "kv", 2, varlen=False)
-    _check_qkv(q, k, v, varlen=False, names=("q", "kv", "kv"))
-    return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
-                           alibi_slopes, deterministic, return_attn_probs)
+    return _flash_attn(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
+                       alibi_slopes, deterministic, return_attn_probs, names=("q", "kv", "kv"))
 
 
 def flash_attn_varlen_qkvpacked_func(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int,
@@ -361,10 +443,10 @@ def flash_attn_varlen_qkvpacked_func(qkv: Tensor, cu_seqlens: Tensor, max_seqlen
     """qkv (total, 3, heads, d) with int32 cu_seqlens (batch + 1) for queries and keys alike.
     Otherwise as flash_attn_varlen_func."""
     q, k, v = _unpack(qkv, "qkv", 3, varlen=True)
-    return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
-                                  dropout_p, softmax_scale, causal, window_size, softcap,
-                                  alibi_slopes, deterministic, return_attn_probs,
-                                  _names=("qkv",) * 3)
+    return _flash_attn_varlen(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p,
+                              softmax_scale, causal, window_size, softcap, alibi_slopes,
+                              deterministic, return_attn_probs,
+                              names=("qkv",) * 3 + ("cu_seqlens",) * 2 + ("max_seqlen",) * 2)
 
 
 def flash_attn_varlen_kvpacked_func(q: Tensor, kv: Tensor, cu_seqlens_q: Tensor,
@@ -377,10 +459,11 @@ def flash_attn_varlen_kvpacked_func(q: Tensor, kv: Tensor, cu_seqlens_q: Tensor,
     """q (total_q, heads, d); kv (total_k, 2, heads_k, d). Otherwise as
     flash_attn_varlen_func."""
     k, v = _unpack(kv, "kv", 2, varlen=True)
-    return flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                  max_seqlen_k, dropout_p, softmax_scale, causal, window_size,
-                                  softcap, alibi_slopes, deterministic, return_attn_probs,
-                                  _names=("q", "kv", "kv"))
+    return _flash_attn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                              dropout_p, softmax_scale, causal, window_size, softcap,
+                              alibi_slopes, deterministic, return_attn_probs,
+                              names=("q", "kv", "kv", "cu_seqlens_q", "cu_seqlens_k",
+                                     "max_seqlen_q", "max_seqlen_k"))
 
 
 def _key_padding_lengths(attn_mask, batch: int, seqlen_k: int, device) -> Tensor:
@@ -414,16 +497,20 @@ def _key_padding_lengths(attn_mask, batch: int, seqlen_k: int, device) -> Tensor
 
 def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor,
                                  attn_mask: Optional[Tensor] = None, dropout_p: float = 0.0,
-                                 is_causal: bool = False, scale: Optional[float] = None,
+                                 is_causal: bool = False, *, scale: Optional[float] = None,
                                  enable_gqa: bool = False) -> Tensor:
     """torch.nn.functional.scaled_dot_product_attention's signature and (batch, heads, seq, d)
     layout. attn_mask: only a boolean right-padding key mask broadcastable to
     (batch, 1, 1, seqlen_k). Causal masking is aligned top-left, as in torch. Anything else raises
     rather than falling back to a slower path."""
     for name, t in (("query", query), ("key", key), ("value", value)):
-        if not isinstance(t, Tensor) or t.dim() != 4:
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
             raise ValueError(f"{name} must be a 4-D tensor (batch, heads, seq, d), got "
                              f"{getattr(t, 'shape', type(t).__name__)}")
+    is_causal, enable_gqa = _check_flag("is_causal", is_causal), _check_flag("enable_gqa",
+                                                                             enable_gqa)
     if query.shape[1] != key.shape[1] and not enable_gqa:
         raise ValueError(f"query has {query.shape[1]} heads and key {key.shape[1]}: pass "
                          "enable_gqa=True for grouped-query attention")
@@ -436,5 +523,5 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor,
     if attn_mask is not None:
         seqused_k = _key_padding_lengths(attn_mask, q.shape[0], k.shape[1], q.device)
     out, _ = _attention(q, k, v, None, None, seqused_k, q.shape[1], k.shape[1], softmax_scale,
-                        bool(is_causal), False, dropout_p, False)
+                        is_causal, False, dropout_p, False)
     return out.transpose(1, 2)

@@ -55,6 +55,17 @@ def _available_memory() -> int | None:
     return None
 
 
+def _positive_int(text: str) -> int:
+    """argparse type of --jobs: an int >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
+    return value
+
+
 def default_jobs() -> int:
     """min(CPUs, available memory / 4 GB), at least 1."""
     memory = _available_memory()
@@ -103,7 +114,7 @@ def _parser() -> argparse.ArgumentParser:
                         f"fwd at head dims {', '.join(map(str, SM90_FWD_HEAD_DIMS))}, bwd "
                         f"at head dims {', '.join(map(str, SM90_BWD_HEAD_DIMS))}), "
                         "sm80 elsewhere (default: as FLASHJIT_KERNEL_FAMILY, else sm90)")
-    p.add_argument("--jobs", "-j", type=int, default=None, metavar="N",
+    p.add_argument("--jobs", "-j", type=_positive_int, default=None, metavar="N",
                    help="builds at once (default: one per CPU, at most one per 4 GB of "
                         "available memory)")
     p.add_argument("--list", action="store_true",

@@ -52,14 +52,13 @@ _SM90_FAMILY_DEFINES = {
 
 
 def head_dim_bucket(d: int) -> int:
-    """The smallest compiled head dim >= d. ValueError unless 8 <= d <= 256 and d % 8 == 0."""
+    """The smallest compiled head dim >= d (a d that is not a multiple of 8 is served zero-padded,
+    interface._attention). ValueError unless 1 <= d <= 256."""
     if isinstance(d, bool) or not isinstance(d, int):
         raise ValueError(f"head_dim must be an int, got {d!r}")
-    if d < 8 or d > HEAD_DIM_BUCKETS[-1] or d % 8 != 0:
-        raise ValueError(
-            f"head_dim {d} is not supported: it must be a multiple of 8 between 8 and "
-            f"{HEAD_DIM_BUCKETS[-1]}"
-        )
+    if d < 1 or d > HEAD_DIM_BUCKETS[-1]:
+        raise ValueError(f"head_dim {d} is not supported: it must be between 1 and "
+                         f"{HEAD_DIM_BUCKETS[-1]}")
     return next(b for b in HEAD_DIM_BUCKETS if b >= d)
 
 

@@ -200,22 +200,75 @@ def test_signatures_match_flash_attn(name):
 def test_variant_arguments_are_checked_then_refused():
     from flashjit.interface import _check_variants
 
-    _check_variants((-1, -1), 0.0, None)  # plain attention: accepted
-    _check_variants([-1, -1], 0, None)
-    with pytest.raises(NotImplementedError, match="window_size"):
-        _check_variants((128, 0), 0.0, None)
-    with pytest.raises(TypeError, match="window_size must be a pair"):
-        _check_variants(128, 0.0, None)
-    with pytest.raises(TypeError, match="window_size must be a pair"):
-        _check_variants((1.5, 0), 0.0, None)
-    with pytest.raises(ValueError, match="window_size entries must be >= -1"):
-        _check_variants((-2, 0), 0.0, None)
+    _check_variants(0.0, None)  # plain attention: accepted
+    _check_variants(0, None)
     with pytest.raises(NotImplementedError, match="softcap"):
-        _check_variants((-1, -1), 30.0, None)
+        _check_variants(30.0, None)
     for bad in (-1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="softcap must be a finite number"):
-            _check_variants((-1, -1), bad, None)
+            _check_variants(bad, None)
     with pytest.raises(TypeError, match="softcap must be a float"):
-        _check_variants((-1, -1), "30", None)
+        _check_variants("30", None)
     with pytest.raises(NotImplementedError, match="alibi_slopes"):
-        _check_variants((-1, -1), 0.0, torch.ones(4))
+        _check_variants(0.0, torch.ones(4))
+    with pytest.raises(TypeError, match="alibi_slopes must be None or a float32 tensor"):
+        _check_variants(0.0, "x")
+
+
+def test_window_size_as_flash_attn_defines_it():
+    """Windows that exclude no key are plain or causal attention (flash-attn 2.x's semantics,
+    bottom-right aligned); any other window is refused until the variants issue."""
+    from flashjit.interface import _resolve_window
+
+    sq, sk = 100, 120
+    assert _resolve_window((-1, -1), False, sq, sk) is False
+    assert _resolve_window((-1, -1), True, sq, sk) is True  # causal: right edge 0
+    assert _resolve_window([-1, 0], False, sq, sk) is True  # (-1, 0) is causal
+    assert _resolve_window((sk - 1, sq - 1), False, sq, sk) is False  # wider than the sequences
+    assert _resolve_window((10**6, 0), False, sq, sk) is True
+    assert _resolve_window((-1, sq - 1), True, sq, sk) is True
+    for window in ((sk - 2, -1), (-1, sq - 2), (64, 0), (4, 4)):
+        with pytest.raises(NotImplementedError, match="window_size"):
+            _resolve_window(window, False, sq, sk)
+    with pytest.raises(TypeError, match="window_size must be a pair"):
+        _resolve_window(128, False, sq, sk)
+    with pytest.raises(TypeError, match="window_size must be a pair"):
+        _resolve_window((1.5, 0), False, sq, sk)
+    with pytest.raises(ValueError, match="window_size entries must be >= -1"):
+        _resolve_window((-2, 0), False, sq, sk)
+
+
+def test_scalar_arguments_name_themselves():
+    from flashjit.interface import _check_flag, _check_int, _check_scalars
+
+    assert _check_scalars(0.1, None, 64) == 0.125 and _check_scalars(0, 2, 64) == 2.0
+    for bad in ("0.1", None, True):
+        with pytest.raises(TypeError, match="dropout_p must be a number"):
+            _check_scalars(bad, None, 64)
+    with pytest.raises(ValueError, match="dropout_p must be in"):
+        _check_scalars(1.0, None, 64)
+    for bad in ("0.5", True):
+        with pytest.raises(TypeError, match="softmax_scale must be a number"):
+            _check_scalars(0.0, bad, 64)
+    with pytest.raises(ValueError, match="softmax_scale must be a positive"):
+        _check_scalars(0.0, float("inf"), 64)
+    assert _check_int("max_seqlen_q", 16) == 16
+    for bad in (16.7, "16", None, True):
+        with pytest.raises(TypeError, match="max_seqlen_q must be an int"):
+            _check_int("max_seqlen_q", bad)
+    for bad in (-1, 2**31, 10**12):
+        with pytest.raises(ValueError, match="max_seqlen_q must be between 0 and"):
+            _check_int("max_seqlen_q", bad)
+    assert _check_flag("causal", True) is True and _check_flag("causal", 0) is False
+    for bad in ("False", None, 2, 0.0):
+        with pytest.raises(TypeError, match="causal must be a bool"):
+            _check_flag("causal", bad)
+
+
+def test_sdpa_signature_matches_torch():
+    """scale and enable_gqa are keyword-only in torch.nn.functional.scaled_dot_product_attention."""
+    params = inspect.signature(flashjit.scaled_dot_product_attention).parameters
+    assert list(params) == ["query", "key", "value", "attn_mask", "dropout_p", "is_causal",
+                            "scale", "enable_gqa"]
+    assert params["scale"].kind is inspect.Parameter.KEYWORD_ONLY
+    assert params["enable_gqa"].kind is inspect.Parameter.KEYWORD_ONLY

@@ -257,3 +257,17 @@ def test_variant_arguments_raise_before_any_compile(monkeypatch):
         flashjit.flash_attn_qkvpacked_func(torch.stack((q, k, v), 2).float())
     with pytest.raises(TypeError, match="query must be float16"):
         flashjit.scaled_dot_product_attention(q.float(), k, v)
+
+
+def test_windows_that_exclude_no_key_are_plain_or_causal():
+    """flash-attn's window_size semantics: (-1, 0) is causal (bottom-right), a window at least as
+    wide as the sequences is plain attention; both give exactly those kernels' results."""
+    q, k, v = _leaf(2, 100, 4, 64), _leaf(2, 130, 2, 64), _leaf(2, 130, 2, 64)
+    causal = flashjit.flash_attn_func(q, k, v, causal=True)
+    plain = flashjit.flash_attn_func(q, k, v)
+    assert torch.equal(flashjit.flash_attn_func(q, k, v, window_size=(-1, 0)), causal)
+    assert torch.equal(flashjit.flash_attn_func(q, k, v, window_size=(129, 99)), plain)
+    assert torch.equal(flashjit.flash_attn_func(q, k, v, causal=True, window_size=(10**6, 5)),
+                       causal)
+    with pytest.raises(NotImplementedError, match="window_size"):
+        flashjit.flash_attn_func(q, k, v, window_size=(128, 99))
