@@ -1,7 +1,8 @@
 """Public API of flashjit: validation, autograd, and the flash_attn_* / SDPA entry points.
 
-Every check here runs before anything is compiled, and raises TypeError (wrong types/dtypes) or
-ValueError (wrong shapes, devices, values) naming the argument.
+Every check here runs before anything is compiled, and raises TypeError (wrong types/dtypes),
+ValueError (wrong shapes, devices, values) or NotImplementedError (variants not built yet), naming
+the caller's own argument.
 
 Causal alignment when seqlen_q != seqlen_k:
   * flash_attn_* functions: bottom-right (as flash-attn >= 2.1): query i sees key j iff
@@ -275,9 +276,9 @@ class _FlashAttnFunction(torch.autograd.Function):
 
 def _attention(q, k, v, cu_q, cu_k, seqused_k, max_q, max_k, scale, causal, bottom_right,
                dropout_p, deterministic):
-    """(out, lse in log2 units) for validated inputs. Head dims that are not a multiple of 8 are zero-padded
-    (scores and softmax are unchanged: the padded columns add 0 to every dot product) and the
-    output is sliced back; unaligned inputs are copied (_kernel_layout)."""
+    """(out, lse in log2 units) for validated inputs. Head dims that are not a multiple of 8 are
+    zero-padded (scores and softmax are unchanged: the padded columns add 0 to every dot product)
+    and the output is sliced back; unaligned inputs are copied (_kernel_layout)."""
     d = q.shape[-1]
     padded = -(-d // 8) * 8
     q, k, v = (_kernel_layout(t, padded) for t in (q, k, v))
