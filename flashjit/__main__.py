@@ -17,17 +17,28 @@ def _mib(n: int) -> str:
 
 
 def _families(kernel: str, arch: str) -> str:
-    """Which kernel family ``kernel`` (fwd or bwd) uses on ``arch``, per head-dim bucket, e.g.
-    'sm90 (wgmma) at head dims 64, 128; sm80 (mma.sync) otherwise'."""
+    """Which kernel family ``kernel`` (fwd or bwd) uses on ``arch``, per head-dim bucket, from the
+    registry and FLASHJIT_KERNEL_FAMILY, e.g. 'sm90 (wgmma) at head dims 64, 128; sm80
+    (mma.sync) otherwise'."""
+    from .jit import registry
     from .jit.spec import HEAD_DIM_BUCKETS, JitSpec
 
+    by_family: dict[str, list[int]] = {}
     try:
-        sm90 = [d for d in HEAD_DIM_BUCKETS if JitSpec(kernel, arch, "bf16", d).family == "sm90"]
+        for d in HEAD_DIM_BUCKETS:
+            by_family.setdefault(JitSpec(kernel, arch, "bf16", d).family, []).append(d)
     except ValueError as err:  # a bad FLASHJIT_KERNEL_FAMILY
         return f"unknown: {err}"
-    if not sm90:
-        return "sm80 (mma.sync)"
-    return f"sm90 (wgmma) at head dims {', '.join(map(str, sm90))}; sm80 (mma.sync) otherwise"
+    # the most used family (the fallback) last, as "otherwise"
+    order = sorted(by_family, key=lambda family: len(by_family[family]))
+    parts = []
+    for family in order:
+        where = ""
+        if len(order) > 1:
+            where = " otherwise" if family == order[-1] else \
+                " at head dims " + ", ".join(map(str, by_family[family]))
+        parts.append(f"{family} ({registry.row(kernel, family).instructions}){where}")
+    return "; ".join(parts)
 
 
 def _warnings(torch, nvcc) -> list[str]:

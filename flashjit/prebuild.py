@@ -26,11 +26,11 @@ import sys
 import time
 from pathlib import Path
 
+from .jit import registry
 from .jit.arch import NoGpuError, current_arch, parse_arch_list
 from .jit.env import KERNEL_FAMILIES, nvcc_path
-from .jit.spec import (ATTENTION_KERNELS, DTYPES, HEAD_DIM_BUCKETS, KERNELS,
-                       SM90_BWD_HEAD_DIMS, SM90_FWD_HEAD_DIMS, JitSpec, default_family,
-                       head_dim_bucket)
+from .jit.spec import (ATTENTION_KERNELS, DTYPES, HEAD_DIM_BUCKETS, KERNELS, JitSpec,
+                       default_family, head_dim_bucket)
 
 _GIB = 1 << 30
 _MEMORY_PER_JOB = 4 * _GIB  # nvcc on one attention kernel peaks at a few GB
@@ -110,10 +110,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dropout", choices=list(_CHOICES), default="no",
                    help="dropout: yes, no or both (default: no)")
     p.add_argument("--family", choices=KERNEL_FAMILIES,
-                   help="sm80: mma.sync for every spec; sm90: wgmma where it exists (on sm90a: "
-                        f"fwd at head dims {', '.join(map(str, SM90_FWD_HEAD_DIMS))}, bwd "
-                        f"at head dims {', '.join(map(str, SM90_BWD_HEAD_DIMS))}), "
-                        "sm80 elsewhere (default: as FLASHJIT_KERNEL_FAMILY, else sm90)")
+                   help="the kernel family to prefer wherever it serves, the default elsewhere: "
+                        + "; ".join(f"{r.family} {r.kernel}: {registry.describe(r)}"
+                                    for r in registry.REGISTRY)
+                        + " (default: as FLASHJIT_KERNEL_FAMILY, else each spec's default)")
     p.add_argument("--jobs", "-j", type=_positive_int, default=None, metavar="N",
                    help="builds at once (default: one per CPU, at most one per 4 GB of "
                         "available memory)")
@@ -151,11 +151,12 @@ def specs_from_args(args: argparse.Namespace) -> list[JitSpec]:
 
 
 def _family(choice: str | None, kernel: str, arch: str, head_dim: int) -> str | None:
-    """--family for one spec: like FLASHJIT_KERNEL_FAMILY, sm90 is a preference (other head dims
-    and archs have only sm80); None leaves it to JitSpec (environment, then default)."""
-    if choice == "sm90":
-        return default_family(kernel, arch, head_dim)  # arch and head_dim are normal here
-    return choice
+    """--family for one spec: like FLASHJIT_KERNEL_FAMILY, a preference: that family where its
+    registry row serves the spec, else the default; None leaves it to JitSpec (environment, then
+    default). arch and head_dim are in normal form here."""
+    if choice is None or registry.row(kernel, choice).serves(arch, head_dim):
+        return choice
+    return default_family(kernel, arch, head_dim)
 
 
 def _run_worker(fields_json: str) -> int:

@@ -8,6 +8,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from .registry import KERNEL_FAMILIES
+
 DEFAULT_LOCK_TIMEOUT_S = 900.0
 
 
@@ -21,12 +23,12 @@ def jit_disabled() -> bool:
     return os.environ.get("FLASHJIT_DISABLE_JIT", "") not in ("", "0")
 
 
-KERNEL_FAMILIES = ("sm80", "sm90")
 
 
 def kernel_family_preference() -> str | None:
-    """FLASHJIT_KERNEL_FAMILY: ``sm80`` forces the mma.sync family everywhere; ``sm90`` asks for
-    the wgmma family where it exists (what happens anyway); None when unset or empty."""
+    """FLASHJIT_KERNEL_FAMILY: a family of the registry, preferred wherever it serves (``sm80``,
+    which serves everything, forces mma.sync; ``sm90`` is the default where it serves anyway);
+    None when unset or empty."""
     value = os.environ.get("FLASHJIT_KERNEL_FAMILY", "")
     if not value:
         return None

@@ -5,9 +5,9 @@ variant, and which kernel family implements it; from it follow the sources, the 
 and the readable name that also names the op namespace and the cache folder, e.g.
 ``fwd_sm80_bf16_hd128_causal`` or ``fwd_sm90a_bf16_hd128_causal_wgmma``.
 
-Kernel families: ``sm80`` (mma.sync) serves every CUDA spec; ``sm90`` (Hopper wgmma) serves, on
-sm90a, the forward at the head-dim buckets in SM90_FWD_HEAD_DIMS and the backward at those in
-SM90_BWD_HEAD_DIMS, with and without dropout, and is the default there.
+Kernel families, their sources, defines and where each serves come from the registry
+(registry.py): ``sm90`` (Hopper wgmma) serves the forward and backward at head dims 64 and 128 on
+sm90a and is the default there; ``sm80`` (mma.sync) serves every CUDA spec.
 """
 
 from __future__ import annotations
@@ -17,12 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .arch import gencode_flags, normalize_arch
-from .env import KERNEL_FAMILIES, kernel_family_preference, verbose_enabled
+from . import registry
+from .env import kernel_family_preference, verbose_enabled
 from .paths import csrc_dir
+from .registry import ATTENTION_KERNELS, KERNEL_FAMILIES, default_family  # noqa: F401 (re-export)
 
 HEAD_DIM_BUCKETS = (32, 64, 96, 128, 160, 192, 224, 256)
-SM90_FWD_HEAD_DIMS = (64, 128)  # head-dim buckets the sm90 (wgmma) forward serves
-SM90_BWD_HEAD_DIMS = (64, 128)  # ... and the sm90 backward
+SM90_FWD_HEAD_DIMS = registry.row("fwd", "sm90").head_dims  # where the wgmma forward serves
+SM90_BWD_HEAD_DIMS = registry.row("bwd", "sm90").head_dims  # ... and the wgmma backward
 DTYPES = ("fp16", "bf16")
 _DTYPE_ALIASES = {
     "fp16": "fp16", "float16": "fp16", "half": "fp16", "torch.float16": "fp16",
@@ -32,22 +34,16 @@ _DTYPE_ALIASES = {
 
 @dataclass(frozen=True)
 class KernelDef:
-    """A kernel: its sources (relative to csrc_dir()) and whether it is CPU-only."""
+    """A kernel: its sources (relative to csrc_dir()) and whether it is CPU-only. The attention
+    kernels' sources depend on the family: registry.REGISTRY has them."""
 
-    sources: tuple[str, ...]
+    sources: tuple[str, ...] = ()
     cpu_only: bool = False
 
 
 KERNELS: dict[str, KernelDef] = {
-    "fwd": KernelDef(("fwd_binding.cpp", "flash_fwd.cu")),
-    "bwd": KernelDef(("bwd_binding.cpp", "flash_bwd.cu")),
+    **{kernel: KernelDef() for kernel in ATTENTION_KERNELS},
     "selftest": KernelDef(("selftest/selftest_op.cpp",), cpu_only=True),
-}
-ATTENTION_KERNELS = tuple(k for k, d in KERNELS.items() if not d.cpu_only)
-# The define that selects the sm90 (wgmma) family in each kernel's sources.
-_SM90_FAMILY_DEFINES = {
-    "fwd": "-DFLASHJIT_FWD_FAMILY_SM90=1",
-    "bwd": "-DFLASHJIT_BWD_FAMILY_SM90=1",
 }
 
 
@@ -60,23 +56,6 @@ def head_dim_bucket(d: int) -> int:
         raise ValueError(f"head_dim {d} is not supported: it must be between 1 and "
                          f"{HEAD_DIM_BUCKETS[-1]}")
     return next(b for b in HEAD_DIM_BUCKETS if b >= d)
-
-
-def default_family(kernel: str, arch: str, head_dim_bucket: int) -> str:
-    """The kernel family a spec gets by default: ``sm90`` (wgmma) on exactly ``sm90a`` for the
-    forward at a bucket in SM90_FWD_HEAD_DIMS and for the backward at a bucket in
-    SM90_BWD_HEAD_DIMS, else ``sm80`` (mma.sync).
-
-    A binary for several archs (``sm80-sm90a``) is sm80: one family must serve all its archs.
-    FLASHJIT_KERNEL_FAMILY is applied by JitSpec on top of this (see JitSpec.__post_init__).
-    """
-    if arch != "sm90a":
-        return "sm80"
-    if kernel == "fwd" and head_dim_bucket in SM90_FWD_HEAD_DIMS:
-        return "sm90"
-    if kernel == "bwd" and head_dim_bucket in SM90_BWD_HEAD_DIMS:
-        return "sm90"
-    return "sm80"
 
 
 def cxx_flags() -> list[str]:
@@ -154,21 +133,27 @@ class JitSpec:
 
     def _resolve_family(self) -> str:
         """The family of a CUDA spec whose other fields are normalised (see the class doc)."""
-        default = default_family(self.kernel, self.arch, self.head_dim)
+        serves = lambda family: registry.row(self.kernel, family).serves(  # noqa: E731
+            self.arch, self.head_dim)
         if self.family is None:
-            # FLASHJIT_KERNEL_FAMILY is a preference: sm80 forces mma.sync; sm90 changes nothing,
-            # since the default already picks sm90 wherever it exists.
-            return "sm80" if kernel_family_preference() == "sm80" else default
+            # FLASHJIT_KERNEL_FAMILY is a preference: that family wherever it serves (sm80, which
+            # serves everywhere, forces mma.sync), else the default.
+            preferred = kernel_family_preference()
+            if preferred is not None and serves(preferred):
+                return preferred
+            return default_family(self.kernel, self.arch, self.head_dim)
         if self.family not in KERNEL_FAMILIES:
             raise ValueError(f"family must be one of {KERNEL_FAMILIES}, got {self.family!r}")
-        if self.family == "sm90" and default != "sm90":
+        if not serves(self.family):
+            where = registry.describe(registry.row(self.kernel, self.family))
             raise ValueError(
-                f"family 'sm90' (wgmma) serves only arch 'sm90a': kernel 'fwd' at head-dim "
-                f"buckets {SM90_FWD_HEAD_DIMS} and kernel 'bwd' at head-dim buckets "
-                f"{SM90_BWD_HEAD_DIMS}; got kernel {self.kernel!r}, arch {self.arch!r}, "
-                f"head-dim bucket {self.head_dim}"
-            )
+                f"family {self.family!r} ({where}) does not serve kernel {self.kernel!r} on arch "
+                f"{self.arch!r} at head-dim bucket {self.head_dim}")
         return self.family
+
+    @property
+    def _row(self) -> registry.FamilyRow:
+        return registry.row(self.kernel, self.family)
 
     @property
     def name(self) -> str:
@@ -179,7 +164,7 @@ class JitSpec:
             return f"{self.kernel}_{self.arch}"
         name = f"{self.kernel}_{self.arch}_{self.dtype}_hd{self.head_dim}"
         name += ("_causal" if self.causal else "") + ("_dropout" if self.dropout else "")
-        return name + ("_wgmma" if self.family == "sm90" else "")
+        return name + self._row.suffix
 
     @property
     def op_namespace(self) -> str:
@@ -193,12 +178,13 @@ class JitSpec:
     def sources(self, root: Path | None = None) -> list[Path]:
         """Absolute source paths under ``root`` (default csrc_dir())."""
         root = csrc_dir() if root is None else root
-        return [root / s for s in KERNELS[self.kernel].sources]
+        sources = KERNELS[self.kernel].sources if not self.with_cuda else self._row.sources
+        return [root / s for s in sources]
 
     @property
     def defines(self) -> list[str]:
-        """Preprocessor defines given to both the C++ and the nvcc compiles; the sm90 family adds
-        ``-DFLASHJIT_FWD_FAMILY_SM90=1`` (fwd) or ``-DFLASHJIT_BWD_FAMILY_SM90=1`` (bwd)."""
+        """Preprocessor defines given to both the C++ and the nvcc compiles, with the family's own
+        (registry row: ``-DFLASHJIT_FWD_FAMILY_SM90=1`` for the wgmma forward, say)."""
         defines = [f"-DFLASHJIT_OP_NAMESPACE={self.op_namespace}"]
         if self.with_cuda:
             defines += [
@@ -207,8 +193,8 @@ class JitSpec:
                 f"-DFLASHJIT_IS_CAUSAL={int(self.causal)}",
                 f"-DFLASHJIT_HAS_DROPOUT={int(self.dropout)}",
             ]
-            if self.family == "sm90":
-                defines.append(_SM90_FAMILY_DEFINES[self.kernel])
+            if self._row.define is not None:
+                defines.append(self._row.define)
         return defines
 
     def cflags(self) -> list[str]:

@@ -1,0 +1,88 @@
+"""The kernel registry: one row per (attention kernel, kernel family), the only place that says
+which family serves which arch and head dim, with which sources and which define.
+
+JitSpec (default family, sources, defines, name), prebuild (--family) and ``python -m flashjit
+info`` read these rows; none of them re-implements the rules. A new family is a new csrc folder and
+a new row here, listed before the families it should win over.
+
+No imports beyond the standard library: env.py validates FLASHJIT_KERNEL_FAMILY against it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+
+@dataclass(frozen=True)
+class FamilyRow:
+    """One attention kernel of one family.
+
+    archs: the normal arch names (jit.arch) whose binaries it may serve, None for any CUDA arch. A
+    multi-arch binary (``sm80-sm90a``) is served only by a row that serves every arch of it.
+    head_dims: the head-dim buckets it serves, None for all. define: the preprocessor flag that
+    selects it in the sources (None: the sources' default). suffix: what it adds to spec names."""
+
+    kernel: str
+    family: str
+    instructions: str  # the matrix instructions, for people: "mma.sync", "wgmma"
+    sources: tuple[str, ...]
+    archs: Optional[tuple[str, ...]] = None
+    head_dims: Optional[tuple[int, ...]] = None
+    define: Optional[str] = None
+    suffix: str = ""
+
+    def serves(self, arch: str, head_dim_bucket: int) -> bool:
+        """Whether this row can build a binary for ``arch`` (normal form, possibly several archs
+        joined by '-') at ``head_dim_bucket``."""
+        archs_ok = self.archs is None or all(a in self.archs for a in arch.split("-"))
+        return archs_ok and (self.head_dims is None or head_dim_bucket in self.head_dims)
+
+
+_FWD_SOURCES = ("fwd_binding.cpp", "flash_fwd.cu")
+_BWD_SOURCES = ("bwd_binding.cpp", "flash_bwd.cu")
+
+# In order of preference: the first row that serves a (kernel, arch, head dim) is its default.
+REGISTRY: tuple[FamilyRow, ...] = (
+    FamilyRow("fwd", "sm90", "wgmma", _FWD_SOURCES, archs=("sm90a",), head_dims=(64, 128),
+              define="-DFLASHJIT_FWD_FAMILY_SM90=1", suffix="_wgmma"),
+    FamilyRow("bwd", "sm90", "wgmma", _BWD_SOURCES, archs=("sm90a",), head_dims=(64, 128),
+              define="-DFLASHJIT_BWD_FAMILY_SM90=1", suffix="_wgmma"),
+    FamilyRow("fwd", "sm80", "mma.sync", _FWD_SOURCES),
+    FamilyRow("bwd", "sm80", "mma.sync", _BWD_SOURCES),
+)
+
+KERNEL_FAMILIES: tuple[str, ...] = tuple(dict.fromkeys(r.family for r in REGISTRY))
+ATTENTION_KERNELS: tuple[str, ...] = tuple(dict.fromkeys(r.kernel for r in REGISTRY))
+
+
+def rows(kernel: str) -> tuple[FamilyRow, ...]:
+    """The rows of ``kernel``, in order of preference."""
+    return tuple(r for r in REGISTRY if r.kernel == kernel)
+
+
+def row(kernel: str, family: str) -> FamilyRow:
+    """The row of (kernel, family); KeyError if there is none."""
+    for r in REGISTRY:
+        if r.kernel == kernel and r.family == family:
+            return r
+    raise KeyError(f"no kernel {kernel!r} in family {family!r}")
+
+
+def default_family(kernel: str, arch: str, head_dim_bucket: int) -> str:
+    """The family of the first row of ``kernel`` that serves ``arch`` and ``head_dim_bucket``."""
+    for r in rows(kernel):
+        if r.serves(arch, head_dim_bucket):
+            return r.family
+    raise ValueError(f"no kernel family serves kernel {kernel!r} on arch {arch!r} at head-dim "
+                     f"bucket {head_dim_bucket}")
+
+
+def describe(r: FamilyRow) -> str:
+    """Where a row serves, in words, e.g. 'wgmma, on sm90a at head dims 64, 128'."""
+    where = []
+    if r.archs is not None:
+        where.append("on " + ", ".join(r.archs))
+    if r.head_dims is not None:
+        where.append("at head dims " + ", ".join(map(str, r.head_dims)))
+    return r.instructions + (", " + " ".join(where) if where else ", everywhere")

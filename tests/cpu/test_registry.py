@@ -1,0 +1,52 @@
+"""The kernel registry (flashjit/jit/registry.py): the one table of kernel families, read by
+JitSpec, prebuild and `python -m flashjit info`."""
+
+import pytest
+
+from flashjit.jit import registry, spec
+from flashjit.jit.spec import JitSpec
+
+
+def test_rows_are_unique_and_every_kernel_has_a_fallback():
+    keys = [(r.kernel, r.family) for r in registry.REGISTRY]
+    assert len(keys) == len(set(keys))
+    for kernel in registry.ATTENTION_KERNELS:
+        last = registry.rows(kernel)[-1]  # the least preferred row serves everything
+        assert last.archs is None and last.head_dims is None and last.define is None
+        assert last.suffix == ""
+
+
+@pytest.mark.parametrize("arch, bucket, family", [
+    ("sm90a", 64, "sm90"), ("sm90a", 128, "sm90"), ("sm90a", 96, "sm80"), ("sm80", 128, "sm80"),
+    ("sm80-sm90a", 128, "sm80"),  # a row must serve every arch of a multi-arch binary
+    ("sm100", 128, "sm80"),
+])
+def test_default_family_is_the_first_row_that_serves(arch, bucket, family):
+    for kernel in ("fwd", "bwd"):
+        assert registry.default_family(kernel, arch, bucket) == family
+
+
+def test_describe_and_lookup():
+    assert registry.describe(registry.row("fwd", "sm90")) == "wgmma, on sm90a at head dims 64, 128"
+    assert registry.describe(registry.row("bwd", "sm80")) == "mma.sync, everywhere"
+    with pytest.raises(KeyError, match="no kernel 'fwd' in family 'sm70'"):
+        registry.row("fwd", "sm70")
+
+
+def test_a_new_family_is_one_row(monkeypatch):
+    """A family added to the registry alone reaches spec names, defines, sources and defaults."""
+    new = registry.FamilyRow("fwd", "sm100", "tcgen05", ("fwd_binding.cpp", "sm100/flash_fwd.cu"),
+                             archs=("sm100",), head_dims=(128,),
+                             define="-DFLASHJIT_FWD_FAMILY_SM100=1", suffix="_tcgen05")
+    monkeypatch.setattr(registry, "REGISTRY", (new,) + registry.REGISTRY)
+    families = registry.KERNEL_FAMILIES + ("sm100",)
+    monkeypatch.setattr(registry, "KERNEL_FAMILIES", families)
+    monkeypatch.setattr(spec, "KERNEL_FAMILIES", families)
+    s = JitSpec("fwd", "sm100", "bf16", 128)
+    assert s.family == "sm100" and s.name == "fwd_sm100_bf16_hd128_tcgen05"
+    assert "-DFLASHJIT_FWD_FAMILY_SM100=1" in s.defines
+    assert [p.name for p in s.sources()] == ["fwd_binding.cpp", "flash_fwd.cu"]
+    assert s.sources()[1].parent.name == "sm100"
+    assert JitSpec("fwd", "sm100", "bf16", 64).family == "sm80"  # elsewhere the fallback
+    with pytest.raises(ValueError, match="does not serve kernel 'fwd' on arch 'sm90a'"):
+        JitSpec("fwd", "sm90a", "bf16", 128, family="sm100")
