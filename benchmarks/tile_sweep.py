@@ -1,27 +1,24 @@
-"""Tile sweep: time the forward kernel with other tile shapes without editing csrc/, or the
-backward of other csrc/ trees.
+"""Tile sweep: time the forward kernel with other tile shapes, or the backward of other csrc/
+trees, without editing csrc/.
 
     python benchmarks/tile_sweep.py "128,64,4,2" "128,64,8,2" "64,64,4,2" "sm90:64,2,2"
     python benchmarks/tile_sweep.py "bwd:csrc" "bwd:/tmp/other/csrc" "bwd-dropout:csrc"
 
-An sm80-family variant (kBlockM, kBlockN, warps, min CTAs per SM) replaces the d <= 128 tile
-choice of csrc/flash_fwd_launch.cuh (and runs with FLASHJIT_KERNEL_FAMILY=sm80); an sm90-family
-variant "sm90:kBlockN,min CTAs per SM,warpgroups" defines FLASHJIT_SM90_BLOCK_N /
-FLASHJIT_SM90_MIN_BLOCKS / FLASHJIT_SM90_WARPGROUPS in csrc/flash_fwd_sm90_launch.cuh (both head
-dims). A "bwd:DIR" variant times the backward (default kernel family) built from the csrc tree DIR
-(relative to the repo root or absolute): A/B of kernel versions in one run; "bwd-dropout:DIR"
-does the same with dropout_p 0.1 (FLASHJIT_KERNEL_FAMILY=sm80 in the environment compares the
-mma.sync family). Each variant is
-built from a copy of csrc/
-(FLASHJIT_CSRC_DIR) and timed in its own process (each variant is its own build, and two builds of
-one spec cannot share a process). bf16, d 64 and 128, 16k tokens, hidden 2048. Used to pick the
-tiles; the numbers go to the notes, not the README.
+A forward variant is a spec tile (JitSpec.tile, set through FLASHJIT_FWD_TILE, part of the spec
+name and cache key): "kBlockM,kBlockN,warps,min CTAs per SM" for the sm80 family (run with
+FLASHJIT_KERNEL_FAMILY=sm80), "sm90:kBlockN,warpgroups,min CTAs per SM" for the sm90 family (both
+head dims; before 2026-11-30 the sm90 form was "kBlockN,min CTAs,warpgroups"). A "bwd:DIR"
+variant times the backward (default kernel family) built from the csrc tree DIR (relative to the
+repo root or absolute): A/B of kernel versions in one run; "bwd-dropout:DIR" does the same with
+dropout_p 0.1 (FLASHJIT_KERNEL_FAMILY=sm80 in the environment compares the mma.sync family).
+Each variant is timed in its own process, so that no process loads two builds of one spec
+name. bf16, d 64 and 128, 16k tokens, hidden 2048. Used to pick the tiles; the
+numbers go to the notes, not the README.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -73,38 +70,25 @@ CHILD_BWD = CHILD_LOOP + r"""            q, k, v = (torch.randn(b, seqlen, h, d,
 """
 
 
-def _patch(path: Path, pattern: str, replacement: str) -> None:
-    text, count = re.subn(pattern, replacement, path.read_text())
-    assert count == 1, f"{pattern!r} not found in {path.name}"
-    path.write_text(text)
-
-
 def main():
     for variant in sys.argv[1:]:
         with tempfile.TemporaryDirectory() as tmp:
-            csrc = Path(tmp) / "csrc"
-            shutil.copytree(ROOT / "csrc", csrc)
-            env = dict(os.environ, FLASHJIT_CSRC_DIR=str(csrc))
+            env = dict(os.environ)
             child, child_args = CHILD, []
             if variant.startswith(("bwd:", "bwd-dropout:")):
                 kind, tree = variant.split(":", 1)
-                shutil.rmtree(csrc)
+                csrc = Path(tmp) / "csrc"
                 shutil.copytree(ROOT / tree, csrc)
+                env["FLASHJIT_CSRC_DIR"] = str(csrc)
                 child, child_args = CHILD_BWD, ["0.1" if kind == "bwd-dropout" else "0.0"]
                 subprocess.run([sys.executable, "-m", "flashjit.prebuild", "--kernel", "fwd", "bwd",
                                 "--dtype", "bf16", "--head-dim", "64", "128", "--causal", "both",
                                 "--dropout", "yes" if kind == "bwd-dropout" else "no",
                                 "--jobs", "16"], env=env, capture_output=True)
             elif variant.startswith("sm90:"):
-                n, mb, wg = (int(x) for x in variant[5:].split(","))
-                _patch(csrc / "flash_fwd_sm90_launch.cuh", r"#ifdef FLASHJIT_SM90_BLOCK_N\n",
-                       f"#define FLASHJIT_SM90_BLOCK_N {n}\n#define FLASHJIT_SM90_MIN_BLOCKS {mb}\n"
-                       f"#define FLASHJIT_SM90_WARPGROUPS {wg}\n#ifdef FLASHJIT_SM90_BLOCK_N\n")
+                env["FLASHJIT_FWD_TILE"] = variant[5:]
             else:
-                m, n, w, mb = (int(x) for x in variant.split(","))
-                _patch(csrc / "flash_fwd_launch.cuh",
-                       r"using Big = FwdTraits<Element, kHeadDim, 128, 64, 4, 2>;",
-                       f"using Big = FwdTraits<Element, kHeadDim, {m}, {n}, {w}, {mb}>;")
+                env["FLASHJIT_FWD_TILE"] = variant
                 env["FLASHJIT_KERNEL_FAMILY"] = "sm80"
             out = subprocess.run([sys.executable, "-c", child, str(ROOT)] + child_args, env=env,
                                  capture_output=True, text=True)

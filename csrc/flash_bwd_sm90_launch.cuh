@@ -14,11 +14,11 @@ namespace flashjit {
 // whole CTA, plus S^T and dP^T (2 x 64 x kBlockM / 128) at a time:
 //   d  64: kBlockM 128 (64 + 128 floats; dQ split by rows);
 //   d 128: kBlockM 64 (128 + 64 floats; dQ split by columns).
-// FLASHJIT_SM90_BWD_BLOCK_M overrides both (tile sweeps).
+// A spec's tile (JitSpec.tile: FLASHJIT_TILE_BLOCK_M) overrides both (tile sweeps).
 template <int kHeadDim>
 struct BwdSm90Tile {
-#ifdef FLASHJIT_SM90_BWD_BLOCK_M
-  static constexpr int kBlockM = FLASHJIT_SM90_BWD_BLOCK_M;
+#ifdef FLASHJIT_TILE
+  static constexpr int kBlockM = FLASHJIT_TILE_BLOCK_M;
 #else
   static constexpr int kBlockM = kHeadDim <= 64 ? 128 : 64;
 #endif

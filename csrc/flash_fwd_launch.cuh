@@ -42,6 +42,12 @@ struct SmemLimits {
 //             else 64 x 16 tiles, 4 warps (A100, sm86/sm89: 68 KB at d 256).
 template <typename Element, int kHeadDim, bool kIsCausal, bool kHasDropout>
 cudaError_t run_fwd(const FwdParams& p, cudaStream_t stream) {
+#ifdef FLASHJIT_TILE
+  // A tile chosen by the spec (JitSpec.tile, tuning sweeps).
+  using Tile = FwdTraits<Element, kHeadDim, FLASHJIT_TILE_BLOCK_M, FLASHJIT_TILE_BLOCK_N,
+                         FLASHJIT_TILE_WARPS, FLASHJIT_TILE_MIN_BLOCKS>;
+  return launch_fwd<Tile, kIsCausal, kHasDropout>(p, stream);
+#else
   const SmemLimits smem;
   if constexpr (kHeadDim <= 128) {
     using Big = FwdTraits<Element, kHeadDim, 128, 64, 4, 2>;
@@ -56,6 +62,7 @@ cudaError_t run_fwd(const FwdParams& p, cudaStream_t stream) {
       return launch_fwd<Big, kIsCausal, kHasDropout>(p, stream);
     return launch_fwd<Small, kIsCausal, kHasDropout>(p, stream);
   }
+#endif
 }
 
 }  // namespace flashjit

@@ -14,16 +14,16 @@ namespace flashjit {
 //   d  64: kBlockN 64, two CTAs per SM (114 registers, 49 KB of shared memory per CTA);
 //   d 128: kBlockN 128, one CTA per SM (202 registers, 161 KB).
 // benchmarks/NOTES.md and results/<gpu>/logs/tile_sweep_sm90.log have the sweep behind this.
-// FLASHJIT_SM90_BLOCK_N / FLASHJIT_SM90_MIN_BLOCKS / FLASHJIT_SM90_WARPGROUPS override both head
-// dims (tile sweeps).
+// A spec's tile (JitSpec.tile: FLASHJIT_TILE_BLOCK_N, _WARPGROUPS, _MIN_BLOCKS) overrides it.
 template <int kHeadDim>
 struct Sm90Tile {
   static constexpr int kBlockN = kHeadDim <= 64 ? 64 : 128;
   static constexpr int kMinBlocks = kHeadDim <= 64 ? 2 : 1;
   static constexpr int kWarpGroups = 2;
 };
-#ifdef FLASHJIT_SM90_BLOCK_N
-#define FLASHJIT_SM90_TILE_N FLASHJIT_SM90_BLOCK_N, FLASHJIT_SM90_WARPGROUPS, FLASHJIT_SM90_MIN_BLOCKS
+#ifdef FLASHJIT_TILE
+#define FLASHJIT_SM90_TILE_N \
+  FLASHJIT_TILE_BLOCK_N, FLASHJIT_TILE_WARPGROUPS, FLASHJIT_TILE_MIN_BLOCKS
 #else
 #define FLASHJIT_SM90_TILE_N \
   Sm90Tile<kHeadDim>::kBlockN, Sm90Tile<kHeadDim>::kWarpGroups, Sm90Tile<kHeadDim>::kMinBlocks

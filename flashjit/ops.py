@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from .jit import JitSpec, current_arch, head_dim_bucket, load_spec
+from .jit.env import tile_override
 
 _DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16"}
 
@@ -24,7 +25,8 @@ BWD_ROW_PAD = 128
 def attention_spec(kernel: str, q: Tensor, causal: bool, dropout: bool) -> JitSpec:
     """The JIT spec that serves an attention call on q's device, dtype and head dim. Its kernel
     family follows from these (spec.default_family: kernel, arch and head dim) and
-    FLASHJIT_KERNEL_FAMILY, whose bad values raise ValueError naming it."""
+    FLASHJIT_KERNEL_FAMILY, its tile from FLASHJIT_FWD_TILE / FLASHJIT_BWD_TILE (tuning sweeps);
+    bad values of either raise ValueError naming them."""
     return JitSpec(
         kernel=kernel,
         arch=current_arch(q.device),
@@ -32,6 +34,7 @@ def attention_spec(kernel: str, q: Tensor, causal: bool, dropout: bool) -> JitSp
         head_dim=head_dim_bucket(q.shape[-1]),
         causal=causal,
         dropout=dropout,
+        tile=tile_override(kernel),
     )
 
 

@@ -114,6 +114,12 @@ def _parser() -> argparse.ArgumentParser:
                         + "; ".join(f"{r.family} {r.kernel}: {registry.describe(r)}"
                                     for r in registry.REGISTRY)
                         + " (default: as FLASHJIT_KERNEL_FAMILY, else each spec's default)")
+    p.add_argument("--tile", metavar="A,B,..",
+                   help="a tile instead of the launch code's per-head-dim choice, for tuning "
+                        "sweeps (JitSpec.tile), in the family's own parameters: "
+                        + "; ".join(f"{r.family} {r.kernel}: {','.join(r.tile_params)}"
+                                    for r in registry.REGISTRY if r.tile_params)
+                        + " (default: none)")
     p.add_argument("--jobs", "-j", type=_positive_int, default=None, metavar="N",
                    help="builds at once (default: one per CPU, at most one per 4 GB of "
                         "available memory)")
@@ -145,7 +151,7 @@ def specs_from_args(args: argparse.Namespace) -> list[JitSpec]:
             attention, arches, args.dtype, head_dims, _CHOICES[args.causal], _CHOICES[args.dropout]
         ):
             specs.append(JitSpec(kernel, arch, dtype, head_dim, causal, dropout,
-                                 _family(args.family, kernel, arch, head_dim)))
+                                 _family(args.family, kernel, arch, head_dim), args.tile))
     specs += [JitSpec(k) for k in args.kernel if KERNELS[k].cpu_only]
     return list(dict.fromkeys(specs))
 

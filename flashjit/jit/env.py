@@ -40,6 +40,13 @@ def kernel_family_preference() -> str | None:
     return value
 
 
+def tile_override(kernel: str) -> str | None:
+    """FLASHJIT_FWD_TILE / FLASHJIT_BWD_TILE: a tile for every spec of that kernel (JitSpec.tile,
+    e.g. '128,64,4,2' for the sm80 forward), for tuning sweeps; None when unset or empty. JitSpec
+    checks it against the family's tile parameters."""
+    return os.environ.get(f"FLASHJIT_{kernel.upper()}_TILE") or None
+
+
 def lock_timeout() -> float:
     """Seconds to wait for another process's build of the same spec (FLASHJIT_LOCK_TIMEOUT)."""
     value = os.environ.get("FLASHJIT_LOCK_TIMEOUT", "")

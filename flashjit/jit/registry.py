@@ -21,7 +21,10 @@ class FamilyRow:
     archs: the normal arch names (jit.arch) whose binaries it may serve, None for any CUDA arch. A
     multi-arch binary (``sm80-sm90a``) is served only by a row that serves every arch of it.
     head_dims: the head-dim buckets it serves, None for all. define: the preprocessor flag that
-    selects it in the sources (None: the sources' default). suffix: what it adds to spec names."""
+    selects it in the sources (None: the sources' default). suffix: what it adds to spec names.
+    tile_params: the parameters of a tile a spec may choose instead of the launch code's own
+    (JitSpec.tile, -DFLASHJIT_TILE_<PARAM>=value each: tuning sweeps); None where the family
+    takes no tile."""
 
     kernel: str
     family: str
@@ -31,6 +34,7 @@ class FamilyRow:
     head_dims: Optional[tuple[int, ...]] = None
     define: Optional[str] = None
     suffix: str = ""
+    tile_params: Optional[tuple[str, ...]] = None
 
     def serves(self, arch: str, head_dim_bucket: int) -> bool:
         """Whether this row can build a binary for ``arch`` (normal form, possibly several archs
@@ -45,10 +49,13 @@ _BWD_SOURCES = ("bwd_binding.cpp", "flash_bwd.cu")
 # In order of preference: the first row that serves a (kernel, arch, head dim) is its default.
 REGISTRY: tuple[FamilyRow, ...] = (
     FamilyRow("fwd", "sm90", "wgmma", _FWD_SOURCES, archs=("sm90a",), head_dims=(64, 128),
-              define="-DFLASHJIT_FWD_FAMILY_SM90=1", suffix="_wgmma"),
+              define="-DFLASHJIT_FWD_FAMILY_SM90=1", suffix="_wgmma",
+              tile_params=("block_n", "warpgroups", "min_blocks")),  # flash_fwd_sm90_launch.cuh
     FamilyRow("bwd", "sm90", "wgmma", _BWD_SOURCES, archs=("sm90a",), head_dims=(64, 128),
-              define="-DFLASHJIT_BWD_FAMILY_SM90=1", suffix="_wgmma"),
-    FamilyRow("fwd", "sm80", "mma.sync", _FWD_SOURCES),
+              define="-DFLASHJIT_BWD_FAMILY_SM90=1", suffix="_wgmma",
+              tile_params=("block_m",)),  # flash_bwd_sm90_launch.cuh
+    FamilyRow("fwd", "sm80", "mma.sync", _FWD_SOURCES,
+              tile_params=("block_m", "block_n", "warps", "min_blocks")),  # flash_fwd_launch.cuh
     FamilyRow("bwd", "sm80", "mma.sync", _BWD_SOURCES),
 )
 

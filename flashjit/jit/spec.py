@@ -92,7 +92,11 @@ class JitSpec:
     The selftest kernel takes ``arch="cpu"`` (the default for it) and no dtype or head dim.
     ``family`` (``sm80`` or ``sm90``; CUDA kernels only) defaults to default_family(), or to
     ``sm80`` when FLASHJIT_KERNEL_FAMILY=sm80 (the forward and the backward alike); an explicit
-    ``sm90`` must be one default_family() gives.
+    ``sm90`` must be one default_family() gives. ``tile`` (optional): a tile shape the family's
+    registry row takes (``tile_params``), e.g. ``(128, 64, 4, 2)`` or ``"128,64,4,2"`` for the
+    sm80 forward, instead of the launch code's per-head-dim choice: part of the name
+    (``_t128x64x4x2``), the defines (``-DFLASHJIT_TILE_BLOCK_M=128`` ...) and the cache key, for
+    tuning sweeps.
     """
 
     kernel: str
@@ -102,6 +106,7 @@ class JitSpec:
     causal: bool = False
     dropout: bool = False
     family: str | None = None
+    tile: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         kernel = KERNELS.get(self.kernel)
@@ -112,9 +117,9 @@ class JitSpec:
             if self.arch not in (None, "cpu"):
                 raise ValueError(f"kernel {self.kernel!r} is CPU-only: arch must be 'cpu'")
             if (self.dtype is not None or self.head_dim is not None or self.causal or self.dropout
-                    or self.family is not None):
-                raise ValueError(
-                    f"kernel {self.kernel!r} takes no dtype, head_dim, causal, dropout or family")
+                    or self.family is not None or self.tile is not None):
+                raise ValueError(f"kernel {self.kernel!r} takes no dtype, head_dim, causal, "
+                                 "dropout, family or tile")
             set_(self, "arch", "cpu")
             return
         if not self.arch:
@@ -130,6 +135,27 @@ class JitSpec:
         set_(self, "causal", bool(self.causal))
         set_(self, "dropout", bool(self.dropout))
         set_(self, "family", self._resolve_family())
+        set_(self, "tile", self._resolve_tile())
+
+    def _resolve_tile(self) -> tuple[int, ...] | None:
+        """``tile`` as a tuple of ints, checked against the family's tile parameters."""
+        if self.tile is None:
+            return None
+        params = self._row.tile_params
+        if params is None:
+            raise ValueError(f"kernel {self.kernel!r} of family {self.family!r} takes no tile")
+        tile = self.tile
+        if isinstance(tile, str):
+            tile = tuple(t.strip() for t in tile.split(","))
+        try:
+            tile = tuple(int(t) for t in tile)
+        except (TypeError, ValueError):
+            tile = ()
+        if len(tile) != len(params) or any(t <= 0 for t in tile):
+            raise ValueError(f"tile of kernel {self.kernel!r}, family {self.family!r} (also "
+                             f"FLASHJIT_{self.kernel.upper()}_TILE): {len(params)} positive ints "
+                             f"({', '.join(params)}), got {self.tile!r}")
+        return tile
 
     def _resolve_family(self) -> str:
         """The family of a CUDA spec whose other fields are normalised (see the class doc)."""
@@ -164,7 +190,8 @@ class JitSpec:
             return f"{self.kernel}_{self.arch}"
         name = f"{self.kernel}_{self.arch}_{self.dtype}_hd{self.head_dim}"
         name += ("_causal" if self.causal else "") + ("_dropout" if self.dropout else "")
-        return name + self._row.suffix
+        name += self._row.suffix
+        return name + ("_t" + "x".join(map(str, self.tile)) if self.tile else "")
 
     @property
     def op_namespace(self) -> str:
@@ -195,6 +222,10 @@ class JitSpec:
             ]
             if self._row.define is not None:
                 defines.append(self._row.define)
+            if self.tile is not None:  # one define per parameter: nvcc splits -D values at commas
+                defines.append("-DFLASHJIT_TILE=1")
+                defines += [f"-DFLASHJIT_TILE_{name.upper()}={value}"
+                            for name, value in zip(self._row.tile_params, self.tile)]
         return defines
 
     def cflags(self) -> list[str]:
@@ -220,11 +251,17 @@ class JitSpec:
                 "--dropout", "yes" if self.dropout else "no",
                 "--family", self.family,
             ]
+            if self.tile is not None:
+                args += ["--tile", ",".join(map(str, self.tile))]
         return shlex.join(args)
 
     def fields(self) -> dict:
-        return {
+        """The fields that make the spec (JitSpec(**fields()) rebuilds it); tile only when set."""
+        fields = {
             "kernel": self.kernel, "arch": self.arch, "dtype": self.dtype,
             "head_dim": self.head_dim, "causal": self.causal, "dropout": self.dropout,
             "family": self.family,
         }
+        if self.tile is not None:
+            fields["tile"] = list(self.tile)
+        return fields

@@ -80,3 +80,13 @@ def test_compile_only_sm90_family(spec, tmp_path):
     assert define[spec.kernel] in spec.cuda_cflags()
     (obj,) = compile_only(spec, tmp_path)
     assert obj.stat().st_size > 0
+
+
+def test_compile_only_real_kernel_with_a_spec_tile(tmp_path):
+    """A tile chosen by the spec (JitSpec.tile) reaches the launch code as defines, no header
+    patching: the sm80 forward at a 64 x 32 tile with 4 warps compiles."""
+    spec = JitSpec("fwd", "sm80", "fp16", 64, tile="64,32,4,2")
+    assert spec.name == "fwd_sm80_fp16_hd64_t64x32x4x2"
+    assert "-DFLASHJIT_TILE_BLOCK_M=64" in spec.cuda_cflags(verbose=False)
+    (obj,) = compile_only(spec, tmp_path)
+    assert obj.stat().st_size > 0

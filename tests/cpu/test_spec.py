@@ -321,3 +321,46 @@ def test_csrc_dir_without_override(monkeypatch):
     expected = package / "csrc" if (package / "csrc").is_dir() else package.parent / "csrc"
     assert paths.csrc_dir() == expected
     assert (expected / "selftest" / "selftest_op.cpp").is_file()
+
+
+def test_tile_is_a_spec_option(monkeypatch):
+    """A tile (JitSpec.tile) is part of the name, defines and cache fields, in the family's own
+    parameters (registry row); FLASHJIT_FWD_TILE / FLASHJIT_BWD_TILE set it through the
+    dispatcher; kernels without tile parameters refuse one."""
+    from flashjit.jit.cache import CacheEntry
+
+    base = JitSpec("fwd", "sm80", "bf16", 64)
+    tiled = JitSpec("fwd", "sm80", "bf16", 64, tile=[128, 32, 4, 2])
+    assert tiled.tile == (128, 32, 4, 2) and tiled == JitSpec("fwd", "sm80", "bf16", 64,
+                                                               tile="128, 32, 4, 2")
+    assert tiled.name == "fwd_sm80_bf16_hd64_t128x32x4x2"
+    assert {"-DFLASHJIT_TILE=1", "-DFLASHJIT_TILE_BLOCK_M=128", "-DFLASHJIT_TILE_BLOCK_N=32",
+            "-DFLASHJIT_TILE_WARPS=4", "-DFLASHJIT_TILE_MIN_BLOCKS=2"} <= set(tiled.defines)
+    assert not any("TILE" in d for d in base.defines) and "tile" not in base.fields()
+    assert JitSpec(**tiled.fields()) == tiled
+    assert CacheEntry.for_spec(tiled).path != CacheEntry.for_spec(base).path
+    assert "--tile 128,32,4,2" in tiled.prebuild_command()
+    assert JitSpec("fwd", "sm90a", "bf16", 128, tile="128,2,1").name == \
+        "fwd_sm90a_bf16_hd128_wgmma_t128x2x1"
+    assert JitSpec("bwd", "sm90a", "bf16", 64, tile=(128,)).name == "bwd_sm90a_bf16_hd64_wgmma_t128"
+    with pytest.raises(ValueError, match="kernel 'bwd' of family 'sm80' takes no tile"):
+        JitSpec("bwd", "sm80", "bf16", 64, tile=(64,))
+    for bad in ("128,64", "a,b,c,d", (128, 64, 0, 2)):
+        with pytest.raises(ValueError, match=r"4 positive ints \(block_m, block_n, warps"):
+            JitSpec("fwd", "sm80", "bf16", 64, tile=bad)
+    with pytest.raises(ValueError, match="takes no dtype, head_dim, causal, dropout, family or "
+                                         "tile"):
+        JitSpec("selftest", tile=(1,))
+
+    import torch
+
+    from flashjit import ops
+    monkeypatch.setenv("FLASHJIT_CUDA_ARCH_LIST", "8.0")
+    monkeypatch.setenv("FLASHJIT_FWD_TILE", "64,32,4,2")
+    q = torch.empty(1, 8, 2, 64, dtype=torch.bfloat16)
+    assert ops.attention_spec("fwd", q, causal=False, dropout=False).name == \
+        "fwd_sm80_bf16_hd64_t64x32x4x2"
+    assert ops.attention_spec("bwd", q, causal=False, dropout=False).tile is None
+    monkeypatch.setenv("FLASHJIT_FWD_TILE", "64,32")
+    with pytest.raises(ValueError, match="FLASHJIT_FWD_TILE"):
+        ops.attention_spec("fwd", q, causal=False, dropout=False)
