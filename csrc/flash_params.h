@@ -8,8 +8,9 @@
 //   varlen:       q (total_q, heads, d), k/v (total_k, heads_k, d); sequence b occupies rows
 //                 cu_seqlens_q[b] .. cu_seqlens_q[b+1]-1 (int32 offsets, batch+1 of them)
 //   lse:          float32, fixed (batch, heads, seqlen_q), varlen (heads, total_q), in log2 units:
-//                 log2 sum_j exp2(S_ij scale log2(e)) = the natural-log lse / ln(2) (flashjit/ops.py
-//                 converts for the caller; attention_common.cuh's finish_row says why)
+//                 log2 sum_j exp2(S_ij scale log2(e)) = the natural-log lse / ln(2)
+//                 (flashjit/interface.py's _result converts for the caller; attention_common.cuh's
+//                 finish_row says why)
 #pragma once
 
 #include <cstdint>

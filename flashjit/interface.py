@@ -59,12 +59,15 @@ def _strides_aligned(t: Tensor) -> bool:
 
 
 def _kernel_layout(t: Tensor, head_dim: int) -> Tensor:
-    """t as the kernels read it: the last dim zero-padded to head_dim (a multiple of 8) and with
-    aligned strides (_strides_aligned). A copy, once per call, only where t is not so already;
-    autograd slices the padding off the gradient."""
+    """t as the kernels read it: the last dim zero-padded to head_dim (a multiple of 8), aligned
+    strides (_strides_aligned) and, for a plain tensor, a 16-byte aligned data pointer. A copy,
+    once per call, only where t is not so already; autograd slices the padding off the gradient,
+    and the saved copy serves the backward too. (A traced tensor has no pointer yet: ops._aligned
+    copies it at run time if need be.)"""
     if t.shape[-1] != head_dim:
         t = torch.nn.functional.pad(t, (0, head_dim - t.shape[-1]))
-    if not _strides_aligned(t):
+    eager = not torch.compiler.is_compiling() and type(t) is Tensor
+    if not _strides_aligned(t) or (eager and t.data_ptr() % 16 != 0):
         t = t.clone(memory_format=torch.contiguous_format)
     return t
 
@@ -181,12 +184,28 @@ def _check_variants(softcap, alibi_slopes) -> None:
     if softcap > 0.0:
         raise NotImplementedError(f"softcap={softcap}: logit softcapping is not implemented in "
                                   "flashjit yet; only softcap=0.0 is supported")
-    if alibi_slopes is not None:
-        if not isinstance(alibi_slopes, Tensor):
-            raise TypeError(f"alibi_slopes must be None or a float32 tensor, got "
-                            f"{type(alibi_slopes).__name__}")
-        raise NotImplementedError("alibi_slopes: ALiBi is not implemented in flashjit yet; pass "
-                                  "alibi_slopes=None")
+    _refuse_tensor_argument("alibi_slopes", alibi_slopes, "a float32 tensor", "ALiBi")
+
+
+def _refuse_tensor_argument(name: str, value, kind: str, feature: str) -> None:
+    """An optional tensor argument of a feature flashjit lacks yet: None passes; a tensor raises
+    NotImplementedError naming it, anything else TypeError."""
+    if value is None:
+        return
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be None or {kind}, got {type(value).__name__}")
+    raise NotImplementedError(f"{name}: {feature} is not implemented in flashjit yet; pass "
+                              f"{name}=None")
+
+
+def _check_options(dropout_p, softmax_scale, softcap, alibi_slopes, deterministic,
+                   return_attn_probs, d: int):
+    """The scalar and variant arguments every flash_attn_* entry point shares: (softmax_scale as
+    a float, deterministic, return_attn_probs as bools)."""
+    _check_variants(softcap, alibi_slopes)
+    scale = _check_scalars(dropout_p, softmax_scale, d)
+    return (scale, _check_flag("deterministic", deterministic),
+            _check_flag("return_attn_probs", return_attn_probs))
 
 
 def _capturing() -> bool:
@@ -304,16 +323,18 @@ _COMMON_DOC = """
     softmax_scale: scale of Q K^T before the softmax (default 1 / sqrt(head_dim)).
     causal: causal mask aligned bottom-right: query i sees key j iff j <= i + seqlen_k - seqlen_q
         (flash-attn >= 2.1).
-    window_size, softcap, alibi_slopes: flash-attn 2.x's variant arguments. Only their defaults
-        ((-1, -1), 0.0, None) are supported yet; anything else raises NotImplementedError naming
-        the argument (after TypeError/ValueError for malformed values).
+    window_size, softcap, alibi_slopes: flash-attn 2.x's variant arguments. Supported yet:
+        windows that exclude no key ((-1, -1), (-1, 0) = causal, or at least as wide as the
+        sequences), softcap 0.0, alibi_slopes None; anything else raises NotImplementedError
+        naming the argument (after TypeError/ValueError for malformed values).
     deterministic: bitwise reproducible gradients (a separate dQ pass instead of float atomics).
     return_attn_probs: also return softmax_lse (float32, natural log) and S_dmask, which is
         always None (flashjit never materialises the attention matrix).
     Head dims 1-256: a head dim that is not a multiple of 8 is zero-padded inside the call (a
     copy) and the output sliced back. Inputs whose data pointer or strides are not 16-byte
     aligned (or whose last dim is not contiguous) are copied once to an aligned buffer.
-    Raises TypeError/ValueError naming the argument for bad input, before anything compiles."""
+    Raises TypeError/ValueError (NotImplementedError for variants not built yet) naming the
+    argument for bad input, before anything compiles."""
 
 
 def _flash_attn(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
@@ -321,10 +342,9 @@ def _flash_attn(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
     """flash_attn_func, with `names`: how the caller calls q, k, v in error messages."""
     _check_qkv(q, k, v, varlen=False, names=names)
     causal = _resolve_window(window_size, _check_flag("causal", causal), q.shape[1], k.shape[1])
-    _check_variants(softcap, alibi_slopes)
-    scale = _check_scalars(dropout_p, softmax_scale, q.shape[-1])
-    deterministic = _check_flag("deterministic", deterministic)
-    return_attn_probs = _check_flag("return_attn_probs", return_attn_probs)
+    scale, deterministic, return_attn_probs = _check_options(
+        dropout_p, softmax_scale, softcap, alibi_slopes, deterministic, return_attn_probs,
+        q.shape[-1])
     out, lse = _attention(q, k, v, None, None, None, q.shape[1], k.shape[1], scale, causal, True,
                           dropout_p, deterministic)
     return _result(out, lse, return_attn_probs)
@@ -357,16 +377,10 @@ def _flash_attn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_se
     max_seqlen_q, max_seqlen_k = _check_int(nmax_q, max_seqlen_q), _check_int(nmax_k, max_seqlen_k)
     causal = _resolve_window(window_size, _check_flag("causal", causal), max_seqlen_q,
                              max_seqlen_k)
-    _check_variants(softcap, alibi_slopes)
-    if block_table is not None:
-        if not isinstance(block_table, Tensor):
-            raise TypeError(f"block_table must be None or an int32 tensor, got "
-                            f"{type(block_table).__name__}")
-        raise NotImplementedError("block_table: paged KV is not implemented in flashjit yet; pass "
-                                  "block_table=None")
-    scale = _check_scalars(dropout_p, softmax_scale, q.shape[-1])
-    deterministic = _check_flag("deterministic", deterministic)
-    return_attn_probs = _check_flag("return_attn_probs", return_attn_probs)
+    scale, deterministic, return_attn_probs = _check_options(
+        dropout_p, softmax_scale, softcap, alibi_slopes, deterministic, return_attn_probs,
+        q.shape[-1])
+    _refuse_tensor_argument("block_table", block_table, "an int32 tensor", "paged KV")
     _check_cu_seqlens(ncu_q, cu_seqlens_q, q.device, q.shape[0], max_seqlen_q, nmax_q)
     _check_cu_seqlens(ncu_k, cu_seqlens_k, q.device, k.shape[0], max_seqlen_k, nmax_k)
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():

@@ -88,9 +88,10 @@ def _stream(device) -> int:
 
 def _aligned(t: Optional[Tensor]) -> Optional[Tensor]:
     """t, or a fresh copy where its data pointer is not 16-byte aligned (a view at an odd storage
-    offset), as the kernels' 16-byte loads need; strides were fixed before (interface.
-    _kernel_layout). Here, at run time, the pointer is known also under torch.compile. The copy is
-    a fresh allocation: .contiguous() would return a contiguous misaligned view as it is."""
+    offset), as the kernels' 16-byte loads need. interface._kernel_layout fixes strides, and the
+    pointer of eager inputs, before autograd saves them; this catches what was traced under
+    torch.compile, whose pointer is known only here, at run time. The copy is a fresh allocation:
+    .contiguous() would return a contiguous misaligned view as it is."""
     if t is None or t.data_ptr() % 16 == 0:
         return t
     return t.clone(memory_format=torch.contiguous_format)

@@ -30,7 +30,7 @@ from .jit import registry
 from .jit.arch import NoGpuError, current_arch, parse_arch_list
 from .jit.env import KERNEL_FAMILIES, nvcc_path
 from .jit.spec import (ATTENTION_KERNELS, DTYPES, HEAD_DIM_BUCKETS, KERNELS, JitSpec,
-                       default_family, head_dim_bucket)
+                       head_dim_bucket)
 
 _GIB = 1 << 30
 _MEMORY_PER_JOB = 4 * _GIB  # nvcc on one attention kernel peaks at a few GB
@@ -157,12 +157,12 @@ def specs_from_args(args: argparse.Namespace) -> list[JitSpec]:
 
 
 def _family(choice: str | None, kernel: str, arch: str, head_dim: int) -> str | None:
-    """--family for one spec: like FLASHJIT_KERNEL_FAMILY, a preference: that family where its
-    registry row serves the spec, else the default; None leaves it to JitSpec (environment, then
-    default). arch and head_dim are in normal form here."""
-    if choice is None or registry.row(kernel, choice).serves(arch, head_dim):
-        return choice
-    return default_family(kernel, arch, head_dim)
+    """--family for one spec: like FLASHJIT_KERNEL_FAMILY, a preference
+    (registry.preferred_family); None leaves it to JitSpec (environment, then default). arch and
+    head_dim are in normal form here."""
+    if choice is None:
+        return None
+    return registry.preferred_family(kernel, arch, head_dim, choice)
 
 
 def _run_worker(fields_json: str) -> int:

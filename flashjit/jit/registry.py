@@ -85,6 +85,15 @@ def default_family(kernel: str, arch: str, head_dim_bucket: int) -> str:
                      f"bucket {head_dim_bucket}")
 
 
+def preferred_family(kernel: str, arch: str, head_dim_bucket: int, preference: str) -> str:
+    """``preference`` where its row serves (kernel, arch, head dim), else the default family: how
+    FLASHJIT_KERNEL_FAMILY and prebuild --family apply (sm80, which serves everything, forces
+    mma.sync)."""
+    if row(kernel, preference).serves(arch, head_dim_bucket):
+        return preference
+    return default_family(kernel, arch, head_dim_bucket)
+
+
 def describe(r: FamilyRow) -> str:
     """Where a row serves, in words, e.g. 'wgmma, on sm90a at head dims 64, 128'."""
     where = []

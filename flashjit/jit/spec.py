@@ -159,18 +159,16 @@ class JitSpec:
 
     def _resolve_family(self) -> str:
         """The family of a CUDA spec whose other fields are normalised (see the class doc)."""
-        serves = lambda family: registry.row(self.kernel, family).serves(  # noqa: E731
-            self.arch, self.head_dim)
         if self.family is None:
-            # FLASHJIT_KERNEL_FAMILY is a preference: that family wherever it serves (sm80, which
-            # serves everywhere, forces mma.sync), else the default.
+            # FLASHJIT_KERNEL_FAMILY is a preference: that family wherever it serves, else the
+            # default (registry.preferred_family).
             preferred = kernel_family_preference()
-            if preferred is not None and serves(preferred):
-                return preferred
-            return default_family(self.kernel, self.arch, self.head_dim)
+            if preferred is None:
+                return default_family(self.kernel, self.arch, self.head_dim)
+            return registry.preferred_family(self.kernel, self.arch, self.head_dim, preferred)
         if self.family not in KERNEL_FAMILIES:
             raise ValueError(f"family must be one of {KERNEL_FAMILIES}, got {self.family!r}")
-        if not serves(self.family):
+        if not registry.row(self.kernel, self.family).serves(self.arch, self.head_dim):
             where = registry.describe(registry.row(self.kernel, self.family))
             raise ValueError(
                 f"family {self.family!r} ({where}) does not serve kernel {self.kernel!r} on arch "

@@ -136,6 +136,14 @@ def test_kernel_layout_copies_only_what_the_kernels_cannot_read():
                 torch.randn(2, 16, 64, 4, dtype=torch.float16).transpose(-1, -2)):
         fixed = _kernel_layout(bad, 64)
         assert _strides_aligned(fixed) and torch.equal(fixed, bad)
+    misaligned = _offset_view((2, 16, 4, 64), 1)  # eager: the data pointer is fixed here too
+    fixed = _kernel_layout(misaligned, 64)
+    assert fixed.data_ptr() % 16 == 0 and torch.equal(fixed, misaligned)
+    # torch.compile(fullgraph=True) traces it (no data pointer while tracing; ops._aligned then)
+    traced = torch.compile(lambda t: _kernel_layout(t, 64), fullgraph=True, backend="eager")
+    assert torch.equal(traced(misaligned), misaligned)
+    strided = torch.randn(2, 16, 4, 68, dtype=torch.float16)[..., :64]
+    assert _strides_aligned(traced(strided)) and torch.equal(traced(strided), strided)
     odd = torch.randn(2, 16, 4, 59, dtype=torch.float16, requires_grad=True)
     padded = _kernel_layout(odd, 64)
     assert padded.shape == (2, 16, 4, 64) and _strides_aligned(padded)

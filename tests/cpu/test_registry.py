@@ -50,3 +50,10 @@ def test_a_new_family_is_one_row(monkeypatch):
     assert JitSpec("fwd", "sm100", "bf16", 64).family == "sm80"  # elsewhere the fallback
     with pytest.raises(ValueError, match="does not serve kernel 'fwd' on arch 'sm90a'"):
         JitSpec("fwd", "sm90a", "bf16", 128, family="sm100")
+
+
+def test_preferred_family_falls_back_to_the_default():
+    assert registry.preferred_family("fwd", "sm90a", 128, "sm80") == "sm80"  # serves everywhere
+    assert registry.preferred_family("fwd", "sm90a", 128, "sm90") == "sm90"
+    assert registry.preferred_family("bwd", "sm90a", 96, "sm90") == "sm80"  # no wgmma d 96 yet
+    assert registry.preferred_family("fwd", "sm80", 64, "sm90") == "sm80"
