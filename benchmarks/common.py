@@ -63,6 +63,28 @@ def attention_flops(batch, heads, seqlen_q, seqlen_k, head_dim, causal, mode="fw
     return f * {"fwd": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}[mode]
 
 
+def visible_pairs(seqlen_q: int, seqlen_k: int, causal: bool = False, window=(-1, -1),
+                  bottom_right: bool = True) -> int:
+    """The exact number of (query, key) pairs attention computes, with flash-attn 2.x's
+    window_size: query i sees key j iff i + off - left <= j <= i + off + right (a bound of -1 is
+    absent; causal sets right to 0), off = seqlen_k - seqlen_q bottom-right, else 0."""
+    left, right = window
+    if causal:
+        right = 0
+    off = seqlen_k - seqlen_q if bottom_right else 0
+    i = torch.arange(seqlen_q, dtype=torch.int64)
+    hi = (i + off + right).clamp(max=seqlen_k - 1) if right >= 0 else torch.full_like(
+        i, seqlen_k - 1)
+    lo = (i + off - left).clamp(min=0) if left >= 0 else torch.zeros_like(i)
+    return int((hi - lo + 1).clamp(min=0).sum())
+
+
+def pairs_flops(batch, heads, pairs, head_dim, mode="fwd") -> float:
+    """4 * b * h * pairs * d for the forward over `pairs` visible (query, key) pairs per head
+    (visible_pairs); backward 2.5x the forward, forward + backward 3.5x."""
+    return 4.0 * batch * heads * pairs * head_dim * {"fwd": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}[mode]
+
+
 def gpu_slug() -> str:
     name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     name = name.lower().replace("nvidia", "").strip()

@@ -4,9 +4,10 @@
 #   2. prebuild of the specs the tests need, in parallel (16 cores)
 #   3. GPU tests (pytest tests/gpu), then compute-sanitizer on a small config
 #   4. benchmarks (JIT costs, peers, the original FlashAttention README benchmark, long
-#      sequences), results under $OUT/results/<gpu>/
+#      sequences, attention variants), results under $OUT/results/<gpu>/
 # Usage (on the device): bash benchmarks/device_run.sh [steps...]
 #   steps: build test test80 sanitize profile sweep kernels overhead jit peers original long
+#          variants ab
 #   (default: build test sanitize jit peers)
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -15,6 +16,30 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 export FLASHJIT_CACHE_DIR=${FLASHJIT_CACHE_DIR:-/tmp/flashjit-cache}
 STEPS=${*:-build test sanitize jit peers}
+# Variant specs (window, softcap, ALiBi, sink; prebuild's --window/--softcap/--alibi/--sink take
+# yes/no/both, default no), 76 in all. variant_specs_a: softcap, ALiBi, sink alone and the
+# sliding windows (also what benchmarks/bench_variants.py runs), every variant at once in the
+# mma.sync family at d 64/128, the dropout-mask probe; variant_specs_b: the combinations
+# tests/gpu/test_variants.py uses (Gemma 2, gpt-oss, every variant at once, with dropout) and
+# the mma.sync family's own head dims. $1: prebuild --jobs.
+pb() { python3 -m flashjit.prebuild --kernel fwd bwd "$@"; }
+EVERY_VARIANT="--causal yes --window yes --softcap yes --alibi yes --sink yes"
+variant_specs_a() {
+  pb --jobs $1 --dtype bf16 --head-dim 64 128 --causal both --softcap yes
+  pb --jobs $1 --dtype bf16 --head-dim 64 128 --causal both --alibi yes
+  pb --jobs $1 --dtype bf16 --head-dim 64 128 --causal both --sink yes
+  pb --jobs $1 --dtype fp16 bf16 --head-dim 64 128 --causal both --window yes
+  pb --jobs $1 --family sm80 --dtype fp16 bf16 --head-dim 64 128 $EVERY_VARIANT
+}
+variant_specs_b() {
+  pb --jobs $1 --dtype fp16 --head-dim 32 64 96 128 $EVERY_VARIANT
+  pb --jobs $1 --dtype bf16 --head-dim 32 96 --causal no --window yes
+  pb --jobs $1 --dtype bf16 --head-dim 128 256 --causal yes --window yes --softcap yes
+  pb --jobs $1 --dtype bf16 --head-dim 256 $EVERY_VARIANT
+  pb --jobs $1 --dtype fp16 bf16 --head-dim 64 --causal yes --window yes --sink yes
+  pb --jobs $1 --dtype bf16 --head-dim 64 128 $EVERY_VARIANT --dropout yes
+  pb --jobs $1 --family sm80 --dtype bf16 --head-dim 64 $EVERY_VARIANT --dropout yes
+}
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,power.limit,temperature.gpu --format=csv | tee "$OUT/gpu.txt"
 for step in $STEPS; do
   echo "=== $step $(date +%T)"
@@ -22,12 +47,21 @@ for step in $STEPS; do
     build)
       python3 -m flashjit.prebuild --kernel ${KERNELS:-fwd bwd} --dtype fp16 bf16 --causal both --head-dim ${HEAD_DIMS:-32 64 96 128 160 192 224 256} \
         --dropout no --jobs 16 2>&1 | tee "$OUT/prebuild.log" | tail -n 3
+      python3 -m flashjit.prebuild --kernel dropout_mask 2>&1 | tee -a "$OUT/prebuild.log" | tail -n 1
       # dropout specs the tests use
       python3 -m flashjit.prebuild --kernel ${KERNELS:-fwd bwd} --dtype fp16 bf16 --head-dim 64 128 \
         --causal both --dropout yes --jobs 16 2>&1 | tee -a "$OUT/prebuild.log" | tail -n 3
       # on sm90a the forward and backward at d 64/128 are the sm90 family: the sm80 one too, for test80
       FLASHJIT_KERNEL_FAMILY=sm80 python3 -m flashjit.prebuild --kernel fwd bwd --dtype fp16 bf16 --head-dim 64 128 \
-        --causal both --dropout both --jobs 16 2>&1 | tee -a "$OUT/prebuild.log" | tail -n 3 ;;
+        --causal both --dropout both --jobs 16 2>&1 | tee -a "$OUT/prebuild.log" | tail -n 3
+      # variant specs in two streams of 8 jobs (most lines hold only 2-8 specs); their logs are
+      # appended to prebuild.log and removed ($OUT returns only a few files)
+      variant_specs_a 8 > "$OUT/prebuild_variants_a.log" 2>&1 &
+      variant_specs_b 8 > "$OUT/prebuild_variants_b.log" 2>&1
+      wait
+      cat "$OUT"/prebuild_variants_[ab].log >> "$OUT/prebuild.log"
+      grep -h "^built \|^FAILED\|^error" "$OUT"/prebuild_variants_[ab].log
+      rm -f "$OUT"/prebuild_variants_[ab].log ;;
     test)
       timeout ${TEST_TIMEOUT:-400} python3 -m pytest -q --maxfail=25 -p no:cacheprovider tests/gpu ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/pytest_gpu.log" | tail -n 30 ;;
     test80)  # the sm80 (mma.sync) forward and backward where the sm90 family would serve (d 64/128 on sm90a)
@@ -59,6 +93,11 @@ for step in $STEPS; do
       timeout ${ORIGINAL_TIMEOUT:-360} python3 benchmarks/benchmark_flash_attention.py --out "$OUT/results" ${ORIGINAL_ARGS:-} 2>&1 | tail -n 60 ;;
     long)
       timeout ${LONG_TIMEOUT:-300} python3 benchmarks/bench_long.py --out "$OUT/results" ${LONG_ARGS:-} 2>&1 | tail -n 25 ;;
+    ab)  # the restructure: this tree against .baseline (an older checkout) in one run: bit-identical
+         # outputs and per-kernel times (carry .baseline)
+      timeout ${AB_TIMEOUT:-500} python3 benchmarks/ab_trees.py --baseline .baseline --out "$OUT/results" 2>&1 | tee "$OUT/ab.log" | tail -n 60 ;;
+    variants)  # sliding window at 8k-128k; softcap/ALiBi/sink overhead; FlexAttention (builds its specs first if missing)
+      timeout ${VARIANTS_TIMEOUT:-300} python3 benchmarks/bench_variants.py --out "$OUT/results" ${VARIANTS_ARGS:-} 2>&1 | tail -n 90 ;;
   esac
 done
 # The device returns at most 8 files from $OUT: results (tables, JSON, plots) travel as one archive.

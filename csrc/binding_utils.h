@@ -10,7 +10,7 @@
 #include <torch/library.h>
 
 #include "flash_api.h"
-#include "flash_params.h"
+#include "common/params.h"
 
 // TORCH_LIBRARY through one more macro level, so that FLASHJIT_OP_NAMESPACE (a -D define) is
 // expanded before torch stringizes the namespace (some torch releases use #ns directly).
@@ -57,6 +57,36 @@ inline void zero_varlen_tail(const at::Tensor& x, const at::Tensor& cu_seqlens, 
                                            x.size(0), cu_seqlens.data_ptr<int>() + batch,
                                            reinterpret_cast<void*>(stream));
   TORCH_CHECK(err == nullptr, "flashjit: zeroing varlen rows past the last sequence failed: ", err);
+}
+
+// The variant's runtime values (params.h: VariantParams). alibi_slopes: float32 contiguous (heads)
+// or (batch, heads); sink: float32 contiguous (heads); both optional (Python validated them, and
+// the spec compiled in exactly the parts that are given).
+inline VariantParams make_variant_params(int64_t window_left, int64_t window_right, double softcap,
+                                         const std::optional<at::Tensor>& alibi_slopes,
+                                         const std::optional<at::Tensor>& sink, int heads) {
+  VariantParams v{};
+  v.window_left = int(window_left);
+  v.window_right = int(window_right);
+  v.softcap = float(softcap);
+  v.alibi_slopes = nullptr;
+  v.alibi_batch_stride = 0;
+  v.sink = nullptr;
+  if (alibi_slopes.has_value()) {
+    const at::Tensor& a = *alibi_slopes;
+    TORCH_CHECK(a.is_cuda() && a.scalar_type() == at::kFloat && a.is_contiguous() &&
+                    a.size(-1) == heads && (a.dim() == 1 || a.dim() == 2),
+                "flashjit: alibi_slopes must be contiguous CUDA float32 (heads) or (batch, heads)");
+    v.alibi_slopes = a.data_ptr<float>();
+    v.alibi_batch_stride = a.dim() == 2 ? a.stride(0) : 0;
+  }
+  if (sink.has_value()) {
+    TORCH_CHECK(sink->is_cuda() && sink->scalar_type() == at::kFloat && sink->is_contiguous() &&
+                    sink->dim() == 1 && sink->size(0) == heads,
+                "flashjit: sink must be a contiguous CUDA float32 tensor of shape (heads)");
+    v.sink = sink->data_ptr<float>();
+  }
+  return v;
 }
 
 // Dropout parameters; keep_threshold compares against a uniform 32-bit integer.

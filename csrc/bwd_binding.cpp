@@ -2,7 +2,7 @@
 //
 // Registers, in the spec's own op namespace (FLASHJIT_OP_NAMESPACE, e.g.
 // flashjit_bwd_sm90a_bf16_hd128_causal), the backward op, which fills BwdParams from tensors and
-// launches, and a test op that writes the dropout keep mask. Python (flashjit/ops.py) validates
+// launches. Python (flashjit/ops.py) validates
 // every input and allocates outputs and scratch first; the checks here only guard the C++
 // boundary. Light headers only: torch/library.h and ATen/core/Tensor.h.
 #include <ATen/core/Tensor.h>
@@ -30,8 +30,10 @@ void bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const
          const std::optional<at::Tensor>& cu_seqlens_q,
          const std::optional<at::Tensor>& cu_seqlens_k,
          const std::optional<at::Tensor>& seqused_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
-         double softmax_scale, bool causal_bottom_right,
-         const std::optional<at::Tensor>& rng_state, double dropout_p, bool deterministic,
+         double softmax_scale, bool causal_bottom_right, int64_t window_left,
+         int64_t window_right, double softcap, const std::optional<at::Tensor>& alibi_slopes,
+         const std::optional<at::Tensor>& sink, const std::optional<at::Tensor>& rng_state,
+         double dropout_p, bool deterministic,
          int64_t stream) {
   const bool varlen = cu_seqlens_q.has_value();
   check_attention_tensors({&dout, &q, &k, &v, &out, &dq, &dk, &dv}, varlen);
@@ -95,6 +97,7 @@ void bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const
   p.scale_log2 = float(softmax_scale * kLog2e);
   p.causal_bottom_right = causal_bottom_right;
   p.deterministic = deterministic;
+  p.variant = make_variant_params(window_left, window_right, softcap, alibi_slopes, sink, p.heads);
   p.dropout = make_dropout_params(rng_state, dropout_p);
   if (varlen) {  // rows past the last sequence: zero, whatever the kernels below skip
     zero_varlen_tail(dq, *cu_seqlens_q, p.batch, stream);
@@ -112,21 +115,6 @@ void bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const
   TORCH_CHECK(err == nullptr, "flashjit backward kernel launch failed: ", err);
 }
 
-// mask: uint8 (batch, heads, seqlen_q, seqlen_k) contiguous; 1 where dropout keeps the element.
-void dropout_mask(const at::Tensor& mask, const at::Tensor& rng_state, int64_t batch,
-                  int64_t heads, int64_t seqlen_q, int64_t seqlen_k, double dropout_p,
-                  int64_t stream) {
-  TORCH_CHECK(mask.is_cuda() && mask.is_contiguous() && mask.scalar_type() == at::kByte &&
-                  mask.numel() == batch * heads * seqlen_q * seqlen_k,
-              "flashjit: mask must be a contiguous CUDA uint8 tensor of batch*heads*sq*sk");
-  TORCH_CHECK(dropout_p > 0.0 && dropout_p < 1.0, "flashjit: dropout_p must be in (0, 1)");
-  if (mask.numel() == 0) return;
-  const DropoutParams d = make_dropout_params(rng_state, dropout_p);
-  const char* err = dropout_mask_run(mask.data_ptr<uint8_t>(), d, int(batch), int(heads),
-                                     int(seqlen_q), int(seqlen_k), reinterpret_cast<void*>(stream));
-  TORCH_CHECK(err == nullptr, "flashjit dropout mask launch failed: ", err);
-}
-
 }  // namespace
 
 FLASHJIT_LIBRARY(FLASHJIT_OP_NAMESPACE, m) {
@@ -135,13 +123,10 @@ FLASHJIT_LIBRARY(FLASHJIT_OP_NAMESPACE, m) {
       "Tensor lse, Tensor(a!) dq, "
       "Tensor(b!) dk, Tensor(c!) dv, Tensor(d!) dq_accum, Tensor(e!) dsum, Tensor? cu_seqlens_q, "
       "Tensor? cu_seqlens_k, Tensor? seqused_k, int max_seqlen_q, int max_seqlen_k, "
-      "float softmax_scale, bool causal_bottom_right, Tensor? rng_state, float dropout_p, "
+      "float softmax_scale, bool causal_bottom_right, int window_left, int window_right, "
+      "float softcap, Tensor? alibi_slopes, Tensor? sink, Tensor? rng_state, float dropout_p, "
       "bool deterministic, int stream) -> ()");
   m.impl("bwd", c10::DispatchKey::CUDA, TORCH_FN(bwd));
-  m.def(
-      "dropout_mask(Tensor(a!) mask, Tensor rng_state, int batch, int heads, int seqlen_q, "
-      "int seqlen_k, float dropout_p, int stream) -> ()");
-  m.impl("dropout_mask", c10::DispatchKey::CUDA, TORCH_FN(dropout_mask));
 }
 
 }  // namespace flashjit

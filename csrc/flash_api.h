@@ -4,7 +4,7 @@
 
 #include <cstdint>
 
-#include "flash_params.h"
+#include "common/params.h"
 
 namespace flashjit {
 
@@ -18,7 +18,8 @@ const char* zero_rows_past_end_run(void* x, int64_t row_bytes, int64_t rows, con
                                    void* stream);
 
 // Test helper: the dropout keep mask (uint8, 1 = kept) of a fixed-length call into `mask`,
-// (batch, heads, seqlen_q, seqlen_k) contiguous. Defined in the backward translation unit.
+// (batch, heads, seqlen_q, seqlen_k) contiguous. Defined in common/dropout_mask.cu (the
+// "dropout_mask" spec, test-only).
 const char* dropout_mask_run(uint8_t* mask, const DropoutParams& dropout, int batch, int heads,
                              int seqlen_q, int seqlen_k, void* stream);
 

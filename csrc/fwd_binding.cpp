@@ -15,12 +15,15 @@ namespace {
 
 // q, k, v, out: (batch, seqlen, heads, d) or varlen (total, heads, d); lse float32.
 // out_residual (optional, like out with out's strides): O - round(O), for the backward.
+// window_left/right, softcap, alibi_slopes, sink: the variant's values (params.h: VariantParams).
 void fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
          const at::Tensor& lse, const std::optional<at::Tensor>& out_residual,
          const std::optional<at::Tensor>& cu_seqlens_q,
          const std::optional<at::Tensor>& cu_seqlens_k,
          const std::optional<at::Tensor>& seqused_k, int64_t max_seqlen_q,
          int64_t max_seqlen_k, double softmax_scale, bool causal_bottom_right,
+         int64_t window_left, int64_t window_right, double softcap,
+         const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& sink,
          const std::optional<at::Tensor>& rng_state, double dropout_p, int64_t stream) {
   const bool varlen = cu_seqlens_q.has_value();
   check_attention_tensors({&q, &k, &v, &out}, varlen);
@@ -55,6 +58,7 @@ void fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at
   p.softmax_scale = float(softmax_scale);
   p.scale_log2 = float(softmax_scale * kLog2e);
   p.causal_bottom_right = causal_bottom_right;
+  p.variant = make_variant_params(window_left, window_right, softcap, alibi_slopes, sink, p.heads);
   p.dropout = make_dropout_params(rng_state, dropout_p);
   p.seqused_k = seqused_k.has_value() ? seqused_k->data_ptr<int>() : nullptr;
   if (varlen) zero_varlen_tail(out, *cu_seqlens_q, p.batch, stream);
@@ -70,7 +74,8 @@ FLASHJIT_LIBRARY(FLASHJIT_OP_NAMESPACE, m) {
       "fwd(Tensor q, Tensor k, Tensor v, Tensor(a!) out, Tensor(b!) lse, Tensor(c!)? out_residual, "
       "Tensor? cu_seqlens_q, "
       "Tensor? cu_seqlens_k, Tensor? seqused_k, int max_seqlen_q, int max_seqlen_k, float softmax_scale, "
-      "bool causal_bottom_right, Tensor? rng_state, float dropout_p, int stream) -> ()");
+      "bool causal_bottom_right, int window_left, int window_right, float softcap, "
+      "Tensor? alibi_slopes, Tensor? sink, Tensor? rng_state, float dropout_p, int stream) -> ()");
   m.impl("fwd", c10::DispatchKey::CUDA, TORCH_FN(fwd));
 }
 

@@ -1,4 +1,4 @@
-"""CPU reference of flashjit's dropout randomness (csrc/dropout.cuh), in plain Python integers.
+"""CPU reference of flashjit's dropout randomness (csrc/common/dropout.cuh), in plain Python integers.
 
 Tests use it to cross-check the GPU keep mask bit for bit; nothing here touches torch or CUDA.
 

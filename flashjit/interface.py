@@ -1,56 +1,38 @@
-"""Public API of flashjit: validation, autograd, and the flash_attn_* / SDPA entry points.
+"""Public API of flashjit: autograd and the flash_attn_* / SDPA entry points.
 
-Every check here runs before anything is compiled, and raises TypeError (wrong types/dtypes),
-ValueError (wrong shapes, devices, values) or NotImplementedError (variants not built yet), naming
-the caller's own argument.
+Every argument is checked (_validate.py) before anything is compiled: TypeError, ValueError, or
+NotImplementedError (block_table: paged KV is not built yet), naming the caller's own argument.
 
-Causal alignment when seqlen_q != seqlen_k:
-  * flash_attn_* functions: bottom-right (as flash-attn >= 2.1): query i sees key j iff
-    j <= i + seqlen_k - seqlen_q.
-  * scaled_dot_product_attention: top-left (as torch): query i sees key j iff j <= i.
-A query row that sees no key gets output 0 and lse -inf (never NaN).
+Conventions (flash-attn 2.x for causal, window_size, softcap and alibi_slopes; gpt-oss for sink):
+  * Causal alignment when seqlen_q != seqlen_k: bottom-right in the flash_attn_* functions (as
+    flash-attn >= 2.1): query i sees key j iff j <= i + seqlen_k - seqlen_q; top-left in
+    scaled_dot_product_attention (as torch): j <= i. Windows and ALiBi distances use the same
+    offset seqlen_k - seqlen_q (per sequence in varlen calls).
+  * Scores, in natural-log units: z_ij = softmax_scale * q_i . k_j, then softcap * tanh(z /
+    softcap) (softcap > 0), then - slope_h * |i + seqlen_k - seqlen_q - j| (alibi_slopes).
+  * softmax_lse = log(sum over visible j of exp(z_ij) + exp(sink_h)) (no sink term without one).
+  * A query row that sees no key gets output 0 and lse -inf, or lse sink_h with a sink (never NaN).
 """
 
 from __future__ import annotations
 
 import math
-import numbers
-import operator
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from . import ops
+from ._validate import (check_cu_seqlens, check_flag, check_int, check_options,
+                        check_qkv, check_scalars, check_variant_tensors, key_padding_lengths,
+                        refuse_tensor_argument, resolve_window)
 
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 _LN2 = math.log(2.0)
-MAX_HEAD_DIM = 256
 
 
 # ------------------------------------------------------------------------------------------------
-# Validation
+# Kernel layout
 # ------------------------------------------------------------------------------------------------
-def _no_cuda_hint() -> str:
-    if torch.version.cuda is None:
-        return (f"; this torch ({torch.__version__}) has no CUDA support: install a CUDA build of "
-                "torch (https://pytorch.org/get-started/locally/)")
-    if not torch.cuda.is_available():
-        return "; no CUDA GPU is visible to torch"
-    return ""
-
-
-def _check_tensor(name: str, t, rank: int) -> None:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.device.type != "cuda":
-        raise ValueError(f"{name} must be a CUDA tensor, got device {t.device}{_no_cuda_hint()}")
-    if t.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"{name} must be float16 or bfloat16, got {t.dtype}")
-    if t.dim() != rank:
-        raise ValueError(f"{name} must have {rank} dimensions, got shape {tuple(t.shape)}")
-
-
 def _strides_aligned(t: Tensor) -> bool:
     """The strides the kernels' 16-byte loads need: a contiguous last dim and every other stride a
     multiple of 8 elements (16 bytes in fp16/bf16). The data pointer's alignment is fixed where
@@ -72,175 +54,6 @@ def _kernel_layout(t: Tensor, head_dim: int) -> Tensor:
     return t
 
 
-def _check_qkv(q: Tensor, k: Tensor, v: Tensor, varlen: bool, names=("q", "k", "v")) -> None:
-    """names: how the caller calls q, k and v (("qkv",) * 3 for a packed qkv, say)."""
-    rank = 3 if varlen else 4
-    for name, t in zip(names, (q, k, v)):
-        _check_tensor(name, t, rank)
-    nq, nk, nv = names
-    if k.device != q.device or v.device != q.device:
-        raise ValueError(f"{nq}, {nk}, {nv} must be on one device, got {q.device}, {k.device}, "
-                         f"{v.device}")
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise TypeError(f"{nq}, {nk}, {nv} must have one dtype, got {q.dtype}, {k.dtype}, "
-                        f"{v.dtype}")
-    d = q.shape[-1]
-    if k.shape[-1] != d or v.shape[-1] != d:
-        raise ValueError(f"{nq}, {nk}, {nv} must have the same head_dim, got {q.shape[-1]}, "
-                         f"{k.shape[-1]}, {v.shape[-1]}")
-    if not 1 <= d <= MAX_HEAD_DIM:
-        raise ValueError(f"head_dim {d} of {nq} is not supported: it must be between 1 and "
-                         f"{MAX_HEAD_DIM}")
-    if k.shape != v.shape:
-        raise ValueError(f"{nk} and {nv} must have the same shape, got {tuple(k.shape)} and "
-                         f"{tuple(v.shape)}")
-    head_dim = 1 if varlen else 2
-    if not varlen and k.shape[0] != q.shape[0]:
-        raise ValueError(f"{nq} and {nk} must have the same batch size, got {q.shape[0]} and "
-                         f"{k.shape[0]}")
-    heads, heads_k = q.shape[head_dim], k.shape[head_dim]
-    if heads_k == 0 or heads % heads_k != 0:
-        raise ValueError(f"the number of query heads of {nq} ({heads}) must be a multiple of the "
-                         f"number of key/value heads of {nk} ({heads_k})")
-
-
-def _check_real(name: str, x) -> float:
-    """x as a float: TypeError naming it unless x is a real number (bools and strings are not)."""
-    if isinstance(x, bool) or not isinstance(x, (numbers.Real, torch.SymFloat, torch.SymInt)):
-        raise TypeError(f"{name} must be a number, got {x!r}")
-    return x
-
-
-def _check_int(name: str, x, upper: int = 2**31 - 1) -> int:
-    """x as an int in [0, upper]: TypeError/ValueError naming it otherwise."""
-    if isinstance(x, torch.SymInt):  # a traced size under torch.compile(dynamic=True)
-        return x
-    if isinstance(x, bool):
-        raise TypeError(f"{name} must be an int, got {x!r}")
-    try:
-        value = operator.index(x)
-    except TypeError:
-        raise TypeError(f"{name} must be an int, got {x!r}") from None
-    if not 0 <= value <= upper:
-        raise ValueError(f"{name} must be between 0 and {upper}, got {value}")
-    return value
-
-
-def _check_flag(name: str, x) -> bool:
-    """x as a bool: True/False (numpy's too) or the ints 0/1; TypeError naming it otherwise (a
-    string such as 'False' would otherwise mean True)."""
-    if isinstance(x, bool) or type(x).__name__ == "bool_" or (
-            isinstance(x, int) and x in (0, 1)):
-        return bool(x)
-    raise TypeError(f"{name} must be a bool, got {x!r}")
-
-
-def _check_scalars(dropout_p: float, softmax_scale: Optional[float], d: int) -> float:
-    """softmax_scale as a float (default 1 / sqrt(d)), after checking dropout_p too."""
-    dropout_p = _check_real("dropout_p", dropout_p)
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    if softmax_scale is None:
-        return 1.0 / math.sqrt(d)
-    scale = float(_check_real("softmax_scale", softmax_scale))
-    if not (math.isfinite(scale) and scale > 0.0):
-        raise ValueError(f"softmax_scale must be a positive finite number, got {softmax_scale}")
-    return scale
-
-
-def _resolve_window(window_size, causal, seqlen_q: int, seqlen_k: int) -> bool:
-    """flash-attn 2.x's window_size: query i sees keys i + seqlen_k - seqlen_q - left ..
-    i + seqlen_k - seqlen_q + right (-1: unbounded); causal sets right to 0. Bounds that exclude
-    no key (left >= seqlen_k - 1, right >= seqlen_q - 1: any window at least as wide as the
-    sequences) are unbounded. Returns whether the attention is causal: the windows that remain
-    are plain (-1, -1) or causal (-1, 0); any other raises NotImplementedError (the variants
-    issue adds them). seqlen_q/k: the (maximum) sequence lengths."""
-    if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
-            or any(isinstance(w, bool) or not isinstance(w, int) for w in window_size)):
-        raise TypeError(f"window_size must be a pair (left, right) of ints, got {window_size!r}")
-    left, right = window_size
-    if left < -1 or right < -1:
-        raise ValueError(f"window_size entries must be >= -1 (-1: unbounded), got {window_size!r}")
-    if left >= seqlen_k - 1:
-        left = -1
-    if right >= seqlen_q - 1:
-        right = -1
-    if causal:
-        right = 0
-    if left == -1 and right in (-1, 0):
-        return right == 0
-    raise NotImplementedError(f"window_size={tuple(window_size)}: sliding-window attention is "
-                              "not implemented in flashjit yet; only windows that exclude no key "
-                              "((-1, -1), or (-1, 0) = causal) are supported")
-
-
-def _check_variants(softcap, alibi_slopes) -> None:
-    """flash-attn 2.x's softcap and alibi_slopes: checked, and refused (NotImplementedError
-    naming the argument) unless they ask for plain attention."""
-    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
-        raise TypeError(f"softcap must be a float, got {type(softcap).__name__}")
-    if not (math.isfinite(softcap) and softcap >= 0.0):
-        raise ValueError(f"softcap must be a finite number >= 0 (0: off), got {softcap}")
-    if softcap > 0.0:
-        raise NotImplementedError(f"softcap={softcap}: logit softcapping is not implemented in "
-                                  "flashjit yet; only softcap=0.0 is supported")
-    _refuse_tensor_argument("alibi_slopes", alibi_slopes, "a float32 tensor", "ALiBi")
-
-
-def _refuse_tensor_argument(name: str, value, kind: str, feature: str) -> None:
-    """An optional tensor argument of a feature flashjit lacks yet: None passes; a tensor raises
-    NotImplementedError naming it, anything else TypeError."""
-    if value is None:
-        return
-    if not isinstance(value, Tensor):
-        raise TypeError(f"{name} must be None or {kind}, got {type(value).__name__}")
-    raise NotImplementedError(f"{name}: {feature} is not implemented in flashjit yet; pass "
-                              f"{name}=None")
-
-
-def _check_options(dropout_p, softmax_scale, softcap, alibi_slopes, deterministic,
-                   return_attn_probs, d: int):
-    """The scalar and variant arguments every flash_attn_* entry point shares: (softmax_scale as
-    a float, deterministic, return_attn_probs as bools)."""
-    _check_variants(softcap, alibi_slopes)
-    scale = _check_scalars(dropout_p, softmax_scale, d)
-    return (scale, _check_flag("deterministic", deterministic),
-            _check_flag("return_attn_probs", return_attn_probs))
-
-
-def _capturing() -> bool:
-    """True inside CUDA-graph capture or torch.compile tracing: device values must not be read.
-    is_compiling() comes first: dynamo cannot trace is_current_stream_capturing()."""
-    if torch.compiler.is_compiling():
-        return True
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-
-
-def _check_cu_seqlens(name: str, cu: Tensor, device: torch.device, total: int,
-                      max_seqlen: int, max_name: str) -> None:
-    if not isinstance(cu, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(cu).__name__}")
-    if cu.dtype != torch.int32:
-        raise TypeError(f"{name} must be int32, got {cu.dtype}")
-    if cu.dim() != 1 or cu.numel() < 2:
-        raise ValueError(f"{name} must be 1-D with batch + 1 >= 2 entries, got {tuple(cu.shape)}")
-    if cu.device != device:
-        raise ValueError(f"{name} must be on {device}, got {cu.device}")
-    if not cu.is_contiguous():
-        raise ValueError(f"{name} must be contiguous")
-    if _capturing():
-        return  # values live on the device; checking them would synchronise
-    host = cu.tolist()
-    lengths = [b - a for a, b in zip(host[:-1], host[1:])]
-    if host[0] != 0 or any(n < 0 for n in lengths):
-        raise ValueError(f"{name} must start at 0 and be non-decreasing, got {host[:8]}...")
-    if host[-1] > total:
-        raise ValueError(f"{name}[-1] = {host[-1]} exceeds the {total} packed rows")
-    if max(lengths) > max_seqlen:
-        raise ValueError(f"{max_name} is {max_seqlen} but a sequence of {name} has "
-                         f"{max(lengths)} rows")
-
-
 # ------------------------------------------------------------------------------------------------
 # Dropout randomness
 # ------------------------------------------------------------------------------------------------
@@ -248,31 +61,60 @@ def _rng_state(device: torch.device) -> Tensor:
     """(seed, offset) int64 on the device for one dropout call, drawn from torch's CUDA generator
     by one randint: reproducible under torch.manual_seed, and safe under CUDA-graph capture (the
     kernels read the pair from device memory; torch advances its generator on each replay, as for
-    its own random ops). Different calls get independent Philox streams (csrc/dropout.cuh)."""
+    its own random ops). Different calls get independent Philox streams
+    (csrc/common/dropout.cuh)."""
     return torch.randint(0, 2**62, (2,), dtype=torch.int64, device=device)
 
 
 # ------------------------------------------------------------------------------------------------
 # Autograd
 # ------------------------------------------------------------------------------------------------
+def sink_grad(dout: Tensor, out: Tensor, out_residual: Optional[Tensor], lse_log2: Tensor,
+              sink: Tensor, cu_seqlens_q: Optional[Tensor] = None) -> Tensor:
+    """The sink's gradient, float32 (heads,): dsink_h = -sum over rows of exp(sink_h - lse) * D,
+    D = rowsum(dO * O) in float32 with O = out + out_residual (as the kernels' D).
+
+    Why: lse = log(sum_j exp(z_j) + exp(sink)), so d lse / d sink = exp(sink - lse) =: p_sink and
+    each out row, sum_j exp(z_j - lse) v_j (dropout included), scales by -p_sink: dL/dsink =
+    dO . (-p_sink O). A row that sees no key has O = 0 and adds nothing.
+    Layouts: dout, out, out_residual fixed (batch, seqlen_q, heads, d) with lse_log2 (batch,
+    heads, seqlen_q), or varlen (total_q, heads, d) with lse_log2 (heads, total_q) and
+    cu_seqlens_q: rows from cu_seqlens_q[-1] on belong to no sequence and are left out (their lse
+    is never written). lse_log2 is the kernels' (log2 units); heads are query heads (GQA too)."""
+    o = out.float() if out_residual is None else out.float() + out_residual.float()
+    d = (dout.float() * o).sum(-1)  # fixed (batch, seqlen_q, heads); varlen (total_q, heads)
+    lse = lse_log2 * _LN2
+    if cu_seqlens_q is None:
+        terms = torch.exp(sink[None, :, None] - lse) * d.transpose(1, 2)  # (batch, heads, rows)
+        return -terms.sum(dim=(0, 2))
+    terms = torch.exp(sink[:, None] - lse) * d.t()  # (heads, total_q)
+    rows = torch.arange(lse.shape[1], device=lse.device) < cu_seqlens_q[-1]  # no host read
+    return -torch.where(rows[None, :], terms, 0.0).sum(dim=1)
+
+
 class _FlashAttnFunction(torch.autograd.Function):
+    # 18 inputs of forward after ctx; sink (index 3) is the one beside q, k, v with a gradient
+
     @staticmethod
-    def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k,
-                softmax_scale, causal, causal_bottom_right, dropout_p, deterministic):
+    def forward(ctx, q, k, v, sink, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seqused_k,
+                max_seqlen_q, max_seqlen_k, softmax_scale, causal, causal_bottom_right,
+                window_left, window_right, softcap, dropout_p, deterministic):
         rng_state = None
         if dropout_p > 0.0:
             rng_state = _rng_state(q.device)
         # With a backward ahead, the forward also writes O's rounding residual (one more tensor
         # like out), so that the backward's D = rowsum(dO * O) uses O at fp32 precision: D from
         # the rounded O alone is wrong by dO . (O - round(O)), all of dS in one-hot softmax rows.
-        residual = any(ctx.needs_input_grad[:3])
+        # The sink's gradient is made of D too.
+        residual = any(ctx.needs_input_grad[:4])
         out, lse, out_residual = ops.call_fwd(
             q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k,
-            softmax_scale, causal, causal_bottom_right, dropout_p, rng_state, residual)
-        ctx.save_for_backward(q, k, v, out, out_residual, lse, cu_seqlens_q, cu_seqlens_k,
-                              seqused_k, rng_state)
+            softmax_scale, causal, causal_bottom_right, window_left, window_right, softcap,
+            alibi_slopes, sink, dropout_p, rng_state, residual)
+        ctx.save_for_backward(q, k, v, sink, alibi_slopes, out, out_residual, lse, cu_seqlens_q,
+                              cu_seqlens_k, seqused_k, rng_state)
         ctx.args = (max_seqlen_q, max_seqlen_k, softmax_scale, causal, causal_bottom_right,
-                    dropout_p, deterministic, residual)
+                    window_left, window_right, softcap, dropout_p, deterministic, residual)
         ctx.mark_non_differentiable(lse)
         # No zero-filled gradient for lse (it has none) or for an unused out: one allocation and
         # one fill kernel less per backward.
@@ -281,37 +123,49 @@ class _FlashAttnFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, _dlse):
+        # (Literal tuples, not a list sized by a class attribute: dynamo traces this function.)
         if dout is None:  # only lse was used, and it has no gradient
-            return (None,) * 13
-        q, k, v, out, out_residual, lse, cu_q, cu_k, seqused_k, rng_state = ctx.saved_tensors
-        (max_q, max_k, scale, causal, bottom_right, dropout_p, deterministic, residual) = ctx.args
+            return (None,) * 18
+        (q, k, v, sink, alibi_slopes, out, out_residual, lse, cu_q, cu_k, seqused_k,
+         rng_state) = ctx.saved_tensors
+        (max_q, max_k, scale, causal, bottom_right, window_left, window_right, softcap, dropout_p,
+         deterministic, residual) = ctx.args
+        out_residual = out_residual if residual else None
         if not _strides_aligned(dout):
             dout = dout.clone(memory_format=torch.contiguous_format)
-        dq, dk, dv = ops.call_bwd(dout, q, k, v, out, out_residual if residual else None, lse,
-                                  cu_q, cu_k, seqused_k, max_q, max_k, scale, causal,
-                                  bottom_right, dropout_p, rng_state, deterministic)
-        return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
+        dq = dk = dv = dsink = None
+        if any(ctx.needs_input_grad[:3]):
+            dq, dk, dv = ops.call_bwd(
+                dout, q, k, v, out, out_residual, lse, cu_q, cu_k, seqused_k, max_q, max_k,
+                scale, causal, bottom_right, window_left, window_right, softcap, alibi_slopes,
+                sink, dropout_p, rng_state, deterministic)
+        if ctx.needs_input_grad[3]:
+            dsink = sink_grad(dout, out, out_residual, lse, sink, cu_q)
+        return (dq, dk, dv, dsink) + (None,) * 14
 
 
 def _attention(q, k, v, cu_q, cu_k, seqused_k, max_q, max_k, scale, causal, bottom_right,
-               dropout_p, deterministic):
-    """(out, lse in log2 units) for validated inputs. Head dims that are not a multiple of 8 are
-    zero-padded (scores and softmax are unchanged: the padded columns add 0 to every dot product)
-    and the output is sliced back; unaligned inputs are copied (_kernel_layout)."""
+               dropout_p, deterministic, window=(-1, -1), softcap=0.0, alibi_slopes=None,
+               sink=None):
+    """(out, lse in log2 units) for validated inputs; window (left, right) as resolve_window
+    gives it. Head dims that are not a multiple of 8 are zero-padded (scores and softmax are
+    unchanged: the padded columns add 0 to every dot product) and the output is sliced back;
+    unaligned inputs are copied (_kernel_layout)."""
     d = q.shape[-1]
     padded = -(-d // 8) * 8
     q, k, v = (_kernel_layout(t, padded) for t in (q, k, v))
-    out, lse = _FlashAttnFunction.apply(q, k, v, cu_q, cu_k, seqused_k, max_q, max_k, scale,
-                                        causal, bottom_right, float(dropout_p),
+    out, lse = _FlashAttnFunction.apply(q, k, v, sink, alibi_slopes, cu_q, cu_k, seqused_k,
+                                        max_q, max_k, scale, causal, bottom_right, window[0],
+                                        window[1], float(softcap), float(dropout_p),
                                         bool(deterministic))
     return (out if padded == d else out[..., :d]), lse
 
 
 def _result(out: Tensor, lse_log2: Tensor, return_attn_probs: bool):
     """flash-attn's return convention: out, or (out, softmax_lse, S_dmask) with
-    return_attn_probs; softmax_lse in natural-log units (the kernels keep it in log2 units,
-    csrc/attention_common.cuh: finish_row). S_dmask (the dropout-masked attention probabilities,
-    which flash-attn returns for tests only) is always None: flashjit never materialises P."""
+    return_attn_probs; softmax_lse in natural-log units (the kernels keep it in log2 units).
+    S_dmask (the dropout-masked attention probabilities, which flash-attn returns for tests only)
+    is always None: flashjit never materialises P."""
     return (out, lse_log2 * _LN2, None) if return_attn_probs else out
 
 
@@ -323,39 +177,58 @@ _COMMON_DOC = """
     softmax_scale: scale of Q K^T before the softmax (default 1 / sqrt(head_dim)).
     causal: causal mask aligned bottom-right: query i sees key j iff j <= i + seqlen_k - seqlen_q
         (flash-attn >= 2.1).
-    window_size, softcap, alibi_slopes: flash-attn 2.x's variant arguments. Supported yet:
-        windows that exclude no key ((-1, -1), (-1, 0) = causal, or at least as wide as the
-        sequences), softcap 0.0, alibi_slopes None; anything else raises NotImplementedError
-        naming the argument (after TypeError/ValueError for malformed values).
+    window_size: (left, right), ints >= -1: sliding-window (local) attention as flash-attn 2.x:
+        query i sees key j iff i + off - left <= j <= i + off + right, off = seqlen_k -
+        seqlen_q (bottom-right, as causal); -1: no bound. (-1, 0) is causal; a bound at least
+        as wide as the sequences is no bound; with causal=True the right bound is 0 whatever is
+        given (as flash-attn: the band ends at the diagonal).
+    softcap: float >= 0, 0.0 = off: each score z = softmax_scale * q.k becomes
+        softcap * tanh(z / softcap) before the softmax (flash-attn 2.x; Gemma 2).
+    alibi_slopes: None or float32 (heads,) or (batch, heads) on q's device (heads: query heads):
+        adds -slope * |i + off - j| to the score of query i and key j, after softcap (flash-attn
+        2.x). It gets no gradient, so it may not require grad while grad is enabled.
     deterministic: bitwise reproducible gradients (a separate dQ pass instead of float atomics).
     return_attn_probs: also return softmax_lse (float32, natural log) and S_dmask, which is
         always None (flashjit never materialises the attention matrix).
+    sink (keyword-only): None or float32 (heads,) on q's device: attention sinks as gpt-oss's,
+        one logit per query head (natural-log units, like the scaled scores) in every row's
+        softmax denominator, with no value: out_i = sum_j exp(z_ij - lse_i) v_j with lse_i =
+        log(sum_j exp(z_ij) + exp(sink_h)), so a row's weights sum to less than 1. softmax_lse
+        includes it; a row that sees no key gets out 0 and lse sink_h. It may require grad: its
+        gradient (float32, (heads,)) is computed from the kernels' lse and out.
+    The variants combine freely, with each other and with dropout, GQA and varlen inputs (each
+    has its meaning in every combination, and every kernel family serves every one).
     Head dims 1-256: a head dim that is not a multiple of 8 is zero-padded inside the call (a
     copy) and the output sliced back. Inputs whose data pointer or strides are not 16-byte
     aligned (or whose last dim is not contiguous) are copied once to an aligned buffer.
-    Raises TypeError/ValueError (NotImplementedError for variants not built yet) naming the
-    argument for bad input, before anything compiles."""
+    Errors, before anything compiles, naming the argument: TypeError for a wrong type (and a q,
+    k, v dtype other than fp16/bf16, a window_size not a pair of ints, a softcap not a real);
+    ValueError for wrong shapes, devices and values (window bounds < -1, softcap < 0 or not
+    finite, alibi_slopes/sink not float32 or of another shape or device)."""
 
 
 def _flash_attn(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-                deterministic, return_attn_probs, names=("q", "k", "v")):
+                deterministic, return_attn_probs, sink, names=("q", "k", "v")):
     """flash_attn_func, with `names`: how the caller calls q, k, v in error messages."""
-    _check_qkv(q, k, v, varlen=False, names=names)
-    causal = _resolve_window(window_size, _check_flag("causal", causal), q.shape[1], k.shape[1])
-    scale, deterministic, return_attn_probs = _check_options(
-        dropout_p, softmax_scale, softcap, alibi_slopes, deterministic, return_attn_probs,
-        q.shape[-1])
+    check_qkv(q, k, v, varlen=False, names=names)
+    causal, *window = resolve_window(window_size, check_flag("causal", causal), q.shape[1],
+                                     k.shape[1])
+    scale, softcap, deterministic, return_attn_probs = check_options(
+        dropout_p, softmax_scale, softcap, deterministic, return_attn_probs, q.shape[-1])
+    alibi_slopes, sink = check_variant_tensors(alibi_slopes, sink, q.device, q.shape[0],
+                                               q.shape[2], names[0])
     out, lse = _attention(q, k, v, None, None, None, q.shape[1], k.shape[1], scale, causal, True,
-                          dropout_p, deterministic)
+                          dropout_p, deterministic, window, softcap, alibi_slopes, sink)
     return _result(out, lse, return_attn_probs)
 
 
 def flash_attn_func(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0,
                     softmax_scale: Optional[float] = None, causal: bool = False,
                     window_size=(-1, -1), softcap: float = 0.0, alibi_slopes=None,
-                    deterministic: bool = False, return_attn_probs: bool = False):
+                    deterministic: bool = False, return_attn_probs: bool = False, *,
+                    sink: Optional[Tensor] = None):
     return _flash_attn(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
-                       alibi_slopes, deterministic, return_attn_probs)
+                       alibi_slopes, deterministic, return_attn_probs, sink)
 
 
 flash_attn_func.__doc__ = """Exact attention, as flash_attn.flash_attn_func (2.x).
@@ -367,27 +240,29 @@ flash_attn_func.__doc__ = """Exact attention, as flash_attn.flash_attn_func (2.x
 
 def _flash_attn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                        dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-                       deterministic, return_attn_probs, block_table=None,
+                       deterministic, return_attn_probs, block_table, sink,
                        names=("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q",
                               "max_seqlen_k")):
     """flash_attn_varlen_func, with `names`: how the caller calls its tensors and lengths in
     error messages."""
     nq, nk, nv, ncu_q, ncu_k, nmax_q, nmax_k = names
-    _check_qkv(q, k, v, varlen=True, names=(nq, nk, nv))
-    max_seqlen_q, max_seqlen_k = _check_int(nmax_q, max_seqlen_q), _check_int(nmax_k, max_seqlen_k)
-    causal = _resolve_window(window_size, _check_flag("causal", causal), max_seqlen_q,
-                             max_seqlen_k)
-    scale, deterministic, return_attn_probs = _check_options(
-        dropout_p, softmax_scale, softcap, alibi_slopes, deterministic, return_attn_probs,
-        q.shape[-1])
-    _refuse_tensor_argument("block_table", block_table, "an int32 tensor", "paged KV")
-    _check_cu_seqlens(ncu_q, cu_seqlens_q, q.device, q.shape[0], max_seqlen_q, nmax_q)
-    _check_cu_seqlens(ncu_k, cu_seqlens_k, q.device, k.shape[0], max_seqlen_k, nmax_k)
+    check_qkv(q, k, v, varlen=True, names=(nq, nk, nv))
+    max_seqlen_q, max_seqlen_k = check_int(nmax_q, max_seqlen_q), check_int(nmax_k, max_seqlen_k)
+    causal, *window = resolve_window(window_size, check_flag("causal", causal), max_seqlen_q,
+                                     max_seqlen_k)
+    scale, softcap, deterministic, return_attn_probs = check_options(
+        dropout_p, softmax_scale, softcap, deterministic, return_attn_probs, q.shape[-1])
+    refuse_tensor_argument("block_table", block_table, "an int32 tensor", "paged KV")
+    check_cu_seqlens(ncu_q, cu_seqlens_q, q.device, q.shape[0], max_seqlen_q, nmax_q)
+    check_cu_seqlens(ncu_k, cu_seqlens_k, q.device, k.shape[0], max_seqlen_k, nmax_k)
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():
         raise ValueError(f"{ncu_q} and {ncu_k} must have the same length, got "
                          f"{cu_seqlens_q.numel()} and {cu_seqlens_k.numel()}")
+    alibi_slopes, sink = check_variant_tensors(alibi_slopes, sink, q.device,
+                                               cu_seqlens_q.numel() - 1, q.shape[1], nq)
     out, lse = _attention(q, k, v, cu_seqlens_q, cu_seqlens_k, None, max_seqlen_q, max_seqlen_k,
-                          scale, causal, True, dropout_p, deterministic)
+                          scale, causal, True, dropout_p, deterministic, window, softcap,
+                          alibi_slopes, sink)
     return _result(out, lse, return_attn_probs)
 
 
@@ -396,10 +271,11 @@ def flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
                            dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
                            causal: bool = False, window_size=(-1, -1), softcap: float = 0.0,
                            alibi_slopes=None, deterministic: bool = False,
-                           return_attn_probs: bool = False, block_table=None):
+                           return_attn_probs: bool = False, block_table=None, *,
+                           sink: Optional[Tensor] = None):
     return _flash_attn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                               dropout_p, softmax_scale, causal, window_size, softcap,
-                              alibi_slopes, deterministic, return_attn_probs, block_table)
+                              alibi_slopes, deterministic, return_attn_probs, block_table, sink)
 
 
 flash_attn_varlen_func.__doc__ = """Packed variable-length sequences, as
@@ -409,9 +285,10 @@ flash_attn_varlen_func.__doc__ = """Packed variable-length sequences, as
     cu_seqlens[b + 1] - 1 (int32, batch + 1 entries, on q's device); max_seqlen_q/k bound the
     sequence lengths. Rows past cu_seqlens[-1] get output (and gradient) 0. softmax_lse is
     (heads, total_q). Key padding is done this way: pack the real tokens of each sequence.
-    block_table (paged KV) must be None. In eager mode the cu_seqlens values are checked on the
-    host (one synchronisation); under CUDA-graph capture and torch.compile they are not.""" + \
-    _COMMON_DOC
+    Windows, causal and ALiBi align each sequence on its own lengths; alibi_slopes may be
+    (batch, heads) with batch = cu_seqlens_q.numel() - 1. block_table (paged KV) must be None.
+    In eager mode the cu_seqlens values are checked on the host (one synchronisation); under
+    CUDA-graph capture and torch.compile they are not.""" + _COMMON_DOC
 
 
 def _unpack(packed, name: str, parts: int, varlen: bool):
@@ -430,23 +307,26 @@ def _unpack(packed, name: str, parts: int, varlen: bool):
 def flash_attn_qkvpacked_func(qkv: Tensor, dropout_p: float = 0.0,
                               softmax_scale: Optional[float] = None, causal: bool = False,
                               window_size=(-1, -1), softcap: float = 0.0, alibi_slopes=None,
-                              deterministic: bool = False, return_attn_probs: bool = False):
+                              deterministic: bool = False, return_attn_probs: bool = False, *,
+                              sink: Optional[Tensor] = None):
     """qkv (batch, seqlen, 3, heads, d): q, k, v are views into it (no copies; the gradient is
     one tensor like qkv). Otherwise as flash_attn_func."""
     q, k, v = _unpack(qkv, "qkv", 3, varlen=False)
     return _flash_attn(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
-                       alibi_slopes, deterministic, return_attn_probs, names=("qkv",) * 3)
+                       alibi_slopes, deterministic, return_attn_probs, sink, names=("qkv",) * 3)
 
 
 def flash_attn_kvpacked_func(q: Tensor, kv: Tensor, dropout_p: float = 0.0,
                              softmax_scale: Optional[float] = None, causal: bool = False,
                              window_size=(-1, -1), softcap: float = 0.0, alibi_slopes=None,
-                             deterministic: bool = False, return_attn_probs: bool = False):
+                             deterministic: bool = False, return_attn_probs: bool = False, *,
+                             sink: Optional[Tensor] = None):
     """q (batch, seqlen_q, heads, d); kv (batch, seqlen_k, 2, heads_k, d). Otherwise as
     flash_attn_func."""
     k, v = _unpack(kv, "kv", 2, varlen=False)
     return _flash_attn(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
-                       alibi_slopes, deterministic, return_attn_probs, names=("q", "kv", "kv"))
+                       alibi_slopes, deterministic, return_attn_probs, sink,
+                       names=("q", "kv", "kv"))
 
 
 def flash_attn_varlen_qkvpacked_func(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int,
@@ -454,13 +334,14 @@ def flash_attn_varlen_qkvpacked_func(qkv: Tensor, cu_seqlens: Tensor, max_seqlen
                                      softmax_scale: Optional[float] = None, causal: bool = False,
                                      window_size=(-1, -1), softcap: float = 0.0,
                                      alibi_slopes=None, deterministic: bool = False,
-                                     return_attn_probs: bool = False):
+                                     return_attn_probs: bool = False, *,
+                                     sink: Optional[Tensor] = None):
     """qkv (total, 3, heads, d) with int32 cu_seqlens (batch + 1) for queries and keys alike.
     Otherwise as flash_attn_varlen_func."""
     q, k, v = _unpack(qkv, "qkv", 3, varlen=True)
     return _flash_attn_varlen(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p,
                               softmax_scale, causal, window_size, softcap, alibi_slopes,
-                              deterministic, return_attn_probs,
+                              deterministic, return_attn_probs, None, sink,
                               names=("qkv",) * 3 + ("cu_seqlens",) * 2 + ("max_seqlen",) * 2)
 
 
@@ -470,44 +351,16 @@ def flash_attn_varlen_kvpacked_func(q: Tensor, kv: Tensor, cu_seqlens_q: Tensor,
                                     softmax_scale: Optional[float] = None, causal: bool = False,
                                     window_size=(-1, -1), softcap: float = 0.0,
                                     alibi_slopes=None, deterministic: bool = False,
-                                    return_attn_probs: bool = False):
+                                    return_attn_probs: bool = False, *,
+                                    sink: Optional[Tensor] = None):
     """q (total_q, heads, d); kv (total_k, 2, heads_k, d). Otherwise as
     flash_attn_varlen_func."""
     k, v = _unpack(kv, "kv", 2, varlen=True)
     return _flash_attn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                               dropout_p, softmax_scale, causal, window_size, softcap,
-                              alibi_slopes, deterministic, return_attn_probs,
+                              alibi_slopes, deterministic, return_attn_probs, None, sink,
                               names=("q", "kv", "kv", "cu_seqlens_q", "cu_seqlens_k",
                                      "max_seqlen_q", "max_seqlen_k"))
-
-
-def _key_padding_lengths(attn_mask, batch: int, seqlen_k: int, device) -> Tensor:
-    """A boolean key-padding mask (True = attend), broadcastable to (batch, 1, 1, seqlen_k) and
-    right-padded (each row a run of True then False), as int32 key counts per batch."""
-    if not isinstance(attn_mask, Tensor):
-        raise TypeError(f"attn_mask must be a torch.Tensor, got {type(attn_mask).__name__}")
-    if attn_mask.dtype != torch.bool:
-        raise TypeError("attn_mask: only boolean key-padding masks are supported (True = attend);"
-                        f" got {attn_mask.dtype}")
-    if attn_mask.device != device:
-        raise ValueError(f"attn_mask must be on {device}, got {attn_mask.device}")
-    target = (batch, 1, 1, seqlen_k)
-    shape = tuple(attn_mask.shape)
-    # broadcastable to target: at most 4 dims, each 1 or target's (checked without try/except, so
-    # torch.compile traces it)
-    if len(shape) > 4 or any(n not in (1, t) for n, t in zip(reversed(shape), reversed(target))):
-        raise ValueError("attn_mask must be a key-padding mask broadcastable to (batch, 1, 1, "
-                         f"seqlen_k) = {target}; got {shape}")
-    mask = attn_mask.expand(target)
-    mask = mask.reshape(batch, seqlen_k)
-    lengths = mask.sum(dim=1, dtype=torch.int32)
-    if not _capturing():
-        prefix = torch.arange(seqlen_k, device=device)[None, :] < lengths[:, None]
-        if not torch.equal(prefix, mask):
-            raise ValueError("attn_mask must be a right-padding mask (True for the first n keys "
-                             "of each sequence, then False); for other patterns pack the "
-                             "sequences and use flash_attn_varlen_func")
-    return lengths.contiguous()
 
 
 def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor,
@@ -516,27 +369,29 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor,
                                  enable_gqa: bool = False) -> Tensor:
     """torch.nn.functional.scaled_dot_product_attention's signature and (batch, heads, seq, d)
     layout. attn_mask: only a boolean right-padding key mask broadcastable to
-    (batch, 1, 1, seqlen_k). Causal masking is aligned top-left, as in torch. Anything else raises
-    rather than falling back to a slower path."""
+    (batch, 1, 1, seqlen_k). Causal masking is aligned top-left, as in torch. No window, softcap,
+    ALiBi or sink here: flash_attn_func has them. Anything else raises rather than falling back to
+    a slower path."""
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
             raise ValueError(f"{name} must be a 4-D tensor (batch, heads, seq, d), got "
                              f"{getattr(t, 'shape', type(t).__name__)}")
-    is_causal, enable_gqa = _check_flag("is_causal", is_causal), _check_flag("enable_gqa",
-                                                                             enable_gqa)
+    is_causal = check_flag("is_causal", is_causal)
+    enable_gqa = check_flag("enable_gqa", enable_gqa)
     if query.shape[1] != key.shape[1] and not enable_gqa:
         raise ValueError(f"query has {query.shape[1]} heads and key {key.shape[1]}: pass "
                          "enable_gqa=True for grouped-query attention")
     if attn_mask is not None and is_causal:
         raise ValueError("attn_mask and is_causal cannot both be set (as in torch)")
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # views: (batch, seq, heads, d)
-    _check_qkv(q, k, v, varlen=False, names=("query", "key", "value"))
-    softmax_scale = _check_scalars(dropout_p, scale, q.shape[-1])
+    check_qkv(q, k, v, varlen=False, names=("query", "key", "value"))
+    softmax_scale = check_scalars(dropout_p, scale, q.shape[-1])
     seqused_k = None
     if attn_mask is not None:
-        seqused_k = _key_padding_lengths(attn_mask, q.shape[0], k.shape[1], q.device)
+        seqused_k = key_padding_lengths(attn_mask, q.shape[0], k.shape[1], q.device)
     out, _ = _attention(q, k, v, None, None, seqused_k, q.shape[1], k.shape[1], softmax_scale,
                         is_causal, False, dropout_p, False)
     return out.transpose(1, 2)
+

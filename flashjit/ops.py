@@ -22,8 +22,10 @@ _DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16"}
 BWD_ROW_PAD = 128
 
 
-def attention_spec(kernel: str, q: Tensor, causal: bool, dropout: bool) -> JitSpec:
-    """The JIT spec that serves an attention call on q's device, dtype and head dim. Its kernel
+def attention_spec(kernel: str, q: Tensor, causal: bool, dropout: bool, window: bool = False,
+                   softcap: bool = False, alibi: bool = False, sink: bool = False) -> JitSpec:
+    """The JIT spec that serves an attention call on q's device, dtype and head dim, with the
+    variant flags given (variant_flags() derives them from an op's arguments). Its kernel
     family follows from these (spec.default_family: kernel, arch and head dim) and
     FLASHJIT_KERNEL_FAMILY, its tile from FLASHJIT_FWD_TILE / FLASHJIT_BWD_TILE (tuning sweeps);
     bad values of either raise ValueError naming them."""
@@ -33,23 +35,50 @@ def attention_spec(kernel: str, q: Tensor, causal: bool, dropout: bool) -> JitSp
         dtype=_DTYPE_NAMES[q.dtype],
         head_dim=head_dim_bucket(q.shape[-1]),
         causal=causal,
+        window=window,
+        softcap=softcap,
+        alibi=alibi,
+        sink=sink,
         dropout=dropout,
         tile=tile_override(kernel),
     )
 
 
-# (kernel, device index, dtype, head dim, causal, dropout) -> the spec's op. Resolved once per
-# process (environment overrides included: arch list, FLASHJIT_KERNEL_FAMILY), so a call costs
-# one dict lookup, not a spec build. The key determines the spec: the arch follows from the
-# device and the family from kernel, arch, head dim and the environment.
+def variant_flags(causal: bool, window_left: int, window_right: int, softcap: float,
+                  alibi_slopes: Optional[Tensor], sink: Optional[Tensor],
+                  dropout_p: float) -> Tuple[bool, ...]:
+    """The spec flags (causal, window, softcap, alibi, sink, dropout) of an op call.
+
+    With causal the right bound is the causal mask's own (0, see window_bounds), so only a left
+    bound makes a window: causal alone, (-1, 0), keeps the plain causal spec. The windows that
+    exclude no key are already (-1, -1) here (_validate.resolve_window)."""
+    window = window_left != -1 if causal else (window_left, window_right) != (-1, -1)
+    return (causal, window, softcap > 0.0, alibi_slopes is not None, sink is not None,
+            dropout_p > 0.0)
+
+
+def window_bounds(causal: bool, window_left: int, window_right: int) -> Tuple[int, int]:
+    """(left, right) as the kernels take them: with causal, right = 0 (flash-attn 2.x: causal
+    with a window is the band whose right edge is at the diagonal)."""
+    return (window_left, 0) if causal else (window_left, window_right)
+
+
+# (kernel, device index, dtype, head dim, causal, window, softcap, alibi, sink, dropout) -> the
+# spec's op. Resolved once per process (environment overrides included: arch list,
+# FLASHJIT_KERNEL_FAMILY), so a call costs one dict lookup, not a spec build. The key determines
+# the spec: the arch follows from the device and the family from kernel, arch, head dim and the
+# environment.
 _resolved: dict = {}
 
 
-def _spec_op(kernel: str, q: Tensor, causal: bool, dropout: bool):
-    key = (kernel, q.device.index, q.dtype, q.shape[-1], causal, dropout)
+def _spec_op(kernel: str, q: Tensor, flags: Tuple[bool, ...]):
+    """The op of the spec serving `kernel` for q and the variant_flags() `flags`."""
+    key = (kernel, q.device.index, q.dtype, q.shape[-1], *flags)
     op = _resolved.get(key)
     if op is None:
-        op = getattr(load_spec(attention_spec(kernel, q, causal, dropout)), kernel).default
+        causal, window, softcap, alibi, sink, dropout = flags
+        spec = attention_spec(kernel, q, causal, dropout, window, softcap, alibi, sink)
+        op = getattr(load_spec(spec), kernel).default
         _resolved[key] = op
     return op
 
@@ -114,22 +143,33 @@ def _fwd_impl(
     softmax_scale: float,
     causal: bool,
     causal_bottom_right: bool,
+    window_left: int,
+    window_right: int,
+    softcap: float,
+    alibi_slopes: Optional[Tensor],
+    sink: Optional[Tensor],
     dropout_p: float,
     rng_state: Optional[Tensor],
     with_residual: bool,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Forward attention: returns (out like q, lse float32 in log2 units (the natural-log lse /
-    ln 2; csrc/flash_params.h), out_residual). out_residual is like out, O - round(O) (for the
-    backward's D), with with_residual; else an empty tensor."""
+    ln 2), out_residual). out_residual is like out, O - round(O) (for the
+    backward's D), with with_residual; else an empty tensor. The variant arguments are validated
+    ones (interface.py documents them): window bounds >= -1 (-1: none), softcap >= 0 (0: off),
+    alibi_slopes float32 (heads,) or (batch, heads), sink float32 (heads,), both contiguous. The
+    lse includes the sink."""
     varlen = cu_seqlens_q is not None
     q, k, v = _aligned(q), _aligned(k), _aligned(v)
     out = _empty(q.shape, q.dtype, q.device)
     lse = _empty(_lse_shape(q, varlen), torch.float32, q.device)
     residual = _empty(q.shape if with_residual else (0,), q.dtype, q.device)
-    _launch(_spec_op("fwd", q, causal, dropout_p > 0.0), q.device,
+    flags = variant_flags(causal, window_left, window_right, softcap, alibi_slopes, sink,
+                          dropout_p)
+    window_left, window_right = window_bounds(causal, window_left, window_right)
+    _launch(_spec_op("fwd", q, flags), q.device,
             q, k, v, out, lse, residual if with_residual else None, cu_seqlens_q, cu_seqlens_k,
-            seqused_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal_bottom_right, rng_state,
-            dropout_p)
+            seqused_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal_bottom_right,
+            window_left, window_right, softcap, alibi_slopes, sink, rng_state, dropout_p)
     return out, lse, residual
 
 
@@ -138,7 +178,8 @@ fwd = torch.library.custom_op("flashjit::fwd", _fwd_impl, mutates_args=(), devic
 
 @fwd.register_fake
 def _fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k,
-              softmax_scale, causal, causal_bottom_right, dropout_p, rng_state, with_residual):
+              softmax_scale, causal, causal_bottom_right, window_left, window_right, softcap,
+              alibi_slopes, sink, dropout_p, rng_state, with_residual):
     varlen = cu_seqlens_q is not None
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = q.new_empty(_lse_shape(q, varlen), dtype=torch.float32)
@@ -196,12 +237,18 @@ def _bwd_impl(
     softmax_scale: float,
     causal: bool,
     causal_bottom_right: bool,
+    window_left: int,
+    window_right: int,
+    softcap: float,
+    alibi_slopes: Optional[Tensor],
+    sink: Optional[Tensor],
     dropout_p: float,
     rng_state: Optional[Tensor],
     deterministic: bool,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    """Backward attention: returns (dq, dk, dv) shaped like (q, k, v). out_residual: the
-    forward's, or None (D from out alone)."""
+    """Backward attention: returns (dq, dk, dv) shaped like (q, k, v); the variant arguments as
+    the forward's. out_residual: the forward's, or None (D from out alone). The sink's gradient
+    is not the kernels': interface.sink_grad computes it from D and lse."""
     varlen = cu_seqlens_q is not None
     dout, q, k, v = _aligned(dout), _aligned(q), _aligned(k), _aligned(v)
     batch = cu_seqlens_q.shape[0] - 1 if varlen else q.shape[0]
@@ -210,10 +257,14 @@ def _bwd_impl(
     dk = _empty(_expanded_kv_shape(q, k, varlen), k.dtype, k.device)
     dv = _empty(_expanded_kv_shape(q, v, varlen), v.dtype, v.device)
     dq_accum, dsum = _bwd_scratch(q, varlen, batch, max_seqlen_q, bucket)
-    _launch(_spec_op("bwd", q, causal, dropout_p > 0.0), q.device,
+    flags = variant_flags(causal, window_left, window_right, softcap, alibi_slopes, sink,
+                          dropout_p)
+    window_left, window_right = window_bounds(causal, window_left, window_right)
+    _launch(_spec_op("bwd", q, flags), q.device,
             dout, q, k, v, out, out_residual, lse, dq, dk, dv, dq_accum, dsum, cu_seqlens_q,
             cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-            causal_bottom_right, rng_state, dropout_p, deterministic)
+            causal_bottom_right, window_left, window_right, softcap, alibi_slopes, sink,
+            rng_state, dropout_p, deterministic)
     heads_k = k.shape[1 if varlen else 2]
     return dq, _reduce_groups(dk, heads_k, varlen), _reduce_groups(dv, heads_k, varlen)
 
@@ -223,8 +274,8 @@ bwd = torch.library.custom_op("flashjit::bwd", _bwd_impl, mutates_args=(), devic
 
 @bwd.register_fake
 def _bwd_fake(dout, q, k, v, out, out_residual, lse, cu_seqlens_q, cu_seqlens_k, seqused_k,
-              max_seqlen_q, max_seqlen_k, softmax_scale, causal, causal_bottom_right, dropout_p,
-              rng_state, deterministic):
+              max_seqlen_q, max_seqlen_k, softmax_scale, causal, causal_bottom_right, window_left,
+              window_right, softcap, alibi_slopes, sink, dropout_p, rng_state, deterministic):
     new = lambda t: torch.empty(t.shape, dtype=t.dtype, device=t.device)  # noqa: E731
     return new(q), new(k), new(v)
 
@@ -238,12 +289,15 @@ def _eager(*tensors) -> bool:
         t is None or type(t) is torch.Tensor for t in tensors)
 
 
-def call_fwd(q, k, v, *args):
+def call_fwd(*args):
     """flashjit::fwd, straight to its implementation when eager (see _eager)."""
-    return (_fwd_impl if _eager(q, k, v) else fwd)(q, k, v, *args)
+    return (_fwd_impl if _eager(*_tensors(args)) else fwd)(*args)
 
 
-def call_bwd(dout, q, k, v, out, out_residual, lse, *args):
+def call_bwd(*args):
     """flashjit::bwd, straight to its implementation when eager (see _eager)."""
-    impl = _bwd_impl if _eager(dout, q, k, v, out, out_residual, lse) else bwd
-    return impl(dout, q, k, v, out, out_residual, lse, *args)
+    return (_bwd_impl if _eager(*_tensors(args)) else bwd)(*args)
+
+
+def _tensors(args) -> list:
+    return [a for a in args if isinstance(a, Tensor)]

@@ -4,6 +4,8 @@
     python -m flashjit.prebuild --kernel selftest
     python -m flashjit.prebuild --arch sm90a --list      # names only, builds nothing
     python -m flashjit.prebuild --arch sm90a --family sm80   # mma.sync fwd and bwd on Hopper too
+    python -m flashjit.prebuild --arch sm90a --window both --softcap yes   # variant specs
+    python -m flashjit.prebuild --arch sm90a --kernel dropout_mask   # the test-only mask kernel
 
 Each ``--arch`` argument is one binary: ``--arch 8.0 9.0`` builds an sm80 and an sm90a binary
 per spec, ``--arch '8.0;9.0'`` one sm80-sm90a binary (what FLASHJIT_CUDA_ARCH_LIST='8.0;9.0'
@@ -29,7 +31,7 @@ from pathlib import Path
 from .jit import registry
 from .jit.arch import NoGpuError, current_arch, parse_arch_list
 from .jit.env import KERNEL_FAMILIES, nvcc_path
-from .jit.spec import (ATTENTION_KERNELS, DTYPES, HEAD_DIM_BUCKETS, KERNELS, JitSpec,
+from .jit.spec import (ATTENTION_KERNELS, DTYPES, HEAD_DIM_BUCKETS, KERNELS, VARIANTS, JitSpec,
                        head_dim_bucket)
 
 _GIB = 1 << 30
@@ -83,6 +85,10 @@ examples:
       the spec names only; builds nothing
   python -m flashjit.prebuild --arch sm90a --family sm80
       the mma.sync kernels on Hopper too
+  python -m flashjit.prebuild --arch sm90a --dtype bf16 --head-dim 128 --window yes --sink both
+      sliding-window specs, with and without attention sinks
+  python -m flashjit.prebuild --arch sm90a --kernel dropout_mask
+      the test-only dropout-mask kernel (flashjit.testing.dropout_mask)
   python -m flashjit.prebuild --kernel selftest
       the CPU-only test op: checks the C++ toolchain, needs no GPU, CUDA torch or nvcc
 """
@@ -95,7 +101,8 @@ def _parser() -> argparse.ArgumentParser:
         epilog=_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--kernel", nargs="+", choices=list(KERNELS), default=list(ATTENTION_KERNELS),
-                   help=f"kernels to build (default: {' '.join(ATTENTION_KERNELS)})")
+                   help=f"kernels to build (default: {' '.join(ATTENTION_KERNELS)}; dropout_mask "
+                        "is the test-only mask kernel, selftest the CPU-only test op)")
     p.add_argument("--arch", nargs="+", metavar="ARCH",
                    help="one binary per argument: 8.0, 9.0, sm80, sm90a, or '8.0;9.0' for one "
                         "binary holding both (default: FLASHJIT_CUDA_ARCH_LIST, else "
@@ -107,6 +114,15 @@ def _parser() -> argparse.ArgumentParser:
                                      f"{' '.join(map(str, HEAD_DIM_BUCKETS))})")
     p.add_argument("--causal", choices=list(_CHOICES), default="both",
                    help="causal masking: yes, no or both (default: both)")
+    variant_help = {
+        "window": "sliding-window attention (window_size)",
+        "softcap": "logit softcapping (softcap > 0)",
+        "alibi": "ALiBi biases (alibi_slopes)",
+        "sink": "attention sinks (sink)",
+    }
+    for flag in VARIANTS:
+        p.add_argument(f"--{flag}", choices=list(_CHOICES), default="no",
+                       help=f"{variant_help[flag]}: yes, no or both (default: no)")
     p.add_argument("--dropout", choices=list(_CHOICES), default="no",
                    help="dropout: yes, no or both (default: no)")
     p.add_argument("--family", choices=KERNEL_FAMILIES,
@@ -135,8 +151,10 @@ def _parser() -> argparse.ArgumentParser:
 def specs_from_args(args: argparse.Namespace) -> list[JitSpec]:
     """The cross product the arguments ask for, without duplicates, in a stable order."""
     specs: list[JitSpec] = []
-    attention = [k for k in args.kernel if k in ATTENTION_KERNELS]
-    if attention:
+    attention = [k for k in args.kernel if KERNELS[k].attention]
+    arch_only = [k for k in args.kernel if KERNELS[k].arch_only]
+    arches: list[str] = []
+    if attention or arch_only:
         if args.arch:
             arches = ["-".join(parse_arch_list(a)) for a in args.arch]
         else:
@@ -146,12 +164,15 @@ def specs_from_args(args: argparse.Namespace) -> list[JitSpec]:
                 raise NoGpuError(
                     "no CUDA GPU is visible; pass --arch (e.g. --arch 9.0 or --arch sm90a) to "
                     "build for a GPU elsewhere, or set FLASHJIT_CUDA_ARCH_LIST") from None
-        head_dims = sorted({head_dim_bucket(d) for d in args.head_dim})
-        for kernel, arch, dtype, head_dim, causal, dropout in itertools.product(
-            attention, arches, args.dtype, head_dims, _CHOICES[args.causal], _CHOICES[args.dropout]
-        ):
-            specs.append(JitSpec(kernel, arch, dtype, head_dim, causal, dropout,
-                                 _family(args.family, kernel, arch, head_dim), args.tile))
+    head_dims = sorted({head_dim_bucket(d) for d in args.head_dim}) if attention else []
+    flags = [_CHOICES[args.causal], *(_CHOICES[getattr(args, v)] for v in VARIANTS),
+             _CHOICES[args.dropout]]
+    for kernel, arch, dtype, head_dim, *variant in itertools.product(
+        attention, arches, args.dtype, head_dims, *flags
+    ):
+        specs.append(JitSpec(kernel, arch, dtype, head_dim, *variant,
+                             family=_family(args.family, kernel, arch, head_dim), tile=args.tile))
+    specs += [JitSpec(k, arch) for k in arch_only for arch in arches]
     specs += [JitSpec(k) for k in args.kernel if KERNELS[k].cpu_only]
     return list(dict.fromkeys(specs))
 

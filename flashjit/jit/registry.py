@@ -1,5 +1,6 @@
 """The kernel registry: one row per (attention kernel, kernel family), the only place that says
-which family serves which arch and head dim, with which sources and which define.
+which family serves which arch and head dim, and from which sources (each family its own csrc
+folder: ``sm80/fwd.cu``, ``sm90/bwd.cu``, ...).
 
 JitSpec (default family, sources, defines, name), prebuild (--family) and ``python -m flashjit
 info`` read these rows; none of them re-implements the rules. A new family is a new csrc folder and
@@ -20,8 +21,9 @@ class FamilyRow:
 
     archs: the normal arch names (jit.arch) whose binaries it may serve, None for any CUDA arch. A
     multi-arch binary (``sm80-sm90a``) is served only by a row that serves every arch of it.
-    head_dims: the head-dim buckets it serves, None for all. define: the preprocessor flag that
-    selects it in the sources (None: the sources' default). suffix: what it adds to spec names.
+    head_dims: the head-dim buckets it serves, None for all. sources: relative to csrc_dir(), the
+    family's own translation unit and the shared binding (the sources pick the family: no define).
+    suffix: what it adds to spec names.
     tile_params: the parameters of a tile a spec may choose instead of the launch code's own
     (JitSpec.tile, -DFLASHJIT_TILE_<PARAM>=value each: tuning sweeps); None where the family
     takes no tile."""
@@ -32,7 +34,6 @@ class FamilyRow:
     sources: tuple[str, ...]
     archs: Optional[tuple[str, ...]] = None
     head_dims: Optional[tuple[int, ...]] = None
-    define: Optional[str] = None
     suffix: str = ""
     tile_params: Optional[tuple[str, ...]] = None
 
@@ -43,20 +44,17 @@ class FamilyRow:
         return archs_ok and (self.head_dims is None or head_dim_bucket in self.head_dims)
 
 
-_FWD_SOURCES = ("fwd_binding.cpp", "flash_fwd.cu")
-_BWD_SOURCES = ("bwd_binding.cpp", "flash_bwd.cu")
-
 # In order of preference: the first row that serves a (kernel, arch, head dim) is its default.
 REGISTRY: tuple[FamilyRow, ...] = (
-    FamilyRow("fwd", "sm90", "wgmma", _FWD_SOURCES, archs=("sm90a",), head_dims=(64, 128),
-              define="-DFLASHJIT_FWD_FAMILY_SM90=1", suffix="_wgmma",
-              tile_params=("block_n", "warpgroups", "min_blocks")),  # flash_fwd_sm90_launch.cuh
-    FamilyRow("bwd", "sm90", "wgmma", _BWD_SOURCES, archs=("sm90a",), head_dims=(64, 128),
-              define="-DFLASHJIT_BWD_FAMILY_SM90=1", suffix="_wgmma",
-              tile_params=("block_m",)),  # flash_bwd_sm90_launch.cuh
-    FamilyRow("fwd", "sm80", "mma.sync", _FWD_SOURCES,
-              tile_params=("block_m", "block_n", "warps", "min_blocks")),  # flash_fwd_launch.cuh
-    FamilyRow("bwd", "sm80", "mma.sync", _BWD_SOURCES),
+    FamilyRow("fwd", "sm90", "wgmma", ("fwd_binding.cpp", "sm90/fwd.cu"), archs=("sm90a",),
+              head_dims=(64, 128), suffix="_wgmma",
+              tile_params=("block_n", "warpgroups", "min_blocks")),  # the sm90 forward's launch
+    FamilyRow("bwd", "sm90", "wgmma", ("bwd_binding.cpp", "sm90/bwd.cu"), archs=("sm90a",),
+              head_dims=(64, 128), suffix="_wgmma",
+              tile_params=("block_m",)),  # the sm90 backward's launch
+    FamilyRow("fwd", "sm80", "mma.sync", ("fwd_binding.cpp", "sm80/fwd.cu"),
+              tile_params=("block_m", "block_n", "warps", "min_blocks")),  # the sm80 forward's
+    FamilyRow("bwd", "sm80", "mma.sync", ("bwd_binding.cpp", "sm80/bwd.cu")),
 )
 
 KERNEL_FAMILIES: tuple[str, ...] = tuple(dict.fromkeys(r.family for r in REGISTRY))

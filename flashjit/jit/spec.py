@@ -1,13 +1,14 @@
 """Build specs: one frozen object per compiled specialisation, named after what it fixes.
 
-A spec says which kernel (fwd, bwd, selftest), for which arch, dtype, head-dim bucket and
-variant, and which kernel family implements it; from it follow the sources, the compiler flags
-and the readable name that also names the op namespace and the cache folder, e.g.
-``fwd_sm80_bf16_hd128_causal`` or ``fwd_sm90a_bf16_hd128_causal_wgmma``.
+A spec says which kernel (fwd, bwd, the test-only dropout_mask, the CPU selftest), for which
+arch, dtype, head-dim bucket and variant (causal, window, softcap, alibi, sink, dropout), and
+which kernel family implements it; from it follow the sources, the compiler flags and the
+readable name that also names the op namespace and the cache folder, e.g.
+``fwd_sm80_bf16_hd128_causal`` or ``fwd_sm90a_bf16_hd128_causal_window_softcap_wgmma``.
 
-Kernel families, their sources, defines and where each serves come from the registry
-(registry.py): ``sm90`` (Hopper wgmma) serves the forward and backward at head dims 64 and 128 on
-sm90a and is the default there; ``sm80`` (mma.sync) serves every CUDA spec.
+Kernel families, their sources and where each serves come from the registry (registry.py):
+``sm90`` (Hopper wgmma) serves the forward and backward at head dims 64 and 128 on sm90a and is
+the default there; ``sm80`` (mma.sync) serves every CUDA spec. Every family serves every variant.
 """
 
 from __future__ import annotations
@@ -32,17 +33,31 @@ _DTYPE_ALIASES = {
 }
 
 
+# The variant flags of attention specs, in name order (dropout, the last, is not among them: it
+# predates them and keeps its own FLASHJIT_HAS_DROPOUT=0/1 define).
+VARIANTS = ("window", "softcap", "alibi", "sink")
+
+
 @dataclass(frozen=True)
 class KernelDef:
-    """A kernel: its sources (relative to csrc_dir()) and whether it is CPU-only. The attention
+    """A kernel: its sources (relative to csrc_dir()), whether it is CPU-only and whether it is
+    specialised by arch alone (no dtype, head dim, variant, family or tile). The attention
     kernels' sources depend on the family: registry.REGISTRY has them."""
 
     sources: tuple[str, ...] = ()
     cpu_only: bool = False
+    arch_only: bool = False
+
+    @property
+    def attention(self) -> bool:
+        return not (self.cpu_only or self.arch_only)
 
 
 KERNELS: dict[str, KernelDef] = {
     **{kernel: KernelDef() for kernel in ATTENTION_KERNELS},
+    # test-only: the dropout keep mask the kernels draw (flashjit.testing.dropout_mask)
+    "dropout_mask": KernelDef(("dropout_mask_binding.cpp", "common/dropout_mask.cu"),
+                              arch_only=True),
     "selftest": KernelDef(("selftest/selftest_op.cpp",), cpu_only=True),
 }
 
@@ -89,8 +104,12 @@ class JitSpec:
 
     ``head_dim`` is stored as its bucket (``head_dim=120`` becomes 128), ``arch`` in normal
     form (``sm90`` becomes ``sm90a``), ``dtype`` as ``fp16``/``bf16`` (torch dtypes accepted).
-    The selftest kernel takes ``arch="cpu"`` (the default for it) and no dtype or head dim.
-    ``family`` (``sm80`` or ``sm90``; CUDA kernels only) defaults to default_family(), or to
+    The selftest kernel takes ``arch="cpu"`` (the default for it) and no dtype or head dim; the
+    dropout_mask kernel an arch alone. The variant flags ``causal``, ``window``, ``softcap``,
+    ``alibi``, ``sink`` and ``dropout`` each add a name part (``_window``) and, except causal and
+    dropout (``-DFLASHJIT_IS_CAUSAL=0/1``, ``-DFLASHJIT_HAS_DROPOUT=0/1``), a define only when set
+    (``-DFLASHJIT_HAS_WINDOW=1``): the specs without them keep their names and defines.
+    ``family`` (``sm80`` or ``sm90``; attention kernels only) defaults to default_family(), or to
     ``sm80`` when FLASHJIT_KERNEL_FAMILY=sm80 (the forward and the backward alike); an explicit
     ``sm90`` must be one default_family() gives. ``tile`` (optional): a tile shape the family's
     registry row takes (``tile_params``), e.g. ``(128, 64, 4, 2)`` or ``"128,64,4,2"`` for the
@@ -104,6 +123,10 @@ class JitSpec:
     dtype: str | None = None
     head_dim: int | None = None
     causal: bool = False
+    window: bool = False
+    softcap: bool = False
+    alibi: bool = False
+    sink: bool = False
     dropout: bool = False
     family: str | None = None
     tile: tuple[int, ...] | None = None
@@ -113,18 +136,22 @@ class JitSpec:
         if kernel is None:
             raise ValueError(f"unknown kernel {self.kernel!r}; known: {', '.join(KERNELS)}")
         set_ = object.__setattr__  # frozen: normalise fields in place, once
+        if not kernel.attention:
+            if (self.dtype is not None or self.head_dim is not None or self._variants()
+                    or self.family is not None or self.tile is not None):
+                only = "arch 'cpu'" if kernel.cpu_only else "an arch"
+                raise ValueError(f"kernel {self.kernel!r} takes only {only}: no dtype, head_dim, "
+                                 f"causal, {', '.join(VARIANTS)}, dropout, family or tile")
         if kernel.cpu_only:
             if self.arch not in (None, "cpu"):
                 raise ValueError(f"kernel {self.kernel!r} is CPU-only: arch must be 'cpu'")
-            if (self.dtype is not None or self.head_dim is not None or self.causal or self.dropout
-                    or self.family is not None or self.tile is not None):
-                raise ValueError(f"kernel {self.kernel!r} takes no dtype, head_dim, causal, "
-                                 "dropout, family or tile")
             set_(self, "arch", "cpu")
             return
         if not self.arch:
             raise ValueError(f"kernel {self.kernel!r} needs an arch, e.g. current_arch()")
         set_(self, "arch", normalize_arch(self.arch))
+        if kernel.arch_only:
+            return
         dtype = _DTYPE_ALIASES.get(str(self.dtype))
         if dtype is None:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
@@ -132,10 +159,14 @@ class JitSpec:
         if self.head_dim is None:
             raise ValueError(f"kernel {self.kernel!r} needs a head_dim")
         set_(self, "head_dim", head_dim_bucket(self.head_dim))
-        set_(self, "causal", bool(self.causal))
-        set_(self, "dropout", bool(self.dropout))
+        for flag in ("causal", *VARIANTS, "dropout"):
+            set_(self, flag, bool(getattr(self, flag)))
         set_(self, "family", self._resolve_family())
         set_(self, "tile", self._resolve_tile())
+
+    def _variants(self) -> list[str]:
+        """The variant flags that are set, in name order (causal first, dropout last)."""
+        return [f for f in ("causal", *VARIANTS, "dropout") if getattr(self, f)]
 
     def _resolve_tile(self) -> tuple[int, ...] | None:
         """``tile`` as a tuple of ints, checked against the family's tile parameters."""
@@ -181,13 +212,14 @@ class JitSpec:
 
     @property
     def name(self) -> str:
-        """Readable unique name, e.g. ``fwd_sm80_bf16_hd128_causal``, ``selftest_cpu``; the sm90
-        family adds ``_wgmma``: ``fwd_sm90a_bf16_hd128_causal_wgmma``,
-        ``bwd_sm90a_bf16_hd128_causal_wgmma``."""
-        if KERNELS[self.kernel].cpu_only:
+        """Readable unique name, e.g. ``fwd_sm80_bf16_hd128_causal``, ``selftest_cpu``,
+        ``dropout_mask_sm90a``: the variants in the order causal, window, softcap, alibi, sink,
+        dropout, then the family's suffix (sm90: ``_wgmma``) and the tile:
+        ``fwd_sm90a_bf16_hd128_causal_window_softcap_wgmma``."""
+        if not KERNELS[self.kernel].attention:
             return f"{self.kernel}_{self.arch}"
         name = f"{self.kernel}_{self.arch}_{self.dtype}_hd{self.head_dim}"
-        name += ("_causal" if self.causal else "") + ("_dropout" if self.dropout else "")
+        name += "".join("_" + flag for flag in self._variants())
         name += self._row.suffix
         return name + ("_t" + "x".join(map(str, self.tile)) if self.tile else "")
 
@@ -203,23 +235,25 @@ class JitSpec:
     def sources(self, root: Path | None = None) -> list[Path]:
         """Absolute source paths under ``root`` (default csrc_dir())."""
         root = csrc_dir() if root is None else root
-        sources = KERNELS[self.kernel].sources if not self.with_cuda else self._row.sources
+        kernel = KERNELS[self.kernel]
+        sources = self._row.sources if kernel.attention else kernel.sources
         return [root / s for s in sources]
 
     @property
     def defines(self) -> list[str]:
-        """Preprocessor defines given to both the C++ and the nvcc compiles, with the family's own
-        (registry row: ``-DFLASHJIT_FWD_FAMILY_SM90=1`` for the wgmma forward, say)."""
+        """Preprocessor defines given to both the C++ and the nvcc compiles: the op namespace, and
+        for attention kernels dtype, head dim, causal and dropout (0/1), then
+        ``-DFLASHJIT_HAS_WINDOW=1`` (``_SOFTCAP``, ``_ALIBI``, ``_SINK``) for each variant set,
+        then the tile's. The family is the sources' own (registry row), not a define."""
         defines = [f"-DFLASHJIT_OP_NAMESPACE={self.op_namespace}"]
-        if self.with_cuda:
+        if KERNELS[self.kernel].attention:
             defines += [
                 f"-DFLASHJIT_DTYPE_{self.dtype.upper()}=1",
                 f"-DFLASHJIT_HEAD_DIM={self.head_dim}",
                 f"-DFLASHJIT_IS_CAUSAL={int(self.causal)}",
                 f"-DFLASHJIT_HAS_DROPOUT={int(self.dropout)}",
             ]
-            if self._row.define is not None:
-                defines.append(self._row.define)
+            defines += [f"-DFLASHJIT_HAS_{v.upper()}=1" for v in VARIANTS if getattr(self, v)]
             if self.tile is not None:  # one define per parameter: nvcc splits -D values at commas
                 defines.append("-DFLASHJIT_TILE=1")
                 defines += [f"-DFLASHJIT_TILE_{name.upper()}={value}"
@@ -241,11 +275,17 @@ class JitSpec:
         so FLASHJIT_KERNEL_FAMILY where it runs changes nothing)."""
         args = ["python", "-m", "flashjit.prebuild", "--kernel", self.kernel]
         if self.with_cuda:
+            args += ["--arch", self.arch.replace("-", ";")]
+        if KERNELS[self.kernel].attention:
             args += [
-                "--arch", self.arch.replace("-", ";"),
                 "--dtype", self.dtype,
                 "--head-dim", str(self.head_dim),
                 "--causal", "yes" if self.causal else "no",
+            ]
+            for flag in VARIANTS:  # only when set: the commands of older specs stay as they were
+                if getattr(self, flag):
+                    args += [f"--{flag}", "yes"]
+            args += [
                 "--dropout", "yes" if self.dropout else "no",
                 "--family", self.family,
             ]
@@ -254,12 +294,17 @@ class JitSpec:
         return shlex.join(args)
 
     def fields(self) -> dict:
-        """The fields that make the spec (JitSpec(**fields()) rebuilds it); tile only when set."""
+        """The fields that make the spec (JitSpec(**fields()) rebuilds it); the variants window,
+        softcap, alibi and sink and the tile only when set, so the fields (and cache keys) of the
+        specs without them are what they were before these existed."""
+        if not KERNELS[self.kernel].attention:
+            return {"kernel": self.kernel, "arch": self.arch}
         fields = {
             "kernel": self.kernel, "arch": self.arch, "dtype": self.dtype,
             "head_dim": self.head_dim, "causal": self.causal, "dropout": self.dropout,
             "family": self.family,
         }
+        fields.update({flag: True for flag in VARIANTS if getattr(self, flag)})
         if self.tile is not None:
             fields["tile"] = list(self.tile)
         return fields

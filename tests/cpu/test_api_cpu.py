@@ -167,8 +167,8 @@ def test_backward_copies_a_dout_with_unaligned_strides(monkeypatch):
         return None, None, None
 
     monkeypatch.setattr(ops, "call_bwd", fake_call_bwd)
-    ctx = SimpleNamespace(saved_tensors=(None,) * 10,
-                          args=(16, 16, 0.125, False, True, 0.0, False, True))
+    ctx = SimpleNamespace(saved_tensors=(None,) * 12, needs_input_grad=(True,) * 3 + (False,) * 15,
+                          args=(16, 16, 0.125, False, True, -1, -1, 0.0, 0.0, False, True))
     strided = torch.zeros(2, 16, 4, 68, dtype=torch.float16)[..., :64]
     _FlashAttnFunction.backward(ctx, strided, None)
     assert seen[-1] is not strided and _strides_aligned(seen[-1])
@@ -200,54 +200,62 @@ FLASH_ATTN_SIGNATURES = {
 
 @pytest.mark.parametrize("name", sorted(FLASH_ATTN_SIGNATURES))
 def test_signatures_match_flash_attn(name):
-    params = [p for p in inspect.signature(getattr(flashjit, name)).parameters.values()
-              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    assert [(p.name, p.default) for p in params] == FLASH_ATTN_SIGNATURES[name]
+    """flash-attn's positional parameters, then flashjit's own keyword-only sink=None."""
+    params = inspect.signature(getattr(flashjit, name)).parameters.values()
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    assert [(p.name, p.default) for p in positional] == FLASH_ATTN_SIGNATURES[name]
+    keyword_only = [(p.name, p.default) for p in params if p.kind is p.KEYWORD_ONLY]
+    assert keyword_only == [("sink", None)]
 
 
-def test_variant_arguments_are_checked_then_refused():
-    from flashjit.interface import _check_variants
+def test_softcap_is_checked():
+    from flashjit._validate import check_softcap
 
-    _check_variants(0.0, None)  # plain attention: accepted
-    _check_variants(0, None)
-    with pytest.raises(NotImplementedError, match="softcap"):
-        _check_variants(30.0, None)
-    for bad in (-1.0, float("nan"), float("inf")):
-        with pytest.raises(ValueError, match="softcap must be a finite number"):
-            _check_variants(bad, None)
-    with pytest.raises(TypeError, match="softcap must be a float"):
-        _check_variants("30", None)
-    with pytest.raises(NotImplementedError, match="alibi_slopes"):
-        _check_variants(0.0, torch.ones(4))
-    with pytest.raises(TypeError, match="alibi_slopes must be None or a float32 tensor"):
-        _check_variants(0.0, "x")
+    assert check_softcap(0) == 0.0 and check_softcap(30) == 30.0 and check_softcap(0.5) == 0.5
+    for bad in (-1.0, -1e-30, float("nan"), float("inf"), float("-inf")):
+        with pytest.raises(ValueError, match="softcap must be a finite number >= 0"):
+            check_softcap(bad)
+    for bad in ("30", True, None, 1 + 2j, torch.tensor(30.0)):
+        with pytest.raises(TypeError, match="softcap must be a float"):
+            check_softcap(bad)
 
 
 def test_window_size_as_flash_attn_defines_it():
-    """Windows that exclude no key are plain or causal attention (flash-attn 2.x's semantics,
-    bottom-right aligned); any other window is refused until the variants issue."""
-    from flashjit.interface import _resolve_window
+    """flash-attn 2.x's window_size, bottom-right aligned: bounds that exclude no key are none,
+    causal sets the right bound to 0, (-1, 0) is causal; resolve_window gives (causal, left,
+    right) for the kernels."""
+    from flashjit._validate import resolve_window
 
     sq, sk = 100, 120
-    assert _resolve_window((-1, -1), False, sq, sk) is False
-    assert _resolve_window((-1, -1), True, sq, sk) is True  # causal: right edge 0
-    assert _resolve_window([-1, 0], False, sq, sk) is True  # (-1, 0) is causal
-    assert _resolve_window((sk - 1, sq - 1), False, sq, sk) is False  # wider than the sequences
-    assert _resolve_window((10**6, 0), False, sq, sk) is True
-    assert _resolve_window((-1, sq - 1), True, sq, sk) is True
-    for window in ((sk - 2, -1), (-1, sq - 2), (64, 0), (4, 4)):
-        with pytest.raises(NotImplementedError, match="window_size"):
-            _resolve_window(window, False, sq, sk)
-    with pytest.raises(TypeError, match="window_size must be a pair"):
-        _resolve_window(128, False, sq, sk)
-    with pytest.raises(TypeError, match="window_size must be a pair"):
-        _resolve_window((1.5, 0), False, sq, sk)
-    with pytest.raises(ValueError, match="window_size entries must be >= -1"):
-        _resolve_window((-2, 0), False, sq, sk)
+    assert resolve_window((-1, -1), False, sq, sk) == (False, -1, -1)
+    assert resolve_window((-1, -1), True, sq, sk) == (True, -1, 0)  # causal: right edge 0
+    assert resolve_window([-1, 0], False, sq, sk) == (True, -1, 0)  # (-1, 0) is causal
+    assert resolve_window((sk - 1, sq - 1), False, sq, sk) == (False, -1, -1)  # excludes none
+    assert resolve_window((10**6, 0), False, sq, sk) == (True, -1, 0)
+    assert resolve_window((-1, sq - 1), True, sq, sk) == (True, -1, 0)
+    assert resolve_window((10**6, 5), True, sq, sk) == (True, -1, 0)
+    # sliding windows
+    assert resolve_window((sk - 2, -1), False, sq, sk) == (False, sk - 2, -1)
+    assert resolve_window((-1, sq - 2), False, sq, sk) == (False, -1, sq - 2)
+    assert resolve_window((64, 0), False, sq, sk) == (False, 64, 0)
+    assert resolve_window((4, 4), False, sq, sk) == (False, 4, 4)
+    assert resolve_window((0, 0), False, sq, sk) == (False, 0, 0)
+    assert resolve_window((4, 4), True, sq, sk) == (True, 4, 0)  # causal: right edge 0
+    assert resolve_window((4, -1), True, sq, sk) == (True, 4, 0)
+    assert resolve_window((4, 10**6), False, sq, sk) == (False, 4, -1)
+    for bad in (128, None, (1, 2, 3), (1,), "ab", (1.5, 0), (0, 2.0), (True, 0), (0, False),
+                (None, 0), (torch.tensor(1), 0)):
+        with pytest.raises(TypeError, match="window_size must be a pair"):
+            resolve_window(bad, False, sq, sk)
+    for bad in ((-2, 0), (0, -2), (-100, -100)):
+        with pytest.raises(ValueError, match="window_size entries must be >= -1"):
+            resolve_window(bad, False, sq, sk)
 
 
 def test_scalar_arguments_name_themselves():
-    from flashjit.interface import _check_flag, _check_int, _check_scalars
+    from flashjit._validate import check_flag as _check_flag
+    from flashjit._validate import check_int as _check_int
+    from flashjit._validate import check_scalars as _check_scalars
 
     assert _check_scalars(0.1, None, 64) == 0.125 and _check_scalars(0, 2, 64) == 2.0
     for bad in ("0.1", None, True):

@@ -62,4 +62,4 @@ def test_selftest_build_uses_torchs_standard(tmp_path):
 def test_cuda_build_uses_torchs_standard(tmp_path):
     """A real CUDA spec (host binding and nvcc kernel) built against this torch's headers."""
     commands = build_commands(JitSpec("fwd", "sm80", "fp16", 32), tmp_path / "cache")
-    assert_one_standard(commands, ["fwd_binding.cpp", "flash_fwd.cu"])
+    assert_one_standard(commands, ["fwd_binding.cpp", "sm80/fwd.cu"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import shutil
 
+import pytest
 import torch
 from jithelpers import entries, run_python
 
@@ -38,6 +39,48 @@ def test_prebuild_list_multi_arch_and_selftest(tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == [
         "fwd_sm80-sm90a_bf16_hd128_causal", "fwd_sm80-sm90a_bf16_hd128_causal_dropout", "selftest_cpu"]
+
+
+def test_prebuild_variant_flags_are_a_cross_product():
+    """--window/--softcap/--alibi/--sink: yes, no or both, default no (the default list is the
+    one it was before the variants)."""
+    from flashjit.prebuild import specs_from_args
+
+    def names(*argv):
+        return [s.name for s in specs_from_args(_parser().parse_args(list(argv)))]
+
+    base = ["--kernel", "fwd", "--arch", "sm80", "--dtype", "bf16", "--head-dim", "64",
+            "--causal", "no"]
+    assert names(*base) == ["fwd_sm80_bf16_hd64"]
+    assert names(*base, "--window", "both", "--sink", "yes") == [
+        "fwd_sm80_bf16_hd64_sink", "fwd_sm80_bf16_hd64_window_sink"]
+    assert names(*base, "--softcap", "yes", "--alibi", "yes", "--dropout", "yes") == [
+        "fwd_sm80_bf16_hd64_softcap_alibi_dropout"]
+    every = names(*base, "--causal", "both", "--window", "both", "--softcap", "both", "--alibi",
+                  "both", "--sink", "both", "--dropout", "both")
+    assert len(every) == len(set(every)) == 64
+    assert "fwd_sm80_bf16_hd64_causal_window_softcap_alibi_sink_dropout" in every
+    args = _parser().parse_args(["--arch", "sm90a"])
+    assert (args.window, args.softcap, args.alibi, args.sink) == ("no",) * 4
+    # 8 head dims x 2 dtypes x causal both, per kernel
+    assert [s.kernel for s in specs_from_args(args)] == ["fwd"] * 32 + ["bwd"] * 32
+    for flag in ("--window", "--softcap", "--alibi", "--sink"):
+        with pytest.raises(SystemExit):
+            _parser().parse_args([flag, "maybe"])
+
+
+def test_prebuild_dropout_mask_kernel():
+    """The test-only mask kernel: one spec per arch, only when asked for."""
+    from flashjit.prebuild import specs_from_args
+
+    args = _parser().parse_args(["--kernel", "dropout_mask", "selftest", "--arch", "8.0",
+                                 "8.0;9.0", "--window", "both"])
+    assert [s.name for s in specs_from_args(args)] == [
+        "dropout_mask_sm80", "dropout_mask_sm80-sm90a", "selftest_cpu"]
+    args = _parser().parse_args(["--arch", "9.0", "--kernel", "fwd", "dropout_mask",
+                                 "--head-dim", "64", "--dtype", "fp16", "--causal", "no"])
+    assert [s.name for s in specs_from_args(args)] == ["fwd_sm90a_fp16_hd64_wgmma",
+                                                       "dropout_mask_sm90a"]
 
 
 def test_prebuild_list_kernel_families(tmp_path):

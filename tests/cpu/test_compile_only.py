@@ -27,7 +27,8 @@ def tiny_csrc(tmp_path, monkeypatch):
     csrc = tmp_path / "csrc"
     csrc.mkdir()
     (csrc / "tiny.cuh").write_text(TINY_HEADER)
-    (csrc / "flash_fwd.cu").write_text(TINY_KERNEL)
+    (csrc / "sm80").mkdir()
+    (csrc / "sm80" / "fwd.cu").write_text(TINY_KERNEL)  # finds tiny.cuh through -I csrc
     monkeypatch.setenv("FLASHJIT_CSRC_DIR", str(csrc))
     return csrc
 
@@ -35,27 +36,26 @@ def tiny_csrc(tmp_path, monkeypatch):
 def test_compile_only_tiny_kernel(tiny_csrc, tmp_path):
     spec = JitSpec("fwd", "sm80-sm90a", "bf16", 128, causal=True)
     (obj,) = compile_only(spec, tmp_path / "out")
-    assert obj.name == "fwd_sm80-sm90a_bf16_hd128_causal_flash_fwd.o" and obj.stat().st_size > 0
+    assert obj.name == "fwd_sm80-sm90a_bf16_hd128_causal_fwd.o" and obj.stat().st_size > 0
 
 
 def test_compile_only_has_no_torch_headers(tiny_csrc, tmp_path):
-    (tiny_csrc / "flash_fwd.cu").write_text("#include <ATen/core/Tensor.h>\n" + TINY_KERNEL)
+    (tiny_csrc / "sm80" / "fwd.cu").write_text("#include <ATen/core/Tensor.h>\n" + TINY_KERNEL)
     with pytest.raises(BuildError, match="Tensor.h"):
         compile_only(JitSpec("fwd", "sm80", "bf16", 128, causal=True), tmp_path / "out")
 
 
 def test_compile_only_names_missing_sources(tmp_path, monkeypatch):
     monkeypatch.setenv("FLASHJIT_CSRC_DIR", str(tmp_path))
-    with pytest.raises(FileNotFoundError, match="flash_bwd.cu"):
+    with pytest.raises(FileNotFoundError, match="sm80/bwd.cu"):
         compile_only(JitSpec("bwd", "sm80", "fp16", 64), tmp_path / "out")
 
 
-@pytest.mark.parametrize("kernel, source", [("fwd", "flash_fwd.cu"), ("bwd", "flash_bwd.cu")])
+@pytest.mark.parametrize("kernel", ["fwd", "bwd"])
 @pytest.mark.parametrize("dtype, head_dim, causal", [("bf16", 128, True), ("fp16", 64, False)])
-def test_compile_only_real_kernels(kernel, source, dtype, head_dim, causal, tmp_path):
-    if not (csrc_dir() / source).is_file():
-        pytest.skip(f"csrc/{source} does not exist yet")
+def test_compile_only_real_kernels(kernel, dtype, head_dim, causal, tmp_path):
     spec = JitSpec(kernel, "sm80-sm90a", dtype, head_dim, causal=causal)
+    assert spec.sources()[-1] == csrc_dir() / "sm80" / f"{kernel}.cu"
     (obj,) = compile_only(spec, tmp_path)
     assert obj.stat().st_size > 0
 
@@ -74,12 +74,42 @@ def test_compile_only_real_kernels(kernel, source, dtype, head_dim, causal, tmp_
     ],
 )
 def test_compile_only_sm90_family(spec, tmp_path):
-    """The wgmma forward and backward: the same sources, built for sm_90a with
-    -DFLASHJIT_FWD_FAMILY_SM90=1 or -DFLASHJIT_BWD_FAMILY_SM90=1."""
-    define = {"fwd": "-DFLASHJIT_FWD_FAMILY_SM90=1", "bwd": "-DFLASHJIT_BWD_FAMILY_SM90=1"}
-    assert define[spec.kernel] in spec.cuda_cflags()
+    """The wgmma forward and backward: their own sources (csrc/sm90), built for sm_90a."""
+    assert spec.sources()[-1] == csrc_dir() / "sm90" / f"{spec.kernel}.cu"
     (obj,) = compile_only(spec, tmp_path)
     assert obj.stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        pytest.param(JitSpec("fwd", "sm80", "bf16", 128, causal=True, window=True, softcap=True,
+                             alibi=True, sink=True, family="sm80"),
+                     id="fwd_sm80_bf16_hd128_causal_window_softcap_alibi_sink"),
+        pytest.param(JitSpec("bwd", "sm80", "fp16", 64, window=True, softcap=True, alibi=True,
+                             sink=True, dropout=True, family="sm80"),
+                     id="bwd_sm80_fp16_hd64_window_softcap_alibi_sink_dropout"),
+        pytest.param(JitSpec("fwd", "sm90a", "bf16", 128, causal=True, window=True, softcap=True,
+                             alibi=True, sink=True, family="sm90"),
+                     id="fwd_sm90a_bf16_hd128_causal_window_softcap_alibi_sink_wgmma"),
+        pytest.param(JitSpec("bwd", "sm90a", "bf16", 64, window=True, softcap=True, alibi=True,
+                             sink=True, dropout=True, family="sm90"),
+                     id="bwd_sm90a_bf16_hd64_window_softcap_alibi_sink_dropout_wgmma"),
+    ],
+)
+def test_compile_only_every_variant(spec, tmp_path):
+    """Every variant define at once, in each family: the variant code compiles."""
+    assert {"-DFLASHJIT_HAS_WINDOW=1", "-DFLASHJIT_HAS_SOFTCAP=1", "-DFLASHJIT_HAS_ALIBI=1",
+            "-DFLASHJIT_HAS_SINK=1"} <= set(spec.cuda_cflags())
+    (obj,) = compile_only(spec, tmp_path)
+    assert obj.stat().st_size > 0
+
+
+def test_compile_only_dropout_mask_kernel(tmp_path):
+    """The test-only dropout-mask kernel: arch only, its own sources."""
+    spec = JitSpec("dropout_mask", "sm80-sm90a")
+    (obj,) = compile_only(spec, tmp_path)
+    assert obj.name == "dropout_mask_sm80-sm90a_dropout_mask.o" and obj.stat().st_size > 0
 
 
 def test_compile_only_real_kernel_with_a_spec_tile(tmp_path):

@@ -12,8 +12,14 @@ def test_rows_are_unique_and_every_kernel_has_a_fallback():
     assert len(keys) == len(set(keys))
     for kernel in registry.ATTENTION_KERNELS:
         last = registry.rows(kernel)[-1]  # the least preferred row serves everything
-        assert last.archs is None and last.head_dims is None and last.define is None
+        assert last.archs is None and last.head_dims is None
         assert last.suffix == ""
+
+
+def test_each_family_has_its_own_sources():
+    """No family shares a translation unit with another (the sources pick the family)."""
+    for r in registry.REGISTRY:
+        assert r.sources == (f"{r.kernel}_binding.cpp", f"{r.family}/{r.kernel}.cu")
 
 
 @pytest.mark.parametrize("arch, bucket, family", [
@@ -34,19 +40,19 @@ def test_describe_and_lookup():
 
 
 def test_a_new_family_is_one_row(monkeypatch):
-    """A family added to the registry alone reaches spec names, defines, sources and defaults."""
-    new = registry.FamilyRow("fwd", "sm100", "tcgen05", ("fwd_binding.cpp", "sm100/flash_fwd.cu"),
-                             archs=("sm100",), head_dims=(128,),
-                             define="-DFLASHJIT_FWD_FAMILY_SM100=1", suffix="_tcgen05")
+    """A family added to the registry alone reaches spec names, sources and defaults."""
+    new = registry.FamilyRow("fwd", "sm100", "tcgen05", ("fwd_binding.cpp", "sm100/fwd.cu"),
+                             archs=("sm100",), head_dims=(128,), suffix="_tcgen05")
     monkeypatch.setattr(registry, "REGISTRY", (new,) + registry.REGISTRY)
     families = registry.KERNEL_FAMILIES + ("sm100",)
     monkeypatch.setattr(registry, "KERNEL_FAMILIES", families)
     monkeypatch.setattr(spec, "KERNEL_FAMILIES", families)
     s = JitSpec("fwd", "sm100", "bf16", 128)
     assert s.family == "sm100" and s.name == "fwd_sm100_bf16_hd128_tcgen05"
-    assert "-DFLASHJIT_FWD_FAMILY_SM100=1" in s.defines
-    assert [p.name for p in s.sources()] == ["fwd_binding.cpp", "flash_fwd.cu"]
+    assert [p.name for p in s.sources()] == ["fwd_binding.cpp", "fwd.cu"]
     assert s.sources()[1].parent.name == "sm100"
+    assert JitSpec("fwd", "sm100", "bf16", 128, sink=True).name == \
+        "fwd_sm100_bf16_hd128_sink_tcgen05"  # every family serves every variant
     assert JitSpec("fwd", "sm100", "bf16", 64).family == "sm80"  # elsewhere the fallback
     with pytest.raises(ValueError, match="does not serve kernel 'fwd' on arch 'sm90a'"):
         JitSpec("fwd", "sm90a", "bf16", 128, family="sm100")

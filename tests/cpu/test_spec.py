@@ -39,6 +39,16 @@ from flashjit.prebuild import _parser, specs_from_args
         (JitSpec("fwd", "sm80-sm90a", "bf16", 96), "fwd_sm80-sm90a_bf16_hd96"),
         (JitSpec("selftest"), "selftest_cpu"),
         (JitSpec("selftest", "cpu"), "selftest_cpu"),
+        (JitSpec("dropout_mask", "9.0"), "dropout_mask_sm90a"),
+        (JitSpec("dropout_mask", "sm80-sm90a"), "dropout_mask_sm80-sm90a"),
+        # variants: causal, window, softcap, alibi, sink, dropout, then family and tile
+        (JitSpec("fwd", "sm90a", "bf16", 128, causal=True, window=True, softcap=True,
+                 family="sm90"), "fwd_sm90a_bf16_hd128_causal_window_softcap_wgmma"),
+        (JitSpec("bwd", "sm80", "fp16", 64, window=True, softcap=True, alibi=True, sink=True,
+                 dropout=True), "bwd_sm80_fp16_hd64_window_softcap_alibi_sink_dropout"),
+        (JitSpec("fwd", "sm90a", "bf16", 96, sink=True), "fwd_sm90a_bf16_hd96_sink"),
+        (JitSpec("fwd", "sm90a", "bf16", 64, alibi=True, family="sm90", tile="128,2,1"),
+         "fwd_sm90a_bf16_hd64_alibi_wgmma_t128x2x1"),
     ],
 )
 def test_spec_names(spec, name):
@@ -68,6 +78,15 @@ def test_spec_normalises_fields():
         dict(kernel="selftest", dtype="fp16"),
         dict(kernel="selftest", causal=True),
         dict(kernel="selftest", family="sm80"),
+        dict(kernel="selftest", sink=True),
+        dict(kernel="dropout_mask"),  # needs an arch
+        dict(kernel="dropout_mask", arch="cpu"),
+        dict(kernel="dropout_mask", arch="sm80", dtype="fp16"),
+        dict(kernel="dropout_mask", arch="sm80", head_dim=64),
+        dict(kernel="dropout_mask", arch="sm80", window=True),
+        dict(kernel="dropout_mask", arch="sm80", dropout=True),
+        dict(kernel="dropout_mask", arch="sm80", family="sm80"),
+        dict(kernel="dropout_mask", arch="sm80", tile=(1,)),
         dict(kernel="fwd", arch="sm80", dtype="fp16", head_dim=64, family="sm70"),
         dict(kernel="fwd", arch="sm90a", dtype="fp16", head_dim=64, family="wgmma"),
     ],
@@ -163,27 +182,87 @@ def test_spec_defines_and_flags():
         "-O3", "--expt-relaxed-constexpr", "--use_fast_math", "-DNDEBUG",
         "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90a,code=sm_90a", *defines,
     ]
-    assert [s.name for s in spec.sources()] == ["fwd_binding.cpp", "flash_fwd.cu"]
     assert JitSpec("fwd", "sm80", "fp16", 64).defines[1] == "-DFLASHJIT_DTYPE_FP16=1"
-    # The sm90 family adds one define, the kernel's own; sm80 specs have none, on Hopper too.
+    # The family is its sources' (one folder per family), not a define: the defines of a wgmma
+    # spec are those of any other.
     for kernel in ("fwd", "bwd"):
         wgmma = JitSpec(kernel, "sm90a", "bf16", 128, causal=True)
-        family_define = f"-DFLASHJIT_{kernel.upper()}_FAMILY_SM90=1"
+        assert wgmma.family == "sm90"
         assert wgmma.defines == [
             f"-DFLASHJIT_OP_NAMESPACE=flashjit_{kernel}_sm90a_bf16_hd128_causal_wgmma",
             "-DFLASHJIT_DTYPE_BF16=1", "-DFLASHJIT_HEAD_DIM=128",
-            "-DFLASHJIT_IS_CAUSAL=1", "-DFLASHJIT_HAS_DROPOUT=0", family_define,
+            "-DFLASHJIT_IS_CAUSAL=1", "-DFLASHJIT_HAS_DROPOUT=0",
         ]
-        assert wgmma.cuda_cflags(verbose=False)[-1] == family_define
-    for sm80 in (spec, JitSpec("fwd", "sm90a", "bf16", 128, family="sm80"),
-                 JitSpec("bwd", "sm90a", "bf16", 128, family="sm80"),
-                 JitSpec("bwd", "sm90a", "bf16", 128, dropout=True, family="sm80"),
-                 JitSpec("bwd", "sm90a", "bf16", 96)):
-        assert not any("FAMILY" in d for d in sm80.cuda_cflags(verbose=False)), sm80.name
     selftest = JitSpec("selftest")
     assert selftest.defines == ["-DFLASHJIT_OP_NAMESPACE=flashjit_selftest_cpu"]
     assert selftest.cuda_cflags() == [] and not selftest.with_cuda
     assert cxx_flags() == ["-O3"]
+
+
+@pytest.mark.parametrize("kernel", ["fwd", "bwd"])
+@pytest.mark.parametrize("family", ["sm80", "sm90"])
+def test_sources_are_the_familys_own_folder(kernel, family):
+    spec = JitSpec(kernel, "sm90a", "fp16", 64, family=family)
+    root = spec.sources()[0].parent
+    assert [p.relative_to(root).as_posix() for p in spec.sources()] == [
+        f"{kernel}_binding.cpp", f"{family}/{kernel}.cu"]
+
+
+@pytest.mark.parametrize("variant", ["window", "softcap", "alibi", "sink"])
+def test_variant_defines_only_when_set(variant):
+    """Each variant adds one define, -DFLASHJIT_HAS_<VARIANT>=1, after the old ones; a spec
+    without variants keeps its defines byte for byte."""
+    plain = JitSpec("bwd", "sm90a", "bf16", 128, causal=True, dropout=True, family="sm90")
+    with_variant = JitSpec("bwd", "sm90a", "bf16", 128, causal=True, dropout=True,
+                           family="sm90", **{variant: True})
+    assert plain.defines == [
+        "-DFLASHJIT_OP_NAMESPACE=flashjit_bwd_sm90a_bf16_hd128_causal_dropout_wgmma",
+        "-DFLASHJIT_DTYPE_BF16=1", "-DFLASHJIT_HEAD_DIM=128", "-DFLASHJIT_IS_CAUSAL=1",
+        "-DFLASHJIT_HAS_DROPOUT=1"]
+    name = f"bwd_sm90a_bf16_hd128_causal_{variant}_dropout_wgmma"
+    assert with_variant.name == name
+    assert with_variant.defines == [f"-DFLASHJIT_OP_NAMESPACE=flashjit_{name}",
+                                    *plain.defines[1:], f"-DFLASHJIT_HAS_{variant.upper()}=1"]
+    assert with_variant.cuda_cflags(verbose=False)[-1] == f"-DFLASHJIT_HAS_{variant.upper()}=1"
+    everything = JitSpec("fwd", "sm80", "fp16", 64, window=True, softcap=True, alibi=True,
+                         sink=True)
+    assert everything.defines[-4:] == ["-DFLASHJIT_HAS_WINDOW=1", "-DFLASHJIT_HAS_SOFTCAP=1",
+                                       "-DFLASHJIT_HAS_ALIBI=1", "-DFLASHJIT_HAS_SINK=1"]
+    assert not any("HAS_WINDOW" in d or "HAS_SINK" in d for d in plain.cuda_cflags())
+
+
+def test_variant_fields_round_trip_and_key():
+    from flashjit.jit.cache import CacheEntry
+
+    plain = JitSpec("fwd", "sm80", "bf16", 64, causal=True)
+    assert set(plain.fields()) == {"kernel", "arch", "dtype", "head_dim", "causal", "dropout",
+                                   "family"}  # as before the variants existed
+    keys = {CacheEntry.for_spec(plain).key}
+    for variant in ("window", "softcap", "alibi", "sink"):
+        spec = JitSpec("fwd", "sm80", "bf16", 64, causal=True, **{variant: True})
+        assert spec.fields()[variant] is True and JitSpec(**spec.fields()) == spec
+        assert spec != plain and hash(spec) != hash(plain)
+        keys.add(CacheEntry.for_spec(spec).key)
+    assert len(keys) == 5
+    assert JitSpec("fwd", "sm80", "bf16", 64, window=1).window is True  # normalised to bool
+
+
+def test_dropout_mask_kernel_is_arch_only():
+    spec = JitSpec("dropout_mask", "9.0")
+    assert spec.with_cuda and spec.family is None and spec.dtype is None
+    root = spec.sources()[0].parent
+    assert [p.relative_to(root).as_posix() for p in spec.sources()] == [
+        "dropout_mask_binding.cpp", "common/dropout_mask.cu"]
+    assert spec.defines == ["-DFLASHJIT_OP_NAMESPACE=flashjit_dropout_mask_sm90a"]
+    assert spec.cuda_cflags(verbose=False)[-2:] == [
+        "-gencode=arch=compute_90a,code=sm_90a",
+        "-DFLASHJIT_OP_NAMESPACE=flashjit_dropout_mask_sm90a"]
+    assert spec.fields() == {"kernel": "dropout_mask", "arch": "sm90a"}
+    assert JitSpec(**spec.fields()) == spec
+    assert spec.prebuild_command() == \
+        "python -m flashjit.prebuild --kernel dropout_mask --arch sm90a"
+    with pytest.raises(ValueError, match="kernel 'dropout_mask' takes only an arch: no dtype"):
+        JitSpec("dropout_mask", "sm90a", "bf16")
 
 
 def test_verbose_flags(monkeypatch):
@@ -202,6 +281,10 @@ def test_prebuild_command():
     assert JitSpec("fwd", "sm90a", "bf16", 128).prebuild_command().endswith(" --family sm90")
     assert JitSpec("bwd", "sm90a", "bf16", 128).prebuild_command().endswith(" --family sm90")
     assert JitSpec("selftest").prebuild_command() == "python -m flashjit.prebuild --kernel selftest"
+    variant = JitSpec("fwd", "sm90a", "bf16", 128, causal=True, window=True, sink=True)
+    assert variant.prebuild_command() == (
+        "python -m flashjit.prebuild --kernel fwd --arch sm90a --dtype bf16 --head-dim 128 "
+        "--causal yes --window yes --sink yes --dropout no --family sm90")
 
 
 @pytest.mark.parametrize(
@@ -214,6 +297,12 @@ def test_prebuild_command():
         JitSpec("bwd", "sm90a", "fp16", 64, family="sm80"),
         JitSpec("bwd", "sm90a", "bf16", 128, dropout=True, family="sm80"),
         JitSpec("fwd", "sm86", "fp16", 256, family="sm80"),
+        JitSpec("fwd", "sm90a", "bf16", 128, causal=True, window=True, softcap=True,
+                family="sm90"),
+        JitSpec("bwd", "sm90a", "bf16", 96, alibi=True, sink=True, dropout=True),
+        JitSpec("bwd", "sm80", "fp16", 64, window=True, softcap=True, alibi=True, sink=True),
+        JitSpec("fwd", "sm80", "fp16", 64, softcap=True, tile="64,32,4,2"),
+        JitSpec("dropout_mask", "sm80-sm90a"),
         JitSpec("selftest"),
     ],
     ids=lambda spec: spec.name,
@@ -348,8 +437,8 @@ def test_tile_is_a_spec_option(monkeypatch):
     for bad in ("128,64", "a,b,c,d", (128, 64, 0, 2)):
         with pytest.raises(ValueError, match=r"4 positive ints \(block_m, block_n, warps"):
             JitSpec("fwd", "sm80", "bf16", 64, tile=bad)
-    with pytest.raises(ValueError, match="takes no dtype, head_dim, causal, dropout, family or "
-                                         "tile"):
+    with pytest.raises(ValueError, match="takes only arch 'cpu': no dtype, head_dim, causal, "
+                                         "window, softcap, alibi, sink, dropout, family or tile"):
         JitSpec("selftest", tile=(1,))
 
     import torch

@@ -30,5 +30,18 @@ for d in (96, 59):
     cu_k = torch.tensor([0, 50, 100], device="cuda", dtype=torch.int32)
     out = flashjit.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 70, 50, causal=True)
     out.sum().backward()
+# every variant at once (causal + sliding window + softcap + ALiBi + sink; specs prebuilt by
+# device_run.sh), atomic and deterministic dQ, and with dropout
+for dtype, d, deterministic, dropout_p in [(torch.float16, 128, False, 0.0),
+                                           (torch.float16, 128, True, 0.0),
+                                           (torch.bfloat16, 64, False, 0.2)]:
+    q = torch.randn(2, 130, 2, d, device="cuda", dtype=dtype, requires_grad=True)
+    k = torch.randn(2, 150, 1, d, device="cuda", dtype=dtype, requires_grad=True)
+    v = torch.randn(2, 150, 1, d, device="cuda", dtype=dtype, requires_grad=True)
+    sink = torch.randn(2, device="cuda", requires_grad=True)
+    out = flashjit.flash_attn_func(q, k, v, causal=True, window_size=(40, 0), softcap=20.0,
+                                   alibi_slopes=torch.rand(2, device="cuda"), sink=sink,
+                                   deterministic=deterministic, dropout_p=dropout_p)
+    out.sum().backward()
 torch.cuda.synchronize()
 print("sanitize_small: ok")

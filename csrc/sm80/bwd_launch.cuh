@@ -1,33 +1,24 @@
-// flash_bwd_launch.cuh: host-side launches of the backward kernels, and the per-head-dim tiles.
+// bwd_launch.cuh: host-side launches of the sm80-family backward (preprocess, dK/dV, then the dQ
+// postprocess or the deterministic dQ kernel) and its tiles per head-dim bucket. Exports run_bwd
+// (the same entry point as every family).
 #pragma once
 
 #include <cuda_runtime.h>
 
 #include <type_traits>
 
-#include "flash_bwd_kernel.cuh"
+#include "common/bwd_preprocess.cuh"
+#include "common/dq_accum.cuh"
+#include "sm80/bwd_dkdv_kernel.cuh"
+#include "sm80/bwd_dq_kernel.cuh"
+#include "sm80/traits.cuh"
 
 namespace flashjit {
 
-// Dynamic shared memory above the 48 KB default needs an explicit opt-in per kernel.
-template <typename Kernel>
-cudaError_t set_smem(Kernel kernel, size_t smem) {
-  if (smem <= 48 * 1024) return cudaSuccess;
-  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-}
-
-// Grid: (query blocks of 128 rows, heads x batch: attention_grid).
-template <typename Element, int kHeadDim>
-cudaError_t launch_bwd_preprocess(const BwdParams& p, cudaStream_t stream) {
-  const dim3 grid = attention_grid(ceil_div(p.seqlen_q, kAccumPadRows), p.heads, p.batch);
-  flash_bwd_preprocess_kernel<Element, kHeadDim><<<grid, kPreprocessThreads, 0, stream>>>(p);
-  return cudaGetLastError();
-}
-
 // Grid: (key blocks, heads x batch: attention_grid).
-template <typename Traits, bool kIsCausal, bool kHasDropout>
+template <typename Traits, typename V>
 cudaError_t launch_bwd_dk_dv(const BwdParams& p, cudaStream_t stream) {
-  auto kernel = flash_bwd_dk_dv_kernel<Traits, kIsCausal, kHasDropout>;
+  auto kernel = flash_bwd_dk_dv_kernel<Traits, V>;
   cudaError_t err = set_smem(kernel, Traits::kSmemBytes);
   if (err != cudaSuccess) return err;
   const dim3 grid = attention_grid(ceil_div(p.seqlen_k, Traits::kBlockN), p.heads, p.batch);
@@ -35,27 +26,19 @@ cudaError_t launch_bwd_dk_dv(const BwdParams& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-// Grid: (query blocks of the dK/dV tile, heads x batch: attention_grid).
-template <typename Traits>
-cudaError_t launch_bwd_postprocess(const BwdParams& p, cudaStream_t stream) {
-  const dim3 grid = attention_grid(ceil_div(p.seqlen_q, Traits::kBlockM), p.heads, p.batch);
-  flash_bwd_postprocess_kernel<Traits><<<grid, Traits::kNThreads, 0, stream>>>(p);
-  return cudaGetLastError();
-}
-
 // The dK/dV kernel with tile Traits and, on the atomic path, the dQ postprocess that reads the
 // accumulator in that tile's fragment order.
-template <typename Traits, bool kIsCausal, bool kHasDropout>
+template <typename Traits, typename V>
 cudaError_t launch_bwd_tile(const BwdParams& p, cudaStream_t stream) {
-  const cudaError_t err = launch_bwd_dk_dv<Traits, kIsCausal, kHasDropout>(p, stream);
+  const cudaError_t err = launch_bwd_dk_dv<Traits, V>(p, stream);
   if (err != cudaSuccess || p.deterministic) return err;
-  return launch_bwd_postprocess<Traits>(p, stream);
+  return launch_bwd_postprocess<typename Traits::DqLayout>(p, stream);
 }
 
 // Grid: (query blocks, heads x batch: attention_grid).
-template <typename Traits, bool kIsCausal, bool kHasDropout>
+template <typename Traits, typename V>
 cudaError_t launch_bwd_dq(const BwdParams& p, cudaStream_t stream) {
-  auto kernel = flash_bwd_dq_kernel<Traits, kIsCausal, kHasDropout>;
+  auto kernel = flash_bwd_dq_kernel<Traits, V>;
   cudaError_t err = set_smem(kernel, Traits::kSmemBytes);
   if (err != cudaSuccess) return err;
   const dim3 grid = attention_grid(ceil_div(p.seqlen_q, Traits::kBlockM), p.heads, p.batch);
@@ -139,8 +122,7 @@ struct BwdTiles<Element, 256, kHasDropout> {
 
 // dQ kernel of the deterministic path: 64 query rows, 4 warps of 16 rows, in at most 99 KB for
 // every device (so one tile serves all); K and V double-buffered while two stages fit (d <= 160).
-// H100: 1.2-1.45x the time of the mma.sync atomic path (not re-timed against the sm90 family's,
-// which uses this kernel too).
+// H100: 1.2-1.45x the time of the mma.sync atomic path.
 template <typename Element, int kHeadDim>
 using BwdDqTile =
     BwdDqTraits<Element, kHeadDim, 64, kHeadDim <= 64 ? 128 : kHeadDim <= 96 ? 64 : 32, 4,
@@ -176,37 +158,37 @@ inline size_t bwd_smem_per_block() {
 
 // The dK/dV (and postprocess) launch for the current device: the largest tile of this build whose
 // shared memory fits (Mid is skipped where it is the same tile as an instantiated Big).
-template <typename Element, int kHeadDim, bool kIsCausal, bool kHasDropout>
+template <typename Element, int kHeadDim, typename V>
 cudaError_t launch_bwd_tiles_for_device(const BwdParams& p, cudaStream_t stream) {
-  using Tiles = BwdTiles<Element, kHeadDim, kHasDropout>;
+  using Tiles = BwdTiles<Element, kHeadDim, V::kHasDropout>;
   constexpr bool kUseBig = bwd_archs::kBig;
   constexpr bool kUseMid =
       bwd_archs::kMid && !(kUseBig && std::is_same_v<typename Tiles::Mid, typename Tiles::Big>);
   const size_t smem = bwd_smem_per_block();
   if constexpr (kUseBig) {
     if (smem >= Tiles::Big::kSmemBytes)
-      return launch_bwd_tile<typename Tiles::Big, kIsCausal, kHasDropout>(p, stream);
+      return launch_bwd_tile<typename Tiles::Big, V>(p, stream);
   }
   if constexpr (kUseMid) {
     if (smem >= Tiles::Mid::kSmemBytes)
-      return launch_bwd_tile<typename Tiles::Mid, kIsCausal, kHasDropout>(p, stream);
+      return launch_bwd_tile<typename Tiles::Mid, V>(p, stream);
   }
   if constexpr (bwd_archs::kSmall) {
     if (smem >= Tiles::Small::kSmemBytes)
-      return launch_bwd_tile<typename Tiles::Small, kIsCausal, kHasDropout>(p, stream);
+      return launch_bwd_tile<typename Tiles::Small, V>(p, stream);
   }
   return cudaErrorInvalidConfiguration;  // no tile of this build fits the device
 }
 
 // The whole backward: preprocess (D, zero dq_accum); dK/dV (+ atomic dQ) and the dQ
 // postprocess; or, with p.deterministic, dK/dV then the dQ kernel.
-template <typename Element, int kHeadDim, bool kIsCausal, bool kHasDropout>
+template <typename Element, int kHeadDim, typename V>
 cudaError_t run_bwd(const BwdParams& p, cudaStream_t stream) {
   cudaError_t err = launch_bwd_preprocess<Element, kHeadDim>(p, stream);
   if (err != cudaSuccess) return err;
-  err = launch_bwd_tiles_for_device<Element, kHeadDim, kIsCausal, kHasDropout>(p, stream);
+  err = launch_bwd_tiles_for_device<Element, kHeadDim, V>(p, stream);
   if (err != cudaSuccess || !p.deterministic) return err;
-  return launch_bwd_dq<BwdDqTile<Element, kHeadDim>, kIsCausal, kHasDropout>(p, stream);
+  return launch_bwd_dq<BwdDqTile<Element, kHeadDim>, V>(p, stream);
 }
 
 }  // namespace flashjit

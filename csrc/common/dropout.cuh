@@ -17,7 +17,7 @@
 
 #include <cstdint>
 
-#include "flash_params.h"
+#include "common/params.h"
 
 namespace flashjit {
 

@@ -1,10 +1,10 @@
-// flash_fwd_sm90_launch.cuh: host-side launch of the sm90-family (wgmma) forward kernel and its
-// tile choice per head-dim bucket.
+// fwd_launch.cuh: host-side launch of the sm90-family (wgmma) forward kernel and its tile choice
+// per head-dim bucket. Exports run_fwd (the same entry point as every family).
 #pragma once
 
 #include <cuda_runtime.h>
 
-#include "flash_fwd_sm90_kernel.cuh"
+#include "sm90/fwd_kernel.cuh"
 
 namespace flashjit {
 
@@ -29,10 +29,10 @@ struct Sm90Tile {
   Sm90Tile<kHeadDim>::kBlockN, Sm90Tile<kHeadDim>::kWarpGroups, Sm90Tile<kHeadDim>::kMinBlocks
 #endif
 
-template <typename Element, int kHeadDim, bool kIsCausal, bool kHasDropout>
-cudaError_t run_fwd_sm90(const FwdParams& p, cudaStream_t stream) {
+template <typename Element, int kHeadDim, typename V>
+cudaError_t run_fwd(const FwdParams& p, cudaStream_t stream) {
   using Traits = FwdSm90Traits<Element, kHeadDim, FLASHJIT_SM90_TILE_N>;
-  auto kernel = flash_fwd_sm90_kernel<Traits, kIsCausal, kHasDropout>;
+  auto kernel = flash_fwd_sm90_kernel<Traits, V>;
   constexpr size_t smem = Traits::kSmemBytes;
   if (smem > 48 * 1024) {
     const cudaError_t err =

@@ -1,9 +1,8 @@
-// flash_bwd_sm90_kernel.cuh: the dK/dV kernel of the backward, sm90 family (Hopper: wgmma).
-// Device code only; flash_bwd_sm90_launch.cuh has the grid and the tile choice, and launches the
-// sm80 family's preprocess, postprocess and deterministic dQ kernels (flash_bwd_kernel.cuh) around
-// this one.
+// bwd_kernel.cuh: the dK/dV kernel of the backward, sm90 family (Hopper: wgmma). Device code
+// only; bwd_launch.cuh has the grid and the tile choice, and launches the common preprocess and
+// postprocess (common/bwd_preprocess.cuh, common/dq_accum.cuh) around this one.
 //
-// The algorithm of the sm80 dK/dV kernel (see flash_bwd_kernel.cuh for the math): one CTA per (key
+// The FlashAttention-2 backward (the math: sm80/bwd_dkdv_kernel.cuh): one CTA per (key
 // block of kBlockN = 128 keys, head, batch) keeps K, V and the dK, dV accumulators and loops over
 // the query blocks of kBlockM rows that see its keys. Two warpgroups; warpgroup w owns keys
 // [64 w, 64 w + 64) of the block. The scores are computed transposed (keys x queries), so that
@@ -26,13 +25,15 @@
 
 #include <type_traits>
 
-#include "attention_common.cuh"
-#include "dropout.cuh"
-#include "flash_bwd_kernel.cuh"
-#include "flash_params.h"
-#include "ptx.cuh"
-#include "ptx_sm90.cuh"
-#include "smem_sw128.cuh"
+#include "common/dq_accum.cuh"
+#include "common/dropout.cuh"
+#include "common/params.h"
+#include "common/problem.cuh"
+#include "common/ptx.cuh"
+#include "common/softmax.cuh"
+#include "common/variant.cuh"
+#include "sm90/ptx_sm90.cuh"
+#include "sm90/smem_sw128.cuh"
 
 namespace flashjit {
 
@@ -63,12 +64,10 @@ struct BwdSm90Traits {
   static constexpr size_t kSmemBytes =
       size_t(kSmemTiles + 2 * kStages * kBlockM * sizeof(float) + kSmemAlign);
 
-  // The sm80 dK/dV tile whose dq_accum fragment order (dq_accum_add) this kernel's atomics follow,
-  // so that the sm80 postprocess reads it back: warps of 16 dQ rows x kDqN columns, numbered
-  // along the columns first.
-  using DqLayout = std::conditional_t<kDqSplitRows,
-                                      BwdTraits<Element, kHeadDim, 128, 128, 8, 4, 4, 8, 2, 2>,
-                                      BwdTraits<Element, kHeadDim, 64, 128, 8, 2, 4, 4, 2, 2>>;
+  // The dq_accum fragment order (common/dq_accum.cuh) of this kernel's atomics, which the
+  // postprocess reads back: 8 warps of 16 dQ rows x kDqN columns, numbered along the columns first.
+  using DqLayout = DqAccumLayout<Element, kHeadDim, kBlockM, kBlockM / 16, kHeadDim / kDqN,
+                                 kNThreads>;
 
   static_assert(sizeof(Element) == 2, "16-bit elements");
   static_assert(kHeadDim == 64 || kHeadDim == 128, "wgmma N of dK, dV: head-dim bucket 64 or 128");
@@ -108,7 +107,7 @@ struct TransposedKeepBits {
   int g_odd;
 };
 
-template <typename Traits, bool kIsCausal, bool kHasDropout>
+template <typename Traits, typename V>  // V: the Variant (common/variant.cuh)
 __global__ void __launch_bounds__(Traits::kNThreads, 1)
     flash_bwd_dk_dv_sm90_kernel(const __grid_constant__ BwdParams p) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -119,8 +118,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   constexpr int kNTilesDq = Traits::kNTilesDq;
   constexpr int kSmemQ = Traits::kSmemQ;
 
-  // (128: the alignment the sm80 kernels of this translation unit declare; the base is aligned
-  // up to 1024 bytes by hand.)
+  // (The base is aligned up to 1024 bytes by hand.)
   extern __shared__ __align__(128) unsigned char smem_raw[];
   const uint32_t smem_raw_addr = smem_addr(smem_raw);
   const uint32_t smem_k =
@@ -139,15 +137,15 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   const GridHeadBatch hb(p.heads, p.batch);
   if (!hb.valid) return;
   const int h = hb.h, b = hb.b;
-  // This CTA's keys, query-block range and pointers (flash_bwd_kernel.cuh).
-  const BwdKeyTile<Element, kIsCausal> tile(p, blockIdx.x, h, b, kBlockM, kBlockN, kHeadDim);
+  // This CTA's keys, query-block range and pointers (common/problem.cuh).
+  const BwdKeyBlock<Element, V> tile(p, blockIdx.x, h, b, kBlockM, kBlockN, kHeadDim);
   if (tile.empty()) return;
   const SeqInfo& seq = tile.seq;
   const int n0 = tile.n0;
-  const ScoreMask<kIsCausal> mask{seq.seqlen_k, tile.causal_offset};
+  const VariantScores<V> scores(p, seq, b, h);  // the variant (common/variant.cuh)
   const int warp_row = wg * 64 + (warp % 4) * 16;  // first key (row of S^T, dK, dV) of the warp
   DropoutMask drop;
-  if constexpr (kHasDropout) drop = DropoutMask(p.dropout, b, h, p.heads, p.seqlen_q, p.seqlen_k);
+  if constexpr (V::kHasDropout) drop = DropoutMask(p.dropout, b, h, p.heads, p.seqlen_q, p.seqlen_k);
 
   float acc_dk[kNTilesD][4], acc_dv[kNTilesD][4];  // dS^T Q (scaled at the end), P^T dO
 #pragma unroll
@@ -165,7 +163,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
     load_lse_dsum(smem_lse + stage * kBlockM * 4, smem_dsum + stage * kBlockM * 4, tile.lse,
                   tile.dsum, m0, kBlockM, seq.seqlen_q, tid);
   };
-  if (tile.m_begin < tile.m_blocks) {
+  if (tile.m_begin < tile.m_end) {
     load_tile_sw128<Traits, kBlockN>(smem_k, tile.k, p.k_row_stride, seq.seqlen_k - n0,
                                      p.head_dim, tid);
     load_tile_sw128<Traits, kBlockN>(smem_v, tile.v, p.v_row_stride, seq.seqlen_k - n0,
@@ -200,7 +198,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
 
   uint32_t p_frag[kBlockM / 16][4], ds_frag[kBlockM / 16][4];  // P^T, dS^T packed (A layout)
 #pragma unroll 1
-  for (int m_block = tile.m_begin; m_block < tile.m_blocks; ++m_block) {
+  for (int m_block = tile.m_begin; m_block < tile.m_end; ++m_block) {
     const int it = m_block - tile.m_begin, stage = it % kStages;
     const int m0 = m_block * kBlockM;
     const uint32_t stage_off = stage * kSmemQ;  // descriptor advance to this block's Q, dO
@@ -208,13 +206,13 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
     fence_proxy_async_shared();  // this thread's cp.async writes -> visible to wgmma
     __syncthreads();  // the block's Q, dO, lse, D (and K, V) have landed; every warpgroup's wgmmas
                       // of the previous block (reading the other stage and dS^T) have completed
-    if (m_block + 1 < tile.m_blocks) {
+    if (m_block + 1 < tile.m_end) {
       load_query_block(m_block + 1, stage ^ 1);
       cp_async_commit();
     }
 
     TransposedKeepBits<kBlockM> keep;  // dropout, ahead of the register peak
-    if constexpr (kHasDropout) keep.compute(drop, m0, n0 + warp_row, lane);
+    if constexpr (V::kHasDropout) keep.compute(drop, m0, n0 + warp_row, lane);
 
     // S^T = K Q^T and dP^T = V dO^T: (64 keys x kBlockM queries) per warpgroup, fp32, one
     // commit group each (A: K or V, B: Q or dO of this stage).
@@ -233,43 +231,66 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
     wgmma_wait<1>();  // S^T is done; dP^T may still run
     fence_registers(acc_s);
 
-    // Mask (keys past the sequence end; causal: keys after the query's diagonal), then
+    // Scores -> logits (common/variant.cuh: softcap, ALiBi, -inf outside the band), then
     // P^T = exp2(S^T scale log2(e) - ref) with ref = lse log2(e) of the column's query (+inf for
     // a query past the sequence end or one that sees no key: P = 0).
-    if (mask.needed(m0, n0, kBlockN)) mask.apply_transposed(acc_s, n0 + warp_row, m0, g, t);
+    scores.apply_transposed(acc_s, n0 + warp_row, m0, g, t,
+                            scores.mask_needed(m0, n0, kBlockM, kBlockN));
     const float* lse_s = reinterpret_cast<const float*>(generic(smem_lse)) + stage * kBlockM;
     const float* dsum_s = reinterpret_cast<const float*>(generic(smem_dsum)) + stage * kBlockM;
-#pragma unroll
-    for (int nt = 0; nt < kNTilesS; ++nt) {
-      const int col = nt * 8 + 2 * t;  // this thread's two queries: col, col + 1
+    auto column_refs = [&](int nt, float (&ref)[2]) {  // this thread's two queries: col, col + 1
+      const int col = nt * 8 + 2 * t;
       const float2 lse2 = *reinterpret_cast<const float2*>(lse_s + col);
-      const float ref[2] = {lse_reference(lse2.x, m0 + col < seq.seqlen_q),
-                            lse_reference(lse2.y, m0 + col + 1 < seq.seqlen_q)};
-#pragma unroll
-      for (int e = 0; e < 4; ++e)
-        acc_s[nt][e] = recompute_p(acc_s[nt][e], p.scale_log2, ref[e % 2]);
-    }
-    wgmma_wait<0>();  // dP^T is done
-    fence_registers(acc_dp);
-
-    // dS^T = P^T (dP^T Z - D), D per query column (0 past the sequence end); with dropout mask Z
-    // (kept entries scaled by 1 / keep_prob), P^T becomes P^T Z for dV. Pack P^T and dS^T: the
-    // D layout of n8 tiles 2 ks, 2 ks + 1 is the A layout of k16 step ks (16 queries).
-#pragma unroll
-    for (int nt = 0; nt < kNTilesS; ++nt) {
-      const float2 dsum2 = *reinterpret_cast<const float2*>(dsum_s + nt * 8 + 2 * t);
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const float pe = acc_s[nt][e];
-        float dpe = acc_dp[nt][e];
-        if constexpr (kHasDropout) {
-          const bool kept = keep.get(nt, e);
-          dpe = kept ? dpe * drop.inv_keep_prob : 0.f;
-          acc_s[nt][e] = kept ? pe * drop.inv_keep_prob : 0.f;
-        }
-        acc_dp[nt][e] = pe * (dpe - (e % 2 ? dsum2.y : dsum2.x));
+      ref[0] = lse_reference(lse2.x, m0 + col < seq.seqlen_q);
+      ref[1] = lse_reference(lse2.y, m0 + col + 1 < seq.seqlen_q);
+    };
+    // dS^T = P^T (dP^T Z - D) dx/ds, D per query column (0 past the sequence end), dx/ds the
+    // softcap's derivative (1 without); with dropout mask Z (kept entries scaled by 1 / keep_prob),
+    // P^T becomes P^T Z for dV.
+    auto column_dsum = [&](int nt) {
+      return *reinterpret_cast<const float2*>(dsum_s + nt * 8 + 2 * t);
+    };
+    auto ds_element = [&](int nt, int e, float pe, float dx, float2 dsum2) {
+      const float dsum = e % 2 ? dsum2.y : dsum2.x;
+      float dpe = acc_dp[nt][e];
+      if constexpr (V::kHasDropout) {
+        const bool kept = keep.get(nt, e);
+        dpe = kept ? dpe * drop.inv_keep_prob : 0.f;
+        acc_s[nt][e] = kept ? pe * drop.inv_keep_prob : 0.f;
       }
+      acc_dp[nt][e] = V::kHasSoftcap ? pe * (dpe - dsum) * dx : pe * (dpe - dsum);
+    };
+    if constexpr (!V::kHasSoftcap) {  // P^T while dP^T may still run
+#pragma unroll
+      for (int nt = 0; nt < kNTilesS; ++nt) {
+        float ref[2];
+        column_refs(nt, ref);
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          acc_s[nt][e] = recompute_p(acc_s[nt][e], p.scale_log2, ref[e % 2]);
+      }
+      wgmma_wait<0>();  // dP^T is done
+      fence_registers(acc_dp);
+#pragma unroll
+      for (int nt = 0; nt < kNTilesS; ++nt) {
+        const float2 dsum2 = column_dsum(nt);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) ds_element(nt, e, acc_s[nt][e], 1.f, dsum2);
+      }
+    } else {  // dx/ds needs the logit, which P^T replaces: P^T and dS^T in one pass, after dP^T
+      wgmma_wait<0>();
+      fence_registers(acc_dp);
+      for_each_score_transposed<kNTilesS>(
+          n0 + warp_row, m0, g, t, [&](int nt, int e, int query, int key) {
+            float ref[2];
+            column_refs(nt, ref);
+            const float x = acc_s[nt][e];
+            acc_s[nt][e] = recompute_p(x, p.scale_log2, ref[e % 2]);
+            ds_element(nt, e, acc_s[nt][e], scores.dlogit(x, query, key), column_dsum(nt));
+          });
     }
+    // Pack P^T and dS^T: the D layout of n8 tiles 2 ks, 2 ks + 1 is the A layout of k16 step ks
+    // (16 queries).
 #pragma unroll
     for (int ks = 0; ks < kBlockM / 16; ++ks) {
 #pragma unroll

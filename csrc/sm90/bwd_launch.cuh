@@ -1,12 +1,15 @@
-// flash_bwd_sm90_launch.cuh: host-side launches of the sm90-family (wgmma) backward and its tile
-// choice per head-dim bucket. The preprocess, the dQ postprocess and the deterministic dQ kernel
-// are the sm80 family's (flash_bwd_launch.cuh).
+// bwd_launch.cuh: host-side launches of the sm90-family (wgmma) backward and its tile choice per
+// head-dim bucket: the common preprocess, the wgmma dK/dV kernel, then the common dQ postprocess
+// (atomic path) or the wgmma dQ kernel (deterministic path). Exports run_bwd (the same entry point
+// as every family).
 #pragma once
 
 #include <cuda_runtime.h>
 
-#include "flash_bwd_launch.cuh"
-#include "flash_bwd_sm90_kernel.cuh"
+#include "common/bwd_preprocess.cuh"
+#include "common/dq_accum.cuh"
+#include "sm90/bwd_dq_kernel.cuh"
+#include "sm90/bwd_kernel.cuh"
 
 namespace flashjit {
 
@@ -25,13 +28,13 @@ struct BwdSm90Tile {
 };
 
 // The whole backward: preprocess (D, zero dq_accum); the wgmma dK/dV kernel (+ atomic dQ) and the
-// dQ postprocess; or, with p.deterministic, the dK/dV kernel then the sm80 dQ kernel.
-template <typename Element, int kHeadDim, bool kIsCausal, bool kHasDropout>
-cudaError_t run_bwd_sm90(const BwdParams& p, cudaStream_t stream) {
+// dQ postprocess; or, with p.deterministic, the dK/dV kernel then the wgmma dQ kernel.
+template <typename Element, int kHeadDim, typename V>
+cudaError_t run_bwd(const BwdParams& p, cudaStream_t stream) {
   using Traits = BwdSm90Traits<Element, kHeadDim, BwdSm90Tile<kHeadDim>::kBlockM>;
   cudaError_t err = launch_bwd_preprocess<Element, kHeadDim>(p, stream);
   if (err != cudaSuccess) return err;
-  auto kernel = flash_bwd_dk_dv_sm90_kernel<Traits, kIsCausal, kHasDropout>;
+  auto kernel = flash_bwd_dk_dv_sm90_kernel<Traits, V>;
   err = set_smem(kernel, Traits::kSmemBytes);
   if (err != cudaSuccess) return err;
   // Grid: (key blocks, heads x batch: attention_grid); with causal masking the first key blocks
@@ -40,8 +43,17 @@ cudaError_t run_bwd_sm90(const BwdParams& p, cudaStream_t stream) {
   kernel<<<grid, Traits::kNThreads, Traits::kSmemBytes, stream>>>(p);
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  if (p.deterministic)
-    return launch_bwd_dq<BwdDqTile<Element, kHeadDim>, kIsCausal, kHasDropout>(p, stream);
+  if (p.deterministic) {
+    // Grid: (query blocks, heads x batch: attention_grid), heavier query blocks first.
+    using DqTraits = BwdDqSm90Traits<Element, kHeadDim, 64, 2>;
+    auto dq_kernel = flash_bwd_dq_sm90_kernel<DqTraits, V>;
+    err = set_smem(dq_kernel, DqTraits::kSmemBytes);
+    if (err != cudaSuccess) return err;
+    const dim3 dq_grid =
+        attention_grid(ceil_div(p.seqlen_q, DqTraits::kBlockM), p.heads, p.batch);
+    dq_kernel<<<dq_grid, DqTraits::kNThreads, DqTraits::kSmemBytes, stream>>>(p);
+    return cudaGetLastError();
+  }
   return launch_bwd_postprocess<typename Traits::DqLayout>(p, stream);
 }
 

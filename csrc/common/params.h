@@ -1,4 +1,4 @@
-// flash_params.h: the plain parameter structs of the attention kernels, one per direction.
+// params.h: the plain parameter structs of the attention kernels, one per direction.
 //
 // Shared by the torch binding (which fills them from tensors) and the kernels (which get them by
 // value as a __grid_constant__ argument). No torch and no CUDA headers here.
@@ -9,7 +9,7 @@
 //                 cu_seqlens_q[b] .. cu_seqlens_q[b+1]-1 (int32 offsets, batch+1 of them)
 //   lse:          float32, fixed (batch, heads, seqlen_q), varlen (heads, total_q), in log2 units:
 //                 log2 sum_j exp2(S_ij scale log2(e)) = the natural-log lse / ln(2)
-//                 (flashjit/interface.py's _result converts for the caller; attention_common.cuh's
+//                 (flashjit/interface.py's _result converts for the caller; softmax.cuh's
 //                 finish_row says why)
 #pragma once
 
@@ -25,6 +25,24 @@ struct DropoutParams {
   float keep_prob;           // 1 - dropout_p
   float inv_keep_prob;       // 1 / keep_prob: kept values are scaled by it
   uint32_t keep_threshold;   // a 32-bit uniform u keeps the element iff u < keep_threshold
+};
+
+// The runtime values of a spec's attention variant (variant.cuh applies them; only the parts a
+// spec compiles in are read). Conventions as flash-attn 2.x (window, softcap, ALiBi) and gpt-oss
+// (sinks); offset = seqlen_k - seqlen_q of the sequence with causal_bottom_right, else 0:
+//   window: query i sees key j iff i + offset - window_left <= j <= i + offset + window_right,
+//           -1 = that side unbounded (a causal spec has its right edge at offset whatever this says);
+//   softcap: logit z = softmax_scale q.k becomes softcap * tanh(z / softcap) (softcap > 0);
+//   alibi:  z += -slope * |i + offset - j|, slope = alibi_slopes[b * alibi_batch_stride + h]
+//           (float32; alibi_batch_stride 0 for one slope per head);
+//   sink:   a logit sink[h] (float32, natural-log units like z) in every row's softmax
+//           denominator, with no value row: lse = log(sum_j exp(z_ij) + exp(sink[h])).
+struct VariantParams {
+  int window_left, window_right;
+  float softcap;
+  const float* alibi_slopes;
+  int64_t alibi_batch_stride;
+  const float* sink;
 };
 
 // Forward: O = softmax(scale * Q K^T + mask) V, and lse = logsumexp of each row of the scores
@@ -60,10 +78,11 @@ struct FwdParams {
 
   float softmax_scale;  // scale applied to Q K^T (> 0)
   float scale_log2;     // softmax_scale * log2(e): softmax is evaluated with exp2
-  // Causal alignment (used only by causal kernels): query i sees key j iff
-  // j <= i + (causal_bottom_right ? seqlen_k - seqlen_q : 0), per sequence.
+  // Alignment of causal masks, windows and ALiBi: query i sees key j iff j <= i + offset (causal),
+  // offset = causal_bottom_right ? seqlen_k - seqlen_q : 0, per sequence.
   bool causal_bottom_right;
 
+  VariantParams variant;
   DropoutParams dropout;
 };
 
@@ -118,9 +137,10 @@ struct BwdParams {
 
   float softmax_scale;       // as in the forward
   float scale_log2;          // softmax_scale * log2(e)
-  bool causal_bottom_right;  // as in the forward (causal kernels only)
+  bool causal_bottom_right;  // as in the forward
   bool deterministic;        // no float atomics: bitwise reproducible gradients
 
+  VariantParams variant;     // as in the forward (the sink's gradient is computed by the caller)
   DropoutParams dropout;
 };
 

@@ -1,6 +1,6 @@
-// flash_fwd_kernel.cuh: the forward FlashAttention kernel, sm80 family (mma.sync, ldmatrix,
-// cp.async). Device code only; see flash_fwd_launch.cuh for the grid and flash_fwd.cu for the
-// instantiation a JIT spec asks for.
+// fwd_kernel.cuh: the forward FlashAttention kernel, sm80 family (mma.sync, ldmatrix, cp.async).
+// Device code only; fwd_launch.cuh has the grid and the tile choice, fwd.cu the instantiation a
+// JIT spec asks for.
 //
 // One CTA = one (query block of kBlockM rows, head, batch). Q stays in shared memory; K and V
 // tiles of kBlockN keys stream through two shared stages, the cp.async load of block j-1
@@ -11,15 +11,18 @@
 
 #include <cmath>
 
-#include "attention_common.cuh"
-#include "dropout.cuh"
-#include "flash_params.h"
-#include "kernel_traits.cuh"
-#include "ptx.cuh"
+#include "common/dropout.cuh"
+#include "common/padded_tile.cuh"
+#include "common/params.h"
+#include "common/problem.cuh"
+#include "common/ptx.cuh"
+#include "common/softmax.cuh"
+#include "common/variant.cuh"
+#include "sm80/traits.cuh"
 
 namespace flashjit {
 
-template <typename Traits, bool kIsCausal, bool kHasDropout>
+template <typename Traits, typename V>  // V: the Variant (common/variant.cuh)
 __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSM)
     flash_fwd_kernel(const __grid_constant__ FwdParams p) {
   using Element = typename Traits::Element;
@@ -36,14 +39,14 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSM)
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int g = lane / 4, t = lane % 4;  // mma fragment row group and column pair
-  // This CTA's query block, sequence, pointers and key-block range (attention_common.cuh).
+  // This CTA's query block, sequence, pointers and key-block range (common/problem.cuh).
   const GridHeadBatch hb(p.heads, p.batch);
   if (!hb.valid) return;
-  const FwdTile<Element, kIsCausal> tile(p, hb, kBlockM, kBlockN);
+  const FwdQueryBlock<Element, V> tile(p, hb, kBlockM, kBlockN);
   if (tile.empty()) return;
   const SeqInfo& seq = tile.seq;
-  const int m0 = tile.m0, n_blocks = tile.n_blocks;
-  const ScoreMask<kIsCausal>& mask = tile.mask;
+  const int m0 = tile.m0, n_begin = tile.n_begin, n_end = tile.n_end;
+  const VariantScores<V> scores(p, seq, tile.b, tile.h);  // the variant (common/variant.cuh)
   const Element *q = tile.q, *k = tile.k, *v = tile.v;
 
   // Per-thread accumulators. Thread (g, t) of a warp holds, for m16 tile mt, rows
@@ -61,7 +64,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSM)
     row_sum[mt][0] = row_sum[mt][1] = 0.f;
   }
 
-  DropoutMask dropout = kHasDropout
+  DropoutMask dropout = V::kHasDropout
                             ? DropoutMask(p.dropout, tile.b, tile.h, p.heads, p.seqlen_q, p.seqlen_k)
                             : DropoutMask();
   const int rows_q = min(kBlockM, seq.seqlen_q - m0);
@@ -75,9 +78,9 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSM)
                                      v + n0 * p.v_row_stride, p.v_row_stride, seq.seqlen_k - n0,
                                      p.head_dim, tid);
   };
-  if (n_blocks > 0) {
+  if (n_end > n_begin) {
     load_tile_async<Traits, kBlockM>(smem_addr(smem_q), q, p.q_row_stride, rows_q, p.head_dim, tid);
-    load_kv(n_blocks - 1, 0);
+    load_kv(n_end - 1, 0);
     cp_async_commit();
   }
 
@@ -92,15 +95,15 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSM)
   const uint32_t v_lane0 = smem_addr(smem_v) +
                            ((((lane >> 3) & 1) * 8 + (lane & 7)) * kSmemRow + (lane >> 4) * 8) * kElt;
 
-  // Key blocks from the last to the first (the masked ones come first). Pipeline, one barrier per
-  // block: K/V[n_block] were requested one block earlier; right after the barrier, K/V[n_block-1]
-  // are requested into the other stage and land while this block computes.
-  for (int n_block = n_blocks - 1, stage = 0; n_block >= 0; --n_block, stage ^= 1) {
+  // Key blocks of the band from the last to the first (the masked ones come first). Pipeline, one
+  // barrier per block: K/V[n_block] were requested one block earlier; right after the barrier,
+  // K/V[n_block-1] are requested into the other stage and land while this block computes.
+  for (int n_block = n_end - 1, stage = 0; n_block >= n_begin; --n_block, stage ^= 1) {
     const int n0 = n_block * kBlockN;
     cp_async_wait<0>();
     __syncthreads();  // K/V[n_block] (and Q) are in shared memory; every warp is done with the
                       // other stage, read during the previous block
-    if (n_block > 0) {
+    if (n_block > n_begin) {
       load_kv(n_block - 1, stage ^ 1);
       cp_async_commit();
     }
@@ -133,14 +136,16 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSM)
       }
     }
 
-    // Mask: keys past the sequence end, and (causal) keys after the query's diagonal.
-    if (mask.needed(m0, n0, kBlockN)) mask.apply(acc_s, m0 + warp * Traits::kWarpRows, n0, g, t);
+    // Scores -> logits (common/variant.cuh): softcap, ALiBi, and -inf for keys outside the band
+    // or past the sequence end.
+    scores.apply(acc_s, m0 + warp * Traits::kWarpRows, n0, g, t,
+                 scores.mask_needed(m0, n0, kBlockM, kBlockN));
 
-    // Online softmax (attention_common.cuh): S becomes P, O and the row statistics are rescaled.
+    // Online softmax (common/softmax.cuh): S becomes P, O and the row statistics are rescaled.
     online_softmax_step(acc_s, acc_o, row_max, row_sum, p.scale_log2);
 
     // Dropout (after the row sums: l normalises the undropped P): P = P * mask / (1 - p).
-    if constexpr (kHasDropout) {
+    if constexpr (V::kHasDropout) {
 #pragma unroll
       for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
@@ -176,7 +181,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSM)
   Element* o = tile.out(p);  // output pointers computed only now: registers are scarce in the loop
   float* lse = tile.lse(p);
 
-  // Epilogue: O /= l and lse (finish_row). A row that saw no key: O = 0, lse = -inf.
+  // Epilogue: O /= l and lse (finish_row, with the sink's term where the variant has one). A row
+  // that saw no key: O = 0, lse = -inf (the sink's logit with a sink).
   // Each warp stages its own rows of O in its own rows of the Q tile (only it ever read them), then
   // writes them out with 16-byte stores. With p.o_residual, the rounding residual of O (pack_out)
   // is staged at the same rows of the K/V tiles, free once every warp is past its last P V.
@@ -188,7 +194,10 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSM)
   for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
-      const RowResult res = finish_row(row_max[mt][half], row_sum[mt][half], p.scale_log2);
+      const RowResult res =
+          V::kHasSink ? finish_row(row_max[mt][half], row_sum[mt][half], p.scale_log2,
+                                   scores.sink_log2)
+                      : finish_row(row_max[mt][half], row_sum[mt][half], p.scale_log2);
       const int row = warp * Traits::kWarpRows + mt * 16 + half * 8 + g;
 #pragma unroll
       for (int nt = 0; nt < kNTilesO; ++nt) {

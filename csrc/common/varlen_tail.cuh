@@ -6,7 +6,7 @@
 // device: no synchronisation, and CUDA-graph replays see the current cu_seqlens.
 //
 // Defines the exported zero_rows_past_end_run (flash_api.h): include it in exactly one
-// translation unit of a binary (each spec's flash_fwd.cu or flash_bwd.cu).
+// translation unit of a binary (each family's fwd.cu and bwd.cu).
 #pragma once
 
 #include <cuda_runtime.h>

@@ -5,8 +5,8 @@
 
 #include <cstdint>
 
-#include "attention_common.cuh"
-#include "ptx.cuh"
+#include "common/ptx.cuh"
+#include "common/sequence.cuh"
 
 namespace flashjit {
 

@@ -1,5 +1,5 @@
-// flash_fwd_sm90_kernel.cuh: the forward FlashAttention kernel, sm90 family (Hopper: wgmma).
-// Device code only; flash_fwd_sm90_launch.cuh has the grid and the tile choice.
+// fwd_kernel.cuh: the forward FlashAttention kernel, sm90 family (Hopper: wgmma). Device code
+// only; fwd_launch.cuh has the grid and the tile choice, fwd.cu the instantiation of a spec.
 //
 // One CTA = one (query block of kBlockM = 64 * kNWarpGroups rows, head, batch). Warpgroup w owns
 // query rows [64 w, 64 w + 64): it computes S = Q K^T (64 x kBlockN) with wgmma from shared
@@ -13,12 +13,14 @@
 
 #include <cmath>
 
-#include "attention_common.cuh"
-#include "dropout.cuh"
-#include "flash_params.h"
-#include "ptx.cuh"
-#include "ptx_sm90.cuh"
-#include "smem_sw128.cuh"
+#include "common/dropout.cuh"
+#include "common/params.h"
+#include "common/problem.cuh"
+#include "common/ptx.cuh"
+#include "common/softmax.cuh"
+#include "common/variant.cuh"
+#include "sm90/ptx_sm90.cuh"
+#include "sm90/smem_sw128.cuh"
 
 namespace flashjit {
 
@@ -53,7 +55,7 @@ struct FwdSm90Traits {
                 "tile loader: each thread keeps one column chunk and one row % 8");
 };
 
-template <typename Traits, bool kIsCausal, bool kHasDropout>
+template <typename Traits, typename V>  // V: the Variant (common/variant.cuh)
 __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSM)
     flash_fwd_sm90_kernel(const __grid_constant__ FwdParams p) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -71,14 +73,15 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSM)
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int wg = warp / 4;                // warpgroup: query rows [64 wg, 64 wg + 64) of the tile
   const int g = lane / 4, t = lane % 4;  // accumulator row group and column pair
-  // This CTA's query block, sequence, pointers and key-block range (attention_common.cuh).
+  // This CTA's query block, sequence, pointers and key-block range (common/problem.cuh).
   const GridHeadBatch hb(p.heads, p.batch);
   if (!hb.valid) return;
-  const FwdTile<Element, kIsCausal> tile(p, hb, kBlockM, kBlockN);
+  const FwdQueryBlock<Element, V> tile(p, hb, kBlockM, kBlockN);
   if (tile.empty()) return;
   const SeqInfo& seq = tile.seq;
-  const int m0 = tile.m0, n_blocks = tile.n_blocks;
-  const ScoreMask<kIsCausal>& mask = tile.mask;
+  const int m0 = tile.m0;
+  const int n_last = tile.n_end - 1, n_blocks = tile.n_end - tile.n_begin;  // blocks of the band
+  const VariantScores<V> scores(p, seq, tile.b, tile.h);  // the variant (common/variant.cuh)
   const Element *q = tile.q, *k = tile.k, *v = tile.v;
   // First query row of this thread's warp (16 rows per warp, as in the wgmma D layout).
   const int warp_row0 = m0 + wg * 64 + (warp % 4) * 16;
@@ -97,15 +100,15 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSM)
 #pragma unroll
     for (int e = 0; e < 4; ++e) acc_s[0][nt][e] = 0.f;
 
-  DropoutMask dropout = kHasDropout
+  DropoutMask dropout = V::kHasDropout
                             ? DropoutMask(p.dropout, tile.b, tile.h, p.heads, p.seqlen_q, p.seqlen_k)
                             : DropoutMask();
   const int rows_q = min(kBlockM, seq.seqlen_q - m0);
-  // Key blocks are processed from the last to the first (the masked ones come first): iteration
-  // `it` works on block n_blocks - 1 - it. Its K tile goes to K stage it % 2, its V tile to V
+  // Key blocks of the band are processed from the last to the first (the masked ones come first):
+  // iteration `it` works on block n_last - it. Its K tile goes to K stage it % 2, its V tile to V
   // stage it % 2; one cp.async group (the caller commits) per call.
   auto load_kv = [&](uint32_t smem, const Element* gmem, int64_t row_stride, int it) {
-    const int n0 = (n_blocks - 1 - it) * kBlockN;
+    const int n0 = (n_last - it) * kBlockN;
     load_tile_sw128<Traits, kBlockN>(smem + (it % 2) * Traits::kSmemKV, gmem + n0 * row_stride,
                                      row_stride, seq.seqlen_k - n0, p.head_dim, tid);
   };
@@ -144,7 +147,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSM)
   // into the stages that iteration it-1 finished reading; each tile thus lands during one whole
   // iteration (V one block behind K).
   for (int it = 0; it < n_blocks; ++it) {
-    const int n0 = (n_blocks - 1 - it) * kBlockN;
+    const int n0 = (n_last - it) * kBlockN;
     cp_async_wait<0>();
     fence_proxy_async_shared();  // this thread's cp.async writes -> visible to wgmma
     __syncthreads();  // K[it], V[it-1] (and Q) are in shared memory; every warpgroup's wgmma of
@@ -171,15 +174,15 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSM)
     }
     fence_registers(acc_s[0]);
 
-    // Mask: keys past the sequence end, and (causal) keys after the query's diagonal.
-    if (mask.needed(m0, n0, kBlockN)) mask.apply(acc_s, warp_row0, n0, g, t);
+    // Scores -> logits (common/variant.cuh): softcap, ALiBi, -inf outside the band.
+    scores.apply(acc_s, warp_row0, n0, g, t, scores.mask_needed(m0, n0, kBlockM, kBlockN));
 
-    // Online softmax (attention_common.cuh): S becomes P; alpha rescales O below.
+    // Online softmax (common/softmax.cuh): S becomes P; alpha rescales O below.
     float alpha[1][2];
     softmax_update(acc_s, row_max, row_sum, p.scale_log2, alpha);
 
     // Dropout (after the row sums: l normalises the undropped P): P = P * mask / (1 - p).
-    if constexpr (kHasDropout) {
+    if constexpr (V::kHasDropout) {
 #pragma unroll
       for (int nt = 0; nt < kNTilesS; ++nt)
         dropout.apply(acc_s[0][nt], warp_row0 / 16, (n0 + nt * 8) / 8, g, t);
@@ -213,7 +216,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSM)
   Element* o = tile.out(p);  // output pointers computed only now: registers are scarce in the loop
   float* lse = tile.lse(p);
 
-  // Epilogue: O /= l and lse (finish_row). A row that saw no key: O = 0, lse = -inf.
+  // Epilogue: O /= l and lse (finish_row, with the sink's term where the variant has one). A row
+  // that saw no key: O = 0, lse = -inf (the sink's logit with a sink).
   // Each warp stages its own 16 rows of O in its rows of the Q tile (only its warpgroup's wgmma
   // read them, and those have completed), then writes them out with 16-byte stores; with
   // p.o_residual a second pass does the same for the rounding residual of O (pack_out).
@@ -222,7 +226,10 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSM)
   float inv_l[2];
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
-    const RowResult res = finish_row(row_max[0][half], row_sum[0][half], p.scale_log2);
+    const RowResult res =
+        V::kHasSink
+            ? finish_row(row_max[0][half], row_sum[0][half], p.scale_log2, scores.sink_log2)
+            : finish_row(row_max[0][half], row_sum[0][half], p.scale_log2);
     const int row = warp_row + half * 8 + g;
     inv_l[half] = res.inv_l;
     if (t == 0 && row < rows_q) lse[row] = res.lse_log2;

@@ -1,36 +1,15 @@
-// flash_bwd.cu: the backward translation unit of one JIT spec.
-//
-// The spec's defines pick the one instantiation compiled here: FLASHJIT_DTYPE_FP16 /
-// FLASHJIT_DTYPE_BF16, FLASHJIT_HEAD_DIM (bucket), FLASHJIT_IS_CAUSAL, FLASHJIT_HAS_DROPOUT, and
-// FLASHJIT_BWD_FAMILY_SM90=1 for the Hopper (wgmma) family, else the sm80 family.
-// Also holds the dropout-mask test kernel. Torch-free. Compile check by hand, e.g.:
-//   nvcc -c -O3 --use_fast_math --expt-relaxed-constexpr -Xptxas=-v \
-//        -gencode=arch=compute_90a,code=sm_90a -DFLASHJIT_DTYPE_BF16=1 -DFLASHJIT_HEAD_DIM=128 \
-//        -DFLASHJIT_IS_CAUSAL=1 -DFLASHJIT_HAS_DROPOUT=0 -Icsrc csrc/flash_bwd.cu
-#include "dropout.cuh"
+// dropout_mask.cu: the test-only dropout-mask probe's translation unit (dropout_mask_binding.cpp):
+// the keep mask of a fixed-length call, computed by the same device function as the attention
+// kernels (dropout.cuh). Torch-free.
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "common/dropout.cuh"
+#include "common/sequence.cuh"
 #include "flash_api.h"
-#if FLASHJIT_BWD_FAMILY_SM90
-#include "flash_bwd_sm90_launch.cuh"
-#else
-#include "flash_bwd_launch.cuh"
-#endif
-#include "spec_config.h"
-#include "varlen_tail.cuh"
 
 namespace flashjit {
-
-const char* bwd_run(const BwdParams& params, void* stream) {
-#if FLASHJIT_BWD_FAMILY_SM90
-  const cudaError_t err =
-      run_bwd_sm90<spec::Element, spec::kHeadDim, spec::kIsCausal, spec::kHasDropout>(
-          params, static_cast<cudaStream_t>(stream));
-#else
-  const cudaError_t err =
-      run_bwd<spec::Element, spec::kHeadDim, spec::kIsCausal, spec::kHasDropout>(
-          params, static_cast<cudaStream_t>(stream));
-#endif
-  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
-}
 
 // Test kernel: the dropout keep mask (uint8, 1 = kept) of a fixed-length call, (batch, heads,
 // seqlen_q, seqlen_k) contiguous, element for element what the attention kernels use. One thread

@@ -1,0 +1,174 @@
+// problem.cuh: what one CTA of an attention kernel works on, and where its tensors live: every
+// pointer and offset, computed in one place for the forward and the backward of every family
+// (contiguous K/V; paged K/V comes later through here). Family-agnostic: no tile code.
+//   FwdQueryBlock: a query block of the forward, against its range of key blocks.
+//   BwdQueryBlock: a query block of the backward's dQ kernels (deterministic path).
+//   BwdKeyBlock:   a key block of the backward's dK/dV kernels, against its range of query blocks.
+// Block ranges come from the variant (variant.cuh): causal and sliding-window bands skip the key
+// (query) blocks outside them.
+#pragma once
+
+#include <cstdint>
+
+#include "common/params.h"
+#include "common/ptx.cuh"
+#include "common/sequence.cuh"
+#include "common/variant.cuh"
+
+namespace flashjit {
+
+// Per-sequence row padding of the backward's fp32 scratch (dq_accum, dsum): see BwdParams. Every
+// backward query block (kBlockM <= kAccumPadRows) stays inside its sequence's padded rows.
+constexpr int kAccumPadRows = 128;
+
+// Where one (batch, head) sequence's fp32 scratch rows start (see BwdParams).
+__device__ __forceinline__ int64_t accum_row0(const SeqInfo& seq, int b, bool varlen) {
+  return varlen ? int64_t(seq.q_start) + int64_t(kAccumPadRows) * b : 0;
+}
+
+// Query rows [m0, m0 + block_m) of head h of sequence b, against key blocks [n_begin, n_end) of
+// block_n keys (the variant's band; none when n_end <= n_begin), and where Q (at row m0), K, V
+// (at row 0), O and lse live.
+template <typename Element, typename V>
+struct FwdQueryBlock {
+  SeqInfo seq;
+  bool varlen;
+  int b, h, m0;
+  int n_begin, n_end;  // may be n_end <= n_begin: no key block
+  const Element *q, *k, *v;
+
+  __device__ FwdQueryBlock(const FwdParams& p, int m_block, int h_, int b_, int block_m,
+                           int block_n)
+      : seq(p, b_), varlen(p.cu_seqlens_q != nullptr), b(b_), h(h_), m0(m_block * block_m) {
+    const VariantScores<V> scores(p, seq, b, h);  // for the range (the kernel builds its own)
+    const int hk = h / (p.heads / p.heads_k);  // MQA/GQA: the K/V head of query head h
+    q = static_cast<const Element*>(p.q) +
+        seq.q_offset(p.q_batch_stride, p.q_row_stride, p.q_head_stride, b, h, varlen) +
+        m0 * p.q_row_stride;
+    k = static_cast<const Element*>(p.k) +
+        seq.k_offset(p.k_batch_stride, p.k_row_stride, p.k_head_stride, b, hk, varlen);
+    v = static_cast<const Element*>(p.v) +
+        seq.k_offset(p.v_batch_stride, p.v_row_stride, p.v_head_stride, b, hk, varlen);
+    n_begin = scores.key_begin(m0) / block_n;
+    n_end = ceil_div(scores.key_end(m0, block_m), block_n);
+  }
+  // The CTA's own block of an attention_grid (query blocks, heads x batch), heavier (later) query
+  // blocks first, since with causal masking they have the most keys.
+  __device__ FwdQueryBlock(const FwdParams& p, const GridHeadBatch& hb, int block_m, int block_n)
+      : FwdQueryBlock(p, gridDim.x - 1 - blockIdx.x, hb.h, hb.b, block_m, block_n) {}
+  __device__ bool empty() const { return m0 >= seq.seqlen_q; }  // past this sequence's end
+  // O at row m0, and lse at row m0 (computed late: registers are scarce in the main loop).
+  __device__ Element* out(const FwdParams& p) const {
+    return static_cast<Element*>(p.o) +
+           seq.q_offset(p.o_batch_stride, p.o_row_stride, p.o_head_stride, b, h, varlen) +
+           m0 * p.o_row_stride;
+  }
+  __device__ float* lse(const FwdParams& p) const {
+    return p.lse + (varlen ? 0 : b * p.lse_batch_stride) + h * p.lse_head_stride + seq.q_start +
+           m0;
+  }
+};
+
+// Query rows [m0, m0 + block_m) of the backward's dQ kernels, against key blocks [n_begin, n_end):
+// Q, dO, dQ at row m0; K, V at row 0; lse at row 0 and D at row 0 of the sequence's scratch rows.
+template <typename Element, typename V>
+struct BwdQueryBlock {
+  SeqInfo seq;
+  int m0;
+  int n_begin, n_end;  // may be n_end <= n_begin: no key block
+  const Element *q, *dout, *k, *v;
+  Element* dq;
+  const float *lse, *dsum;
+
+  __device__ BwdQueryBlock(const BwdParams& p, int m_block, int h, int b, int block_m, int block_n)
+      : seq(p, b), m0(m_block * block_m) {
+    const VariantScores<V> scores(p, seq, b, h);  // for the range (the kernel builds its own)
+    const bool varlen = p.cu_seqlens_q != nullptr;
+    const int hk = h / (p.heads / p.heads_k);
+    q = static_cast<const Element*>(p.q) +
+        seq.q_offset(p.q_batch_stride, p.q_row_stride, p.q_head_stride, b, h, varlen) +
+        m0 * p.q_row_stride;
+    dout = static_cast<const Element*>(p.dout) +
+           seq.q_offset(p.do_batch_stride, p.do_row_stride, p.do_head_stride, b, h, varlen) +
+           m0 * p.do_row_stride;
+    k = static_cast<const Element*>(p.k) +
+        seq.k_offset(p.k_batch_stride, p.k_row_stride, p.k_head_stride, b, hk, varlen);
+    v = static_cast<const Element*>(p.v) +
+        seq.k_offset(p.v_batch_stride, p.v_row_stride, p.v_head_stride, b, hk, varlen);
+    dq = static_cast<Element*>(p.dq) +
+         seq.q_offset(p.dq_batch_stride, p.dq_row_stride, p.dq_head_stride, b, h, varlen) +
+         m0 * p.dq_row_stride;
+    lse = p.lse + (varlen ? 0 : b * p.lse_batch_stride) + h * p.lse_head_stride + seq.q_start;
+    dsum = p.dsum + (varlen ? 0 : b * p.dsum_batch_stride) + h * p.dsum_head_stride +
+           accum_row0(seq, b, varlen);
+    n_begin = scores.key_begin(m0) / block_n;
+    n_end = ceil_div(scores.key_end(m0, block_m), block_n);
+  }
+  __device__ bool empty() const { return m0 >= seq.seqlen_q; }
+};
+
+// Keys [n0, n0 + block_n) of sequence b (K/V head hk, query head h), against the query blocks
+// [m_begin, m_end) of block_m rows that see them (the variant's band; none for a block of padding
+// keys), and where its tensors live: K, V, dK, dV at row n0, Q, dO, lse, D and dq_accum at row 0
+// of the sequence. Shared by the dK/dV kernels of every family.
+template <typename Element, typename V>
+struct BwdKeyBlock {
+  SeqInfo seq;
+  int n0;
+  int m_begin, m_end;  // may be m_end <= m_begin: no query block
+  const Element *q, *dout, *k, *v;
+  Element *dk, *dv;
+  const float *lse, *dsum;
+  float* dq_accum;  // rows of d_bucket floats
+
+  __device__ BwdKeyBlock(const BwdParams& p, int n_block, int h, int b, int block_m, int block_n,
+                         int d_bucket)
+      : seq(p, b), n0(n_block * block_n) {
+    const VariantScores<V> scores(p, seq, b, h);  // for the range (the kernel builds its own)
+    const bool varlen = p.cu_seqlens_q != nullptr;
+    const int hk = h / (p.heads / p.heads_k);  // MQA/GQA: the K/V head of query head h
+    q = static_cast<const Element*>(p.q) +
+        seq.q_offset(p.q_batch_stride, p.q_row_stride, p.q_head_stride, b, h, varlen);
+    dout = static_cast<const Element*>(p.dout) +
+           seq.q_offset(p.do_batch_stride, p.do_row_stride, p.do_head_stride, b, h, varlen);
+    k = static_cast<const Element*>(p.k) +
+        seq.k_offset(p.k_batch_stride, p.k_row_stride, p.k_head_stride, b, hk, varlen) +
+        n0 * p.k_row_stride;
+    v = static_cast<const Element*>(p.v) +
+        seq.k_offset(p.v_batch_stride, p.v_row_stride, p.v_head_stride, b, hk, varlen) +
+        n0 * p.v_row_stride;
+    dk = static_cast<Element*>(p.dk) +
+         seq.k_offset(p.dk_batch_stride, p.dk_row_stride, p.dk_head_stride, b, h, varlen) +
+         n0 * p.dk_row_stride;
+    dv = static_cast<Element*>(p.dv) +
+         seq.k_offset(p.dv_batch_stride, p.dv_row_stride, p.dv_head_stride, b, h, varlen) +
+         n0 * p.dv_row_stride;
+    lse = p.lse + (varlen ? 0 : b * p.lse_batch_stride) + h * p.lse_head_stride + seq.q_start;
+    const int64_t row0 = accum_row0(seq, b, varlen);
+    dsum = p.dsum + (varlen ? 0 : b * p.dsum_batch_stride) + h * p.dsum_head_stride + row0;
+    dq_accum = p.dq_accum + (varlen ? 0 : b * p.dq_accum_batch_stride) +
+               h * p.dq_accum_head_stride + row0 * d_bucket;
+    m_begin = scores.query_begin(n0) / block_m;
+    m_end = ceil_div(scores.query_end(n0, block_n, seq.seqlen_q), block_m);
+    if (n0 >= seq.seqlen_k) m_begin = m_end;  // only padding keys: dK = dV = 0
+  }
+  // Past the key rows this sequence owns (rows_k: padding rows included, which get dK = dV = 0).
+  __device__ bool empty() const { return n0 >= seq.rows_k; }
+};
+
+// cp.async of the lse and D values of query rows [m0, m0 + block_m) into block_m floats each at
+// smem_lse and smem_dsum (0 past the sequence end): threads [0, block_m) copy lse, threads
+// [block_m, 2 block_m) copy D. The caller commits.
+__device__ __forceinline__ void load_lse_dsum(uint32_t smem_lse, uint32_t smem_dsum,
+                                              const float* lse, const float* dsum, int m0,
+                                              int block_m, int seqlen_q, int tid) {
+  const bool is_lse = tid < block_m;
+  const int row = is_lse ? tid : tid - block_m;
+  if (row < block_m) {
+    const bool valid = m0 + row < seqlen_q;
+    const float* src = is_lse ? lse : dsum;
+    cp_async_4((is_lse ? smem_lse : smem_dsum) + 4 * row, valid ? src + m0 + row : src, valid);
+  }
+}
+
+}  // namespace flashjit

@@ -1,0 +1,169 @@
+// variant.cuh: the attention variants, in one place for every kernel of every family.
+//
+// A spec compiles one Variant (spec_config.h: its flags from the -D defines); kernels take it as
+// one template parameter and ask it, per CTA (VariantScores, built from VariantParams, params.h):
+//   - which key blocks a query block needs, and which query blocks a key block needs (both ends:
+//     blocks outside a causal or sliding-window band are skipped, never masked one by one);
+//   - whether a (query block, key block) pair holds any masked score;
+//   - the logit of each score: masks, softcap and ALiBi, and its derivative for the backward;
+//   - the sink's logit for the end of each row's softmax.
+// Scores stay in raw units s = q.k inside the kernels (softmax_scale is applied in the exp2 of the
+// softmax): the logit z = scale * s becomes z' = scale * x with
+//   x = (c / scale) tanh(s scale / c)          softcap c        dx/ds = 1 - tanh^2
+//   x += -(slope / scale) |i + offset - j|     ALiBi            dx/ds unchanged
+//   x = -inf                                   masked           (P = 0)
+// so that P = exp2(rn(x scale log2(e)) - lse) is formed exactly as without a variant.
+// Query i sees key j iff j < seqlen_k, j <= i + hi (causal or window right edge) and
+// j >= i + lo (window left edge), where hi = offset (causal) or offset + window_right, lo =
+// offset - window_left and offset = seqlen_k - seqlen_q (bottom-right alignment) or 0.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "common/params.h"
+#include "common/ptx.cuh"
+#include "common/fragment.cuh"
+#include "common/sequence.cuh"
+
+namespace flashjit {
+
+template <bool kIsCausal_, bool kHasWindow_, bool kHasSoftcap_, bool kHasAlibi_, bool kHasSink_,
+          bool kHasDropout_>
+struct Variant {
+  static constexpr bool kIsCausal = kIsCausal_;      // right edge at the diagonal
+  static constexpr bool kHasWindow = kHasWindow_;    // sliding window (left edge, right edge)
+  static constexpr bool kHasSoftcap = kHasSoftcap_;  // z -> c tanh(z / c)
+  static constexpr bool kHasAlibi = kHasAlibi_;      // z -> z - slope |i + offset - j|
+  static constexpr bool kHasSink = kHasSink_;        // a per-head logit in every denominator
+  static constexpr bool kHasDropout = kHasDropout_;  // dropout on P (dropout.cuh)
+  static constexpr bool kMaskRight = kIsCausal || kHasWindow;  // a right edge per row
+  static constexpr bool kMaskLeft = kHasWindow;                // a left edge per row
+  static constexpr bool kScoreMod = kHasSoftcap || kHasAlibi;  // every score is transformed
+};
+
+// The variant of one (sequence, head): ranges, masks, logits. Built once per CTA.
+template <typename V>
+struct VariantScores {
+  static constexpr int kUnbounded = 1 << 30;  // an absent edge (ranges stay far from overflow)
+  int seqlen_k;
+  int offset;    // seqlen_k - seqlen_q (bottom-right alignment) or 0
+  int lo, hi;    // key j is visible from query i iff i + lo <= j <= i + hi
+  float softcap_in, softcap_out;  // x = softcap_out tanh(softcap_in s), in raw-score units
+  float alibi_slope;              // slope / softmax_scale: raw-score units
+  float sink_log2;                // the sink's logit in log2 units
+
+  template <typename Params>
+  __device__ VariantScores(const Params& p, const SeqInfo& seq, int b, int h)
+      : seqlen_k(seq.seqlen_k),
+        offset(p.causal_bottom_right ? seq.seqlen_k - seq.seqlen_q : 0) {
+    const VariantParams& vp = p.variant;
+    hi = kUnbounded;
+    lo = -kUnbounded;
+    if constexpr (V::kIsCausal) hi = offset;
+    if constexpr (V::kHasWindow && !V::kIsCausal)
+      if (vp.window_right >= 0) hi = offset + vp.window_right;
+    if constexpr (V::kHasWindow)
+      if (vp.window_left >= 0) lo = offset - vp.window_left;
+    if constexpr (V::kHasSoftcap) {
+      softcap_in = 2.f * float(M_LOG2E) * p.softmax_scale / vp.softcap;  // exp2 argument of tanh
+      softcap_out = vp.softcap / p.softmax_scale;
+    }
+    if constexpr (V::kHasAlibi)
+      alibi_slope = vp.alibi_slopes[b * vp.alibi_batch_stride + h] / p.softmax_scale;
+    if constexpr (V::kHasSink) sink_log2 = vp.sink[h] * float(M_LOG2E);
+  }
+
+  // Keys [key_begin, key_end) are those some query of [m0, m0 + block_m) sees (key_end may be
+  // <= key_begin: none).
+  __device__ int key_begin(int m0) const { return V::kMaskLeft ? max(0, m0 + lo) : 0; }
+  __device__ int key_end(int m0, int block_m) const {
+    return V::kMaskRight ? min(seqlen_k, max(0, m0 + block_m + hi)) : seqlen_k;
+  }
+  // Queries [query_begin, query_end) are those that see some key of [n0, n0 + block_n).
+  __device__ int query_begin(int n0) const { return V::kMaskRight ? max(0, n0 - hi) : 0; }
+  __device__ int query_end(int n0, int block_n, int seqlen_q) const {
+    return V::kMaskLeft ? min(seqlen_q, max(0, n0 + block_n - lo)) : seqlen_q;
+  }
+
+  // Does the (block_m x block_n) block at (m0, n0) hold any score that is not visible?
+  __device__ __forceinline__ bool mask_needed(int m0, int n0, int block_m, int block_n) const {
+    return n0 + block_n > seqlen_k || (V::kMaskRight && n0 + block_n - 1 > m0 + hi) ||
+           (V::kMaskLeft && n0 < m0 + block_m - 1 + lo);
+  }
+  __device__ __forceinline__ bool visible(int i, int j) const {
+    return j < seqlen_k && (!V::kMaskRight || j <= i + hi) && (!V::kMaskLeft || j >= i + lo);
+  }
+
+  __device__ __forceinline__ float alibi_bias(int i, int j) const {  // raw-score units
+    return -alibi_slope * float(abs(i + offset - j));
+  }
+  // c tanh(s / c) in raw units: tanh(y) = 1 - 2 / (exp(2 y) + 1) (exact limits +-1 at +-inf; its
+  // absolute error, not a relative one, is what the logit sees).
+  __device__ __forceinline__ float softcapped(float s) const {
+    return softcap_out * (1.f - __fdividef(2.f, fast_exp2(s * softcap_in) + 1.f));
+  }
+
+  // The logit x of raw score s at (query i, key j) in raw units; -inf where masked (kMask: this
+  // block may hold masked scores).
+  template <bool kMask>
+  __device__ __forceinline__ float logit(float s, int i, int j) const {
+    float x = s;
+    if constexpr (V::kHasSoftcap) x = softcapped(x);
+    if constexpr (V::kHasAlibi) x += alibi_bias(i, j);
+    if constexpr (kMask) x = visible(i, j) ? x : -INFINITY;
+    return x;
+  }
+  // dx/ds from the logit x = logit(s, i, j) (1 without softcap; 0 where masked).
+  __device__ __forceinline__ float dlogit(float x, int i, int j) const {
+    if constexpr (V::kHasSoftcap) {
+      if constexpr (V::kHasAlibi) x -= alibi_bias(i, j);
+      const float th = fminf(fmaxf(x * (1.f / softcap_out), -1.f), 1.f);  // -inf -> -1 -> 0
+      return 1.f - th * th;
+    } else {
+      return 1.f;
+    }
+  }
+
+  // Scores (C layout, fragment.cuh) -> logits, in place: every score when the variant transforms
+  // them, else only in blocks with a masked score (mask_block).
+  template <int kMTiles, int kNTiles>
+  __device__ __forceinline__ void apply(float (&acc)[kMTiles][kNTiles][4], int row0, int col0,
+                                        int g, int t, bool mask_block) const {
+    if constexpr (V::kScoreMod) {
+      if (mask_block)
+        for_each_score<kMTiles, kNTiles>(row0, col0, g, t, [&](int mt, int nt, int e, int i, int j) {
+          acc[mt][nt][e] = logit<true>(acc[mt][nt][e], i, j);
+        });
+      else
+        for_each_score<kMTiles, kNTiles>(row0, col0, g, t, [&](int mt, int nt, int e, int i, int j) {
+          acc[mt][nt][e] = logit<false>(acc[mt][nt][e], i, j);
+        });
+    } else if (mask_block) {
+      for_each_score<kMTiles, kNTiles>(row0, col0, g, t, [&](int mt, int nt, int e, int i, int j) {
+        if (!visible(i, j)) acc[mt][nt][e] = -INFINITY;
+      });
+    }
+  }
+  // The same for transposed scores S^T of one m64 wgmma row block (keys x queries).
+  template <int kNTiles>
+  __device__ __forceinline__ void apply_transposed(float (&acc)[kNTiles][4], int key0, int query0,
+                                                   int g, int t, bool mask_block) const {
+    if constexpr (V::kScoreMod) {
+      if (mask_block)
+        for_each_score_transposed<kNTiles>(key0, query0, g, t, [&](int nt, int e, int i, int j) {
+          acc[nt][e] = logit<true>(acc[nt][e], i, j);
+        });
+      else
+        for_each_score_transposed<kNTiles>(key0, query0, g, t, [&](int nt, int e, int i, int j) {
+          acc[nt][e] = logit<false>(acc[nt][e], i, j);
+        });
+    } else if (mask_block) {
+      for_each_score_transposed<kNTiles>(key0, query0, g, t, [&](int nt, int e, int i, int j) {
+        if (!visible(i, j)) acc[nt][e] = -INFINITY;
+      });
+    }
+  }
+};
+
+}  // namespace flashjit

@@ -1,0 +1,273 @@
+"""Argument checks of the public API (interface.py): every one runs before anything compiles and
+names the caller's own argument (``qkv``/``kv`` for packed inputs, ``query`` in the SDPA entry).
+
+Errors: TypeError for a value of the wrong type, and for q/k/v and cu_seqlens of the wrong dtype;
+ValueError for wrong shapes, devices and values, and for the dtype of alibi_slopes and sink
+(float32 tensors whose dtype is a value to get right, as their shape is: the variants contract);
+NotImplementedError for block_table (paged KV, not built yet).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import operator
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
+MAX_HEAD_DIM = 256
+
+
+def _no_cuda_hint() -> str:
+    if torch.version.cuda is None:
+        return (f"; this torch ({torch.__version__}) has no CUDA support: install a CUDA build of "
+                "torch (https://pytorch.org/get-started/locally/)")
+    if not torch.cuda.is_available():
+        return "; no CUDA GPU is visible to torch"
+    return ""
+
+
+def check_tensor(name: str, t, rank: int) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.device.type != "cuda":
+        raise ValueError(f"{name} must be a CUDA tensor, got device {t.device}{_no_cuda_hint()}")
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name} must be float16 or bfloat16, got {t.dtype}")
+    if t.dim() != rank:
+        raise ValueError(f"{name} must have {rank} dimensions, got shape {tuple(t.shape)}")
+
+
+def check_qkv(q: Tensor, k: Tensor, v: Tensor, varlen: bool, names=("q", "k", "v")) -> None:
+    """names: how the caller calls q, k and v (("qkv",) * 3 for a packed qkv, say)."""
+    rank = 3 if varlen else 4
+    for name, t in zip(names, (q, k, v)):
+        check_tensor(name, t, rank)
+    nq, nk, nv = names
+    if k.device != q.device or v.device != q.device:
+        raise ValueError(f"{nq}, {nk}, {nv} must be on one device, got {q.device}, {k.device}, "
+                         f"{v.device}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"{nq}, {nk}, {nv} must have one dtype, got {q.dtype}, {k.dtype}, "
+                        f"{v.dtype}")
+    d = q.shape[-1]
+    if k.shape[-1] != d or v.shape[-1] != d:
+        raise ValueError(f"{nq}, {nk}, {nv} must have the same head_dim, got {q.shape[-1]}, "
+                         f"{k.shape[-1]}, {v.shape[-1]}")
+    if not 1 <= d <= MAX_HEAD_DIM:
+        raise ValueError(f"head_dim {d} of {nq} is not supported: it must be between 1 and "
+                         f"{MAX_HEAD_DIM}")
+    if k.shape != v.shape:
+        raise ValueError(f"{nk} and {nv} must have the same shape, got {tuple(k.shape)} and "
+                         f"{tuple(v.shape)}")
+    head_dim = 1 if varlen else 2
+    if not varlen and k.shape[0] != q.shape[0]:
+        raise ValueError(f"{nq} and {nk} must have the same batch size, got {q.shape[0]} and "
+                         f"{k.shape[0]}")
+    heads, heads_k = q.shape[head_dim], k.shape[head_dim]
+    if heads_k == 0 or heads % heads_k != 0:
+        raise ValueError(f"the number of query heads of {nq} ({heads}) must be a multiple of the "
+                         f"number of key/value heads of {nk} ({heads_k})")
+
+
+def check_real(name: str, x) -> float:
+    """x as a float: TypeError naming it unless x is a real number (bools and strings are not)."""
+    if isinstance(x, bool) or not isinstance(x, (numbers.Real, torch.SymFloat, torch.SymInt)):
+        raise TypeError(f"{name} must be a number, got {x!r}")
+    return x
+
+
+def check_int(name: str, x, upper: int = 2**31 - 1) -> int:
+    """x as an int in [0, upper]: TypeError/ValueError naming it otherwise."""
+    if isinstance(x, torch.SymInt):  # a traced size under torch.compile(dynamic=True)
+        return x
+    if isinstance(x, bool):
+        raise TypeError(f"{name} must be an int, got {x!r}")
+    try:
+        value = operator.index(x)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {x!r}") from None
+    if not 0 <= value <= upper:
+        raise ValueError(f"{name} must be between 0 and {upper}, got {value}")
+    return value
+
+
+def check_flag(name: str, x) -> bool:
+    """x as a bool: True/False (numpy's too) or the ints 0/1; TypeError naming it otherwise (a
+    string such as 'False' would otherwise mean True)."""
+    if isinstance(x, bool) or type(x).__name__ == "bool_" or (
+            isinstance(x, int) and x in (0, 1)):
+        return bool(x)
+    raise TypeError(f"{name} must be a bool, got {x!r}")
+
+
+def check_scalars(dropout_p: float, softmax_scale: Optional[float], d: int) -> float:
+    """softmax_scale as a float (default 1 / sqrt(d)), after checking dropout_p too."""
+    dropout_p = check_real("dropout_p", dropout_p)
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if softmax_scale is None:
+        return 1.0 / math.sqrt(d)
+    scale = float(check_real("softmax_scale", softmax_scale))
+    if not (math.isfinite(scale) and scale > 0.0):
+        raise ValueError(f"softmax_scale must be a positive finite number, got {softmax_scale}")
+    return scale
+
+
+def resolve_window(window_size, causal: bool, seqlen_q: int,
+                   seqlen_k: int) -> Tuple[bool, int, int]:
+    """flash-attn 2.x's window_size, as (causal, left, right) for the kernels.
+
+    Query i sees keys i + seqlen_k - seqlen_q - left .. i + seqlen_k - seqlen_q + right (-1: no
+    bound). Bounds that exclude no key (left >= seqlen_k - 1, right >= seqlen_q - 1: at least as
+    wide as the sequences) become -1; causal sets right to 0 (flash-attn: causal with a window is
+    the band ending at the diagonal); (-1, 0) is causal. So plain attention is (False, -1, -1),
+    causal (True, -1, 0), and any other result a sliding window (ops.variant_flags).
+    seqlen_q/k: the (maximum) sequence lengths. TypeError unless window_size is a pair of ints,
+    ValueError for a bound < -1."""
+    if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
+            or any(isinstance(w, bool) or not isinstance(w, numbers.Integral)
+                   for w in window_size)):
+        raise TypeError(f"window_size must be a pair (left, right) of ints, got {window_size!r}")
+    left, right = (int(w) for w in window_size)
+    if left < -1 or right < -1:
+        raise ValueError(f"window_size entries must be >= -1 (-1: unbounded), got {window_size!r}")
+    if left >= seqlen_k - 1:
+        left = -1
+    if right >= seqlen_q - 1:
+        right = -1
+    if causal:
+        right = 0
+    return causal or (left, right) == (-1, 0), left, right
+
+
+def check_softcap(softcap) -> float:
+    """flash-attn 2.x's softcap as a float: a finite real >= 0 (0: off)."""
+    if isinstance(softcap, bool) or not isinstance(softcap, (numbers.Real, torch.SymFloat)):
+        raise TypeError(f"softcap must be a float (a real number), got {type(softcap).__name__}")
+    if not (math.isfinite(softcap) and softcap >= 0.0):
+        raise ValueError(f"softcap must be a finite number >= 0 (0: off), got {softcap}")
+    return float(softcap)
+
+
+def check_float32_vector(name: str, t, shapes: dict, device: torch.device,
+                         q_name: str) -> Optional[Tensor]:
+    """An optional float32 tensor argument (alibi_slopes, sink) as the kernels read it
+    (contiguous: a copy where it is not). shapes: the accepted shapes by how the message names
+    them, e.g. {"(heads,)": (8,)}. TypeError for a non-tensor, ValueError for its dtype, device
+    (q_name's) or shape."""
+    if t is None:
+        return None
+    wanted = " or ".join(shapes)
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be None or a float32 tensor of shape {wanted}, got "
+                        f"{type(t).__name__}")
+    if t.dtype != torch.float32:
+        raise ValueError(f"{name} must be float32, got {t.dtype} (convert it with "
+                         f"{name}.float(), which keeps its gradient)")
+    if t.device != device:
+        raise ValueError(f"{name} must be on the device of {q_name} ({device}), got {t.device}")
+    if tuple(t.shape) not in [tuple(s) for s in shapes.values()]:
+        got = " or ".join(f"{k} = {tuple(s)}" for k, s in shapes.items())
+        raise ValueError(f"{name} must have shape {got}, got {tuple(t.shape)}")
+    return t.contiguous()
+
+
+def check_variant_tensors(alibi_slopes, sink, device: torch.device, batch: int, heads: int,
+                          q_name: str) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    """alibi_slopes ((heads,) or (batch, heads)) and sink ((heads,)), float32 on q's device;
+    heads: of the queries, batch: the number of sequences. alibi_slopes must not require grad:
+    no gradient flows to it (flash-attn 2.x computes none either, silently)."""
+    alibi_slopes = check_float32_vector("alibi_slopes", alibi_slopes,
+                                        {"(heads,)": (heads,), "(batch, heads)": (batch, heads)},
+                                        device, q_name)
+    if alibi_slopes is not None and alibi_slopes.requires_grad and torch.is_grad_enabled():
+        raise ValueError("alibi_slopes requires grad, but flashjit computes no gradient for it: "
+                         "pass alibi_slopes.detach()")
+    sink = check_float32_vector("sink", sink, {"(heads,)": (heads,)}, device, q_name)
+    return alibi_slopes, sink
+
+
+def refuse_tensor_argument(name: str, value, kind: str, feature: str) -> None:
+    """An optional tensor argument of a feature flashjit lacks yet: None passes; a tensor raises
+    NotImplementedError naming it, anything else TypeError."""
+    if value is None:
+        return
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be None or {kind}, got {type(value).__name__}")
+    raise NotImplementedError(f"{name}: {feature} is not implemented in flashjit yet; pass "
+                              f"{name}=None")
+
+
+def check_options(dropout_p, softmax_scale, softcap, deterministic, return_attn_probs, d: int):
+    """The scalar arguments every flash_attn_* entry point shares: (softmax_scale, softcap as
+    floats, deterministic, return_attn_probs as bools)."""
+    softcap = check_softcap(softcap)
+    scale = check_scalars(dropout_p, softmax_scale, d)
+    return (scale, softcap, check_flag("deterministic", deterministic),
+            check_flag("return_attn_probs", return_attn_probs))
+
+
+def capturing() -> bool:
+    """True inside CUDA-graph capture or torch.compile tracing: device values must not be read.
+    is_compiling() comes first: dynamo cannot trace is_current_stream_capturing()."""
+    if torch.compiler.is_compiling():
+        return True
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def check_cu_seqlens(name: str, cu: Tensor, device: torch.device, total: int,
+                     max_seqlen: int, max_name: str) -> None:
+    if not isinstance(cu, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(cu).__name__}")
+    if cu.dtype != torch.int32:
+        raise TypeError(f"{name} must be int32, got {cu.dtype}")
+    if cu.dim() != 1 or cu.numel() < 2:
+        raise ValueError(f"{name} must be 1-D with batch + 1 >= 2 entries, got {tuple(cu.shape)}")
+    if cu.device != device:
+        raise ValueError(f"{name} must be on {device}, got {cu.device}")
+    if not cu.is_contiguous():
+        raise ValueError(f"{name} must be contiguous")
+    if capturing():
+        return  # values live on the device; checking them would synchronise
+    host = cu.tolist()
+    lengths = [b - a for a, b in zip(host[:-1], host[1:])]
+    if host[0] != 0 or any(n < 0 for n in lengths):
+        raise ValueError(f"{name} must start at 0 and be non-decreasing, got {host[:8]}...")
+    if host[-1] > total:
+        raise ValueError(f"{name}[-1] = {host[-1]} exceeds the {total} packed rows")
+    if max(lengths) > max_seqlen:
+        raise ValueError(f"{max_name} is {max_seqlen} but a sequence of {name} has "
+                         f"{max(lengths)} rows")
+
+
+def key_padding_lengths(attn_mask, batch: int, seqlen_k: int, device) -> Tensor:
+    """A boolean key-padding mask (True = attend), broadcastable to (batch, 1, 1, seqlen_k) and
+    right-padded (each row a run of True then False), as int32 key counts per batch."""
+    if not isinstance(attn_mask, Tensor):
+        raise TypeError(f"attn_mask must be a torch.Tensor, got {type(attn_mask).__name__}")
+    if attn_mask.dtype != torch.bool:
+        raise TypeError("attn_mask: only boolean key-padding masks are supported (True = attend);"
+                        f" got {attn_mask.dtype}")
+    if attn_mask.device != device:
+        raise ValueError(f"attn_mask must be on {device}, got {attn_mask.device}")
+    target = (batch, 1, 1, seqlen_k)
+    shape = tuple(attn_mask.shape)
+    # broadcastable to target: at most 4 dims, each 1 or target's (checked without try/except, so
+    # torch.compile traces it)
+    if len(shape) > 4 or any(n not in (1, t) for n, t in zip(reversed(shape), reversed(target))):
+        raise ValueError("attn_mask must be a key-padding mask broadcastable to (batch, 1, 1, "
+                         f"seqlen_k) = {target}; got {shape}")
+    mask = attn_mask.expand(target)
+    mask = mask.reshape(batch, seqlen_k)
+    lengths = mask.sum(dim=1, dtype=torch.int32)
+    if not capturing():
+        prefix = torch.arange(seqlen_k, device=device)[None, :] < lengths[:, None]
+        if not torch.equal(prefix, mask):
+            raise ValueError("attn_mask must be a right-padding mask (True for the first n keys "
+                             "of each sequence, then False); for other patterns pack the "
+                             "sequences and use flash_attn_varlen_func")
+    return lengths.contiguous()
