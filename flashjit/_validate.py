@@ -114,6 +114,9 @@ def check_scalars(dropout_p: float, softmax_scale: Optional[float], d: int) -> f
     scale = float(check_real("softmax_scale", softmax_scale))
     if not (math.isfinite(scale) and scale > 0.0):
         raise ValueError(f"softmax_scale must be a positive finite number, got {softmax_scale}")
+    if not SCALE_MIN <= scale <= SCALE_MAX:
+        raise ValueError(f"softmax_scale must be between {SCALE_MIN:g} and {SCALE_MAX:g} (the "
+                         f"kernels compute in float32), got {softmax_scale}")
     return scale
 
 
@@ -144,12 +147,24 @@ def resolve_window(window_size, causal: bool, seqlen_q: int,
     return causal or (left, right) == (-1, 0), left, right
 
 
+# softcap > 0 must lie in [SOFTCAP_MIN, SOFTCAP_MAX]: the kernels evaluate c tanh(z / c) in float32
+# as c (1 - 2 / (exp(2 z / c) + 1)), whose absolute error (~1e-7 of tanh) the cap c multiplies:
+# about 1e-3 in the logit at c = 1e4. Gemma 2 uses 30 and 50.
+SOFTCAP_MIN, SOFTCAP_MAX = 1e-6, 1e4
+# softmax_scale must lie in [SCALE_MIN, SCALE_MAX]: the kernels use it (and scale * log2(e), and
+# ALiBi's slope / scale) in float32.
+SCALE_MIN, SCALE_MAX = 1e-30, 1e30
+
+
 def check_softcap(softcap) -> float:
-    """flash-attn 2.x's softcap as a float: a finite real >= 0 (0: off)."""
+    """flash-attn 2.x's softcap as a float: 0 (off) or a real in [SOFTCAP_MIN, SOFTCAP_MAX]."""
     if isinstance(softcap, bool) or not isinstance(softcap, (numbers.Real, torch.SymFloat)):
         raise TypeError(f"softcap must be a float (a real number), got {type(softcap).__name__}")
     if not (math.isfinite(softcap) and softcap >= 0.0):
         raise ValueError(f"softcap must be a finite number >= 0 (0: off), got {softcap}")
+    if softcap != 0.0 and not SOFTCAP_MIN <= softcap <= SOFTCAP_MAX:
+        raise ValueError(f"softcap must be 0 (off) or between {SOFTCAP_MIN:g} and {SOFTCAP_MAX:g}, "
+                         f"got {softcap} (the kernels' float32 tanh is accurate in that range)")
     return float(softcap)
 
 

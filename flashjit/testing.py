@@ -121,7 +121,10 @@ def attention_reference(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False
                       dim=-1)
     # lse = m + log(sum exp(z - m)), m the row max (detached: lse does not depend on it), 0 for
     # rows that see nothing, whose sum is 0: their lse is -inf and their weights 0, with no NaN.
-    m = z.amax(dim=-1, keepdim=True).detach()
+    if z.shape[-1] == 0:  # no keys and no sink: amax of nothing is undefined, the max is -inf
+        m = z.new_full(z.shape[:-1] + (1,), float("-inf"))
+    else:
+        m = z.amax(dim=-1, keepdim=True).detach()
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     e = torch.exp(z - m)
     total = e.sum(dim=-1, keepdim=True)

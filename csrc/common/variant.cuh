@@ -40,6 +40,9 @@ struct Variant {
   static constexpr bool kMaskRight = kIsCausal || kHasWindow;  // a right edge per row
   static constexpr bool kMaskLeft = kHasWindow;                // a left edge per row
   static constexpr bool kScoreMod = kHasSoftcap || kHasAlibi;  // every score is transformed
+  // dx/ds is not 1 (VariantScores::dlogit): the backward multiplies dS by it. A new score
+  // transform with a derivative joins here and in logit/dlogit, and no kernel changes.
+  static constexpr bool kLogitGrad = kHasSoftcap;
 };
 
 // The variant of one (sequence, head): ranges, masks, logits. Built once per CTA.
@@ -114,7 +117,8 @@ struct VariantScores {
     if constexpr (kMask) x = visible(i, j) ? x : -INFINITY;
     return x;
   }
-  // dx/ds from the logit x = logit(s, i, j) (1 without softcap; 0 where masked).
+  // dx/ds from the logit x = logit(s, i, j) (1 without softcap; 0 where masked); the kernels
+  // call it where kLogitGrad.
   __device__ __forceinline__ float dlogit(float x, int i, int j) const {
     if constexpr (V::kHasSoftcap) {
       if constexpr (V::kHasAlibi) x -= alibi_bias(i, j);

@@ -188,7 +188,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
             dpe = kept ? dpe * drop.inv_keep_prob : 0.f;
           }
           ds[e] = pe * (dpe - dsum_row[mt][e / 2]);
-          if constexpr (V::kHasSoftcap)  // dS with respect to the raw score: times dx/ds
+          if constexpr (V::kLogitGrad)  // dS with respect to the raw score: times dx/ds
             ds[e] *= scores.dlogit(acc_s[mt][nt][e], m0 + sdp_m + mt * 16 + (e / 2) * 8 + g,
                                    n0 + sdp_n + nt * 8 + 2 * t + (e % 2));
         }

@@ -138,7 +138,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kNWarps <= 4 ? 2 : 
           float dpe = acc_dp[mt][nt][e];
           if constexpr (V::kHasDropout) dpe = (kept_bits >> e) & 1u ? dpe * drop.inv_keep_prob : 0.f;
           acc_dp[mt][nt][e] = pe * (dpe - dsum_row[mt][e / 2]);
-          if constexpr (V::kHasSoftcap)  // with respect to the raw score: times dx/ds
+          if constexpr (V::kLogitGrad)  // with respect to the raw score: times dx/ds
             acc_dp[mt][nt][e] *= scores.dlogit(acc_s[mt][nt][e],
                                                m0 + warp_m + mt * 16 + (e / 2) * 8 + g,
                                                n0 + nt * 8 + 2 * t + (e % 2));

@@ -176,7 +176,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
       if constexpr (V::kHasDropout)
         dpe = (keep.get(0, nt) >> e) & 1u ? dpe * drop.inv_keep_prob : 0.f;
       float ds = pe * (dpe - dsum_row[e / 2]);
-      if constexpr (V::kHasSoftcap) ds *= scores.dlogit(x, i, j);
+      if constexpr (V::kLogitGrad) ds *= scores.dlogit(x, i, j);
       acc_dp[0][nt][e] = ds;
     });
     uint32_t ds_frag[kBlockN / 16][4];

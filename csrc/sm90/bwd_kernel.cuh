@@ -258,9 +258,9 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
         dpe = kept ? dpe * drop.inv_keep_prob : 0.f;
         acc_s[nt][e] = kept ? pe * drop.inv_keep_prob : 0.f;
       }
-      acc_dp[nt][e] = V::kHasSoftcap ? pe * (dpe - dsum) * dx : pe * (dpe - dsum);
+      acc_dp[nt][e] = V::kLogitGrad ? pe * (dpe - dsum) * dx : pe * (dpe - dsum);
     };
-    if constexpr (!V::kHasSoftcap) {  // P^T while dP^T may still run
+    if constexpr (!V::kLogitGrad) {  // P^T while dP^T may still run
 #pragma unroll
       for (int nt = 0; nt < kNTilesS; ++nt) {
         float ref[2];

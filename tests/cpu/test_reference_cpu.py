@@ -138,6 +138,18 @@ def test_rows_without_keys_are_zero_without_nan():
         assert torch.all(q_.grad[:, empty] == 0)
 
 
+def test_no_keys_at_all():
+    """seqlen_k = 0 (which flash_attn_func accepts): out 0, lse -inf, or the sink's logit."""
+    q = torch.randn(2, 3, 2, 8, dtype=torch.float64)
+    k = v = torch.randn(2, 0, 2, 8, dtype=torch.float64)
+    out, lse = attention_reference(q, k, v)
+    assert torch.equal(out, torch.zeros_like(out)) and bool(torch.isneginf(lse).all())
+    sink = torch.tensor([0.5, -1.0], dtype=torch.float64)
+    out, lse = attention_reference(q, k, v, sink=sink)
+    assert torch.equal(out, torch.zeros_like(out))
+    assert torch.equal(lse, sink.view(1, 2, 1).expand(2, 2, 3))
+
+
 def test_reference_gradients_are_right():
     """gradcheck: autograd through the reference is its true derivative, sink included."""
     q, k, v = _inputs(batch=1, sq=4, sk=5, heads=2, heads_k=1, d=3)
