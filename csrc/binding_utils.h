@@ -65,6 +65,9 @@ inline void zero_varlen_tail(const at::Tensor& x, const at::Tensor& cu_seqlens, 
 inline VariantParams make_variant_params(int64_t window_left, int64_t window_right, double softcap,
                                          const std::optional<at::Tensor>& alibi_slopes,
                                          const std::optional<at::Tensor>& sink, int heads) {
+  TORCH_CHECK(window_left >= -1 && window_left < (int64_t(1) << 30) && window_right >= -1 &&
+                  window_right < (int64_t(1) << 30),
+              "flashjit: window bounds must be in [-1, 2^30)");
   VariantParams v{};
   v.window_left = int(window_left);
   v.window_right = int(window_right);

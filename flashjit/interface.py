@@ -84,10 +84,14 @@ def sink_grad(dout: Tensor, out: Tensor, out_residual: Optional[Tensor], lse_log
     o = out.float() if out_residual is None else out.float() + out_residual.float()
     d = (dout.float() * o).sum(-1)  # fixed (batch, seqlen_q, heads); varlen (total_q, heads)
     lse = lse_log2 * _LN2
+    # p_sink = exp(sink - lse), 0 where lse = -inf (a row with no key and a -inf sink: nothing to
+    # differentiate; exp(-inf - -inf) would be NaN).
     if cu_seqlens_q is None:
-        terms = torch.exp(sink[None, :, None] - lse) * d.transpose(1, 2)  # (batch, heads, rows)
+        p_sink = torch.exp(sink[None, :, None] - lse)
+        terms = torch.where(torch.isneginf(lse), 0.0, p_sink) * d.transpose(1, 2)  # (b, h, rows)
         return -terms.sum(dim=(0, 2))
-    terms = torch.exp(sink[:, None] - lse) * d.t()  # (heads, total_q)
+    p_sink = torch.exp(sink[:, None] - lse)
+    terms = torch.where(torch.isneginf(lse), 0.0, p_sink) * d.t()  # (heads, total_q)
     rows = torch.arange(lse.shape[1], device=lse.device) < cu_seqlens_q[-1]  # no host read
     return -torch.where(rows[None, :], terms, 0.0).sum(dim=1)
 

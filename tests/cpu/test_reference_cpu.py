@@ -197,6 +197,18 @@ def test_sink_grad_matches_autograd_fixed_length(kwargs):
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
 
 
+def test_sink_grad_with_a_minus_inf_sink_and_rows_without_keys_is_finite():
+    """A -inf sink (no sink at all) where causal leaves rows with no key (lse -inf there): the
+    gradient is finite (0 for that head), never NaN."""
+    q, k, v = _inputs(sq=9, sk=6)
+    sink = torch.tensor([float("-inf"), -1.0, 2.0, 0.0], dtype=torch.float64)
+    out, lse = attention_reference(q, k, v, sink=sink, causal=True)
+    assert bool(torch.isneginf(lse[:, 0]).any())  # the case: rows with lse = -inf
+    dout = torch.randn_like(out)
+    got = sink_grad(dout, out, None, (lse / LN2).float(), sink.float())
+    assert bool(torch.isfinite(got).all()) and got[0].item() == 0.0
+
+
 def test_sink_grad_with_dropout_uses_the_dropped_output():
     q, k, v = _inputs()
     mask = torch.rand(2, 4, 7, 9, generator=torch.Generator().manual_seed(3)) > 0.25
