@@ -26,3 +26,22 @@ __all__ = [
     "flash_attn_varlen_qkvpacked_func",
     "scaled_dot_product_attention",
 ]
+
+
+def _register_sdpa_provider() -> None:
+    """Registers "flashjit" with torch.nn.attention's flash-attention registry, where this torch
+    has one (torch 2.13, 2.14): activate_flash_attention_impl("flashjit") then routes SDPA's flash
+    backend to flashjit (flashjit/integrations/sdpa.py). Only a name and a function are stored;
+    nothing is compiled or activated, and no failure here may break ``import flashjit``."""
+    try:
+        from .integrations import register_sdpa_provider
+
+        register_sdpa_provider()
+    except Exception:  # noqa: BLE001
+        import logging
+
+        logging.getLogger(__name__).debug("flashjit: SDPA provider not registered",
+                                          exc_info=True)
+
+
+_register_sdpa_provider()
