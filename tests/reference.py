@@ -13,6 +13,20 @@ from typing import Optional
 import torch
 
 
+def leaf(*shape, dtype: torch.dtype, scale: float = 1.0, device="cuda") -> torch.Tensor:
+    """A standard normal tensor times scale (drawn in float32, then cast to dtype), requiring
+    grad: a test input."""
+    return (torch.randn(*shape, device=device) * scale).to(dtype).requires_grad_()
+
+
+def cu_seqlens(lengths, device="cuda") -> torch.Tensor:
+    """int32 offsets [0, l0, l0 + l1, ...] (len(lengths) + 1) of sequences of these lengths."""
+    offsets = [0]
+    for n in lengths:
+        offsets.append(offsets[-1] + n)
+    return torch.tensor(offsets, device=device, dtype=torch.int32)
+
+
 def visible_mask(seqlen_q: int, seqlen_k: int, causal: bool, bottom_right: bool = True,
                  key_lengths: Optional[torch.Tensor] = None, device=None) -> torch.Tensor:
     """Boolean (batch or 1, 1, seqlen_q, seqlen_k): True where query i may attend key j."""

@@ -88,7 +88,6 @@ from .. import _validate, interface, ops
 
 log = logging.getLogger(__name__)
 
-_LN2 = math.log(2.0)
 _HALF_TYPES = (torch.float16, torch.bfloat16)
 _ORIGINAL_NOTE = "torch's own kernel for CUDA"
 
@@ -283,7 +282,7 @@ def run_forward(q: Tensor, k: Tensor, v: Tensor, cu_q: Optional[Tensor], cu_k: O
                                     rng, False)
     if rng is None:
         rng = torch.zeros(2, dtype=torch.int64, device=q.device)
-    return out, lse_log2 * _LN2, rng.view(torch.uint64)
+    return out, lse_log2 * interface._LN2, rng.view(torch.uint64)
 
 
 def run_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
@@ -296,7 +295,7 @@ def run_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse
                                                   window_left, window_right)
     d = q.shape[-1]
     dout, q, k, v, out = (interface._kernel_layout(t, d) for t in (dout, q, k, v, out))
-    lse_log2 = (lse / _LN2).contiguous()
+    lse_log2 = (lse / interface._LN2).contiguous()
     rng = rng_state.view(torch.int64) if dropout_p > 0.0 else None
     return ops.call_bwd(dout, q, k, v, out, None, lse_log2, cu_q, cu_k, None, max_q, max_k,
                         softmax_scale, causal, True, left, right, 0.0, None, None,

@@ -10,19 +10,11 @@ import torch
 
 import flashjit
 from tests.gpu.test_bwd import check_grads
-from tests.reference import attention_ref, max_error
+from tests.reference import attention_ref, cu_seqlens as _cu, leaf, max_error
 
 
 def _leaf(*shape, dtype=torch.bfloat16, scale=1.0):
-    return (torch.randn(*shape, device="cuda", dtype=torch.float32) * scale).to(dtype) \
-        .requires_grad_()
-
-
-def _cu(lengths):
-    offsets = [0]
-    for n in lengths:
-        offsets.append(offsets[-1] + n)
-    return torch.tensor(offsets, device="cuda", dtype=torch.int32)
+    return leaf(*shape, dtype=dtype, scale=scale)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ import torch
 import flashjit
 import flashjit.ops
 from flashjit import testing
-from tests.reference import max_error
+from tests.reference import cu_seqlens as _cu, leaf as _leaf, max_error
 
 DEVICE = "cuda"
 F16, BF16 = torch.float16, torch.bfloat16
@@ -100,10 +100,6 @@ def _seed(*parts) -> None:
     torch.manual_seed(zlib.crc32(repr(parts).encode()))
 
 
-def _leaf(*shape, dtype, scale=1.0):
-    return (torch.randn(*shape, device=DEVICE) * scale).to(dtype).requires_grad_()
-
-
 def _alibi(kind: Optional[str], batch: int, heads: int) -> Optional[torch.Tensor]:
     if kind is None:
         return None
@@ -122,13 +118,6 @@ def _kwargs(variant: Variant, alibi, sink) -> dict:
     """The variant keyword arguments, the same for flashjit and attention_reference."""
     return dict(causal=variant.causal, window_size=variant.window, softcap=variant.softcap,
                 alibi_slopes=alibi, sink=sink, softmax_scale=variant.softmax_scale)
-
-
-def _cu(lengths) -> torch.Tensor:
-    offsets = [0]
-    for n in lengths:
-        offsets.append(offsets[-1] + n)
-    return torch.tensor(offsets, device=DEVICE, dtype=torch.int32)
 
 
 def _served_by(q: torch.Tensor, flags: dict, dropout: bool, kernels=("fwd", "bwd"),
