@@ -7,7 +7,7 @@
 #      sequences, attention variants), results under $OUT/results/<gpu>/
 # Usage (on the device): bash benchmarks/device_run.sh [steps...]
 #   steps: build test test80 sanitize profile sweep kernels overhead jit peers original long
-#          variants ab
+#          variants ab sdpa
 #   (default: build test sanitize jit peers)
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -98,6 +98,8 @@ for step in $STEPS; do
       timeout ${AB_TIMEOUT:-500} python3 benchmarks/ab_trees.py --baseline .baseline --out "$OUT/results" 2>&1 | tee "$OUT/ab.log" | tail -n 60 ;;
     variants)  # sliding window at 8k-128k; softcap/ALiBi/sink overhead; FlexAttention (builds its specs first if missing)
       timeout ${VARIANTS_TIMEOUT:-300} python3 benchmarks/bench_variants.py --out "$OUT/results" ${VARIANTS_ARGS:-} 2>&1 | tail -n 90 ;;
+    sdpa)  # F.scaled_dot_product_attention through flashjit vs SDPA flash (FA2 port) and cuDNN
+      timeout ${SDPA_TIMEOUT:-240} python3 benchmarks/bench_sdpa_provider.py --out "$OUT/results" ${SDPA_ARGS:-} 2>&1 | tail -n 30 ;;
   esac
 done
 # The device returns at most 8 files from $OUT: results (tables, JSON, plots) travel as one archive.

@@ -6,8 +6,10 @@
     ...  # F.scaled_dot_product_attention's flash backend and varlen_attn now run flashjit
     restore_flash_attention_impl()                     # torch's own kernels again
 
-register() overrides, for the CUDA dispatch key only, these aten ops (schemas as in torch 2.13
-and 2.14; the fp8 ``.quantized`` overloads are left to torch):
+register() overrides, for the CUDA dispatch key only, these aten ops where this torch has them
+(schemas as in torch 2.11, 2.13 and 2.14; torch 2.11 has no
+_flash_attention_forward_no_dropout_inplace; keyword arguments a torch's schema lacks are taken
+as None; the fp8 ``.quantized`` overloads are left to torch):
 
   _scaled_dot_product_flash_attention(query, key, value, dropout_p, is_causal,
       return_debug_mask, *, scale) -> (output, logsumexp, cum_seq_q, cum_seq_k, max_q, max_k,
@@ -247,6 +249,8 @@ def _serve_or_fallback(op: str, keyset, reason: Optional[str], dropout_p: float,
         raise RuntimeError(f"flashjit {op} unsupported: {why} (and no original CUDA kernel to "
                            "hand it to)")
     log.debug("flashjit %s: %s; using %s", op, why, _ORIGINAL_NOTE)
+    names = _schema_arguments(op)  # only what this torch's schema has (2.11 lacks some)
+    kwargs = {name: value for name, value in kwargs.items() if name in names}
     return (kernel.call_boxed(keyset, *args, **kwargs),)
 
 
@@ -459,6 +463,26 @@ OVERRIDES = {
 }
 
 
+def _op_exists(name: str) -> bool:
+    """Whether this torch defines aten::name."""
+    try:
+        getattr(torch.ops.aten, name)
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=None)
+def _schema_arguments(name: str) -> frozenset:
+    """The argument names of aten::name's default overload in this torch."""
+    return frozenset(a.name for a in getattr(torch.ops.aten, name).default._schema.arguments)
+
+
+def available_overrides() -> dict:
+    """OVERRIDES restricted to the ops this torch defines."""
+    return {name: impl for name, impl in OVERRIDES.items() if _op_exists(name)}
+
+
 def _current_cuda_kernel(name: str):
     """The kernel registered for CUDA for aten::name now, or None (CPU-only torch, or a torch
     without torch.library.get_kernel)."""
@@ -474,17 +498,18 @@ def _current_cuda_kernel(name: str):
 
 
 def register() -> FlashjitSDPAHandle:
-    """Overrides the aten flash ops (OVERRIDES) for the CUDA dispatch key with flashjit's and
+    """Overrides the aten flash ops (OVERRIDES, those this torch defines) for the CUDA dispatch key with flashjit's and
     returns the handle whose remove() restores them. The kernels registered before (torch's own:
     activate_flash_attention_impl restores any other provider first) are kept for the calls
     flashjit does not serve. Registering again first removes the previous registration. Nothing
     compiles here: a spec compiles on the first call that needs it."""
     if _active is not None:
         _active.remove()
-    originals = {name: _current_cuda_kernel(name) for name in OVERRIDES}
+    overrides = available_overrides()
+    originals = {name: _current_cuda_kernel(name) for name in overrides}
     library = torch.library.Library("aten", "IMPL", "CUDA")
     try:
-        for name, impl in OVERRIDES.items():
+        for name, impl in overrides.items():
             library.impl(name, impl, "CUDA", with_keyset=True)
     except Exception:
         FlashjitSDPAHandle(library).remove()

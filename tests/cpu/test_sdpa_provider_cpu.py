@@ -38,10 +38,39 @@ def test_registry_presence_matches_torch():
         assert "flashjit" in attention.list_flash_attention_impls()
 
 
-def test_torch_2_13_and_later_have_the_registry():
+def test_torch_2_11_and_later_have_the_registry():
     major, minor = (int(x) for x in torch.__version__.split(".")[:2])
-    if (major, minor) >= (2, 13):
+    if (major, minor) >= (2, 11):
         assert HAS_REGISTRY
+
+
+def test_overrides_are_the_ops_this_torch_defines(monkeypatch):
+    # torch 2.13/2.14 define all five; torch 2.11 has no _flash_attention_forward_no_dropout_inplace
+    assert set(sdpa.available_overrides()) == {n for n in sdpa.OVERRIDES if hasattr(torch.ops.aten, n)}
+    assert "_flash_attention_forward" in sdpa.available_overrides()
+    assert not sdpa._op_exists("_flash_attention_forward_not_an_op")
+    missing = "_flash_attention_forward_no_dropout_inplace"
+    real = sdpa._op_exists
+    monkeypatch.setattr(sdpa, "_op_exists", lambda name: name != missing and real(name))
+    assert missing not in sdpa.available_overrides() and len(sdpa.available_overrides()) == 4
+
+
+@needs_registry
+def test_register_skips_ops_this_torch_lacks(monkeypatch):
+    # as on torch 2.11: the registration covers the ops that exist, and restores cleanly
+    missing = "_flash_attention_forward_no_dropout_inplace"
+    real = sdpa._op_exists
+    monkeypatch.setattr(sdpa, "_op_exists", lambda name: name != missing and real(name))
+    before = _python_impls()
+    handle = sdpa.register()
+    try:
+        impls = _python_impls() - before
+        assert f"aten/{missing}/CUDA" not in impls
+        assert {f"aten/{n}/CUDA" for n in sdpa.available_overrides()} <= impls
+        assert missing not in sdpa._original
+    finally:
+        handle.remove()
+    assert _python_impls() == before
 
 
 def test_absent_registry_registers_nothing(monkeypatch):
@@ -69,7 +98,7 @@ def test_import_flashjit_imports_no_override_module():
     assert result.stdout.strip() == "False"
 
 
-OPS = list(sdpa.OVERRIDES)
+OPS = list(sdpa.available_overrides())
 
 
 def _has_cuda_kernel(name: str) -> bool:
@@ -505,6 +534,22 @@ def test_forward_only_reasons_fall_back_without_dropout_and_raise_with(stubbed, 
         assert sdpa.sdpa_flash_forward(KEYSET, *_sdpa_inputs(), 0.0, False, True) == \
             "torch's result"
     assert not stubbed.fwd
+
+
+def test_fallback_passes_only_the_keywords_this_torchs_schema_has(stubbed, originals,
+                                                                   monkeypatch):
+    # torch 2.11's _flash_attention_forward has no num_splits, say: the fallback must not pass it
+    names = sdpa._schema_arguments("_flash_attention_forward")
+    assert {"scale", "window_size_left", "window_size_right"} <= names
+    monkeypatch.setattr(sdpa, "_schema_arguments",
+                        lambda op: names - {"num_splits", "block_table"})
+    q, k, v = _cuda(2, 16, 4, 64, dtype=torch.float32), _cuda(2, 24, 2, 64, dtype=torch.float32), \
+        _cuda(2, 24, 2, 64, dtype=torch.float32)
+    assert sdpa.flash_attention_forward(KEYSET, q, k, v, None, None, 16, 24, 0.0, False, False,
+                                        scale=0.5, window_size_left=3) == "torch's result"
+    _, _, kwargs = originals["_flash_attention_forward"].calls[-1]
+    assert "num_splits" not in kwargs and "block_table" not in kwargs
+    assert kwargs["scale"] == 0.5 and kwargs["window_size_left"] == 3
 
 
 def test_backward_only_reasons(stubbed, originals):

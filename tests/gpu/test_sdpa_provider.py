@@ -168,6 +168,45 @@ def test_sdpa_dropout_reproducible_with_manual_seed(active):
     assert not torch.equal(a[0], b[0])
 
 
+def test_cuda_graph_replays_draw_fresh_masks_that_the_backward_replays(active):
+    """Under CUDA-graph capture, as torch's flash kernels: each replay draws a new dropout mask
+    (the seed/offset come from torch's generator, which advances per replay), and the captured
+    backward uses the mask of the same replay. With V = I (seqlen_k = d) the output is the
+    dropped, rescaled probability matrix itself, so dV = out^T dO checks the backward's mask."""
+    b, h, s, d, p = 2, 4, 96, 64, 0.3
+    q, k = (_leaf(b, h, s, d, dtype=torch.float16) for _ in range(2))
+    v = torch.eye(d, device="cuda", dtype=torch.float16).expand(b, h, d, d).clone()
+    v.requires_grad_()
+    dout = torch.randn(b, h, s, d, device="cuda", dtype=torch.float16)
+
+    def step():
+        out = _flash_sdpa(q, k, v, dropout_p=p)
+        return (out,) + torch.autograd.grad(out, (q, k, v), dout)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the capture stream (compiles the specs)
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    replays = []
+    for _ in range(2):
+        graph.replay()
+        torch.cuda.synchronize()
+        replays.append(tuple(t.clone() for t in captured))
+    assert not torch.equal(replays[0][0], replays[1][0]), "the same mask on every replay"
+    for out, dq, dk, dv in replays:
+        assert all(torch.isfinite(t).all() for t in (out, dq, dk, dv))
+        dropped = (out == 0).float().mean().item()
+        assert abs(dropped - p) < 0.03, dropped
+        expected = out.float().transpose(-1, -2) @ dout.float()  # (b, h, d = seqlen_k, d)
+        assert max_error(dv, expected) <= 1e-2 * float(expected.abs().max()), \
+            "the captured backward replayed another mask than its forward"
+
+
 def test_flashjit_kernels_ran(active):
     q, k, v = (_leaf(2, 4, 256, 64, dtype=torch.bfloat16) for _ in range(3))
 
