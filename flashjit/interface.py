@@ -83,15 +83,23 @@ def sink_grad(dout: Tensor, out: Tensor, out_residual: Optional[Tensor], lse_log
     is never written). lse_log2 is the kernels' (log2 units); heads are query heads (GQA too)."""
     o = out.float() if out_residual is None else out.float() + out_residual.float()
     d = (dout.float() * o).sum(-1)  # fixed (batch, seqlen_q, heads); varlen (total_q, heads)
+    d = d.t() if cu_seqlens_q is not None else d.transpose(1, 2)  # lse's layout
+    return sink_grad_from_d(d, lse_log2, sink, cu_seqlens_q)
+
+
+def sink_grad_from_d(d: Tensor, lse_log2: Tensor, sink: Tensor,
+                     cu_seqlens_q: Optional[Tensor] = None) -> Tensor:
+    """sink_grad from D = rowsum(dO * O) float32 in lse_log2's layout (the backward kernels'
+    D, which flashjit::bwd returns when there is a sink): float32 (heads,)."""
     lse = lse_log2 * _LN2
     # p_sink = exp(sink - lse), 0 where lse = -inf (a row with no key and a -inf sink: nothing to
     # differentiate; exp(-inf - -inf) would be NaN).
     if cu_seqlens_q is None:
         p_sink = torch.exp(sink[None, :, None] - lse)
-        terms = torch.where(torch.isneginf(lse), 0.0, p_sink) * d.transpose(1, 2)  # (b, h, rows)
+        terms = torch.where(torch.isneginf(lse), 0.0, p_sink) * d  # (b, h, rows)
         return -terms.sum(dim=(0, 2))
     p_sink = torch.exp(sink[:, None] - lse)
-    terms = torch.where(torch.isneginf(lse), 0.0, p_sink) * d.t()  # (heads, total_q)
+    terms = torch.where(torch.isneginf(lse), 0.0, p_sink) * d  # (heads, total_q)
     rows = torch.arange(lse.shape[1], device=lse.device) < cu_seqlens_q[-1]  # no host read
     return -torch.where(rows[None, :], terms, 0.0).sum(dim=1)
 
@@ -139,11 +147,15 @@ class _FlashAttnFunction(torch.autograd.Function):
             dout = dout.clone(memory_format=torch.contiguous_format)
         dq = dk = dv = dsink = None
         if any(ctx.needs_input_grad[:3]):
-            dq, dk, dv = ops.call_bwd(
+            # with a sink the op also returns the kernels' D (lse's layout), the sink's gradient
+            # is made of: no second pass over dO and O here
+            dq, dk, dv, d = ops.call_bwd(
                 dout, q, k, v, out, out_residual, lse, cu_q, cu_k, seqused_k, max_q, max_k,
                 scale, causal, bottom_right, window_left, window_right, softcap, alibi_slopes,
                 sink, dropout_p, rng_state, deterministic)
-        if ctx.needs_input_grad[3]:
+            if ctx.needs_input_grad[3]:
+                dsink = sink_grad_from_d(d, lse, sink, cu_q)
+        elif ctx.needs_input_grad[3]:
             dsink = sink_grad(dout, out, out_residual, lse, sink, cu_q)
         return (dq, dk, dv, dsink) + (None,) * 14
 

@@ -245,10 +245,11 @@ def _bwd_impl(
     dropout_p: float,
     rng_state: Optional[Tensor],
     deterministic: bool,
-) -> Tuple[Tensor, Tensor, Tensor]:
-    """Backward attention: returns (dq, dk, dv) shaped like (q, k, v); the variant arguments as
-    the forward's. out_residual: the forward's, or None (D from out alone). The sink's gradient
-    is not the kernels': interface.sink_grad computes it from D and lse."""
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Backward attention: returns (dq, dk, dv, d): dq, dk, dv shaped like (q, k, v); d, with a
+    sink, the kernels' D = rowsum(dO * O) float32 in lse's layout (interface.sink_grad_from_d
+    makes the sink's gradient of it), else an empty (0,) tensor. The variant arguments as the
+    forward's. out_residual: the forward's, or None (D from out alone)."""
     varlen = cu_seqlens_q is not None
     dout, q, k, v = _aligned(dout), _aligned(q), _aligned(k), _aligned(v)
     batch = cu_seqlens_q.shape[0] - 1 if varlen else q.shape[0]
@@ -266,7 +267,22 @@ def _bwd_impl(
             causal_bottom_right, window_left, window_right, softcap, alibi_slopes, sink,
             rng_state, dropout_p, deterministic)
     heads_k = k.shape[1 if varlen else 2]
-    return dq, _reduce_groups(dk, heads_k, varlen), _reduce_groups(dv, heads_k, varlen)
+    d = _softmax_d(dsum, lse, cu_seqlens_q) if sink is not None else lse.new_empty((0,))
+    return dq, _reduce_groups(dk, heads_k, varlen), _reduce_groups(dv, heads_k, varlen), d
+
+
+def _softmax_d(dsum: Tensor, lse: Tensor, cu_seqlens_q: Optional[Tensor]) -> Tensor:
+    """The backward's D = rowsum(dO * O) (float32) out of its padded scratch rows, in lse's
+    layout: fixed (batch, heads, seqlen_q) from (batch, heads, rows >= seqlen_q); varlen
+    (heads, total_q) from (heads, total_q + BWD_ROW_PAD * batch), where sequence b's rows start
+    at cu_seqlens_q[b] + BWD_ROW_PAD * b (csrc/common/problem.cuh, accum_row0). Rows past
+    cu_seqlens_q[-1] hold no D (callers mask them). No host synchronisation."""
+    if cu_seqlens_q is None:
+        return dsum[..., : lse.shape[-1]].contiguous()
+    rows = torch.arange(lse.shape[1], device=lse.device, dtype=torch.int64)
+    seq = torch.searchsorted(cu_seqlens_q, rows.to(cu_seqlens_q.dtype), right=True) - 1
+    seq = seq.clamp_(0, cu_seqlens_q.numel() - 2)  # rows past the end: any sequence's padding
+    return dsum.index_select(1, rows + BWD_ROW_PAD * seq)
 
 
 bwd = torch.library.custom_op("flashjit::bwd", _bwd_impl, mutates_args=(), device_types="cuda")
@@ -277,7 +293,7 @@ def _bwd_fake(dout, q, k, v, out, out_residual, lse, cu_seqlens_q, cu_seqlens_k,
               max_seqlen_q, max_seqlen_k, softmax_scale, causal, causal_bottom_right, window_left,
               window_right, softcap, alibi_slopes, sink, dropout_p, rng_state, deterministic):
     new = lambda t: torch.empty(t.shape, dtype=t.dtype, device=t.device)  # noqa: E731
-    return new(q), new(k), new(v)
+    return new(q), new(k), new(v), new(lse) if sink is not None else lse.new_empty((0,))
 
 
 def _eager(*tensors) -> bool:

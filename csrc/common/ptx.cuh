@@ -159,6 +159,14 @@ __device__ __forceinline__ float fast_exp2(float x) {
   return y;
 }
 
+// tanh of an fp32 value: tanh.approx.f32 (one MUFU op, sm_75+; max relative error about 2^-11,
+// PTX ISA; tanh(+-inf) = +-1).
+__device__ __forceinline__ float fast_tanh(float x) {
+  float y;
+  asm("tanh.approx.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
 // Butterfly reductions over the 4 lanes of a quad (lanes 4g..4g+3 hold one row's columns).
 __device__ __forceinline__ float quad_max(float x) {
   x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));

@@ -69,7 +69,7 @@ struct VariantScores {
     if constexpr (V::kHasWindow)
       if (vp.window_left >= 0) lo = offset - vp.window_left;
     if constexpr (V::kHasSoftcap) {
-      softcap_in = 2.f * float(M_LOG2E) * p.softmax_scale / vp.softcap;  // exp2 argument of tanh
+      softcap_in = p.softmax_scale / vp.softcap;  // tanh argument per raw-score unit
       softcap_out = vp.softcap / p.softmax_scale;
     }
     if constexpr (V::kHasAlibi)
@@ -98,22 +98,37 @@ struct VariantScores {
     return j < seqlen_k && (!V::kMaskRight || j <= i + hi) && (!V::kMaskLeft || j >= i + lo);
   }
 
-  __device__ __forceinline__ float alibi_bias(int i, int j) const {  // raw-score units
-    return -alibi_slope * float(abs(i + offset - j));
+  // The walks (fragment.cuh) give each lane's (i, j) as a lane origin (i0, j0) plus
+  // compile-time steps: with dist0 = float(i0 + offset - j0) once per walk, ALiBi's distance
+  // dist0 + float((i - i0) - (j - j0)) folds to one FADD per score, not an int-to-float
+  // conversion (which shares the MUFU pipe with the softmax's exp2). Exact below 2^24.
+  struct LaneOrigin {
+    int i0, j0;
+    float dist0;
+  };
+  __device__ __forceinline__ LaneOrigin origin(int i0, int j0) const {
+    return {i0, j0, V::kHasAlibi ? float(i0 + offset - j0) : 0.f};
   }
-  // c tanh(s / c) in raw units: tanh(y) = 1 - 2 / (exp(2 y) + 1) (exact limits +-1 at +-inf; its
-  // absolute error, not a relative one, is what the logit sees).
+  __device__ __forceinline__ float alibi_bias(int i, int j, const LaneOrigin& o) const {
+    return -alibi_slope * fabsf(o.dist0 + float((i - o.i0) - (j - o.j0)));  // raw-score units
+  }
+  __device__ __forceinline__ float alibi_bias(int i, int j) const {
+    return alibi_bias(i, j, origin(i, j));
+  }
+  // c tanh(s / c) in raw units: one MUFU op (tanh.approx.f32, relative error ~2^-11), beside the
+  // softmax's exp2: 2 MUFU ops per score, not the 3 of 1 - 2 / (exp2(2 y log2 e) + 1). The
+  // error test (2x PyTorch's same-dtype error) covers it: tests/gpu/test_variants.py.
   __device__ __forceinline__ float softcapped(float s) const {
-    return softcap_out * (1.f - __fdividef(2.f, fast_exp2(s * softcap_in) + 1.f));
+    return softcap_out * fast_tanh(s * softcap_in);
   }
 
   // The logit x of raw score s at (query i, key j) in raw units; -inf where masked (kMask: this
   // block may hold masked scores).
   template <bool kMask>
-  __device__ __forceinline__ float logit(float s, int i, int j) const {
+  __device__ __forceinline__ float logit(float s, int i, int j, const LaneOrigin& o) const {
     float x = s;
     if constexpr (V::kHasSoftcap) x = softcapped(x);
-    if constexpr (V::kHasAlibi) x += alibi_bias(i, j);
+    if constexpr (V::kHasAlibi) x += alibi_bias(i, j, o);
     if constexpr (kMask) x = visible(i, j) ? x : -INFINITY;
     return x;
   }
@@ -135,13 +150,14 @@ struct VariantScores {
   __device__ __forceinline__ void apply(float (&acc)[kMTiles][kNTiles][4], int row0, int col0,
                                         int g, int t, bool mask_block) const {
     if constexpr (V::kScoreMod) {
+      const LaneOrigin o = origin(row0 + g, col0 + 2 * t);
       if (mask_block)
         for_each_score<kMTiles, kNTiles>(row0, col0, g, t, [&](int mt, int nt, int e, int i, int j) {
-          acc[mt][nt][e] = logit<true>(acc[mt][nt][e], i, j);
+          acc[mt][nt][e] = logit<true>(acc[mt][nt][e], i, j, o);
         });
       else
         for_each_score<kMTiles, kNTiles>(row0, col0, g, t, [&](int mt, int nt, int e, int i, int j) {
-          acc[mt][nt][e] = logit<false>(acc[mt][nt][e], i, j);
+          acc[mt][nt][e] = logit<false>(acc[mt][nt][e], i, j, o);
         });
     } else if (mask_block) {
       for_each_score<kMTiles, kNTiles>(row0, col0, g, t, [&](int mt, int nt, int e, int i, int j) {
@@ -154,13 +170,14 @@ struct VariantScores {
   __device__ __forceinline__ void apply_transposed(float (&acc)[kNTiles][4], int key0, int query0,
                                                    int g, int t, bool mask_block) const {
     if constexpr (V::kScoreMod) {
+      const LaneOrigin o = origin(query0 + 2 * t, key0 + g);
       if (mask_block)
         for_each_score_transposed<kNTiles>(key0, query0, g, t, [&](int nt, int e, int i, int j) {
-          acc[nt][e] = logit<true>(acc[nt][e], i, j);
+          acc[nt][e] = logit<true>(acc[nt][e], i, j, o);
         });
       else
         for_each_score_transposed<kNTiles>(key0, query0, g, t, [&](int nt, int e, int i, int j) {
-          acc[nt][e] = logit<false>(acc[nt][e], i, j);
+          acc[nt][e] = logit<false>(acc[nt][e], i, j, o);
         });
     } else if (mask_block) {
       for_each_score_transposed<kNTiles>(key0, query0, g, t, [&](int nt, int e, int i, int j) {

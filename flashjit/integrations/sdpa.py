@@ -301,9 +301,11 @@ def run_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse
     dout, q, k, v, out = (interface._kernel_layout(t, d) for t in (dout, q, k, v, out))
     lse_log2 = (lse / interface._LN2).contiguous()
     rng = rng_state.view(torch.int64) if dropout_p > 0.0 else None
-    return ops.call_bwd(dout, q, k, v, out, None, lse_log2, cu_q, cu_k, None, max_q, max_k,
-                        softmax_scale, causal, True, left, right, 0.0, None, None,
-                        float(dropout_p), rng, torch.are_deterministic_algorithms_enabled())
+    dq, dk, dv, _ = ops.call_bwd(dout, q, k, v, out, None, lse_log2, cu_q, cu_k, None, max_q,
+                                 max_k, softmax_scale, causal, True, left, right, 0.0, None,
+                                 None, float(dropout_p), rng,
+                                 torch.are_deterministic_algorithms_enabled())
+    return dq, dk, dv
 
 
 def _like(ref: Tensor, t: Tensor) -> Tensor:

@@ -164,7 +164,7 @@ def test_backward_copies_a_dout_with_unaligned_strides(monkeypatch):
 
     def fake_call_bwd(dout, *args):
         seen.append(dout)
-        return None, None, None
+        return None, None, None, None
 
     monkeypatch.setattr(ops, "call_bwd", fake_call_bwd)
     ctx = SimpleNamespace(saved_tensors=(None,) * 12, needs_input_grad=(True,) * 3 + (False,) * 15,

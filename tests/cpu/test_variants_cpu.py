@@ -365,8 +365,14 @@ def reference_ops(monkeypatch):
 
     def call_bwd(*args):
         bwd_calls.append(args)
-        dout, q, k, v = args[:4]
-        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        dout, q, k, v, out, out_residual = args[:6]
+        sink = args[19]
+        # D = rowsum(dO * O) in lse's layout (batch, heads, seqlen_q), as flashjit::bwd returns
+        # it with a sink; O at the precision the residual restores
+        o = out.double() + (out_residual.double() if out_residual is not None else 0.0)
+        d = (dout.double() * o).sum(-1).transpose(1, 2).float()
+        return (torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v),
+                d if sink is not None else q.new_empty(0, dtype=torch.float32))
 
     monkeypatch.setattr(ops, "call_fwd", call_fwd)
     monkeypatch.setattr(ops, "call_bwd", call_bwd)
@@ -450,3 +456,20 @@ def test_sink_gradient_through_autograd_varlen(monkeypatch):
         o.backward(dout[None, qs].double())
     assert torch.isfinite(sink.grad).all()
     torch.testing.assert_close(sink.grad.double(), ref_sink.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_softmax_d_unpads_the_backward_scratch():
+    """ops._softmax_d: the backward's D scratch (padded rows; varlen sequence b from
+    cu_seqlens_q[b] + 128 b) back in lse's layout, as sink_grad_from_d reads it."""
+    pad = ops.BWD_ROW_PAD
+    dsum = torch.randn(2, 3, 2 * pad)  # fixed: (batch, heads, rows >= seqlen_q)
+    lse = torch.empty(2, 3, 37)
+    assert torch.equal(ops._softmax_d(dsum, lse, None), dsum[..., :37])
+    lens = [5, 0, 130, 1]
+    cu = torch.tensor([0, 5, 5, 135, 136], dtype=torch.int32)
+    total = sum(lens) + 4  # 4 rows past cu_seqlens_q[-1]
+    dsum = torch.randn(3, total + pad * len(lens))
+    d = ops._softmax_d(dsum, torch.empty(3, total), cu)
+    assert d.shape == (3, total)
+    for b, (start, n) in enumerate(zip(cu[:-1].tolist(), lens)):
+        assert torch.equal(d[:, start:start + n], dsum[:, start + pad * b:start + pad * b + n])
