@@ -7,7 +7,7 @@
 #      sequences, attention variants), results under $OUT/results/<gpu>/
 # Usage (on the device): bash benchmarks/device_run.sh [steps...]
 #   steps: build test test80 sanitize profile sweep kernels overhead jit peers original long
-#          variants ab sdpa
+#          variants ab sdpa hf hfbench
 #   (default: build test sanitize jit peers)
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -100,6 +100,13 @@ for step in $STEPS; do
       timeout ${VARIANTS_TIMEOUT:-300} python3 benchmarks/bench_variants.py --out "$OUT/results" ${VARIANTS_ARGS:-} 2>&1 | tail -n 90 ;;
     sdpa)  # F.scaled_dot_product_attention through flashjit vs SDPA flash (FA2 port) and cuDNN
       timeout ${SDPA_TIMEOUT:-240} python3 benchmarks/bench_sdpa_provider.py --out "$OUT/results" ${SDPA_ARGS:-} 2>&1 | tail -n 30 ;;
+    hf)  # HF transformers integration (flashjit/integrations/transformers.py): its specs, then its tests
+      pb --jobs 16 --dtype bf16 --head-dim 64 --causal yes --window both --softcap both 2>&1 | tail -n 1
+      pb --jobs 16 --dtype bf16 --head-dim 64 --causal yes --window both --sink yes 2>&1 | tail -n 1
+      timeout ${HF_TIMEOUT:-300} python3 -m pytest -q -rs -p no:cacheprovider tests/gpu/test_transformers.py 2>&1 \
+        | tee "$OUT/pytest_transformers.log" | tail -n 15 ;;
+    hfbench)  # a ~1B random Llama: training step and prefill, flashjit vs sdpa (vs flash_attention_2)
+      timeout ${HFBENCH_TIMEOUT:-300} python3 benchmarks/bench_transformers.py --out "$OUT/results" ${HFBENCH_ARGS:-} 2>&1 | tail -n 25 ;;
   esac
 done
 # The device returns at most 8 files from $OUT: results (tables, JSON, plots) travel as one archive.

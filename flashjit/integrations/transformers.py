@@ -203,7 +203,7 @@ def _unpad_data(mask: Tensor, q_length: int):
     cu_seqlens_k, max_seqlen_q, max_seqlen_k). Host reads: the nonzero() sizes and one list of the
     two maxima."""
     def compute():
-        mask_q = mask[:, :q_length]
+        mask_q = mask[:, -q_length:]
         counts_k = mask.sum(1, dtype=torch.int32)
         counts_q = counts_k if q_length == mask.shape[1] else mask_q.sum(1, dtype=torch.int32)
         idx_k = torch.nonzero(mask, as_tuple=True)
@@ -331,8 +331,9 @@ def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value
     elif cu_seq_lens_q is not None and cu_seq_lens_k is not None:
         max_q = max_length_q if max_length_q is not None else cu_seq_lens_q.diff().max()
         max_k = max_length_k if max_length_k is not None else cu_seq_lens_k.diff().max()
-        out = _flattened(q, k, v, cu_seq_lens_q.to(torch.int32), cu_seq_lens_k.to(torch.int32),
-                         int(max_q), int(max_k), options)
+        cu_q, cu_k = (cu.to(device=q.device, dtype=torch.int32) for cu in (cu_seq_lens_q,
+                                                                             cu_seq_lens_k))
+        out = _flattened(q, k, v, cu_q, cu_k, int(max_q), int(max_k), options)
     else:
         packed = None
         if (position_ids is not None and position_ids.dim() == 2

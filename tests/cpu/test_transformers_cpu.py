@@ -426,10 +426,10 @@ def test_packed_batch_of_rows_and_training(kernels):
     the previous + 1 starts a sequence, as in transformers' masks); eager's packed masks agree."""
     eager, ours = _pair("qwen2")
     position_ids = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 6],
-                                 [5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7, 8]])
+                                 [5, 6, 7, 0, 1, 2, 3, 10, 11, 12, 13, 14]])
     ids = _ids(2, 12, seed=6)
     _compare_training(eager, ours, ids, position_ids=position_ids)
-    assert kernels.calls[0]["cu_seqlens_q"] == [0, 5, 12, 15, 24]
+    assert kernels.calls[0]["cu_seqlens_q"] == [0, 5, 12, 15, 19, 24]
 
 
 def test_unpacked_position_ids_use_the_dense_kernel(kernels):
@@ -460,7 +460,8 @@ def test_precomputed_cu_seq_lens(kernels):
 def _generate(model, ids, mask=None, **kwargs):
     out = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
                          output_logits=True, return_dict_in_generate=True, pad_token_id=0,
-                         **kwargs)
+                         eos_token_id=None, **kwargs)  # no end of sequence: all 12 steps
+    assert len(out.logits) == 12
     return out.sequences, torch.stack(out.logits, 1)
 
 
