@@ -4,6 +4,11 @@ sdpa: flashjit as the implementation behind torch's SDPA flash backend (the aten
 through torch.nn.attention's flash-attention registry. ``import flashjit`` only registers the
 name "flashjit" there (register_sdpa_provider); nothing is imported, compiled or activated
 until a user calls ``torch.nn.attention.activate_flash_attention_impl("flashjit")``.
+
+transformers: flashjit as a Hugging Face transformers attention implementation, registered
+by ``flashjit.integrations.transformers.register()`` under "fjit" (transformers reserves names
+containing "flash"); the optional extra ``flashjit[transformers]``. Never imported by
+``import flashjit``.
 """
 
 from __future__ import annotations
