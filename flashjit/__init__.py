@@ -30,8 +30,8 @@ __all__ = [
 
 def _register_sdpa_provider() -> None:
     """Registers "flashjit" with torch.nn.attention's flash-attention registry, where this torch
-    has one (torch 2.13, 2.14): activate_flash_attention_impl("flashjit") then routes SDPA's flash
-    backend to flashjit (flashjit/integrations/sdpa.py). Only a name and a function are stored;
+    has one (torch 2.11 and newer): activate_flash_attention_impl("flashjit") then routes SDPA's
+    flash backend to flashjit (flashjit/integrations/sdpa.py). Only a name and a function are stored;
     nothing is compiled or activated, and no failure here may break ``import flashjit``."""
     try:
         from .integrations import register_sdpa_provider

@@ -16,7 +16,7 @@ from __future__ import annotations
 PROVIDER_NAME = "flashjit"
 
 # The three functions of torch's registry this integration relies on (torch.nn.attention;
-# present in torch 2.13 and 2.14, the versions read; guarded for any other).
+# present in torch 2.11, 2.13 and 2.14, the versions tested; guarded for any other).
 _REGISTRY_API = ("register_flash_attention_impl", "activate_flash_attention_impl",
                  "restore_flash_attention_impl")
 

@@ -500,13 +500,14 @@ def _current_cuda_kernel(name: str):
 
 
 def register() -> FlashjitSDPAHandle:
-    """Overrides the aten flash ops (OVERRIDES, those this torch defines) for the CUDA dispatch key with flashjit's and
-    returns the handle whose remove() restores them. The kernels registered before (torch's own:
-    activate_flash_attention_impl restores any other provider first) are kept for the calls
-    flashjit does not serve. Registering again first removes the previous registration. Nothing
-    compiles here: a spec compiles on the first call that needs it."""
-    if _active is not None:
-        _active.remove()
+    """Overrides the aten flash ops (OVERRIDES, those this torch defines) for the CUDA dispatch
+    key with flashjit's and returns the handle whose remove() restores them. The kernels
+    registered before (torch's own: activate_flash_attention_impl restores any other provider
+    first) are kept for the calls flashjit does not serve. While a registration is active,
+    register() returns its handle again (so torch's registry, holding that handle, can always
+    undo it). Nothing compiles here: a spec compiles on the first call that needs it."""
+    if _active is not None and _active.active:
+        return _active  # one registration, one handle: whoever holds it can remove it
     overrides = available_overrides()
     originals = {name: _current_cuda_kernel(name) for name in overrides}
     library = torch.library.Library("aten", "IMPL", "CUDA")

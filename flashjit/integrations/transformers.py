@@ -59,14 +59,19 @@ Masks, padding and packing (never a dense (batch, heads, seqlen_q, seqlen_k) mas
     padding (padding only at the ends, as generation and collators make it).
   * A mask shorter than the keys (a static cache's unused slots) drops the keys past it; longer,
     its last seqlen_k columns are used.
-  * Without a padding mask: precomputed ``cu_seq_lens_q/k`` and ``max_length_q/k`` (transformers'
-    FlashAttentionKwargs, e.g. from DataCollatorWithFlattening) are used as given; otherwise, when
-    seqlen_q == seqlen_k, ``position_ids`` (batch or 1, seqlen) split the rows into packed sequences
-    wherever a position is not the previous one plus 1 (transformers' find_packed_sequence_indices;
-    a reset to 0 starts a sequence), flattened into one varlen call. Otherwise flash_attn_func.
-  * The unpadding indices and the packing decision are memoised per mask / position_ids tensor
-    (while it lives and is unmodified), so a forward pass pays their host synchronisations once, not
-    once per layer.
+  * Packed sequences: exactly where transformers' own masks pack (position_ids given, no
+    attention_mask, no cache; a sequence starts wherever a position is not the previous one plus
+    1: masking_utils.find_packed_sequence_indices), attention_mask() reads that decision back from
+    transformers' mask function and hands the attention function the rows' sequence ids (int32
+    (batch, seqlen)); they become cu_seqlens of one varlen call over the rows laid end to end.
+    With a cache (use_cache=True, also eval's default) or any attention_mask, transformers does
+    not pack, and neither does flashjit.
+  * Without either: precomputed ``cu_seq_lens_q/k`` and ``max_length_q/k`` (transformers'
+    FlashAttentionKwargs, e.g. from DataCollatorWithFlattening) are used as given; otherwise
+    flash_attn_func.
+  * The unpadding indices and the packed cu_seqlens are memoised per mask / ids tensor (while it
+    lives and is unmodified), so a forward pass pays their host synchronisations once, not once
+    per layer.
 
 Refused (a clear error instead of a silent slow fallback that would materialise the score matrix;
 the message suggests attn_implementation="sdpa"): dtypes other than fp16/bf16 (a float32 query
@@ -94,6 +99,7 @@ NAME = "fjit"
 # q/k/v dtypes flashjit's kernels take, and the largest head dim (flashjit._validate)
 KERNEL_DTYPES = _validate.SUPPORTED_DTYPES
 MAX_HEAD_DIM = _validate.MAX_HEAD_DIM
+DEVICE_TYPES = ("cuda",)  # where the kernels run (the CPU tests add "cpu" for their stand-ins)
 MIN_TRANSFORMERS = (5, 0)
 
 _SDPA_HINT = 'load the model with attn_implementation="sdpa" (or "eager") instead'
@@ -109,8 +115,13 @@ def register(name: str = NAME) -> str:
     entries. Call it before creating the model (transformers checks the name then).
 
     Errors: ImportError if transformers is missing or older than 5.0 (the API read and tested is
-    5.17's); ValueError for a name containing "flash" (transformers would try to load a flash-attn
-    package or Hub kernel by that name, see the module docstring)."""
+    5.17's); ValueError for a name that is not an identifier, contains "flash" (transformers would
+    try to load a flash-attn package or Hub kernel by that name, see the module docstring) or is
+    one of transformers' own implementations ("sdpa", "eager", ...: they would be replaced)."""
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(f"name must be a Python identifier such as {NAME!r}, got {name!r} "
+                         "(transformers reads names with '/' or '|' as Hub kernels or paged "
+                         "variants)")
     if "flash" in name.lower():
         raise ValueError(f"name {name!r} contains 'flash': transformers treats such "
                          "attn_implementation names as flash-attn packages or Hub kernels and "
@@ -124,6 +135,14 @@ def register(name: str = NAME) -> str:
     if version < MIN_TRANSFORMERS:
         raise ImportError(f"flashjit.integrations.transformers needs transformers >= 5.0, found "
                           f"{transformers.__version__}")
+    taken = {n for n, f in transformers.AttentionInterface._global_mapping.items()
+             if f is not attention_forward}
+    taken |= {n for n, f in transformers.AttentionMaskInterface._global_mapping.items()
+              if f is not attention_mask}
+    if name in taken | {"eager"}:
+        raise ValueError(f"name {name!r} is one of transformers' own attention implementations: "
+                         "registering flashjit under it would replace it for every model in the "
+                         f"process; choose another name (default: {NAME!r})")
     transformers.AttentionInterface.register(name, attention_forward)
     transformers.AttentionMaskInterface.register(name, attention_mask)
     return name
@@ -135,20 +154,25 @@ def register(name: str = NAME) -> str:
 def attention_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset=0,
                    mask_function=None, attention_mask: Optional[Tensor] = None,
                    **kwargs) -> Optional[Tensor]:
-    """What the attention function needs of a mask, cheaply: None, or the 2-D boolean padding
-    mask (batch, <= kv_length), True = a real token, covering the keys' positions.
+    """What the attention function needs of a mask, cheaply: None; the 2-D boolean padding mask
+    (batch, <= kv_length), True = a real token, covering the keys' positions; or, for packed
+    sequences, their int32 ids (batch, q_length) (0, 0, 1, 1, 1, 2, ... per row).
 
     Called by transformers' create_causal_mask / create_sliding_window_causal_mask /
     create_bidirectional_mask with their keywords (masking_utils.py): attention_mask is the
     user's 2-D mask over every position so far (batch, past + q_length), already boolean, or None.
     The keys are its last kv_length positions (a sliding-window cache keeps only the last ones);
     with a static cache the mask is shorter than kv_length and is returned whole (the attention
-    function then drops the keys past it). None when there is no mask, or when it covers exactly
-    the keys and pads nothing (then the dense kernel serves; the check reads one value on the
-    host, skipped under torch.compile). mask_function (causal, window, packing, overlays) is not
-    evaluated: causal and window come from the attention call, packing from position_ids."""
-    if attention_mask is None or attention_mask.dim() != 2:
-        return attention_mask  # None; anything else is refused by attention_forward
+    function then drops the keys past it). None when it covers exactly the keys and pads nothing
+    (then the dense kernel serves; the check reads one value on the host, skipped under
+    torch.compile). Without attention_mask, packing is transformers' own decision, read back from
+    mask_function (_packed_sequence_ids); other structure in mask_function (causal, window) comes
+    from the attention call, and overlays are not applied."""
+    if attention_mask is None:
+        return _packed_sequence_ids(batch_size, q_length, kv_length, q_offset, kv_offset,
+                                    mask_function, kwargs.get("device"))
+    if attention_mask.dim() != 2:
+        return attention_mask  # refused by attention_forward
     mask = attention_mask[:, -kv_length:].bool()
     if (not torch.compiler.is_compiling() and mask.shape[1] == kv_length
             and bool(mask.all())):
@@ -156,8 +180,40 @@ def attention_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, k
     return mask
 
 
+def _packed_sequence_ids(batch: int, q_length: int, kv_length: int, q_offset, kv_offset,
+                         mask_function, device) -> Optional[Tensor]:
+    """transformers packs rows (masking_utils._preprocess_mask_arguments) only with position_ids,
+    no attention_mask and no cache, and then ands packed_sequence_mask_function into
+    mask_function: key q - 1 is hidden from query q exactly where q starts a sequence (a causal or
+    sliding-window function alone shows key q - 1 to q for any window of 2 keys or more; a window
+    of 1 key or chunked attention hide it at their own boundaries, where splitting the rows into
+    sequences computes the same attention). So the packing flashjit applies is the one transformers'
+    own eager and sdpa masks apply, by construction. Evaluated on (batch, q_length - 1) index
+    pairs with broadcasting, as transformers' non-vmap mask path does; a mask function that
+    cannot be (a custom overlay written for vmap) is read as no packing, as overlays are not
+    applied. int32 (batch, q_length) ids, or None where every row is one sequence (one host
+    read, skipped under torch.compile: then the ids always go to the varlen path)."""
+    if (mask_function is None or q_length < 2 or q_length != kv_length
+            or not isinstance(q_offset, int) or not isinstance(kv_offset, int)
+            or q_offset != 0 or kv_offset != 0):
+        return None
+    rows = torch.arange(batch, device=device)[:, None]
+    query = torch.arange(1, q_length, device=device)[None, :]
+    try:
+        visible = mask_function(rows, torch.zeros_like(rows), query, query - 1)
+        visible = torch.as_tensor(visible, device=device).expand(batch, q_length - 1)
+    except Exception:  # noqa: BLE001 - written for vmap only: see the docstring
+        return None
+    starts = torch.ones(batch, q_length, dtype=torch.int32, device=device)
+    starts[:, 1:] = (~visible.bool()).to(torch.int32)
+    ids = torch.cumsum(starts, 1, dtype=torch.int32) - 1
+    if not torch.compiler.is_compiling() and not bool(ids[:, -1].any()):
+        return None
+    return ids
+
+
 # ------------------------------------------------------------------------------------------------
-# Per-tensor memo: a forward pass hands every layer the same mask and position_ids objects
+# Per-tensor memo: a forward pass hands every layer the same mask objects
 # ------------------------------------------------------------------------------------------------
 class _TensorMemo:
     """Values computed from a tensor, reused while that tensor object lives with the same
@@ -213,23 +269,18 @@ def _unpad_data(mask: Tensor, q_length: int):
     return _unpad_memo.get(mask, q_length, compute)
 
 
-def _packed_sequences(position_ids: Tensor, batch: int):
-    """(cu_seqlens int32, max_seqlen) of the packed sequences in position_ids (batch or 1,
-    seqlen), the rows laid end to end, or None when each row is one sequence. A sequence starts
-    at every row start and wherever a position is not the previous one plus 1 (transformers'
-    find_packed_sequence_indices). One host read (the count of starts)."""
+def _packed_sequences(ids: Tensor):
+    """(cu_seqlens int32, max_seqlen) of packed sequence ids (batch, seqlen) (attention_mask()),
+    the rows laid end to end: a sequence starts at every row start and wherever the id changes.
+    One host read (the longest sequence)."""
     def compute():
-        pos = position_ids.expand(batch, -1)
-        starts = torch.ones_like(pos, dtype=torch.bool)
-        starts[:, 1:] = pos[:, 1:] - pos[:, :-1] != 1
-        starts = starts.reshape(-1)
-        first = torch.nonzero(starts).reshape(-1)
-        if first.numel() == batch:  # one sequence per row: the dense kernel serves
-            return None
-        end = torch.full((1,), starts.numel(), dtype=first.dtype, device=first.device)
+        starts = torch.ones_like(ids, dtype=torch.bool)
+        starts[:, 1:] = ids[:, 1:] != ids[:, :-1]
+        first = torch.nonzero(starts.reshape(-1)).reshape(-1)
+        end = torch.full((1,), ids.numel(), dtype=first.dtype, device=first.device)
         cu = torch.cat((first, end)).to(torch.int32)
         return cu, int(cu.diff().max())
-    return _packing_memo.get(position_ids, batch, compute)
+    return _packing_memo.get(ids, None, compute)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -267,8 +318,10 @@ def _check_mask(mask) -> Optional[Tensor]:
         raise ValueError(
             f"flashjit attention got an attention_mask of shape {shape}: it serves padding masks "
             "(the 2-D (batch, seqlen) mask of its mask function), packed sequences "
-            "(position_ids) and causal/sliding-window structure, not custom 4-D masks; "
+            "and causal/sliding-window structure, not custom 4-D masks; "
             f"{_SDPA_HINT}")
+    if mask.dtype == torch.int32:  # packed sequence ids from attention_mask()
+        return mask
     return mask if mask.dtype == torch.bool else mask.bool()
 
 
@@ -286,18 +339,23 @@ def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value
     module: the attention layer (is_causal read from it when is_causal is None).
     query (batch, heads, seqlen_q, d), key/value (batch, heads_k, seqlen_k, d / d_v), fp16 or
     bf16 on a CUDA device (float32 under autocast is cast); heads % heads_k == 0.
-    attention_mask: None or the 2-D boolean padding mask of attention_mask() (module docstring).
+    attention_mask: None, the 2-D boolean padding mask of attention_mask(), or its int32 packed
+    sequence ids (module docstring).
     dropout: attention dropout probability; scaling: softmax scale (None: 1 / sqrt(d));
     sliding_window: w keys per query counting itself (None: none); softcap: None/0 or > 0;
     s_aux: None or per-head sink logits (heads,), any float dtype, may require grad;
-    position_ids (batch or 1, seqlen) for packed sequences; cu_seq_lens_q/k, max_length_q/k:
+    position_ids: not read (packing comes through attention_mask); cu_seq_lens_q/k, max_length_q/k:
     precomputed varlen boundaries of the flattened rows. kwargs: ``deterministic``,
     ``position_bias`` (refused), and what models pass along (use_cache, ...; ignored).
     Returns (out (batch, seqlen_q, heads, d_v) in the kernel dtype, None).
-    Errors: TypeError (dtype), ValueError (a non-2-D mask, position_bias), NotImplementedError
-    (head dim > 256); flashjit's own errors for the rest (CPU tensors, shapes)."""
+    Errors: ValueError (tensors not on a CUDA device, a non-2-D mask, position_bias), TypeError
+    (dtype), NotImplementedError (head dim > 256); flashjit's own errors for the rest (shapes)."""
     if kwargs.get("position_bias") is not None:
         raise ValueError(f"flashjit attention does not add position_bias; {_SDPA_HINT}")
+    if query.device.type not in DEVICE_TYPES:
+        raise ValueError(f"flashjit attention runs on CUDA GPUs, but the model's tensors are on "
+                         f"{query.device}: move the model to a GPU (model.to('cuda') or "
+                         f"device_map='cuda'), or {_SDPA_HINT}")
     mask = _check_mask(attention_mask)
     batch, heads, seqlen_q, d_qk = query.shape
     d_v = value.shape[-1]
@@ -326,7 +384,10 @@ def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value
     if d_v < d:
         v = F.pad(v, (0, d - d_v))
 
-    if mask is not None:
+    if mask is not None and mask.dtype == torch.int32:  # packed rows (attention_mask())
+        cu, max_len = _packed_sequences(mask)
+        out = _flattened(q, k, v, cu, cu, max_len, max_len, options)
+    elif mask is not None:
         out = _padded(q, k, v, mask, options)
     elif cu_seq_lens_q is not None and cu_seq_lens_k is not None:
         max_q = max_length_q if max_length_q is not None else cu_seq_lens_q.diff().max()
@@ -335,16 +396,7 @@ def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value
                                                                              cu_seq_lens_k))
         out = _flattened(q, k, v, cu_q, cu_k, int(max_q), int(max_k), options)
     else:
-        packed = None
-        if (position_ids is not None and position_ids.dim() == 2
-                and position_ids.shape[-1] == seqlen_q == k.shape[1]
-                and position_ids.shape[0] in (1, batch)):
-            packed = _packed_sequences(position_ids, batch)
-        if packed is not None:
-            cu, max_len = packed
-            out = _flattened(q, k, v, cu, cu, max_len, max_len, options)
-        else:
-            out = kernels.flash_attn_func(q, k, v, **options)
+        out = kernels.flash_attn_func(q, k, v, **options)
     return (out if d_v == d else out[..., :d_v]), None
 
 

@@ -138,17 +138,31 @@ def test_activate_restore_round_trip():
 
 def test_register_twice_directly_and_remove_is_idempotent():
     first = sdpa.register()
-    second = sdpa.register()
+    second = sdpa.register()  # while active: the same registration and handle
     try:
-        assert not first.active and second.active
-        first.remove()  # already removed: nothing happens, the second stays
-        assert second.active and f"aten/{OPS[0]}/CUDA" in _python_impls()
+        assert second is first and first.active
+        assert f"aten/{OPS[0]}/CUDA" in _python_impls()
     finally:
-        library = second._library  # a reference kept elsewhere must not keep the override alive
-        second.remove()
-        second.remove()
+        library = first._library  # a reference kept elsewhere must not keep the override alive
+        first.remove()
+        first.remove()
     assert f"aten/{OPS[0]}/CUDA" not in _python_impls()
     assert library.m is None  # destroyed now, not when the garbage collector gets to it
+    third = sdpa.register()  # after removal: a new registration
+    assert third is not first and third.active
+    third.remove()
+
+
+@needs_registry
+def test_direct_register_while_active_is_undone_by_restore():
+    # review finding: activate, then register() directly, then restore left the override in place
+    before = _python_impls()
+    attention.activate_flash_attention_impl("flashjit")
+    try:
+        sdpa.register()
+    finally:
+        attention.restore_flash_attention_impl()
+    assert _python_impls() == before and sdpa._active is None
 
 
 # ------------------------------------------------------------------------------------------------

@@ -150,6 +150,7 @@ def kernels(monkeypatch):
     monkeypatch.setattr(interface, "flash_attn_func", stub.dense)
     monkeypatch.setattr(interface, "flash_attn_varlen_func", stub.varlen)
     monkeypatch.setattr(fjt, "KERNEL_DTYPES", fjt.KERNEL_DTYPES + (torch.float32,))
+    monkeypatch.setattr(fjt, "DEVICE_TYPES", ("cuda", "cpu"))
     fjt.register()
     return stub
 
@@ -221,6 +222,17 @@ def test_register_refuses_names_transformers_takes_for_flash_attn(name):
     with pytest.raises(ValueError, match="contains 'flash'"):
         fjt.register(name)
     assert name not in transformers.AttentionInterface._global_mapping
+
+
+@pytest.mark.parametrize("name,match", [("sdpa", "own attention"), ("eager", "own attention"),
+                                        ("flex_attention", "own attention"),
+                                        ("org/repo", "identifier"), ("", "identifier"),
+                                        ("paged|x", "identifier")])
+def test_register_refuses_names_that_would_replace_or_confuse_transformers(name, match):
+    sdpa_before = transformers.AttentionInterface._global_mapping["sdpa"]
+    with pytest.raises(ValueError, match=match):
+        fjt.register(name)
+    assert transformers.AttentionInterface._global_mapping["sdpa"] is sdpa_before
 
 
 def test_name_with_flash_really_fails_in_transformers():
@@ -432,6 +444,39 @@ def test_packed_batch_of_rows_and_training(kernels):
     assert kernels.calls[0]["cu_seqlens_q"] == [0, 5, 12, 15, 19, 24]
 
 
+@pytest.mark.parametrize("case", ["cache", "all_ones_mask", "mask_and_cache"])
+def test_no_packing_where_transformers_does_not_pack(kernels, case):
+    """transformers packs rows only without attention_mask and without a cache: with either (a
+    cache is eval's default, use_cache=True) reset position_ids are only positions, and flashjit
+    must not split the rows either (review finding: it did, logits off by ~6)."""
+    eager, ours = _pair("llama")
+    position_ids = torch.tensor([[0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4, 5]] * 2)
+    ids = _ids(2, 12, seed=8)
+    kwargs = dict(position_ids=position_ids)
+    if case != "all_ones_mask":
+        kwargs["use_cache"] = True
+    if case != "cache":
+        kwargs["attention_mask"] = torch.ones_like(ids)
+    with torch.no_grad():
+        expected = eager(ids, **kwargs).logits
+        got = ours(ids, **kwargs).logits
+    _close(got, expected, case)
+    assert kernels.kinds() == {"dense"}
+
+
+def test_position_gaps_pack_as_transformers_does(kernels):
+    """A gap (not only a reset) starts a sequence in transformers' masks without a cache: the same
+    here, read from its mask function."""
+    eager, ours = _pair("llama")
+    position_ids = torch.tensor([[0, 1, 2, 3, 4, 5, 10, 11, 12, 13, 14, 15]])
+    ids = _ids(1, 12, seed=9)
+    with torch.no_grad():
+        expected = eager(ids, position_ids=position_ids, use_cache=False).logits
+        got = ours(ids, position_ids=position_ids, use_cache=False).logits
+    _close(got, expected, "gap")
+    assert kernels.calls[0]["cu_seqlens_q"] == [0, 6, 12]
+
+
 def test_unpacked_position_ids_use_the_dense_kernel(kernels):
     _, ours = _pair("llama")
     with torch.no_grad():
@@ -543,15 +588,25 @@ def test_head_dims_and_value_head_dims(kernels, d, d_v):
     assert kernels.calls[-1]["scale"] == pytest.approx(d ** -0.5)
 
 
-def test_float32_is_refused_with_a_hint():
+def test_float32_is_refused_with_a_hint(monkeypatch):
+    monkeypatch.setattr(fjt, "DEVICE_TYPES", ("cuda", "cpu"))  # the dtype check, not the device's
     q, k, v = _qkv()
     with pytest.raises(TypeError, match=r"float32.*attn_implementation=\"sdpa\""):
+        fjt.attention_forward(_Module(), q, k, v, None)
+
+
+def test_cpu_model_is_refused_first_with_a_hint():
+    # the device is checked before the dtype: a CPU float32 model hears about the device, not
+    # about a dtype change that would then fail on the device
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match=r"CUDA.*cpu.*model.to\('cuda'\).*sdpa"):
         fjt.attention_forward(_Module(), q, k, v, None)
 
 
 def test_float32_under_autocast_runs_in_the_autocast_dtype(monkeypatch):
     stub = Kernels()
     monkeypatch.setattr(interface, "flash_attn_func", stub.dense)
+    monkeypatch.setattr(fjt, "DEVICE_TYPES", ("cuda", "cpu"))
     q, k, v = _qkv()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out, _ = fjt.attention_forward(_Module(), q, k, v, None)
@@ -599,7 +654,9 @@ def test_unpad_data_is_computed_once_per_mask(monkeypatch):
     with torch.inference_mode():  # no version counter: computed each time, no error
         frozen = torch.ones(2, 3, dtype=torch.bool)
         assert fjt._unpad_data(frozen, 3)[3].tolist() == [0, 3, 6]
-        assert fjt._packed_sequences(torch.arange(3)[None], 2) is None
+        cu, longest = fjt._packed_sequences(torch.tensor([[0, 0, 1], [0, 0, 0]],
+                                                         dtype=torch.int32))
+        assert cu.tolist() == [0, 2, 3, 6] and longest == 3
 
 
 def test_a_forward_pass_detects_packing_once(kernels, monkeypatch):
