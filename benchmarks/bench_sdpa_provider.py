@@ -20,42 +20,22 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch.nn.attention import (SDPBackend, activate_flash_attention_impl,
-                                restore_flash_attention_impl, sdpa_kernel)
+from torch.nn.attention import activate_flash_attention_impl, restore_flash_attention_impl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import flashjit  # noqa: E402  (registers the "flashjit" provider)
+from bench_peers import make_fns  # noqa: E402  (imports flashjit: the provider is registered)
 from common import (attention_flops, bench_ms, env_header, environment, results_dir,  # noqa: E402
                     write_json)
 
 IMPLS = ("sdpa_flashjit", "sdpa_flash", "sdpa_cudnn", "flashjit_direct")
 TITLES = {"sdpa_flashjit": "SDPA via flashjit", "sdpa_flash": "SDPA flash (FA2 port)",
           "sdpa_cudnn": "SDPA cuDNN", "flashjit_direct": "flash_attn_func"}
-
-
-def make_fns(impl, q, k, v, causal):
-    """{"fwd": fn, "fwd_bwd": fn} on (b, s, h, d) leaves."""
-    if impl == "flashjit_direct":
-        def fwd():
-            return flashjit.flash_attn_func(q, k, v, causal=causal)
-    else:
-        backend = SDPBackend.CUDNN_ATTENTION if impl == "sdpa_cudnn" else \
-            SDPBackend.FLASH_ATTENTION
-        qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
-
-        def fwd():
-            with sdpa_kernel(backend):
-                return F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
-    dout = None
-
-    def fwd_bwd():
-        nonlocal dout
-        out = fwd()
-        dout = torch.randn_like(out) if dout is None else dout
-        torch.autograd.grad(out, (q, k, v), dout)
-    return {"fwd": fwd, "fwd_bwd": fwd_bwd}
+# each column's calls: bench_peers.make_fns's implementation of that name ("sdpa_flash" is SDPA
+# under sdpa_kernel(FLASH_ATTENTION), flashjit's kernels while the provider is active)
+PEER_IMPL = {"sdpa_flashjit": "sdpa_flash", "sdpa_flash": "sdpa_flash",
+             "sdpa_cudnn": "sdpa_cudnn", "flashjit_direct": "flashjit"}
+MODES = ("fwd", "fwd_bwd")
 
 
 def run(args):
@@ -72,9 +52,10 @@ def run(args):
             if impl == "sdpa_flashjit":
                 activate_flash_attention_impl("flashjit")
             try:
-                for mode, fn in make_fns(impl, q, k, v, causal).items():
+                fns = make_fns(PEER_IMPL[impl], q, k, v, causal)
+                for mode in MODES:
                     try:
-                        ms = bench_ms(fn, args.warmup, args.repeats)
+                        ms = bench_ms(fns[mode], args.warmup, args.repeats)
                         flops = attention_flops(batch, heads, seqlen, seqlen, d, causal, mode)
                         row[f"{impl}_{mode}_ms"] = round(ms, 4)
                         row[f"{impl}_{mode}_tflops"] = round(flops / ms / 1e9, 1)
@@ -85,7 +66,7 @@ def run(args):
                     restore_flash_attention_impl()
         rows.append(row)
         print(f"[{i}/{len(configs)}] d{d} s{seqlen} causal={causal}: " + "  ".join(
-            f"{impl} {row.get(f'{impl}_{m}_tflops', '-')}" for m in ("fwd", "fwd_bwd")
+            f"{impl} {row.get(f'{impl}_{m}_tflops', '-')}" for m in MODES
             for impl in IMPLS), flush=True)
         del q, k, v
     return env, rows
@@ -100,7 +81,7 @@ def markdown(env, rows):
     lines = [f"# SDPA through flashjit vs SDPA's backends, TFLOP/s ({env_header(env)})", "",
              "bf16, 16k tokens per batch, hidden 2048, SDPA inputs (b, h, s, d) views of "
              "(b, s, h, d) memory. Ratios: SDPA via flashjit / peer.", ""]
-    for mode in ("fwd", "fwd_bwd"):
+    for mode in MODES:
         lines += [f"## {mode}", "",
                   "| d | seqlen | causal | " + " | ".join(TITLES[i] for i in IMPLS)
                   + " | vs SDPA flash | vs cuDNN |",

@@ -357,8 +357,7 @@ def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value
                          f"{query.device}: move the model to a GPU (model.to('cuda') or "
                          f"device_map='cuda'), or {_SDPA_HINT}")
     mask = _check_mask(attention_mask)
-    batch, heads, seqlen_q, d_qk = query.shape
-    d_v = value.shape[-1]
+    d_qk, d_v = query.shape[-1], value.shape[-1]
     d = max(d_qk, d_v)
     if d > MAX_HEAD_DIM:
         raise NotImplementedError(f"flashjit attention supports head dims up to {MAX_HEAD_DIM}, "

@@ -63,15 +63,12 @@ def test_compile_only_real_kernels(kernel, dtype, head_dim, causal, tmp_path):
 @pytest.mark.parametrize(
     "spec",
     [
-        pytest.param(JitSpec("fwd", "sm90a", "bf16", 128, causal=True, family="sm90"),
-                     id="fwd_sm90a_bf16_hd128_causal_wgmma"),
-        pytest.param(JitSpec("fwd", "sm90a", "fp16", 64, dropout=True, family="sm90"),
-                     id="fwd_sm90a_fp16_hd64_dropout_wgmma"),
-        pytest.param(JitSpec("bwd", "sm90a", "bf16", 128, causal=True, family="sm90"),
-                     id="bwd_sm90a_bf16_hd128_causal_wgmma"),
-        pytest.param(JitSpec("bwd", "sm90a", "fp16", 64, dropout=True, family="sm90"),
-                     id="bwd_sm90a_fp16_hd64_dropout_wgmma"),
+        JitSpec("fwd", "sm90a", "bf16", 128, causal=True, family="sm90"),
+        JitSpec("fwd", "sm90a", "fp16", 64, dropout=True, family="sm90"),
+        JitSpec("bwd", "sm90a", "bf16", 128, causal=True, family="sm90"),
+        JitSpec("bwd", "sm90a", "fp16", 64, dropout=True, family="sm90"),
     ],
+    ids=lambda spec: spec.name,
 )
 def test_compile_only_sm90_family(spec, tmp_path):
     """The wgmma forward and backward: their own sources (csrc/sm90), built for sm_90a."""
@@ -83,19 +80,16 @@ def test_compile_only_sm90_family(spec, tmp_path):
 @pytest.mark.parametrize(
     "spec",
     [
-        pytest.param(JitSpec("fwd", "sm80", "bf16", 128, causal=True, window=True, softcap=True,
-                             alibi=True, sink=True, family="sm80"),
-                     id="fwd_sm80_bf16_hd128_causal_window_softcap_alibi_sink"),
-        pytest.param(JitSpec("bwd", "sm80", "fp16", 64, window=True, softcap=True, alibi=True,
-                             sink=True, dropout=True, family="sm80"),
-                     id="bwd_sm80_fp16_hd64_window_softcap_alibi_sink_dropout"),
-        pytest.param(JitSpec("fwd", "sm90a", "bf16", 128, causal=True, window=True, softcap=True,
-                             alibi=True, sink=True, family="sm90"),
-                     id="fwd_sm90a_bf16_hd128_causal_window_softcap_alibi_sink_wgmma"),
-        pytest.param(JitSpec("bwd", "sm90a", "bf16", 64, window=True, softcap=True, alibi=True,
-                             sink=True, dropout=True, family="sm90"),
-                     id="bwd_sm90a_bf16_hd64_window_softcap_alibi_sink_dropout_wgmma"),
+        JitSpec("fwd", "sm80", "bf16", 128, causal=True, window=True, softcap=True, alibi=True,
+                sink=True, family="sm80"),
+        JitSpec("bwd", "sm80", "fp16", 64, window=True, softcap=True, alibi=True, sink=True,
+                dropout=True, family="sm80"),
+        JitSpec("fwd", "sm90a", "bf16", 128, causal=True, window=True, softcap=True,
+                alibi=True, sink=True, family="sm90"),
+        JitSpec("bwd", "sm90a", "bf16", 64, window=True, softcap=True, alibi=True, sink=True,
+                dropout=True, family="sm90"),
     ],
+    ids=lambda spec: spec.name,
 )
 def test_compile_only_every_variant(spec, tmp_path):
     """Every variant define at once, in each family: the variant code compiles."""

@@ -11,15 +11,13 @@ flashjit's API; fp32 still goes to torch. Skipped where torch has no flash regis
 
 from __future__ import annotations
 
-import itertools
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 import flashjit
 from flashjit import integrations, testing
-from tests.reference import attention_ref, max_error
+from tests.reference import attention_ref, cu_seqlens, leaf, max_error
 
 pytestmark = pytest.mark.skipif(
     not integrations.sdpa_registry_available(),
@@ -47,10 +45,6 @@ def _flash_sdpa(*args, **kwargs):
 
     with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
         return F.scaled_dot_product_attention(*args, **kwargs)
-
-
-def _leaf(*shape, dtype):
-    return torch.randn(*shape, device="cuda", dtype=dtype).requires_grad_()
 
 
 def _check(fn, q, k, v, causal, dropout_mask=None, dropout_p=0.0, scale=None):
@@ -105,8 +99,8 @@ def test_sdpa_matches_reference(active, dtype, d, causal, sq, sk):
     if causal and sq != sk:
         pytest.skip("torch's dispatcher sends no non-square causal SDPA to the flash backend")
     b, h = 2, 3
-    q, k, v = _leaf(b, h, sq, d, dtype=dtype), _leaf(b, h, sk, d, dtype=dtype), \
-        _leaf(b, h, sk, d, dtype=dtype)
+    q, k, v = leaf(b, h, sq, d, dtype=dtype), leaf(b, h, sk, d, dtype=dtype), \
+        leaf(b, h, sk, d, dtype=dtype)
     _check(lambda q, k, v: _flash_sdpa(q, k, v, is_causal=causal), q, k, v, causal)
 
 
@@ -114,8 +108,8 @@ def test_sdpa_matches_reference(active, dtype, d, causal, sq, sk):
 @pytest.mark.parametrize("causal", [False, True])
 def test_sdpa_gqa(active, h, hk, causal):
     b, s, d = 2, 160, 64
-    q = _leaf(b, h, s, d, dtype=torch.bfloat16)
-    k, v = _leaf(b, hk, s, d, dtype=torch.bfloat16), _leaf(b, hk, s, d, dtype=torch.bfloat16)
+    q = leaf(b, h, s, d, dtype=torch.bfloat16)
+    k, v = leaf(b, hk, s, d, dtype=torch.bfloat16), leaf(b, hk, s, d, dtype=torch.bfloat16)
     _check(lambda q, k, v: _flash_sdpa(q, k, v, is_causal=causal, enable_gqa=True), q, k, v,
            causal)
 
@@ -123,7 +117,7 @@ def test_sdpa_gqa(active, h, hk, causal):
 def test_sdpa_odd_head_dim_and_scale(active):
     # SDPA pads head dim 72 -> 72 (multiple of 8) and 36 -> 40 itself before the aten op
     for d in (72, 36):
-        q, k, v = (_leaf(2, 4, 96, d, dtype=torch.float16) for _ in range(3))
+        q, k, v = (leaf(2, 4, 96, d, dtype=torch.float16) for _ in range(3))
         _check(lambda q, k, v: _flash_sdpa(q, k, v, scale=0.2), q, k, v, False, scale=0.2)
 
 
@@ -138,7 +132,7 @@ def test_sdpa_bshd_memory_layout(active):
 @pytest.mark.parametrize("causal", [False, True])
 def test_sdpa_dropout_uses_the_predicted_mask_in_both_passes(active, dtype, causal):
     b, h, s, d, p = 2, 3, 190, 64, 0.17
-    q, k, v = (_leaf(b, h, s, d, dtype=dtype) for _ in range(3))
+    q, k, v = (leaf(b, h, s, d, dtype=dtype) for _ in range(3))
     torch.manual_seed(11)
     mask = testing.next_dropout_mask(b, h, s, s, p, device=q.device)
     torch.manual_seed(11)
@@ -149,7 +143,7 @@ def test_sdpa_dropout_uses_the_predicted_mask_in_both_passes(active, dtype, caus
 
 
 def test_sdpa_dropout_reproducible_with_manual_seed(active):
-    q, k, v = (_leaf(1, 2, 128, 64, dtype=torch.float16) for _ in range(3))
+    q, k, v = (leaf(1, 2, 128, 64, dtype=torch.float16) for _ in range(3))
 
     def run():
         out = _flash_sdpa(q, k, v, dropout_p=0.3)
@@ -174,7 +168,7 @@ def test_cuda_graph_replays_draw_fresh_masks_that_the_backward_replays(active):
     backward uses the mask of the same replay. With V = I (seqlen_k = d) the output is the
     dropped, rescaled probability matrix itself, so dV = out^T dO checks the backward's mask."""
     b, h, s, d, p = 2, 4, 96, 64, 0.3
-    q, k = _leaf(b, h, s, d, dtype=torch.float16), _leaf(b, h, d, d, dtype=torch.float16)
+    q, k = leaf(b, h, s, d, dtype=torch.float16), leaf(b, h, d, d, dtype=torch.float16)
     v = torch.eye(d, device="cuda", dtype=torch.float16).expand(b, h, d, d).clone()
     v.requires_grad_()
     dout = torch.randn(b, h, s, d, device="cuda", dtype=torch.float16)
@@ -208,7 +202,7 @@ def test_cuda_graph_replays_draw_fresh_masks_that_the_backward_replays(active):
 
 
 def test_flashjit_kernels_ran(active):
-    q, k, v = (_leaf(2, 4, 256, 64, dtype=torch.bfloat16) for _ in range(3))
+    q, k, v = (leaf(2, 4, 256, 64, dtype=torch.bfloat16) for _ in range(3))
 
     def step():
         out = _flash_sdpa(q, k, v, is_causal=True)
@@ -223,7 +217,7 @@ def test_flashjit_kernels_ran(active):
 def test_restore_gives_torch_kernels_back():
     from torch.nn.attention import activate_flash_attention_impl, restore_flash_attention_impl
 
-    q, k, v = (_leaf(2, 4, 256, 64, dtype=torch.float16) for _ in range(3))
+    q, k, v = (leaf(2, 4, 256, 64, dtype=torch.float16) for _ in range(3))
 
     def step():
         _flash_sdpa(q, k, v).sum().backward()
@@ -238,7 +232,7 @@ def test_restore_gives_torch_kernels_back():
 
 
 def test_torch_compile_fullgraph(active):
-    q, k, v = (_leaf(2, 4, 192, 64, dtype=torch.bfloat16) for _ in range(3))
+    q, k, v = (leaf(2, 4, 192, 64, dtype=torch.bfloat16) for _ in range(3))
 
     @torch.compile(fullgraph=True)
     def attn(q, k, v):
@@ -257,7 +251,7 @@ def test_torch_compile_fullgraph(active):
 
 
 def test_fp32_still_served_by_torch(active):
-    q, k, v = (_leaf(2, 4, 128, 64, dtype=torch.float32) for _ in range(3))
+    q, k, v = (leaf(2, 4, 128, 64, dtype=torch.float32) for _ in range(3))
 
     def step():
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)  # torch picks a backend
@@ -302,14 +296,10 @@ def test_aten_is_causal_is_bottom_right_like_torchs_kernel():
 def test_aten_flash_attention_forward_backward_ragged(active, window, causal):
     lens_q, lens_k = [37, 128, 1], [50, 128, 77]
     h, hk, d = 4, 2, 64
-    def cu(lengths):
-        return torch.tensor(list(itertools.accumulate(lengths, initial=0)), device="cuda",
-                            dtype=torch.int32)
-
-    cu_q, cu_k = cu(lens_q), cu(lens_k)
-    q = _leaf(sum(lens_q), h, d, dtype=torch.bfloat16)
-    k, v = _leaf(sum(lens_k), hk, d, dtype=torch.bfloat16), \
-        _leaf(sum(lens_k), hk, d, dtype=torch.bfloat16)
+    cu_q, cu_k = cu_seqlens(lens_q), cu_seqlens(lens_k)
+    q = leaf(sum(lens_q), h, d, dtype=torch.bfloat16)
+    k, v = leaf(sum(lens_k), hk, d, dtype=torch.bfloat16), \
+        leaf(sum(lens_k), hk, d, dtype=torch.bfloat16)
     out, lse, rng, unused, _ = torch.ops.aten._flash_attention_forward(
         q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), 0.0, causal, False,
         window_size_left=window[0], window_size_right=window[1])

@@ -42,6 +42,7 @@ transformers = pytest.importorskip(
                            "'flashjit[transformers]'); the integration tests need it")
 
 from flashjit.integrations import transformers as fjt  # noqa: E402
+from tests.reference import max_error  # noqa: E402
 # flashjit's kernel names and the profiler helpers that look for them
 from tests.gpu.test_sdpa_provider import (BWD_KERNELS, FWD_KERNELS, _kernel_names,  # noqa: E402
                                           _ran)
@@ -118,10 +119,6 @@ def _ids(batch, seqlen, seed=1):
     return torch.randint(0, VOCAB, (batch, seqlen), generator=g).cuda()
 
 
-def _max_err(x, ref) -> float:
-    return float((x.float() - ref.float()).abs().max())
-
-
 def _run(model, ids, **kwargs):
     """(logits float32, loss float32, {name: grad}) of one forward + backward."""
     model.zero_grad(set_to_none=True)
@@ -135,9 +132,9 @@ def _errors(run, ref) -> dict:
     logits, loss, grads = run
     logits_r, loss_r, grads_r = ref
     assert grads.keys() == grads_r.keys()
-    grad = max(_max_err(grads[n], grads_r[n]) / max(float(grads_r[n].abs().max()), 1e-12)
+    grad = max(max_error(grads[n], grads_r[n]) / max(float(grads_r[n].abs().max()), 1e-12)
                for n in grads_r)
-    return dict(logits=_max_err(logits, logits_r), loss=_max_err(loss, loss_r), grads=grad)
+    return dict(logits=max_error(logits, logits_r), loss=max_error(loss, loss_r), grads=grad)
 
 
 def _within(ours: dict, yard: dict, what: str, eps: float = 1e-3):
@@ -188,8 +185,8 @@ def test_padded_batch_equals_each_sequence_alone(kind):
         errors, yard_errors = {}, {}
         for b, n in enumerate(lengths):
             alone = m.ref(ids[b:b + 1, :n]).logits[0].float()
-            errors[f"sequence {b}"] = _max_err(ours[b, :n], alone)
-            yard_errors[f"sequence {b}"] = _max_err(yard[b, :n], alone)
+            errors[f"sequence {b}"] = max_error(ours[b, :n], alone)
+            yard_errors[f"sequence {b}"] = max_error(yard[b, :n], alone)
     _within(errors, yard_errors, f"{kind} padded")
 
 
@@ -204,8 +201,8 @@ def test_packed_sequences_equal_each_sequence_alone():
         for n in lengths:
             piece = ids[:, start:start + n]
             alone = m.ref(piece).logits[0].float()
-            errors[f"at {start}"] = _max_err(ours[start:start + n], alone)
-            yard_errors[f"at {start}"] = _max_err(m.yard(piece).logits[0].float(), alone)
+            errors[f"at {start}"] = max_error(ours[start:start + n], alone)
+            yard_errors[f"at {start}"] = max_error(m.yard(piece).logits[0].float(), alone)
             start += n
     _within(errors, yard_errors, "mistral packed")
 
@@ -226,7 +223,7 @@ def _check_generation(m: Models, ids, mask=None, new_tokens=16):
     with torch.no_grad():
         ref = m.ref(seq, attention_mask=full_mask).logits[:, at].float()
         yard = m.yard(seq, attention_mask=full_mask).logits[:, at].float()
-    err, err_yard = _max_err(steps, ref), _max_err(yard, ref)
+    err, err_yard = max_error(steps, ref), max_error(yard, ref)
     assert err <= 2 * err_yard + 1e-3, \
         f"cached decoding logits error {err:.3g} > 2 x the yardstick's {err_yard:.3g}"
     chosen = ref.gather(-1, seq[:, ids.shape[1]:, None])[..., 0]
