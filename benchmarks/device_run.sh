@@ -7,7 +7,7 @@
 #      sequences, attention variants), results under $OUT/results/<gpu>/
 # Usage (on the device): bash benchmarks/device_run.sh [steps...]
 #   steps: build test test80 sanitize profile sweep kernels overhead jit peers original long
-#          variants ab sdpa hf hfbench
+#          variants ab sdpa hf hfbench cp cpbench
 #   (default: build test sanitize jit peers)
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -107,6 +107,18 @@ for step in $STEPS; do
         | tee "$OUT/pytest_transformers.log" | tail -n 15 ;;
     hfbench)  # a ~1B random Llama: training step and prefill, flashjit vs sdpa (vs flash_attention_2)
       timeout ${HFBENCH_TIMEOUT:-300} python3 benchmarks/bench_transformers.py --out "$OUT/results" ${HFBENCH_ARGS:-} 2>&1 | tail -n 25 ;;
+    cp|cpbench)  # two GPUs (nvidia-h200-x2): torch's context parallelism over flashjit (cp: tests,
+                 # cpbench: benchmark); NVLink multicast off
+      export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+      python3 -c "import torch; print('GPUs:', torch.cuda.device_count())"
+      pb --jobs 32 --dtype fp16 bf16 --head-dim 64 128 --causal both 2>&1 | tail -n 1
+      if [ $step = cp ]; then
+        timeout ${CP_TIMEOUT:-500} python3 -m pytest -q -rs -s -p no:cacheprovider tests/gpu/test_context_parallel.py 2>&1 \
+          | tee "$OUT/pytest_context_parallel.log" | grep -v "^\[rank" | tail -n 20
+      else
+        timeout ${CPBENCH_TIMEOUT:-540} python3 -m torch.distributed.run --standalone --nproc-per-node 2 \
+          benchmarks/bench_context_parallel.py --out "$OUT/results" ${CPBENCH_ARGS:-} 2>&1 | grep -v "^\[rank" | tail -n 40
+      fi ;;
   esac
 done
 # The device returns at most 8 files from $OUT: results (tables, JSON, plots) travel as one archive.

@@ -73,3 +73,36 @@ def max_error(x: torch.Tensor, ref: torch.Tensor) -> float:
         return float("inf")
     diff = (x - ref).abs().masked_fill(both_inf, 0.0)
     return float(diff.max()) if diff.numel() else 0.0
+
+
+def attention_grads_ref(dout, q, k, v, out, lse, causal=False, softmax_scale=None,
+                        bottom_right=True):
+    """The flash backward's contract in float32: (dq, dk, dv) from the given out and lse, not
+    from a recomputed forward, as the kernels do (so a ring passing the global out and lse of a
+    sharded forward gets each shard's share of the gradient). Layout (b, s, h, d) as
+    attention_ref; lse float32 natural log (b, h, sq).
+        P = exp(scale Q K^T - lse),  dV = P^T dO,  dP = dO V^T,
+        D = rowsum(dO o O),  dS = P o (dP - D),  dQ = scale dS K,  dK = scale dS^T Q
+    (Dao, FlashAttention-2, Algorithm 2). GQA: dK/dV summed over each group's query heads."""
+    b, sq, h, d = q.shape
+    sk, hk = k.shape[1], k.shape[2]
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
+    f = torch.float32
+    q32, k32, v32, do32, o32 = (t.to(f) for t in (q, k, v, dout, out))
+    if hk != h:
+        k32 = k32.repeat_interleave(h // hk, dim=2)
+        v32 = v32.repeat_interleave(h // hk, dim=2)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q32, k32) * scale
+    mask = visible_mask(sq, sk, causal, bottom_right, None, q.device)
+    lse = lse.to(f).masked_fill(torch.isinf(lse), float("inf"))  # rows with no key: P = 0
+    p = torch.exp(scores - lse[..., None]).masked_fill(~mask, 0.0)      # (b, h, sq, sk)
+    dv = torch.einsum("bhqk,bqhd->bkhd", p, do32)
+    dp = torch.einsum("bqhd,bkhd->bhqk", do32, v32)
+    delta = (do32 * o32).sum(-1).transpose(1, 2)                        # (b, h, sq)
+    ds = p * (dp - delta[..., None])
+    dq = torch.einsum("bhqk,bkhd->bqhd", ds, k32) * scale
+    dk = torch.einsum("bhqk,bqhd->bkhd", ds, q32) * scale
+    if hk != h:
+        dk = dk.view(b, sk, hk, h // hk, d).sum(3)
+        dv = dv.view(b, sk, hk, h // hk, d).sum(3)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
