@@ -16,7 +16,9 @@ Times: median of CUDA-event timings of single steps (1-3 per point, after warm-u
 length; each step takes from ~0.1 s to ~30 s, so one step is its own batch), the slower rank's.
 Scaling efficiency = t(1 GPU) / (2 t(2 GPUs)). Memory per GPU: the peak allocated during one step
 beyond what was allocated before it, plus that GPU's inputs (q, k, v, dout: the whole sequence
-on 1 GPU, its shard on 2), in GiB; also what the forward keeps for the backward (allocated
+on 1 GPU, its shard on 2), in GiB (torch shards the buffers in place with resize_, which keeps
+their full-size storage allocated: that storage is left out, as in a model, where q, k, v are
+computed from the sharded batch); also what the forward keeps for the backward (allocated
 after a forward, beyond what was allocated before it: out, lse; per layer in a model). The
 longest sequence one step fits is estimated from a straight line through the measured peaks
 (memory is linear in the sequence) against the card's memory less 5%, not run: a step at that
@@ -42,7 +44,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "gpu"))
+sys.path.append(str(Path(__file__).resolve().parent.parent / "tests" / "gpu"))
 from common import attention_flops, env_header, environment, results_dir, write_json  # noqa: E402
 from cp_worker import init_flashjit_cp  # noqa: E402  (NCCL, mesh, flashjit active)
 
