@@ -7,7 +7,7 @@
 #      sequences, attention variants), results under $OUT/results/<gpu>/
 # Usage (on the device): bash benchmarks/device_run.sh [steps...]
 #   steps: build test test80 sanitize profile sweep kernels overhead jit peers original long
-#          variants ab sdpa hf hfbench cp cpbench
+#          variants ab sdpa hf hfbench cp cpbench decode decodebench
 #   (default: build test sanitize jit peers)
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -118,6 +118,27 @@ for step in $STEPS; do
       else
         timeout ${CPBENCH_TIMEOUT:-540} python3 -m torch.distributed.run --standalone --nproc-per-node 2 \
           benchmarks/bench_context_parallel.py --out "$OUT/results" ${CPBENCH_ARGS:-} 2>&1 | grep -v "^\[rank" | tail -n 40
+      fi ;;
+    decode|decodebench)  # KV cache (flash_attn_with_kvcache, csrc/splitkv): specs, then tests and
+                         # sanitizers (decode) or the benchmark (decodebench)
+      dk() { python3 -m flashjit.prebuild --kernel decode --jobs 16 "$@" 2>&1 | tail -n 1; }
+      dk --dtype fp16 --head-dim 64 128 --causal no
+      dk --dtype bf16 --head-dim 128 256 --causal both
+      dk --dtype bf16 --head-dim 128 --causal yes --window both --sink both
+      dk --dtype bf16 --head-dim 128 --causal no --softcap yes --alibi yes
+      dk --dtype bf16 --head-dim 128 --causal yes --window yes --softcap yes --alibi yes --sink yes
+      # chunked prefill on a contiguous cache runs the forward kernel (ops.PREFILL_MIN_QUERIES)
+      python3 -m flashjit.prebuild --kernel fwd --dtype bf16 --head-dim 128 --causal yes 2>&1 | tail -n 1
+      if [ $step = decode ]; then
+        timeout ${DECODE_TIMEOUT:-300} python3 -m pytest -q -rs -p no:cacheprovider tests/gpu/test_kvcache.py 2>&1 \
+          | tee "$OUT/pytest_kvcache.log" | tail -n 25
+        for tool in memcheck racecheck; do
+          timeout 200 compute-sanitizer --tool $tool --error-exitcode 1 python3 tests/gpu/sanitize_decode.py 2>&1 \
+            | tail -n 6 | tee "$OUT/sanitizer_decode_$tool.log"
+        done
+      else
+        timeout ${DECODEBENCH_TIMEOUT:-300} python3 benchmarks/bench_decode.py --out "$OUT/results" ${DECODEBENCH_ARGS:-} 2>&1 \
+          | tee "$OUT/decode_bench.log" | tail -n 60
       fi ;;
   esac
 done

@@ -11,6 +11,8 @@ namespace flashjit {
 // Each returns nullptr on success, else a static error string (from cudaGetErrorString).
 const char* fwd_run(const FwdParams& params, void* stream);
 const char* bwd_run(const BwdParams& params, void* stream);
+// Decoding against a KV cache (splitkv/): the append (and rotary) if any, then attention.
+const char* decode_run(const DecodeParams& params, const AppendParams& append, void* stream);
 
 // Zeroes rows [*end_row, rows) of `rows` contiguous rows of `row_bytes` bytes (a multiple of 16):
 // the rows of a varlen output past cu_seqlens[batch] (varlen_tail.cuh; end_row is a device pointer).

@@ -4,7 +4,8 @@ names the caller's own argument (``qkv``/``kv`` for packed inputs, ``query`` in 
 Errors: TypeError for a value of the wrong type, and for q/k/v and cu_seqlens of the wrong dtype;
 ValueError for wrong shapes, devices and values, and for the dtype of alibi_slopes and sink
 (float32 tensors whose dtype is a value to get right, as their shape is: the variants contract);
-NotImplementedError for block_table (paged KV, not built yet).
+NotImplementedError for block_table in the varlen functions (paged KV is served by
+flash_attn_with_kvcache, check_kvcache).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import math
 import numbers
 import operator
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -286,3 +287,284 @@ def key_padding_lengths(attn_mask, batch: int, seqlen_k: int, device) -> Tensor:
                              "of each sequence, then False); for other patterns pack the "
                              "sequences and use flash_attn_varlen_func")
     return lengths.contiguous()
+
+
+# ------------------------------------------------------------------------------------------------
+# flash_attn_with_kvcache
+# ------------------------------------------------------------------------------------------------
+class KvCacheArgs(NamedTuple):
+    """flash_attn_with_kvcache's arguments as the decode op takes them (check_kvcache)."""
+    k: Optional[Tensor]
+    v: Optional[Tensor]
+    rotary_cos: Optional[Tensor]
+    rotary_sin: Optional[Tensor]
+    rotary_interleaved: bool
+    cache_seqlens: Optional[Tensor]  # int32 (batch,), or None: every sequence at full capacity
+    cache_batch_idx: Optional[Tensor]
+    cache_leftpad: Optional[Tensor]
+    block_table: Optional[Tensor]
+    softmax_scale: float
+    causal: bool
+    window_left: int
+    window_right: int
+    softcap: float
+    alibi_slopes: Optional[Tensor]
+    sink: Optional[Tensor]
+    num_splits: int
+    return_softmax_lse: bool
+
+
+def _check_like_q(name: str, t, q: Tensor, rank: int) -> None:
+    """A tensor argument with q's device and dtype (TypeError for the dtype, as check_qkv)."""
+    if isinstance(t, Tensor) and t.device.type == "cuda" and t.dtype != q.dtype:
+        raise TypeError(f"{name} must have q's dtype ({q.dtype}), got {t.dtype}")
+    check_tensor(name, t, rank)
+    if t.device != q.device:
+        raise ValueError(f"{name} must be on the device of q ({q.device}), got {t.device}")
+
+
+def _check_cache_layout(name: str, t: Tensor) -> None:
+    """A cache is written in place, so it cannot be copied to the layout the kernels' 16-byte
+    accesses need: a contiguous last dim, the other strides multiples of 8 elements (dims of size
+    1 are never stepped along) and a 16-byte aligned data pointer (checked here when eager,
+    else in the op)."""
+    if t.stride(-1) != 1 or any(s % 8 != 0 for s, n in zip(t.stride()[:-1], t.shape) if n > 1):
+        raise ValueError(f"{name} must have a contiguous last dim and its other strides "
+                         f"multiples of 8 elements (16 bytes), got strides {tuple(t.stride())}; "
+                         "it is written in place, so flashjit cannot copy it")
+    if not torch.compiler.is_compiling() and type(t) is Tensor and t.data_ptr() % 16 != 0:
+        raise ValueError(f"{name}'s data pointer is not 16-byte aligned; it is written in place, "
+                         "so flashjit cannot copy it: allocate it aligned")
+
+
+def _check_index(name: str, t, device: torch.device, shape: Tuple[int, ...],
+                 layout: str) -> Optional[Tensor]:
+    """An optional int32 index tensor of `shape` (described by `layout`) on `device`, as the
+    kernels read it: its last dim contiguous (a copy where it is not)."""
+    if t is None:
+        return None
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be None or an int32 tensor {layout}, got "
+                        f"{type(t).__name__}")
+    if t.dtype != torch.int32:
+        raise TypeError(f"{name} must be int32, got {t.dtype}")
+    if t.device != device:
+        raise ValueError(f"{name} must be on the device of q ({device}), got {t.device}")
+    if t.dim() != len(shape) or any(n is not None and t.shape[i] != n
+                                    for i, n in enumerate(shape)):
+        raise ValueError(f"{name} must have shape {layout}, got {tuple(t.shape)}")
+    if t.dim() and t.shape[-1] > 1 and t.stride(-1) != 1:
+        t = t.contiguous()
+    return t
+
+
+def check_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens,
+                  cache_batch_idx, cache_leftpad, block_table, softmax_scale, causal,
+                  window_size, softcap, rotary_interleaved, alibi_slopes, num_splits,
+                  return_softmax_lse, sink, max_num_splits: int) -> KvCacheArgs:
+    """Every argument of flash_attn_with_kvcache (its docstring gives the contract), checked
+    before anything compiles: TypeError/ValueError naming the argument.
+
+    Shapes, dtypes and devices are always checked. The values of the index tensors (lengths past
+    the capacity, leftpad past cache_seqlens, block_table entries outside [0, num_blocks) for the
+    pages in use, cache_batch_idx outside [0, batch_cache) or repeated while appending, rotary
+    tables shorter than the largest position used) need a device-to-host copy: they are checked
+    (check_kvcache_values, one transfer) only when no CUDA graph is being captured and nothing
+    is being traced by torch.compile (capturing())."""
+    check_tensor("q", q, 4)
+    _check_like_q("k_cache", k_cache, q, 4)
+    _check_like_q("v_cache", v_cache, q, 4)
+    batch, seqlen_q, heads, d = q.shape
+    if k_cache.shape[-1] != d or v_cache.shape[-1] != d:
+        raise ValueError(f"q, k_cache, v_cache must have the same head_dim, got {d}, "
+                         f"{k_cache.shape[-1]}, {v_cache.shape[-1]}")
+    if d % 8 != 0 or not 8 <= d <= MAX_HEAD_DIM:
+        raise ValueError(f"head_dim {d} of q is not supported by flash_attn_with_kvcache: it must "
+                         f"be a multiple of 8 from 8 to {MAX_HEAD_DIM} (the cache is written in "
+                         "place, so it cannot be zero-padded as flash_attn_func pads its inputs)")
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"k_cache and v_cache must have the same shape, got "
+                         f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+    heads_k = k_cache.shape[2]
+    if heads_k == 0 or heads % heads_k != 0:
+        raise ValueError(f"the number of query heads of q ({heads}) must be a multiple of the "
+                         f"number of key/value heads of k_cache ({heads_k})")
+    _check_cache_layout("k_cache", k_cache)
+    _check_cache_layout("v_cache", v_cache)
+    slots, rows = k_cache.shape[0], k_cache.shape[1]  # sequences or pages; rows of each
+    if block_table is not None:
+        block_table = _check_index("block_table", block_table, q.device, (batch, None),
+                                   f"(batch, max_blocks) = ({batch}, max_blocks)")
+        if rows == 0 or rows % 16 != 0:
+            raise ValueError(f"k_cache's page size (its dim 1, with a block_table) must be a "
+                             f"positive multiple of 16, got {rows}")
+        for name, t in (("cache_batch_idx", cache_batch_idx), ("cache_leftpad", cache_leftpad)):
+            if t is not None:
+                raise ValueError(f"{name} is only supported with a contiguous cache, not with a "
+                                 "block_table (paged KV): pass block_table rows per sequence")
+        capacity = block_table.shape[1] * rows
+    else:
+        capacity = rows
+        cache_batch_idx = _check_index("cache_batch_idx", cache_batch_idx, q.device, (batch,),
+                                       f"(batch,) = ({batch},)")
+        cache_leftpad = _check_index("cache_leftpad", cache_leftpad, q.device, (batch,),
+                                     f"(batch,) = ({batch},)")
+        if cache_batch_idx is None and slots != batch:
+            raise ValueError(f"k_cache holds {slots} sequences but q has batch {batch}: pass "
+                             "cache_batch_idx to say which cache row each sequence uses")
+    if (k is None) != (v is None):
+        raise ValueError("k and v (the new keys and values to append) must be given together, "
+                         f"got k={'None' if k is None else 'a tensor'} and "
+                         f"v={'None' if v is None else 'a tensor'}")
+    seqlen_new = 0
+    if k is not None:
+        _check_like_q("k", k, q, 4)
+        _check_like_q("v", v, q, 4)
+        seqlen_new = k.shape[1]
+        want = (batch, seqlen_new, heads_k, d)
+        for name, t in (("k", k), ("v", v)):
+            if tuple(t.shape) != want:
+                raise ValueError(f"{name} must have shape (batch, seqlen_new, heads_k, d) = "
+                                 f"{want}, got {tuple(t.shape)}")
+        if seqlen_q == 0 and seqlen_new > 0:
+            raise ValueError("q has no query rows (seqlen_q 0) but k and v have new keys to "
+                             "append: pass at least one query")
+    if (rotary_cos is None) != (rotary_sin is None):
+        raise ValueError("rotary_cos and rotary_sin must be given together")
+    seqlen_ro = None
+    if rotary_cos is not None:
+        if k is None:
+            raise ValueError("rotary_cos/rotary_sin need k and v: rotary embedding is applied to "
+                             "q and to the new keys as they are appended (as in flash-attn 2.x); "
+                             "rotate q and the cache yourself to use it without appending")
+        for name, t in (("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin)):
+            _check_like_q(name, t, q, 2)
+        if rotary_cos.shape != rotary_sin.shape:
+            raise ValueError(f"rotary_cos and rotary_sin must have the same shape, got "
+                             f"{tuple(rotary_cos.shape)} and {tuple(rotary_sin.shape)}")
+        seqlen_ro, half = rotary_cos.shape
+        if not 1 <= half <= d // 2:
+            raise ValueError(f"rotary_cos must have shape (seqlen_ro, rotary_dim / 2) with "
+                             f"2 <= rotary_dim <= head_dim ({d}), got {tuple(rotary_cos.shape)}")
+        rotary_cos, rotary_sin = rotary_cos.contiguous(), rotary_sin.contiguous()
+    if cache_seqlens is None or isinstance(cache_seqlens, Tensor):
+        cache_seqlens = _check_index("cache_seqlens", cache_seqlens, q.device, (batch,),
+                                     f"(batch,) = ({batch},)")
+    else:
+        try:
+            n = check_int("cache_seqlens", cache_seqlens, capacity)
+        except TypeError:
+            raise TypeError("cache_seqlens must be None, an int or an int32 tensor (batch,), got "
+                            f"{type(cache_seqlens).__name__}") from None
+        if n + seqlen_new > capacity:
+            raise ValueError(f"cache_seqlens ({n}) + the {seqlen_new} new keys of k exceed the "
+                             f"cache's capacity ({capacity} rows)")
+        cache_seqlens = n
+    if cache_seqlens is None and seqlen_new > 0:
+        raise ValueError("k and v need cache_seqlens (where to append them): cache_seqlens=None "
+                         "means every cache is full")
+    # seqlen_q == 1: the causal mask hides nothing (the one query is the last position), so the
+    # plain spec serves it, as flash-attn 2.x does; rotary positions are the same either way.
+    causal, window_left, window_right = resolve_window(
+        window_size, check_flag("causal", causal) and seqlen_q > 1, seqlen_q, capacity)
+    scale = check_scalars(0.0, softmax_scale, d)
+    softcap = check_softcap(softcap)
+    rotary_interleaved = check_flag("rotary_interleaved", rotary_interleaved)
+    return_softmax_lse = check_flag("return_softmax_lse", return_softmax_lse)
+    num_splits = check_int("num_splits", num_splits, max_num_splits)
+    alibi_slopes, sink = check_variant_tensors(alibi_slopes, sink, q.device, batch, heads, "q")
+    if not capturing():
+        per_row = causal or (window_left, window_right) != (-1, -1)
+        check_kvcache_values(cache_seqlens, cache_leftpad, cache_batch_idx, block_table,
+                             batch=batch, seqlen_q=seqlen_q, seqlen_new=seqlen_new,
+                             capacity=capacity, page_size=rows, num_slots=slots,
+                             seqlen_ro=seqlen_ro, rotary_per_row=per_row)
+    if isinstance(cache_seqlens, int):  # flash-attn broadcasts an int to every sequence
+        cache_seqlens = torch.full((batch,), cache_seqlens, dtype=torch.int32, device=q.device)
+    return KvCacheArgs(k, v, rotary_cos, rotary_sin, rotary_interleaved, cache_seqlens,
+                       cache_batch_idx, cache_leftpad, block_table, scale, causal, window_left,
+                       window_right, softcap, alibi_slopes, sink, num_splits, return_softmax_lse)
+
+
+def check_kvcache_values(cache_seqlens, cache_leftpad: Optional[Tensor],
+                         cache_batch_idx: Optional[Tensor], block_table: Optional[Tensor], *,
+                         batch: int, seqlen_q: int, seqlen_new: int, capacity: int,
+                         page_size: int, num_slots: int, seqlen_ro: Optional[int],
+                         rotary_per_row: bool) -> None:
+    """The value checks of check_kvcache (ValueError naming the argument and the sequence), from
+    one device-to-host copy: the index tensors and, for a block_table, the first bad page entry
+    of each sequence among the pages it uses (found on the device), joined into one int64
+    tensor; nothing is copied when no tensor is given. Works on tensors of any device.
+
+    cache_seqlens: int32 (batch,), an int or None (every sequence at full capacity). num_slots:
+    k_cache.shape[0] (cache rows, or pages with a block_table); page_size: k_cache.shape[1].
+    seqlen_ro: rows of the rotary tables (None: no rotary); rotary_per_row: query i at position
+    cache_seqlens - leftpad + i (causal or a window) rather than all queries at the first."""
+    parts, names = [], []
+
+    def add(name: str, t: Tensor) -> None:
+        parts.append(t.reshape(-1).to(torch.int64))
+        names.append(name)
+
+    for name, t in (("cache_seqlens", cache_seqlens), ("cache_leftpad", cache_leftpad),
+                    ("cache_batch_idx", cache_batch_idx)):
+        if isinstance(t, Tensor):
+            add(name, t)
+    if block_table is not None and block_table.shape[1] > 0 and batch > 0:
+        max_blocks = block_table.shape[1]
+        if isinstance(cache_seqlens, Tensor):
+            ends = cache_seqlens.to(torch.int64) + seqlen_new
+        else:
+            n = capacity if cache_seqlens is None else cache_seqlens + seqlen_new
+            ends = torch.full((batch,), n, dtype=torch.int64, device=block_table.device)
+        pages = torch.clamp((ends + page_size - 1) // page_size, 0, max_blocks)
+        column = torch.arange(max_blocks, device=block_table.device)
+        bad = (column[None, :] < pages[:, None]) & ((block_table < 0) |
+                                                    (block_table >= num_slots))
+        first = torch.where(bad, column[None, :], max_blocks).amin(dim=1)  # max_blocks: none
+        add("bad_page", first)
+        add("bad_page_value", block_table.gather(1, first.clamp(max=max_blocks - 1)[:, None]))
+    values = {}
+    if parts:
+        host = torch.cat(parts).cpu().tolist()  # the one device-to-host copy
+        values = {name: host[i * batch:(i + 1) * batch] for i, name in enumerate(names)}
+    if cache_seqlens is None or isinstance(cache_seqlens, int):
+        values["cache_seqlens"] = [capacity if cache_seqlens is None else cache_seqlens] * batch
+    lengths = values["cache_seqlens"]
+    leftpad = values.get("cache_leftpad", [0] * batch)
+    for b, n in enumerate(lengths):
+        if n < 0:
+            raise ValueError(f"cache_seqlens[{b}] = {n} is negative")
+        if n + seqlen_new > capacity:
+            raise ValueError(f"cache_seqlens[{b}] = {n} plus the {seqlen_new} new keys of k "
+                             f"exceed the cache's capacity ({capacity} rows"
+                             + (": max_blocks x page_size)" if block_table is not None else ")"))
+        if not 0 <= leftpad[b] <= n:
+            raise ValueError(f"cache_leftpad[{b}] = {leftpad[b]} must be between 0 and "
+                             f"cache_seqlens[{b}] = {n}")
+    if "cache_batch_idx" in values:
+        index = values["cache_batch_idx"]
+        for b, row in enumerate(index):
+            if not 0 <= row < num_slots:
+                raise ValueError(f"cache_batch_idx[{b}] = {row} is not a row of k_cache "
+                                 f"(batch_cache {num_slots})")
+        if seqlen_new > 0 and len(set(index)) != len(index):
+            raise ValueError("cache_batch_idx repeats a cache row while k and v are appended: "
+                             "two sequences would write the same cache rows")
+    if "bad_page" in values:
+        for b, column in enumerate(values["bad_page"]):
+            if column < block_table.shape[1]:
+                raise ValueError(
+                    f"block_table[{b}, {column}] = {values['bad_page_value'][b]} is not a page "
+                    f"of k_cache (num_blocks {num_slots}), and sequence {b} uses that page "
+                    f"(cache_seqlens[{b}] + {seqlen_new} new keys = {lengths[b] + seqlen_new} "
+                    f"rows of {page_size})")
+    if seqlen_ro is not None:
+        extent = max(seqlen_new - 1, seqlen_q - 1 if rotary_per_row else 0)
+        for b, n in enumerate(lengths):
+            last = n - leftpad[b] + extent
+            if last >= seqlen_ro:
+                raise ValueError(
+                    f"rotary_cos/rotary_sin have {seqlen_ro} rows (positions), but sequence {b} "
+                    f"uses position {last} (cache_seqlens[{b}] - cache_leftpad[{b}] + {extent}): "
+                    f"they need at least {last + 1} rows")

@@ -1,7 +1,8 @@
 """Public API of flashjit: autograd and the flash_attn_* / SDPA entry points.
 
 Every argument is checked (_validate.py) before anything is compiled: TypeError, ValueError, or
-NotImplementedError (block_table: paged KV is not built yet), naming the caller's own argument.
+NotImplementedError (block_table in the varlen functions: paged KV is flash_attn_with_kvcache's),
+naming the caller's own argument.
 
 Conventions (flash-attn 2.x for causal, window_size, softcap and alibi_slopes; gpt-oss for sink):
   * Causal alignment when seqlen_q != seqlen_k: bottom-right in the flash_attn_* functions (as
@@ -23,7 +24,7 @@ import torch
 from torch import Tensor
 
 from . import ops
-from ._validate import (check_cu_seqlens, check_flag, check_int, check_options,
+from ._validate import (check_cu_seqlens, check_flag, check_int, check_kvcache, check_options,
                         check_qkv, check_scalars, check_variant_tensors, key_padding_lengths,
                         refuse_tensor_argument, resolve_window)
 
@@ -411,3 +412,100 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor,
                         is_causal, False, dropout_p, False)
     return out.transpose(1, 2)
 
+
+
+# ------------------------------------------------------------------------------------------------
+# Inference: KV cache, paged KV, split-KV decoding, fused rotary
+# ------------------------------------------------------------------------------------------------
+def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Optional[Tensor] = None,
+                            v: Optional[Tensor] = None, rotary_cos: Optional[Tensor] = None,
+                            rotary_sin: Optional[Tensor] = None, cache_seqlens=None,
+                            cache_batch_idx: Optional[Tensor] = None,
+                            cache_leftpad: Optional[Tensor] = None,
+                            block_table: Optional[Tensor] = None,
+                            softmax_scale: Optional[float] = None, causal: bool = False,
+                            window_size=(-1, -1), softcap: float = 0.0,
+                            rotary_interleaved: bool = True, alibi_slopes=None,
+                            num_splits: int = 0, return_softmax_lse: bool = False, *,
+                            sink: Optional[Tensor] = None):
+    """Attention over a KV cache for inference (decoding, speculative decoding, chunked prefill),
+    as flash_attn.flash_attn_with_kvcache (2.x; flash-attn's signature, argument order, defaults
+    and return convention, plus flashjit's keyword-only sink). If k and v are given they are
+    first appended to the cache IN PLACE (rotated, with rotary_cos/rotary_sin), and the
+    attention covers the old keys and the new ones, in one call.
+
+    Inference only: no autograd (the outputs carry no gradient, whatever requires grad).
+
+    q: (batch, seqlen_q, heads, d), fp16 or bf16, on a CUDA device; d a multiple of 8 from 8 to
+        256 (other head dims raise: the cache is written in place, so it cannot be zero-padded
+        as flash_attn_func pads). Copied once if its last dim or alignment is not the kernels'.
+    k_cache, v_cache: q's dtype and device, same shape, heads % heads_k == 0 (MQA/GQA).
+        Contiguous cache (batch_cache, seqlen_cache, heads_k, d), or paged with block_table:
+        (num_blocks, page_size, heads_k, d), page_size a multiple of 16. Written in place, so
+        never copied: the last dim must be contiguous, the other strides multiples of 8 elements
+        (16 bytes; any order, e.g. views into a larger buffer) and the data pointer 16-byte
+        aligned (ValueError otherwise).
+    k, v: None, or both (batch, seqlen_new, heads_k, d): the new keys/values, written to cache rows
+        cache_seqlens[b] .. cache_seqlens[b] + seqlen_new - 1 (of cache row cache_batch_idx[b]
+        when given, through block_table when paged); they need cache_seqlens.
+    rotary_cos, rotary_sin: None, or both (seqlen_ro, rotary_dim / 2) in q's dtype (rotary_dim
+        even, <= d); only with k and v (as flash-attn 2.x). The first rotary_dim dims of q and of
+        the new keys are rotated before use (the cache receives the rotated keys; v is not
+        rotated): pairs (x, y) = dims (2c, 2c + 1) with rotary_interleaved=True (GPT-J), or
+        (c, c + rotary_dim / 2) with False (GPT-NeoX), by angle row p, column c of the tables:
+        x' = x cos - y sin, y' = x sin + y cos. Positions p (leftpad: cache_leftpad[b], else 0):
+        new key t of sequence b at cache_seqlens[b] - leftpad + t; query i at
+        cache_seqlens[b] - leftpad + i with causal or a sliding window, else every query at
+        cache_seqlens[b] - leftpad (flash-attn 2.x's convention). seqlen_ro must exceed the
+        largest position used.
+    cache_seqlens: int32 (batch,) on q's device, an int (used for every sequence, as flash-attn
+        allows), or None = every cache full (seqlen_cache rows, or max_blocks * page_size
+        paged): the cache rows that hold keys before this call, leftpad rows included.
+    cache_batch_idx: int32 (batch,): sequence b uses cache row cache_batch_idx[b] (default b; a
+        cache may hold more sequences than the batch). Contiguous cache only.
+    cache_leftpad: int32 (batch,): sequence b's keys start at cache row cache_leftpad[b] (rows
+        before it are not attended; <= cache_seqlens[b]). Contiguous cache only.
+    block_table: int32 (batch, max_blocks): logical row r of sequence b is row r % page_size of
+        page block_table[b, r // page_size] (paged KV, as vLLM's); only the entries of pages in
+        use are read.
+    softmax_scale, causal, window_size, softcap, alibi_slopes, sink: as flash_attn_func, over the
+        L_b = cache_seqlens[b] + seqlen_new - leftpad keys of sequence b, with the queries aligned
+        bottom-right (query i at position L_b - seqlen_q + i: causal hides the keys after it, a
+        window and ALiBi distances count from it). With seqlen_q = 1 causal hides nothing and is
+        dropped (as flash-attn does); window bounds that exclude no key of a cache of this
+        capacity are none (resolve_window). A query row that sees no key gets out 0 and lse -inf
+        (sink_h with a sink).
+    num_splits: int from 0 to 128: split-KV, how many parts of the keys are attended in parallel
+        (then combined by lse): 1 = none, 0 = chosen from the sizes and the SM count
+        (ops.num_splits_heuristic; the cache capacity stands for the lengths, which live on the
+        device, so the choice is the same under CUDA-graph replay).
+    return_softmax_lse: also return lse.
+
+    Returns out (batch, seqlen_q, heads, d) in q's dtype, or with return_softmax_lse
+    (out, softmax_lse) with softmax_lse float32 (batch, heads, seqlen_q), natural log.
+
+    Errors, before anything compiles, naming the argument: TypeError for wrong types and dtypes
+    (q, caches, k, v and the rotary tables not of q's dtype, index tensors not int32);
+    ValueError for wrong shapes, devices, layouts and values. The values in the index tensors
+    (lengths past the capacity, cache_leftpad > cache_seqlens, block_table entries outside
+    [0, num_blocks) among the pages in use, cache_batch_idx outside [0, batch_cache) or repeated
+    while appending, rotary tables too short) are checked with one device-to-host copy, only
+    when no CUDA graph is being captured (torch.cuda.is_current_stream_capturing()) and
+    torch.compile is not tracing; under capture they are the caller's to get right. That copy
+    synchronises each eager call that passes index tensors; decoding loops that care capture the
+    step in a CUDA graph (static tensors, cache_seqlens a tensor) and replay it after copying the
+    new inputs in."""
+    a = check_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens,
+                      cache_batch_idx, cache_leftpad, block_table, softmax_scale, causal,
+                      window_size, softcap, rotary_interleaved, alibi_slopes, num_splits,
+                      return_softmax_lse, sink, ops.MAX_NUM_SPLITS)
+    d = q.shape[-1]
+    q = _kernel_layout(q, d)
+    k_new = None if a.k is None else _kernel_layout(a.k, d)
+    v_new = None if a.v is None else _kernel_layout(a.v, d)
+    out, lse = ops.call_decode(q, k_cache, v_cache, k_new, v_new, a.rotary_cos, a.rotary_sin,
+                               a.rotary_interleaved, a.cache_seqlens, a.cache_batch_idx,
+                               a.cache_leftpad, a.block_table, a.softmax_scale, a.causal,
+                               a.window_left, a.window_right, a.softcap, a.alibi_slopes, a.sink,
+                               a.num_splits)
+    return (out, lse * _LN2) if a.return_softmax_lse else out

@@ -317,3 +317,205 @@ def call_bwd(*args):
 
 def _tensors(args) -> list:
     return [a for a in args if isinstance(a, Tensor)]
+
+
+# ------------------------------------------------------------------------------------------------
+# Decoding with a KV cache (interface.flash_attn_with_kvcache): the "decode" kernel
+# ------------------------------------------------------------------------------------------------
+# Split-KV: the most splits one call makes, the fewest keys a split gets from the heuristic, and
+# the decode kernel's packed query rows per CTA (seqlen_q x heads per K/V head, GQA packed): one
+# 16-row tile up to 16 rows, else tiles of 64 (csrc/splitkv/launch.cuh).
+MAX_NUM_SPLITS = 128
+MIN_KEYS_PER_SPLIT = 256
+WAVE_EFFICIENCY_SHARE = 0.85
+# From this many queries per sequence on, a contiguous cache (no block table, cache_batch_idx or
+# cache_leftpad) is attended by the forward (prefill) kernel, the decode op appending only:
+# measured on the H200 (benchmarks/results/h200/decode.md), the forward kernel is 1.5-3x
+# faster than the decode kernel's 64-row tiles at 128-512 queries.
+PREFILL_MIN_QUERIES = 64
+
+
+def decode_ctas(batch: int, heads_k: int, rows_per_kv_head: int) -> int:
+    """CTAs of one decode kernel launch without splits (csrc/splitkv/launch.cuh's grid)."""
+    tiles = 1 if rows_per_kv_head <= 16 else -(-rows_per_kv_head // 64)
+    return batch * heads_k * tiles if rows_per_kv_head > 0 else 0
+
+
+def wave_efficiency(ctas: int, slots: int) -> float:
+    """The share of the SM slots the waves of `ctas` equal CTAs keep busy: ctas / (slots x
+    waves), waves = ceil(ctas / slots)."""
+    return ctas / (slots * -(-ctas // slots))
+
+
+def num_splits_heuristic(batch: int, heads_k: int, rows_per_kv_head: int, max_seqlen_k: int,
+                         num_sms: int, ctas_per_sm: int = 2) -> int:
+    """How many splits of the keys (split-KV) a decode call uses when num_splits=0 asks for one.
+
+    Decoding reads the whole cache once and does little arithmetic per byte: it is bound by
+    memory bandwidth, and its CTAs all take about as long, so what counts is how well their waves
+    fill the slots = ctas_per_sm x num_sms places (2 per SM at head dims up to 128, 1 above,
+    from the kernel's shared memory). s splits make s times decode_ctas() CTAs, each over
+    max_seqlen_k / s keys, plus a combine pass. The choice: the fewest splits whose
+    wave_efficiency is within WAVE_EFFICIENCY_SHARE (85%) of the best over 1 .. the most splits
+    allowed (every split keeps >= MIN_KEYS_PER_SPLIT = 256 keys, at most MAX_NUM_SPLITS = 128);
+    1 where even two splits would not keep 256 keys each. Non-decreasing in max_seqlen_k. Pure:
+    from sizes alone (the caller passes the cache capacity as max_seqlen_k, since the lengths
+    live on the device), so a CUDA graph replays the choice it captured."""
+    ctas = decode_ctas(batch, heads_k, rows_per_kv_head)
+    slots = max(1, ctas_per_sm * num_sms)
+    most = min(MAX_NUM_SPLITS, max_seqlen_k // MIN_KEYS_PER_SPLIT)
+    if ctas <= 0 or most < 2:
+        return 1
+    efficiency = [wave_efficiency(ctas * s, slots) for s in range(1, most + 1)]
+    good = WAVE_EFFICIENCY_SHARE * max(efficiency)
+    return next(s for s, e in enumerate(efficiency, 1) if e >= good)
+
+
+_sm_counts: dict = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    """The SM count of a CUDA device (cached per device index: one property query each)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    count = _sm_counts.get(index)
+    if count is None:
+        count = _sm_counts[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return count
+
+
+_smem_limits: dict = {}
+
+
+def decode_smem_bytes(head_dim_bucket: int, rows_per_kv_head: int, stages: int) -> int:
+    """Shared memory of one decode-kernel CTA, bytes (csrc/splitkv/decode_kernel.cuh's
+    DecodeTraits, which this mirrors: a Q tile of 16 packed rows, or 64 above 16, and `stages`
+    K and V buffers of 64 keys; rows of head_dim_bucket + 8 16-bit elements)."""
+    block_m = 16 if rows_per_kv_head <= 16 else 64
+    return (block_m + 2 * stages * 64) * (head_dim_bucket + 8) * 2
+
+
+def check_decode_smem(device: torch.device, head_dim: int, rows_per_kv_head: int) -> None:
+    """NotImplementedError, before any compile, where even the decode kernel's two-buffer
+    configuration exceeds the GPU's shared memory per block (sm86/sm89: 99 KB, so d > 160, or
+    d > 128 with more than 16 packed rows; A100: 163 KB, so d 256 with more than 16 rows); the
+    launch code takes three buffers where they fit (csrc/splitkv/launch.cuh). Not a CUDA device
+    (the CPU tests' stand-ins): nothing to check."""
+    if device.type != "cuda":
+        return
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _smem_limits:
+        _smem_limits[index] = getattr(torch.cuda.get_device_properties(index),
+                                      "shared_memory_per_block_optin", None)
+    limit = _smem_limits[index]
+    need = decode_smem_bytes(head_dim_bucket(head_dim), rows_per_kv_head, 2)
+    if limit is not None and need > limit:
+        raise NotImplementedError(
+            f"flash_attn_with_kvcache: head dim {head_dim} with {rows_per_kv_head} query rows per "
+            f"K/V head (seqlen_q x heads / heads_k) needs {need // 1024} KB of shared memory per "
+            f"block in the decode kernel; this GPU allows {limit // 1024} KB. Fewer rows (16 or "
+            "less) or a smaller head dim fit; a contiguous cache with seqlen_q >= "
+            f"{PREFILL_MIN_QUERIES} runs the forward kernel instead.")
+
+
+def _decode_impl(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    k_new: Optional[Tensor],
+    v_new: Optional[Tensor],
+    rotary_cos: Optional[Tensor],
+    rotary_sin: Optional[Tensor],
+    rotary_interleaved: bool,
+    cache_seqlens: Optional[Tensor],
+    cache_batch_idx: Optional[Tensor],
+    cache_leftpad: Optional[Tensor],
+    block_table: Optional[Tensor],
+    softmax_scale: float,
+    causal: bool,
+    window_left: int,
+    window_right: int,
+    softcap: float,
+    alibi_slopes: Optional[Tensor],
+    sink: Optional[Tensor],
+    num_splits: int,
+) -> Tuple[Tensor, Tensor]:
+    """Attention of q over a KV cache, appending k_new/v_new to the cache in place first (the
+    decode kernel's contract: interface.flash_attn_with_kvcache documents every argument, which
+    arrive validated). Returns (out like q, lse float32 (batch, heads, seqlen_q) in log2 units).
+
+    Allocates the kernel's buffers (ops._empty: NaN-poisoned in tests): out, lse, q_rot (like q,
+    contiguous: the rotated q, only with rotary_cos) and, with more than one split, the split-KV
+    scratch o_partial float32 (num_splits, batch, heads, seqlen_q, d) and lse_partial float32
+    (num_splits, batch, heads, seqlen_q); num_splits 0 picks the count (num_splits_heuristic,
+    from the cache's capacity). The caches cannot be copied (they are written in place), so a
+    data pointer that is not 16-byte aligned raises ValueError here."""
+    q, k_new, v_new = _aligned(q), _aligned(k_new), _aligned(v_new)
+    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if cache.data_ptr() % 16 != 0:
+            raise ValueError(f"{name}'s data pointer is not 16-byte aligned; it is written in "
+                             "place, so flashjit cannot copy it: allocate it aligned")
+    batch, seqlen_q, heads, d = q.shape
+    out = _empty(q.shape, q.dtype, q.device)
+    lse = _empty((batch, heads, seqlen_q), torch.float32, q.device)
+    seqlen_new = 0 if k_new is None else k_new.shape[1]
+    if batch == 0 or heads == 0 or (seqlen_q == 0 and seqlen_new == 0):
+        return out, lse  # nothing to attend and nothing to append
+    q_rot = _empty(q.shape, q.dtype, q.device) if rotary_cos is not None else None
+    flags = variant_flags(causal, window_left, window_right, softcap, alibi_slopes, sink, 0.0)
+    window_left, window_right = window_bounds(causal, window_left, window_right)
+    if (seqlen_q >= PREFILL_MIN_QUERIES and block_table is None and cache_batch_idx is None
+            and cache_leftpad is None):
+        # Chunked prefill on a contiguous cache: the decode op appends (and rotates) only (0
+        # splits), then the forward kernel attends, the keys each sequence holds given as
+        # seqused_k (its bottom-right causal alignment and windows follow the used length).
+        no_splits = _empty((0, batch, heads, seqlen_q, d), torch.float32, q.device)
+        _launch(_spec_op("decode", q, flags), q.device,
+                q, k_cache, v_cache, out, lse, k_new, v_new, q_rot, rotary_cos, rotary_sin,
+                rotary_interleaved, cache_seqlens, None, None, None, no_splits, no_splits[..., 0],
+                softmax_scale, window_left, window_right, softcap, alibi_slopes, sink)
+        used = None
+        if cache_seqlens is not None or seqlen_new:
+            filled = (cache_seqlens if cache_seqlens is not None
+                      else torch.full((batch,), k_cache.shape[1], dtype=torch.int32,
+                                      device=q.device))
+            used = (filled + seqlen_new).to(torch.int32)
+        _launch(_spec_op("fwd", q, flags), q.device,
+                q if q_rot is None else q_rot, k_cache, v_cache, out, lse, None, None, None, used,
+                seqlen_q, k_cache.shape[1], softmax_scale, True, window_left, window_right,
+                softcap, alibi_slopes, sink, None, 0.0)
+        return out, lse
+    check_decode_smem(q.device, d, seqlen_q * (heads // k_cache.shape[2]))
+    if num_splits == 0:
+        capacity = (k_cache.shape[1] if block_table is None
+                    else block_table.shape[1] * k_cache.shape[1])
+        heads_k = k_cache.shape[2]
+        num_splits = num_splits_heuristic(batch, heads_k, seqlen_q * (heads // heads_k), capacity,
+                                          _sm_count(q.device), 2 if d <= 128 else 1)
+    o_partial = lse_partial = None
+    if num_splits > 1:
+        o_partial = _empty((num_splits, batch, heads, seqlen_q, d), torch.float32, q.device)
+        lse_partial = _empty((num_splits, batch, heads, seqlen_q), torch.float32, q.device)
+    _launch(_spec_op("decode", q, flags), q.device,
+            q, k_cache, v_cache, out, lse, k_new, v_new, q_rot, rotary_cos, rotary_sin,
+            rotary_interleaved, cache_seqlens, cache_batch_idx, cache_leftpad, block_table,
+            o_partial, lse_partial, softmax_scale, window_left, window_right, softcap,
+            alibi_slopes, sink)
+    return out, lse
+
+
+decode = torch.library.custom_op("flashjit::decode", _decode_impl,
+                                 mutates_args=("k_cache", "v_cache"), device_types="cuda")
+
+
+@decode.register_fake
+def _decode_fake(q, k_cache, v_cache, k_new, v_new, rotary_cos, rotary_sin, rotary_interleaved,
+                 cache_seqlens, cache_batch_idx, cache_leftpad, block_table, softmax_scale,
+                 causal, window_left, window_right, softcap, alibi_slopes, sink, num_splits):
+    batch, seqlen_q, heads, _ = q.shape
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    return out, q.new_empty((batch, heads, seqlen_q), dtype=torch.float32)
+
+
+def call_decode(*args):
+    """flashjit::decode, straight to its implementation when eager (see _eager)."""
+    return (_decode_impl if _eager(*_tensors(args)) else decode)(*args)

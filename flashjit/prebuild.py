@@ -170,6 +170,8 @@ def specs_from_args(args: argparse.Namespace) -> list[JitSpec]:
     for kernel, arch, dtype, head_dim, *variant in itertools.product(
         attention, arches, args.dtype, head_dims, *flags
     ):
+        if variant[-1] and not any(r.dropout for r in registry.rows(kernel)):
+            continue  # --dropout yes/both: only for the kernels that have dropout (not decode)
         specs.append(JitSpec(kernel, arch, dtype, head_dim, *variant,
                              family=_family(args.family, kernel, arch, head_dim), tile=args.tile))
     specs += [JitSpec(k, arch) for k in arch_only for arch in arches]

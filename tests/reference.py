@@ -106,3 +106,103 @@ def attention_grads_ref(dout, q, k, v, out, lse, causal=False, softmax_scale=Non
         dk = dk.view(b, sk, hk, h // hk, d).sum(3)
         dv = dv.view(b, sk, hk, h // hk, d).sum(3)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def rotary_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+               interleaved: bool) -> torch.Tensor:
+    """Rotary embedding of x (..., seq, heads, d) at int64 positions (..., seq) (broadcastable),
+    with tables cos, sin (seqlen_ro, rotary_dim / 2): the first rotary_dim dims rotate in pairs
+    (x, y) = (2c, 2c + 1) (interleaved, GPT-J) or (c, c + rotary_dim / 2) (GPT-NeoX) by the
+    angle at (position, c): x' = x cos - y sin, y' = x sin + y cos; the other dims pass.
+    Computed in at least float32 from the exact products (an fp16/bf16 product is exact in
+    float32, so x cos - y sin is rounded once, with or without a fused multiply-add) and rounded
+    once to x's dtype: the decode kernel's contract, which makes the appended cache rows exact."""
+    acc = torch.promote_types(x.dtype, torch.float32)
+    half = cos.shape[-1]
+    c = cos.to(acc)[positions][..., None, :]  # (..., seq, 1, half)
+    s = sin.to(acc)[positions][..., None, :]
+    r = x[..., : 2 * half].to(acc)
+    if interleaved:
+        a, b = r[..., 0::2], r[..., 1::2]
+    else:
+        a, b = r[..., :half], r[..., half:]
+    a2, b2 = a * c - b * s, a * s + b * c
+    rotated = torch.stack((a2, b2), dim=-1).flatten(-2) if interleaved else torch.cat((a2, b2), -1)
+    return torch.cat((rotated.to(x.dtype), x[..., 2 * half:]), dim=-1)
+
+
+def kvcache_ref(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
+                cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None, block_table=None,
+                softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                rotary_interleaved=True, alibi_slopes=None, sink=None, upcast=True):
+    """flashjit.flash_attn_with_kvcache's contract in plain PyTorch, on CPU or CUDA tensors.
+
+    Returns (out, lse, k_cache_after, v_cache_after): out (batch, seqlen_q, heads, d), lse
+    (batch, heads, seqlen_q) natural log, and copies of the caches with k/v appended (the inputs
+    are not modified). Rotary (rotary_ref) is applied to q and to the new keys in their dtype,
+    as the kernel writes them (the cache gets the rotated keys; the attention uses the rotated q
+    rounded to q's dtype). Then, per sequence b (a loop: each has its own key count), the keys
+    are logical rows leftpad[b] .. cache_seqlens[b] + seqlen_new - 1 of its cache row
+    (cache_batch_idx) or of its pages (block_table), attended with
+    flashjit.testing.attention_reference, bottom-right. upcast=True: the attention in float32
+    (float64 for float64 inputs), out float32: the reference; upcast=False: in the inputs' dtype,
+    PyTorch's own error in that dtype (the tests' yardstick).
+
+    Rotary positions (flash-attn 2.x): new key t at cache_seqlens[b] - leftpad[b] + t; query i
+    at the same + i when causal or a sliding window is in effect (window_size after the
+    normalisation of flashjit._validate.resolve_window against the cache capacity, causal
+    dropped at seqlen_q 1), else every query at cache_seqlens[b] - leftpad[b]."""
+    from flashjit.testing import attention_reference
+
+    batch, seqlen_q, heads, d = q.shape
+    k_cache, v_cache = k_cache.clone(), v_cache.clone()
+    paged = block_table is not None
+    page = k_cache.shape[1]
+    capacity = block_table.shape[1] * page if paged else k_cache.shape[1]
+    seqlen_new = 0 if k is None else k.shape[1]
+    if cache_seqlens is None:
+        lengths = [capacity] * batch
+    elif isinstance(cache_seqlens, int):
+        lengths = [cache_seqlens] * batch
+    else:
+        lengths = cache_seqlens.tolist()
+    leftpad = [0] * batch if cache_leftpad is None else cache_leftpad.tolist()
+    rows = list(range(batch)) if cache_batch_idx is None else cache_batch_idx.tolist()
+    left, right = window_size
+    causal = causal and seqlen_q > 1
+    left = -1 if left >= capacity - 1 else left
+    right = 0 if causal else (-1 if right >= seqlen_q - 1 else right)
+    per_row = causal or (left, right) != (-1, -1)
+    if rotary_cos is not None:
+        start = torch.tensor([n - p for n, p in zip(lengths, leftpad)],
+                             device=q.device)[:, None]  # (batch, 1)
+        steps_q = torch.arange(seqlen_q, device=q.device)[None] if per_row else 0
+        q = rotary_ref(q, rotary_cos, rotary_sin, start + steps_q, rotary_interleaved)
+        k = rotary_ref(k, rotary_cos, rotary_sin,
+                       start + torch.arange(seqlen_new, device=q.device)[None],
+                       rotary_interleaved)
+
+    def locate(b, r):  # logical rows r (int64) of sequence b -> (cache index, row) tensors
+        if not paged:
+            return torch.full_like(r, rows[b]), r
+        return block_table[b].to(r.device).long()[r // page], r % page
+
+    acc = torch.promote_types(q.dtype, torch.float32) if upcast else q.dtype
+    outs, lses = [], []
+    for b in range(batch):
+        if seqlen_new:
+            new_rows = torch.arange(lengths[b], lengths[b] + seqlen_new, device=q.device)
+            where = locate(b, new_rows)
+            k_cache[where] = k[b]
+            v_cache[where] = v[b]
+        held = locate(b, torch.arange(leftpad[b], lengths[b] + seqlen_new, device=q.device))
+        slopes = alibi_slopes
+        if alibi_slopes is not None and alibi_slopes.dim() == 2:
+            slopes = alibi_slopes[b]
+        out, lse = attention_reference(
+            q[b:b + 1].to(acc), k_cache[held][None].to(acc), v_cache[held][None].to(acc),
+            causal=causal, window_size=(left, right), softcap=softcap, alibi_slopes=slopes,
+            sink=sink, softmax_scale=softmax_scale)
+        outs.append(out)
+        lses.append(lse)
+    return torch.cat(outs), torch.cat(lses), k_cache, v_cache

@@ -144,4 +144,64 @@ struct BwdParams {
   DropoutParams dropout;
 };
 
+// KV cache of the decode family (splitkv/). The cache holds key rows; logical key j of sequence b
+// (0 <= j < seqlen_k(b)) is cache row r = leftpad[b] + j of
+//   contiguous: k + cache_batch_idx[b] * batch_stride + r * row_stride (cache (batch_cache,
+//               capacity, heads_k, d)),
+//   paged:      k + block_table[b][r / page_size] * batch_stride + (r % page_size) * row_stride
+//               (cache (num_blocks, page_size, heads_k, d): the batch stride is the page's),
+// with seqlen_k(b) = cache_seqlens[b] + seqlen_new - leftpad[b] (cache_seqlens: rows filled before
+// this call's seqlen_new new keys, which are appended at rows cache_seqlens[b] ..). Queries are
+// the last seqlen_q positions (bottom-right alignment). problem.cuh's CacheRows resolves rows.
+struct KvCacheParams {
+  const int* cache_seqlens;    // (batch) or nullptr: every cache full (capacity rows)
+  const int* cache_batch_idx;  // (batch) cache row of each sequence, or nullptr: b (contiguous)
+  const int* leftpad;          // (batch) first row of each sequence's keys, or nullptr: 0
+  const int* block_table;      // (batch, max_blocks) page numbers, or nullptr: contiguous
+  int64_t block_table_batch_stride;
+  int page_size;               // rows per page (a multiple of 16), paged only
+  int page_shift;              // log2(page_size) for a power of two, else -1
+  int num_blocks;              // pages in the cache (out-of-range page numbers read as zeros)
+  int capacity;                // rows a sequence can hold: seqlen_cache, or max_blocks * page_size
+  int seqlen_new;              // rows appended by this call (0: none)
+};
+
+// Decoding (splitkv/): attention of seqlen_q queries per sequence against a KV cache, the query
+// heads of each K/V head packed into the rows of one tile (GQA packing: packed row r is query
+// r / group of head hk * group + r % group, group = heads / heads_k) and the keys split into
+// num_splits ranges. fwd.k/v are the caches (strides as KvCacheParams says); fwd.seqlen_k is the
+// capacity. With num_splits > 1 each split writes its normalised partial output and lse (log2
+// units) to o_partial (num_splits, batch, heads, seqlen_q, head_dim) and lse_partial
+// (num_splits, batch, heads, seqlen_q), float32 contiguous, and a second kernel combines them
+// (lse = log2 sum_s 2^lse_s, O = sum_s 2^(lse_s - lse) O_s, then the sink). num_splits 0: the
+// append and rotary only (AppendParams), no attention.
+struct DecodeParams {
+  FwdParams fwd;  // q, o, lse (batch, heads, seqlen_q), strides, heads, variant (no dropout)
+  KvCacheParams cache;
+  int num_splits;
+  float* o_partial;
+  float* lse_partial;
+};
+
+// The append before decoding (splitkv/append_kernel.cuh): k_new/v_new (batch, seqlen_new,
+// heads_k, d) are written into the cache at rows cache_seqlens[b] + t, k_new rotated first; q is
+// rotated into q_rot (contiguous, like q) when rotary is on. Rotary (RoPE) on the first
+// rotary_dim dims, angle c of position pos: cos/sin[pos][c], tables (seqlen_ro, rotary_dim / 2):
+//   interleaved (GPT-J): pairs (2c, 2c + 1); else (GPT-NeoX): pairs (c, c + rotary_dim / 2);
+//   (x, y) -> (x cos - y sin, x sin + y cos).
+// Positions: new key t at cache_seqlens[b] - leftpad[b] + t; query i at the same + i when
+// q_positions_step (causal or windowed), else every query at cache_seqlens[b] - leftpad[b].
+struct AppendParams {
+  const void *k_new, *v_new;  // (batch, seqlen_new, heads_k, d), or nullptr: no append
+  int64_t kn_batch_stride, kn_row_stride, kn_head_stride;
+  int64_t vn_batch_stride, vn_row_stride, vn_head_stride;
+  const void *rotary_cos, *rotary_sin;  // (seqlen_ro, rotary_dim / 2) contiguous, or nullptr
+  int rotary_dim;
+  bool rotary_interleaved;
+  bool q_positions_step;
+  const void* q_src;  // the caller's q (batch, seqlen_q, heads, d), rotated into q_rot
+  int64_t q_batch_stride, q_row_stride, q_head_stride;
+  void* q_rot;  // (batch, seqlen_q, heads, d) contiguous: the rotated q (rotary only), or nullptr
+};
+
 }  // namespace flashjit

@@ -1,6 +1,7 @@
 // problem.cuh: what one CTA of an attention kernel works on, and where its tensors live: every
 // pointer and offset, computed in one place for the forward and the backward of every family
-// (contiguous K/V; paged K/V comes later through here). Family-agnostic: no tile code.
+// (contiguous K/V, and the KV cache's rows, contiguous or paged: CacheRows). Family-agnostic:
+// no tile code.
 //   FwdQueryBlock: a query block of the forward, against its range of key blocks.
 //   BwdQueryBlock: a query block of the backward's dQ kernels (deterministic path).
 //   BwdKeyBlock:   a key block of the backward's dK/dV kernels, against its range of query blocks.
@@ -154,6 +155,59 @@ struct BwdKeyBlock {
   }
   // Past the key rows this sequence owns (rows_k: padding rows included, which get dK = dV = 0).
   __device__ bool empty() const { return n0 >= seq.rows_k; }
+};
+
+// The key rows of one sequence of a KV cache (params.h: KvCacheParams), K/V head hk: the
+// element offsets of logical key j's row in K and in V, contiguous or through the page table.
+// seqlen_k: this call's keys, old and appended; rows past the capacity are never used (clamped).
+struct CacheRows {
+  int64_t k_base, v_base;        // contiguous: row leftpad of the sequence's cache row; paged: head
+  int64_t k_row, v_row;          // row strides
+  int64_t k_page, v_page;        // page strides (paged)
+  const int* pages;              // this sequence's block_table row, or nullptr (contiguous)
+  int leftpad, page_size, page_shift, num_blocks;
+  int cached;                    // rows filled before this call (cache_seqlens[b]), leftpad included
+  int seqlen_k;                  // keys of this call: cached + seqlen_new - leftpad
+
+  __device__ CacheRows(const DecodeParams& dp, int b, int hk) {
+    const FwdParams& p = dp.fwd;
+    const KvCacheParams& c = dp.cache;
+    leftpad = c.leftpad != nullptr ? c.leftpad[b] : 0;
+    cached = c.cache_seqlens != nullptr ? c.cache_seqlens[b] : c.capacity;
+    seqlen_k = max(0, min(cached + c.seqlen_new, c.capacity) - leftpad);
+    k_row = p.k_row_stride;
+    v_row = p.v_row_stride;
+    k_page = p.k_batch_stride;
+    v_page = p.v_batch_stride;
+    page_size = c.page_size;
+    page_shift = c.page_shift;
+    num_blocks = c.num_blocks;
+    pages = c.block_table != nullptr ? c.block_table + b * c.block_table_batch_stride : nullptr;
+    k_base = hk * p.k_head_stride;
+    v_base = hk * p.v_head_stride;
+    if (pages == nullptr) {
+      const int row = c.cache_batch_idx != nullptr ? c.cache_batch_idx[b] : b;
+      k_base += row * p.k_batch_stride + int64_t(leftpad) * k_row;
+      v_base += row * p.v_batch_stride + int64_t(leftpad) * v_row;
+    }
+  }
+  // Element offsets of key j's K and V rows; false for a page number outside the cache (then
+  // the row reads as zeros: the Python API rejects such tables outside CUDA-graph capture).
+  // Pages of a power-of-two size (page_shift >= 0) take a shift and a mask, not a division.
+  __device__ __forceinline__ bool offsets(int j, int64_t& k_off, int64_t& v_off) const {
+    if (pages == nullptr) {
+      k_off = k_base + j * k_row;
+      v_off = v_base + j * v_row;
+      return true;
+    }
+    const int r = leftpad + j;
+    const int slot = page_shift >= 0 ? r >> page_shift : r / page_size;
+    const int row = page_shift >= 0 ? r & (page_size - 1) : r % page_size;
+    const int page = pages[slot];
+    k_off = k_base + int64_t(page) * k_page + row * k_row;
+    v_off = v_base + int64_t(page) * v_page + row * v_row;
+    return page >= 0 && page < num_blocks;
+  }
 };
 
 // cp.async of the lse and D values of query rows [m0, m0 + block_m) into block_m floats each at

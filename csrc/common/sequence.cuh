@@ -48,6 +48,10 @@ struct SeqInfo {
   int seqlen_q, seqlen_k;  // this sequence's lengths (seqlen_k: keys that exist, after padding)
   int rows_k;              // key rows the sequence occupies in k/v (>= seqlen_k with padding)
 
+  // One sequence of these lengths at row 0 (the decode family's, whose key count is per batch).
+  __device__ SeqInfo(int seqlen_q_, int seqlen_k_)
+      : q_start(0), k_start(0), seqlen_q(seqlen_q_), seqlen_k(seqlen_k_), rows_k(seqlen_k_) {}
+
   template <typename Params>
   __device__ SeqInfo(const Params& p, int b) {
     if (p.cu_seqlens_q != nullptr) {

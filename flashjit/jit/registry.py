@@ -26,7 +26,7 @@ class FamilyRow:
     suffix: what it adds to spec names.
     tile_params: the parameters of a tile a spec may choose instead of the launch code's own
     (JitSpec.tile, -DFLASHJIT_TILE_<PARAM>=value each: tuning sweeps); None where the family
-    takes no tile."""
+    takes no tile. dropout: whether its kernels implement dropout (decoding does not)."""
 
     kernel: str
     family: str
@@ -36,6 +36,7 @@ class FamilyRow:
     head_dims: Optional[tuple[int, ...]] = None
     suffix: str = ""
     tile_params: Optional[tuple[str, ...]] = None
+    dropout: bool = True
 
     def serves(self, arch: str, head_dim_bucket: int) -> bool:
         """Whether this row can build a binary for ``arch`` (normal form, possibly several archs
@@ -55,6 +56,9 @@ REGISTRY: tuple[FamilyRow, ...] = (
     FamilyRow("fwd", "sm80", "mma.sync", ("fwd_binding.cpp", "sm80/fwd.cu"),
               tile_params=("block_m", "block_n", "warps", "min_blocks")),  # the sm80 forward's
     FamilyRow("bwd", "sm80", "mma.sync", ("bwd_binding.cpp", "sm80/bwd.cu")),
+    # decoding against a KV cache (flash_attn_with_kvcache): split-KV, GQA-packed, paged or not
+    FamilyRow("decode", "splitkv", "mma.sync", ("decode_binding.cpp", "splitkv/decode.cu"),
+              dropout=False),
 )
 
 KERNEL_FAMILIES: tuple[str, ...] = tuple(dict.fromkeys(r.family for r in REGISTRY))
@@ -85,9 +89,10 @@ def default_family(kernel: str, arch: str, head_dim_bucket: int) -> str:
 
 def preferred_family(kernel: str, arch: str, head_dim_bucket: int, preference: str) -> str:
     """``preference`` where its row serves (kernel, arch, head dim), else the default family: how
-    FLASHJIT_KERNEL_FAMILY and prebuild --family apply (sm80, which serves everything, forces
-    mma.sync)."""
-    if row(kernel, preference).serves(arch, head_dim_bucket):
+    FLASHJIT_KERNEL_FAMILY and prebuild --family apply (sm80, which serves every forward and
+    backward, forces mma.sync there; a kernel the family has no row for keeps its default)."""
+    preferred = [r for r in rows(kernel) if r.family == preference]
+    if preferred and preferred[0].serves(arch, head_dim_bucket):
         return preference
     return default_family(kernel, arch, head_dim_bucket)
 

@@ -162,6 +162,8 @@ class JitSpec:
         for flag in ("causal", *VARIANTS, "dropout"):
             set_(self, flag, bool(getattr(self, flag)))
         set_(self, "family", self._resolve_family())
+        if self.dropout and not self._row.dropout:
+            raise ValueError(f"kernel {self.kernel!r} has no dropout")
         set_(self, "tile", self._resolve_tile())
 
     def _variants(self) -> list[str]:

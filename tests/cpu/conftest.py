@@ -55,3 +55,21 @@ def cache_copy(warm_cache, tmp_path) -> Path:
     cache = tmp_path / "cache"
     shutil.copytree(warm_cache, cache, ignore=shutil.ignore_patterns("logs"))
     return cache
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """A FakeTensorMode making fake CUDA tensors (no GPU needed); loading a spec fails the test;
+    values (fake tensors have none: cu_seqlens, cache lengths) are not read, as under CUDA-graph
+    capture. Shared by the API tests that check what is refused before any compile."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from flashjit import _validate, ops
+
+    def no_compile(*args, **kwargs):
+        raise AssertionError("a spec was loaded")
+
+    monkeypatch.setattr(ops, "load_spec", no_compile)
+    monkeypatch.setattr(_validate, "capturing", lambda: True)
+    with FakeTensorMode():
+        yield

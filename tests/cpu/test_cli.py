@@ -62,8 +62,11 @@ def test_prebuild_variant_flags_are_a_cross_product():
     assert "fwd_sm80_bf16_hd64_causal_window_softcap_alibi_sink_dropout" in every
     args = _parser().parse_args(["--arch", "sm90a"])
     assert (args.window, args.softcap, args.alibi, args.sink) == ("no",) * 4
-    # 8 head dims x 2 dtypes x causal both, per kernel
-    assert [s.kernel for s in specs_from_args(args)] == ["fwd"] * 32 + ["bwd"] * 32
+    # 8 head dims x 2 dtypes x causal both, per kernel (every attention kernel by default)
+    assert [s.kernel for s in specs_from_args(args)] == ["fwd"] * 32 + ["bwd"] * 32 + ["decode"] * 32
+    # --dropout yes/both: decoding has no dropout, so its dropout specs are left out
+    dropout = _parser().parse_args(["--arch", "sm90a", "--dropout", "both"])
+    assert [s.kernel for s in specs_from_args(dropout)].count("decode") == 32
     for flag in ("--window", "--softcap", "--alibi", "--sink"):
         with pytest.raises(SystemExit):
             _parser().parse_args([flag, "maybe"])

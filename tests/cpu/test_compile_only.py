@@ -114,3 +114,18 @@ def test_compile_only_real_kernel_with_a_spec_tile(tmp_path):
     assert "-DFLASHJIT_TILE_BLOCK_M=64" in spec.cuda_cflags(verbose=False)
     (obj,) = compile_only(spec, tmp_path)
     assert obj.stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        JitSpec("decode", "sm80-sm90a", "bf16", 128, causal=True),
+        JitSpec("decode", "sm90a", "fp16", 256, window=True, softcap=True, alibi=True, sink=True),
+    ],
+    ids=lambda spec: spec.name,
+)
+def test_compile_only_decode(spec, tmp_path):
+    """The split-KV decode family (csrc/splitkv): its own sources, every variant, no dropout."""
+    assert spec.family == "splitkv" and spec.sources()[-1] == csrc_dir() / "splitkv" / "decode.cu"
+    (obj,) = compile_only(spec, tmp_path)
+    assert obj.stat().st_size > 0

@@ -13,7 +13,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from torch._subclasses.fake_tensor import FakeTensorMode
 
 import flashjit
 from flashjit import _validate, interface, ops
@@ -26,19 +25,6 @@ TOTAL, BATCH = 40, 3  # varlen: packed rows, sequences
 
 class _ReachedTheOp(AssertionError):
     pass
-
-
-@pytest.fixture
-def fake_cuda(monkeypatch):
-    """A FakeTensorMode making fake CUDA tensors; loading a spec fails the test; the cu_seqlens
-    values (fake tensors have none) are not read, as under CUDA-graph capture."""
-    def no_compile(*args, **kwargs):
-        raise AssertionError("a spec was loaded")
-
-    monkeypatch.setattr(ops, "load_spec", no_compile)
-    monkeypatch.setattr(_validate, "capturing", lambda: True)
-    with FakeTensorMode():
-        yield
 
 
 @pytest.fixture
