@@ -328,6 +328,10 @@ def _check_cache_layout(name: str, t: Tensor) -> None:
     accesses need: a contiguous last dim, the other strides multiples of 8 elements (dims of size
     1 are never stepped along) and a 16-byte aligned data pointer (checked here when eager,
     else in the op)."""
+    if any(s == 0 for s, n in zip(t.stride(), t.shape) if n > 1):
+        raise ValueError(f"{name} has a zero stride (an expanded view, strides "
+                         f"{tuple(t.stride())}): it is written in place, so its rows must not "
+                         "alias; allocate it")
     if t.stride(-1) != 1 or any(s % 8 != 0 for s, n in zip(t.stride()[:-1], t.shape) if n > 1):
         raise ValueError(f"{name} must have a contiguous last dim and its other strides "
                          f"multiples of 8 elements (16 bytes), got strides {tuple(t.stride())}; "
@@ -391,6 +395,11 @@ def check_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqle
                          f"number of key/value heads of k_cache ({heads_k})")
     _check_cache_layout("k_cache", k_cache)
     _check_cache_layout("v_cache", v_cache)
+    eager = not torch.compiler.is_compiling() and type(k_cache) is Tensor
+    if k is not None and (k_cache is v_cache or (eager and k_cache.numel() and
+                                                 k_cache.data_ptr() == v_cache.data_ptr())):
+        raise ValueError("k_cache and v_cache are the same memory: appending k and v would "
+                         "write both into it; pass two caches")
     slots, rows = k_cache.shape[0], k_cache.shape[1]  # sequences or pages; rows of each
     if block_table is not None:
         block_table = _check_index("block_table", block_table, q.device, (batch, None),
@@ -403,15 +412,20 @@ def check_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqle
                 raise ValueError(f"{name} is only supported with a contiguous cache, not with a "
                                  "block_table (paged KV): pass block_table rows per sequence")
         capacity = block_table.shape[1] * rows
+        if capacity >= 2**31:
+            raise ValueError(f"block_table's max_blocks x the page size is {capacity} rows per "
+                             "sequence: flashjit's kernels index rows with 32-bit ints (< 2^31)")
     else:
         capacity = rows
         cache_batch_idx = _check_index("cache_batch_idx", cache_batch_idx, q.device, (batch,),
                                        f"(batch,) = ({batch},)")
         cache_leftpad = _check_index("cache_leftpad", cache_leftpad, q.device, (batch,),
                                      f"(batch,) = ({batch},)")
-        if cache_batch_idx is None and slots != batch:
+        if cache_batch_idx is None and slots < batch:
             raise ValueError(f"k_cache holds {slots} sequences but q has batch {batch}: pass "
-                             "cache_batch_idx to say which cache row each sequence uses")
+                             "cache_batch_idx to say which cache row each sequence uses (a "
+                             "cache with more rows than the batch uses rows 0 .. batch - 1, "
+                             "as flash-attn does)")
     if (k is None) != (v is None):
         raise ValueError("k and v (the new keys and values to append) must be given together, "
                          f"got k={'None' if k is None else 'a tensor'} and "
@@ -472,6 +486,8 @@ def check_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqle
     rotary_interleaved = check_flag("rotary_interleaved", rotary_interleaved)
     return_softmax_lse = check_flag("return_softmax_lse", return_softmax_lse)
     num_splits = check_int("num_splits", num_splits, max_num_splits)
+    if isinstance(alibi_slopes, Tensor) and alibi_slopes.requires_grad:
+        alibi_slopes = alibi_slopes.detach()  # inference: no gradient to refuse
     alibi_slopes, sink = check_variant_tensors(alibi_slopes, sink, q.device, batch, heads, "q")
     if not capturing():
         per_row = causal or (window_left, window_right) != (-1, -1)

@@ -456,8 +456,12 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Opti
         x' = x cos - y sin, y' = x sin + y cos. Positions p (leftpad: cache_leftpad[b], else 0):
         new key t of sequence b at cache_seqlens[b] - leftpad + t; query i at
         cache_seqlens[b] - leftpad + i with causal or a sliding window, else every query at
-        cache_seqlens[b] - leftpad (flash-attn 2.x's convention). seqlen_ro must exceed the
-        largest position used.
+        cache_seqlens[b] - leftpad (flash-attn 2.x's rule, with two differences: flashjit counts
+        positions from the sequence's first key, where flash-attn uses the cache row,
+        cache_seqlens[b] + t, so with cache_leftpad they differ by leftpad; and a window wide
+        enough to exclude no key is no window here (resolve_window), so its queries share one
+        position, where flash-attn rotates them row by row). seqlen_ro must exceed the largest
+        position used.
     cache_seqlens: int32 (batch,) on q's device, an int (used for every sequence, as flash-attn
         allows), or None = every cache full (seqlen_cache rows, or max_blocks * page_size
         paged): the cache rows that hold keys before this call, leftpad rows included.
@@ -476,7 +480,9 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Opti
         capacity are none (resolve_window). A query row that sees no key gets out 0 and lse -inf
         (sink_h with a sink).
     num_splits: int from 0 to 128: split-KV, how many parts of the keys are attended in parallel
-        (then combined by lse): 1 = none, 0 = chosen from the sizes and the SM count
+        (then combined by lse; ignored with seqlen_q >= 64 on a contiguous cache without
+        cache_batch_idx and cache_leftpad, which the forward kernel attends after the append):
+        1 = none, 0 = chosen from the sizes and the SM count
         (ops.num_splits_heuristic; the cache capacity stands for the lengths, which live on the
         device, so the choice is the same under CUDA-graph replay).
     return_softmax_lse: also return lse.

@@ -394,6 +394,17 @@ def decode_smem_bytes(head_dim_bucket: int, rows_per_kv_head: int, stages: int) 
     return (block_m + 2 * stages * 64) * (head_dim_bucket + 8) * 2
 
 
+def _smem(device: torch.device):
+    """(shared memory per block with opt-in, per SM) of a CUDA device, bytes (None where torch
+    does not report them); cached per device index."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _smem_limits:
+        props = torch.cuda.get_device_properties(index)
+        _smem_limits[index] = (getattr(props, "shared_memory_per_block_optin", None),
+                               getattr(props, "shared_memory_per_multiprocessor", None))
+    return _smem_limits[index]
+
+
 def check_decode_smem(device: torch.device, head_dim: int, rows_per_kv_head: int) -> None:
     """NotImplementedError, before any compile, where even the decode kernel's two-buffer
     configuration exceeds the GPU's shared memory per block (sm86/sm89: 99 KB, so d > 160, or
@@ -402,11 +413,7 @@ def check_decode_smem(device: torch.device, head_dim: int, rows_per_kv_head: int
     (the CPU tests' stand-ins): nothing to check."""
     if device.type != "cuda":
         return
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _smem_limits:
-        _smem_limits[index] = getattr(torch.cuda.get_device_properties(index),
-                                      "shared_memory_per_block_optin", None)
-    limit = _smem_limits[index]
+    limit = _smem(device)[0]
     need = decode_smem_bytes(head_dim_bucket(head_dim), rows_per_kv_head, 2)
     if limit is not None and need > limit:
         raise NotImplementedError(
@@ -415,6 +422,21 @@ def check_decode_smem(device: torch.device, head_dim: int, rows_per_kv_head: int
             f"block in the decode kernel; this GPU allows {limit // 1024} KB. Fewer rows (16 or "
             "less) or a smaller head dim fit; a contiguous cache with seqlen_q >= "
             f"{PREFILL_MIN_QUERIES} runs the forward kernel instead.")
+
+
+def decode_ctas_per_sm(device: torch.device, head_dim: int, rows_per_kv_head: int) -> int:
+    """Decode CTAs one SM holds at once (1 or 2; the kernel asks for 2 at d <= 128), from its
+    shared memory: three K/V buffers where a block may take them, else two (launch.cuh). 2 where
+    the device reports no sizes (or is not CUDA: the CPU tests' stand-ins)."""
+    if device.type != "cuda":
+        return 2
+    per_block, per_sm = _smem(device)
+    if per_block is None or per_sm is None:
+        return 2
+    bucket = head_dim_bucket(head_dim)
+    three = bucket <= 128 and decode_smem_bytes(bucket, rows_per_kv_head, 3) <= per_block
+    need = decode_smem_bytes(bucket, rows_per_kv_head, 3 if three else 2) + 1024  # + reserved
+    return max(1, min(2 if bucket <= 128 else 1, per_sm // need))
 
 
 def _decode_impl(
@@ -490,7 +512,8 @@ def _decode_impl(
                     else block_table.shape[1] * k_cache.shape[1])
         heads_k = k_cache.shape[2]
         num_splits = num_splits_heuristic(batch, heads_k, seqlen_q * (heads // heads_k), capacity,
-                                          _sm_count(q.device), 2 if d <= 128 else 1)
+                                          _sm_count(q.device),
+                                          decode_ctas_per_sm(q.device, d, seqlen_q * (heads // heads_k)))
     o_partial = lse_partial = None
     if num_splits > 1:
         o_partial = _empty((num_splits, batch, heads, seqlen_q, d), torch.float32, q.device)

@@ -148,7 +148,8 @@ def kvcache_ref(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin
     (float64 for float64 inputs), out float32: the reference; upcast=False: in the inputs' dtype,
     PyTorch's own error in that dtype (the tests' yardstick).
 
-    Rotary positions (flash-attn 2.x): new key t at cache_seqlens[b] - leftpad[b] + t; query i
+    Rotary positions (flashjit's rule, interface.flash_attn_with_kvcache says how it differs from
+    flash-attn 2.x's): new key t at cache_seqlens[b] - leftpad[b] + t; query i
     at the same + i when causal or a sliding window is in effect (window_size after the
     normalisation of flashjit._validate.resolve_window against the cache capacity, causal
     dropped at seqlen_q 1), else every query at cache_seqlens[b] - leftpad[b]."""

@@ -172,8 +172,9 @@ struct CacheRows {
   __device__ CacheRows(const DecodeParams& dp, int b, int hk) {
     const FwdParams& p = dp.fwd;
     const KvCacheParams& c = dp.cache;
-    leftpad = c.leftpad != nullptr ? c.leftpad[b] : 0;
-    cached = c.cache_seqlens != nullptr ? c.cache_seqlens[b] : c.capacity;
+    // clamped into the cache: the Python API checks these values, except under graph capture
+    leftpad = c.leftpad != nullptr ? max(c.leftpad[b], 0) : 0;
+    cached = c.cache_seqlens != nullptr ? max(c.cache_seqlens[b], 0) : c.capacity;
     seqlen_k = max(0, min(cached + c.seqlen_new, c.capacity) - leftpad);
     k_row = p.k_row_stride;
     v_row = p.v_row_stride;

@@ -61,7 +61,7 @@ __global__ void __launch_bounds__(128) flash_decode_append_kernel(const __grid_c
     const CacheRows cache(dp, b, hk);
     const int j = cache.cached - cache.leftpad + t;  // logical key index = rotary position
     int64_t k_off, v_off;
-    if (cache.leftpad + j >= dp.cache.capacity || !cache.offsets(j, k_off, v_off)) return;
+    if (j < 0 || cache.leftpad + j >= dp.cache.capacity || !cache.offsets(j, k_off, v_off)) return;
     const Element* kn = static_cast<const Element*>(a.k_new) + b * a.kn_batch_stride +
                         t * a.kn_row_stride + hk * a.kn_head_stride;
     const Element* vn = static_cast<const Element*>(a.v_new) + b * a.vn_batch_stride +

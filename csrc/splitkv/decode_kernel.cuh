@@ -274,8 +274,10 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSM)
       if (!split_out && r < tile.rows) {  // split partials leave the sink to the combine
         const float sink = p.variant.sink[head_of(r)] * float(M_LOG2E);
         const float top = l > 0.f ? fmaxf(ref, sink) : sink;
-        lse = top + __log2f((l > 0.f ? l * fast_exp2(ref - top) : 0.f) + fast_exp2(sink - top));
-        scale = l > 0.f ? fast_exp2(ref - lse) : 0.f;
+        if (top != -INFINITY) {  // else: no key and a sink of -inf: lse -inf, O 0, as above
+          lse = top + __log2f((l > 0.f ? l * fast_exp2(ref - top) : 0.f) + fast_exp2(sink - top));
+          scale = l > 0.f ? fast_exp2(ref - lse) : 0.f;
+        }
       }
     }
     row_ref[row] = ref;

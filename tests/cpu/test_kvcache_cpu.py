@@ -84,8 +84,11 @@ def _bad_inputs():
         (c, dict(v_cache=torch.empty_strided((B, CAP, HK, D), (CAP * HK * 68, HK * 68, 68, 1),
                                              dtype=torch.float16, device="cuda")), ValueError,
          r"v_cache must have a contiguous last dim and its other strides multiples of 8"),
-        (c, dict(k_cache=_cuda(3, CAP, HK, D), v_cache=_cuda(3, CAP, HK, D)), ValueError,
-         r"k_cache holds 3 sequences but q has batch 2: pass cache_batch_idx"),
+        (c, dict(k_cache=_cuda(1, CAP, HK, D), v_cache=_cuda(1, CAP, HK, D)), ValueError,
+         r"k_cache holds 1 sequences but q has batch 2: pass cache_batch_idx"),
+        (c, dict(k_cache=torch.empty_strided((B, CAP, HK, D), (CAP * D, D, 0, 1),
+                                             dtype=torch.float16, device="cuda")), ValueError,
+         r"k_cache has a zero stride"),
         (c, dict(block_table=[[0]]), TypeError, r"block_table must be None or an int32 tensor"),
         (p, dict(block_table=_cuda(B, MAXB, dtype=torch.int64)), TypeError,
          r"block_table must be int32, got torch.int64"),
@@ -624,7 +627,7 @@ def test_decode_shared_memory_mirror_and_refusal(monkeypatch):
     assert ops.decode_smem_bytes(128, 4, 3) == (16 + 6 * 64) * 136 * 2 == 108800
     assert ops.decode_smem_bytes(128, 17, 3) == (64 + 6 * 64) * 136 * 2
     assert ops.decode_smem_bytes(256, 16, 2) == (16 + 4 * 64) * 264 * 2 == 143616
-    monkeypatch.setattr(ops, "_smem_limits", {0: 99 * 1024})  # sm86/sm89
+    monkeypatch.setattr(ops, "_smem_limits", {0: (99 * 1024, 100 * 1024)})  # sm86/sm89
     dev = torch.device("cuda", 0)
     ops.check_decode_smem(dev, 128, 4)  # two buffers: 74 KB
     ops.check_decode_smem(dev, 160, 16)
@@ -632,5 +635,9 @@ def test_decode_shared_memory_mirror_and_refusal(monkeypatch):
         ops.check_decode_smem(dev, 192, 16)
     with pytest.raises(NotImplementedError, match="seqlen_q >= 64 runs the forward kernel"):
         ops.check_decode_smem(dev, 256, 64)
-    monkeypatch.setattr(ops, "_smem_limits", {0: 227 * 1024})  # H100/H200: everything fits
-    ops.check_decode_smem(dev, 256, 512)
+    assert ops.decode_ctas_per_sm(dev, 128, 4) == 1  # two buffers, 74 KB: one CTA per SM
+    monkeypatch.setattr(ops, "_smem_limits", {0: (227 * 1024, 228 * 1024)})  # H100/H200
+    ops.check_decode_smem(dev, 256, 512)  # everything fits
+    assert ops.decode_ctas_per_sm(dev, 128, 4) == 2  # 16-row tiles, three buffers: 106 KB
+    assert ops.decode_ctas_per_sm(dev, 128, 64) == 1  # 64-row tiles: 119 KB
+    assert ops.decode_ctas_per_sm(dev, 64, 64) == 2 and ops.decode_ctas_per_sm(dev, 256, 1) == 1

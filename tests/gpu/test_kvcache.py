@@ -300,3 +300,17 @@ def test_value_errors_before_any_launch(monkeypatch):
         k_cache.shape)
     with pytest.raises(ValueError, match="k_cache's data pointer is not 16-byte aligned"):
         flashjit.flash_attn_with_kvcache(q, misaligned, v_cache, **kw)
+
+
+def test_no_key_rows_with_a_minus_inf_sink():
+    """A sink of -inf on rows that see no key: lse -inf and out 0, never NaN, with one split
+    (the decode kernel's own epilogue) and with four (the combine kernel)."""
+    for splits in (1, 4):
+        c = Case(seqlen_q=4, seqlen_new=0, causal=True, sink=True, lengths="zero", rotary=None,
+                 num_splits=splits)
+        q, k_cache, v_cache, kw = _build(c, "minus_inf_sink")
+        kw["sink"] = torch.full_like(kw["sink"], float("-inf"))
+        out, lse = flashjit.flash_attn_with_kvcache(q, k_cache, v_cache, num_splits=splits,
+                                                    return_softmax_lse=True, **kw)
+        assert torch.all(out == 0), splits
+        assert torch.equal(lse, torch.full_like(lse, float("-inf"))), splits
