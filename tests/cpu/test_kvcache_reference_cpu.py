@@ -1,0 +1,176 @@
+"""tests/reference.py's kvcache_ref (the GPU tests' reference for flash_attn_with_kvcache)
+against independent formulas, in float64 on the CPU: rotary as a complex rotation, paged equal to
+contiguous, the append's rows, empty and full caches, leftpad, one speculative call equal to
+token-by-token decoding, and the yardstick in the inputs' dtype."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from flashjit.testing import attention_reference
+from tests.reference import kvcache_ref, max_error, rotary_ref
+
+I32 = dict(dtype=torch.int32)
+
+# ---------------------------------------------------------------------------------------------
+# The reference (tests/reference.py: kvcache_ref) against independent formulas, in float64
+# ---------------------------------------------------------------------------------------------
+def _rand(*shape, dtype=torch.float64):
+    return torch.randn(*shape, dtype=torch.float64).to(dtype)
+
+
+def _tables(seqlen_ro, half, dtype=torch.float64):
+    """RoPE tables (seqlen_ro, half) and their angles: position p, column c at
+    p * 10000^(-c / half)."""
+    angles = torch.arange(seqlen_ro, dtype=torch.float64)[:, None] * \
+        10000.0 ** (-torch.arange(half, dtype=torch.float64) / half)
+    return angles.cos().to(dtype), angles.sin().to(dtype), angles
+
+
+@pytest.mark.parametrize("interleaved", [True, False])
+def test_rotary_ref_is_a_complex_rotation(interleaved):
+    torch.manual_seed(0)
+    x = _rand(2, 5, 3, 16)
+    cos, sin, angles = _tables(32, 6)  # rotary_dim 12 of 16
+    pos = torch.tensor([[0, 1, 2, 3, 4], [7, 8, 9, 10, 11]])
+    got = rotary_ref(x, cos, sin, pos, interleaved)
+    pairs = (x[..., 0:12:2], x[..., 1:12:2]) if interleaved else (x[..., :6], x[..., 6:12])
+    z = torch.complex(*pairs) * torch.polar(torch.ones_like(angles), angles)[pos][..., None, :]
+    rotated = (torch.stack((z.real, z.imag), -1).flatten(-2) if interleaved
+               else torch.cat((z.real, z.imag), -1))
+    assert max_error(got[..., :12], rotated) < 1e-12
+    assert torch.equal(got[..., 12:], x[..., 12:])
+    # GPT-NeoX is GPT-J with the dims of each pair (c, c + 6) moved next to each other
+    perm = [i for c in range(6) for i in (c, c + 6)] + list(range(12, 16))
+    assert max_error(rotary_ref(x[..., perm], cos, sin, pos, True),
+                     rotary_ref(x, cos, sin, pos, False)[..., perm]) < 1e-12
+
+
+def _inputs(batch=3, seqlen_q=2, seqlen_new=2, heads=4, heads_k=2, d=16, capacity=64,
+            batch_cache=None, dtype=torch.float64):
+    torch.manual_seed(batch * 100 + seqlen_q * 10 + seqlen_new)
+    shapes = dict(q=(batch, seqlen_q, heads), k=(batch, seqlen_new, heads_k),
+                  k_cache=(batch_cache or batch, capacity, heads_k))
+    shapes.update(v=shapes["k"], v_cache=shapes["k_cache"])
+    return SimpleNamespace(**{name: _rand(*s, d, dtype=dtype) for name, s in shapes.items()})
+
+
+def _to_pages(cache, page, table=None, extra=3):
+    """A contiguous cache (batch, capacity, ...) as shuffled pages (given a table, its order),
+    its block table, and `extra` pages no sequence uses (random)."""
+    batch, capacity = cache.shape[:2]
+    blocks = capacity // page
+    if table is None:
+        table = torch.randperm(batch * blocks + extra)[:batch * blocks].view(batch, blocks)
+    pages = _rand(batch * blocks + extra, page, *cache.shape[2:], dtype=cache.dtype)
+    pages[table.flatten().long()] = cache.reshape(batch * blocks, page, *cache.shape[2:])
+    return pages, table.to(torch.int32)
+
+
+@pytest.mark.parametrize("page", [16, 32])
+def test_paged_equals_contiguous(page):
+    x = _inputs()
+    cos, sin, _ = _tables(80, 4)
+    seqlens = torch.tensor([0, 17, 62], **I32)  # 62 + 2 new keys: full
+    kw = dict(rotary_cos=cos, rotary_sin=sin, cache_seqlens=seqlens, causal=True,
+              rotary_interleaved=False, alibi_slopes=torch.rand(3, 4).double(), softcap=3.0)
+    out, lse, k_after, v_after = kvcache_ref(x.q, x.k_cache, x.v_cache, x.k, x.v, **kw)
+    k_pages, table = _to_pages(x.k_cache, page)
+    v_pages, _ = _to_pages(x.v_cache, page, table)
+    p_out, p_lse, k_pages_after, v_pages_after = kvcache_ref(x.q, k_pages, v_pages, x.k, x.v,
+                                                             block_table=table, **kw)
+    assert max_error(p_out, out) < 1e-12 and max_error(p_lse, lse) < 1e-12
+    used = table.flatten().long()
+    assert torch.equal(k_pages_after[used].reshape(k_after.shape), k_after)
+    assert torch.equal(v_pages_after[used].reshape(v_after.shape), v_after)
+    unused = torch.ones(k_pages.shape[0], dtype=torch.bool)
+    unused[used] = False
+    assert torch.equal(k_pages_after[unused], k_pages[unused])  # other pages untouched
+
+
+@pytest.mark.parametrize("rotary", [False, True])
+def test_append_writes_exactly_the_new_rows(rotary):
+    x = _inputs(batch=3, seqlen_new=3, batch_cache=5)
+    index, seqlens = [4, 0, 2], [0, 5, 61]
+    cos, sin, _ = _tables(70, 8)
+    kw = dict(rotary_cos=cos, rotary_sin=sin) if rotary else {}
+    k_before, v_before = x.k_cache.clone(), x.v_cache.clone()
+    _, _, k_after, v_after = kvcache_ref(
+        x.q, x.k_cache, x.v_cache, x.k, x.v, cache_seqlens=torch.tensor(seqlens, **I32),
+        cache_batch_idx=torch.tensor(index, **I32), **kw)
+    assert torch.equal(x.k_cache, k_before) and torch.equal(x.v_cache, v_before)  # copies
+    k_expected, v_expected = k_before.clone(), v_before.clone()
+    for b, (row, n) in enumerate(zip(index, seqlens)):
+        new = x.k[b]
+        if rotary:
+            new = rotary_ref(x.k[b:b + 1], cos, sin, torch.arange(n, n + 3)[None], True)[0]
+        k_expected[row, n:n + 3] = new
+        v_expected[row, n:n + 3] = x.v[b]  # values are never rotated
+    assert torch.equal(k_after, k_expected) and torch.equal(v_after, v_expected)
+
+
+def test_empty_and_full_caches():
+    x = _inputs(batch=2, seqlen_q=3, seqlen_new=3)
+    sink = torch.randn(4, dtype=torch.float64)
+    for kw in (dict(), dict(sink=sink)):  # no key: out 0, lse -inf (the sink's logit with one)
+        out, lse, k_after, _ = kvcache_ref(x.q, x.k_cache, x.v_cache, cache_seqlens=0, **kw)
+        assert torch.all(out == 0) and torch.equal(k_after, x.k_cache)
+        expected = sink[None, :, None].expand(lse.shape) if kw else torch.full_like(lse, -math.inf)
+        assert torch.equal(lse, expected)
+    # an empty cache plus new keys: attention over the new keys alone
+    out, lse, _, _ = kvcache_ref(x.q, x.k_cache, x.v_cache, x.k, x.v, cache_seqlens=0,
+                                 causal=True)
+    ref_out, ref_lse = attention_reference(x.q, x.k, x.v, causal=True)
+    assert max_error(out, ref_out) < 1e-12 and max_error(lse, ref_lse) < 1e-12
+    # full: None, the capacity as an int or a tensor, all the cache
+    kw = dict(window_size=(10, 1), softcap=2.0, alibi_slopes=torch.rand(4).double(), sink=sink)
+    ref_out, ref_lse = attention_reference(x.q, x.k_cache, x.v_cache, **kw)
+    for seqlens in (None, 64, torch.tensor([64, 64], **I32)):
+        out, lse, _, _ = kvcache_ref(x.q, x.k_cache, x.v_cache, cache_seqlens=seqlens, **kw)
+        assert max_error(out, ref_out) < 1e-12 and max_error(lse, ref_lse) < 1e-12
+
+
+def test_leftpad_starts_the_keys():
+    x = _inputs(batch=2, seqlen_q=1, seqlen_new=1)
+    seqlens, leftpad = [10, 20], [4, 0]
+    out, lse, _, _ = kvcache_ref(x.q, x.k_cache, x.v_cache, cache_seqlens=torch.tensor(
+        seqlens, **I32), cache_leftpad=torch.tensor(leftpad, **I32))
+    for b in range(2):
+        keys = slice(leftpad[b], seqlens[b])
+        ref_out, ref_lse = attention_reference(x.q[b:b + 1], x.k_cache[b:b + 1, keys],
+                                               x.v_cache[b:b + 1, keys])
+        assert max_error(out[b:b + 1], ref_out) < 1e-12 and max_error(lse[b:b + 1], ref_lse) < 1e-12
+
+
+def test_one_speculative_call_equals_token_by_token_decoding():
+    """Four tokens appended and attended causally in one call (rotary at per-row positions,
+    leftpad, window, ALiBi) equal four one-token decode steps: the positions agree."""
+    x = _inputs(batch=2, seqlen_q=4, seqlen_new=4)
+    cos, sin, _ = _tables(80, 8)
+    seqlens, leftpad = torch.tensor([5, 30], **I32), torch.tensor([2, 0], **I32)
+    kw = dict(rotary_cos=cos, rotary_sin=sin, cache_leftpad=leftpad, causal=True,
+              window_size=(6, 0), alibi_slopes=torch.rand(4).double())
+    out, lse, k_after, v_after = kvcache_ref(x.q, x.k_cache, x.v_cache, x.k, x.v,
+                                             cache_seqlens=seqlens, **kw)
+    k_cache, v_cache = x.k_cache, x.v_cache
+    for t in range(4):
+        step = slice(t, t + 1)
+        o, l, k_cache, v_cache = kvcache_ref(x.q[:, step], k_cache, v_cache, x.k[:, step],
+                                             x.v[:, step], cache_seqlens=seqlens + t, **kw)
+        assert max_error(o, out[:, step]) < 1e-12 and max_error(l, lse[..., step]) < 1e-12
+    assert torch.equal(k_cache, k_after) and torch.equal(v_cache, v_after)
+
+
+def test_yardstick_runs_in_the_inputs_dtype():
+    x = _inputs(batch=2, seqlen_q=1, seqlen_new=1, dtype=torch.bfloat16)
+    cos, sin, _ = _tables(70, 8, torch.bfloat16)
+    kw = dict(rotary_cos=cos, rotary_sin=sin, cache_seqlens=torch.tensor([7, 40], **I32))
+    ref = kvcache_ref(x.q, x.k_cache, x.v_cache, x.k, x.v, **kw)
+    pt = kvcache_ref(x.q, x.k_cache, x.v_cache, x.k, x.v, upcast=False, **kw)
+    assert ref[0].dtype == torch.float32 and pt[0].dtype == torch.bfloat16
+    assert 0 < max_error(pt[0], ref[0]) < 0.05 and max_error(pt[1], ref[1]) < 0.05
+    assert torch.equal(ref[2], pt[2]) and ref[2].dtype == torch.bfloat16  # the same append
