@@ -1,8 +1,7 @@
 """Public API of flashjit: autograd and the flash_attn_* / SDPA entry points.
 
 Every argument is checked (_validate.py) before anything is compiled: TypeError, ValueError, or
-NotImplementedError (block_table in the varlen functions: paged KV is flash_attn_with_kvcache's),
-naming the caller's own argument.
+or NotImplementedError, naming the caller's own argument.
 
 Conventions (flash-attn 2.x for causal, window_size, softcap and alibi_slopes; gpt-oss for sink):
   * Causal alignment when seqlen_q != seqlen_k: bottom-right in the flash_attn_* functions (as
@@ -26,7 +25,7 @@ from torch import Tensor
 from . import ops
 from ._validate import (check_cu_seqlens, check_flag, check_int, check_kvcache, check_options,
                         check_qkv, check_scalars, check_variant_tensors, key_padding_lengths,
-                        refuse_tensor_argument, resolve_window)
+                        resolve_window)
 
 _LN2 = math.log(2.0)
 
@@ -263,13 +262,16 @@ def _flash_attn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_se
     """flash_attn_varlen_func, with `names`: how the caller calls its tensors and lengths in
     error messages."""
     nq, nk, nv, ncu_q, ncu_k, nmax_q, nmax_k = names
+    if block_table is not None:
+        return _paged_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                             dropout_p, softmax_scale, causal, window_size, softcap,
+                             alibi_slopes, return_attn_probs, block_table, sink)
     check_qkv(q, k, v, varlen=True, names=(nq, nk, nv))
     max_seqlen_q, max_seqlen_k = check_int(nmax_q, max_seqlen_q), check_int(nmax_k, max_seqlen_k)
     causal, *window = resolve_window(window_size, check_flag("causal", causal), max_seqlen_q,
                                      max_seqlen_k)
     scale, softcap, deterministic, return_attn_probs = check_options(
         dropout_p, softmax_scale, softcap, deterministic, return_attn_probs, q.shape[-1])
-    refuse_tensor_argument("block_table", block_table, "an int32 tensor", "paged KV")
     check_cu_seqlens(ncu_q, cu_seqlens_q, q.device, q.shape[0], max_seqlen_q, nmax_q)
     check_cu_seqlens(ncu_k, cu_seqlens_k, q.device, k.shape[0], max_seqlen_k, nmax_k)
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():
@@ -303,9 +305,70 @@ flash_attn_varlen_func.__doc__ = """Packed variable-length sequences, as
     sequence lengths. Rows past cu_seqlens[-1] get output (and gradient) 0. softmax_lse is
     (heads, total_q). Key padding is done this way: pack the real tokens of each sequence.
     Windows, causal and ALiBi align each sequence on its own lengths; alibi_slopes may be
-    (batch, heads) with batch = cu_seqlens_q.numel() - 1. block_table (paged KV) must be None.
+    (batch, heads) with batch = cu_seqlens_q.numel() - 1. block_table (batch, max_blocks)
+    int32: paged KV, forward only (inference), as flash-attn 2.x: k, v are then paged caches
+    (num_blocks, page_size, heads_k, d) and sequence b's keys its first cu_seqlens_k[b + 1] -
+    cu_seqlens_k[b] rows through block_table[b] (served by flash_attn_with_kvcache's decode
+    kernel, whose checks apply; _paged_varlen).
     In eager mode the cu_seqlens values are checked on the host (one synchronisation); under
     CUDA-graph capture and torch.compile they are not.""" + _COMMON_DOC
+
+
+def _paged_varlen(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                  dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                  return_attn_probs, block_table, sink):
+    """flash_attn_varlen_func with block_table (flash-attn 2.x's paged varlen forward): k, v are
+    paged caches (num_blocks, page_size, heads_k, d), sequence b's keys are its first
+    cu_seqlens_k[b + 1] - cu_seqlens_k[b] logical rows (pages block_table[b]), its queries rows
+    cu_seqlens_q[b] .. of q (total_q, heads, d). Served by the decode kernel through
+    flash_attn_with_kvcache (its checks apply): the queries are placed at the END of a
+    (batch, max_seqlen_q) left-padded tile, so its bottom-right alignment puts query i of a
+    sequence of n_q queries and n_k keys at position n_k - n_q + i, as here; the padding rows
+    are dropped. Forward only (inference): no dropout, no gradient."""
+    if isinstance(dropout_p, (int, float)) and dropout_p != 0.0:
+        raise NotImplementedError("dropout_p must be 0 with block_table: paged KV is forward-only "
+                                  "(inference)")
+    if torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad
+                                       for t in (q, k_cache, v_cache)):
+        raise NotImplementedError("block_table (paged KV) has no backward: call it under "
+                                  "torch.no_grad() or pass tensors that do not require grad")
+    if not isinstance(q, Tensor) or q.dim() != 3:
+        raise ValueError("q must be a (total_q, heads, d) tensor with block_table (paged KV)")
+    for name, t in (("k", k_cache), ("v", v_cache)):
+        if not isinstance(t, Tensor) or t.dim() != 4:
+            raise ValueError(f"{name} must be a paged cache (num_blocks, page_size, heads_k, d) "
+                             f"with block_table, got {getattr(t, 'shape', type(t).__name__)}")
+    max_seqlen_q = check_int("max_seqlen_q", max_seqlen_q)
+    check_int("max_seqlen_k", max_seqlen_k)
+    check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.device, q.shape[0], max_seqlen_q,
+                     "max_seqlen_q")
+    for name, cu in (("cu_seqlens_k", cu_seqlens_k),):
+        if (not isinstance(cu, Tensor) or cu.dtype != torch.int32 or cu.dim() != 1
+                or cu.numel() != cu_seqlens_q.numel() or cu.device != q.device):
+            raise ValueError(f"{name} must be an int32 tensor of batch + 1 = "
+                             f"{cu_seqlens_q.numel()} offsets on q's device")
+    batch = cu_seqlens_q.numel() - 1
+    total, heads, d = q.shape
+    tile_q = max(max_seqlen_q, 1)
+    # query row r: sequence b (past the last sequence: a spare row `batch`), dense row t
+    rows = torch.arange(total, device=q.device, dtype=torch.int64)
+    starts, ends = cu_seqlens_q[:-1].long(), cu_seqlens_q[1:].long()
+    b = torch.searchsorted(ends, rows, right=True)
+    live = b < batch
+    bc = b.clamp(max=max(batch - 1, 0))
+    t = (tile_q - (ends - starts)[bc] + rows - starts[bc]).clamp(0, tile_q - 1)
+    b = torch.where(live, bc, torch.full_like(bc, batch))
+    q_tile = q.new_zeros(batch + 1, tile_q, heads, d)
+    q_tile[b, t] = q
+    out_tile, lse_tile = flash_attn_with_kvcache(
+        q_tile[:batch], k_cache, v_cache, cache_seqlens=(cu_seqlens_k[1:] - cu_seqlens_k[:-1]),
+        block_table=block_table, softmax_scale=softmax_scale, causal=causal,
+        window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
+        return_softmax_lse=True, sink=sink)
+    out = torch.where(live[:, None, None], out_tile[bc, t], torch.zeros_like(q))
+    lse = torch.where(live[None, :], lse_tile[bc, :, t].transpose(0, 1),
+                      torch.full((heads, total), float("-inf"), device=q.device))
+    return (out, lse, None) if return_attn_probs else out
 
 
 def _unpack(packed, name: str, parts: int, varlen: bool):

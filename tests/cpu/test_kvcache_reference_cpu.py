@@ -174,3 +174,39 @@ def test_yardstick_runs_in_the_inputs_dtype():
     assert ref[0].dtype == torch.float32 and pt[0].dtype == torch.bfloat16
     assert 0 < max_error(pt[0], ref[0]) < 0.05 and max_error(pt[1], ref[1]) < 0.05
     assert torch.equal(ref[2], pt[2]) and ref[2].dtype == torch.bfloat16  # the same append
+
+
+@pytest.mark.parametrize("causal, window", [(True, (-1, -1)), (False, (-1, -1)), (True, (5, 0))])
+def test_paged_varlen_places_each_sequences_queries_bottom_right(monkeypatch, causal, window):
+    """flash_attn_varlen_func(..., block_table=...) (interface._paged_varlen): the varlen queries
+    go to the end of a left-padded tile for flash_attn_with_kvcache (stood in for here by
+    kvcache_ref on the CPU), and come back to their rows; rows past the last sequence get 0 and
+    lse -inf. Against attention per sequence on its own gathered pages, bottom-right."""
+    from flashjit import interface
+
+    def stand_in(q, k_cache, v_cache, return_softmax_lse=False, **kw):
+        out, lse, _, _ = kvcache_ref(q, k_cache, v_cache, **kw)
+        return out.to(q.dtype), lse
+
+    monkeypatch.setattr(interface, "flash_attn_with_kvcache", stand_in)
+    torch.manual_seed(0)
+    heads, heads_k, d, page, pages = 4, 2, 16, 16, 12
+    lens_q, lens_k = [3, 1, 7], [20, 5, 40]
+    k_cache, v_cache = (_rand(pages, page, heads_k, d) for _ in range(2))
+    table = torch.randperm(pages)[:9].view(3, 3).int()
+    cu_q = torch.tensor([0, 3, 4, 11], **I32)
+    cu_k = torch.tensor([0, 20, 25, 65], **I32)
+    q = _rand(13, heads, d)  # 2 rows past the last sequence
+    out, lse, _ = interface._paged_varlen(q, k_cache, v_cache, cu_q, cu_k, 7, 40, 0.0, None,
+                                          causal, window, 0.0, None, True, table, None)
+    assert out.shape == q.shape and lse.shape == (heads, 13)
+    for b in range(3):
+        rows = slice(int(cu_q[b]), int(cu_q[b + 1]))
+        keys = torch.cat([k_cache[p] for p in table[b]])[:lens_k[b]]
+        vals = torch.cat([v_cache[p] for p in table[b]])[:lens_k[b]]
+        ref, ref_lse = attention_reference(q[rows][None], keys[None], vals[None], causal=causal,
+                                           window_size=window)
+        assert max_error(out[rows], ref[0]) < 1e-12
+        assert max_error(lse[:, rows], ref_lse[0]) < 1e-12
+    assert torch.equal(out[11:], torch.zeros_like(out[11:]))
+    assert torch.equal(lse[:, 11:], torch.full((heads, 2), float("-inf"), dtype=lse.dtype))

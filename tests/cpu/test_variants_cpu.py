@@ -138,11 +138,12 @@ def test_bad_variant_arguments_raise_before_the_op(entry, op_unreachable):
             _call(entry, **kwargs)
 
 
-def test_block_table_stays_refused(op_unreachable):
-    with pytest.raises(NotImplementedError, match="block_table: paged KV is not implemented"):
+def test_varlen_block_table_goes_to_the_paged_path(op_unreachable):
+    # flash-attn 2.x's paged varlen forward: k, v must then be paged caches (4-D)
+    with pytest.raises(ValueError, match=r"k must be a paged cache \(num_blocks, page_size"):
         _call("varlen", block_table=_cuda(BATCH, 4, dtype=torch.int32))
-    with pytest.raises(TypeError, match="block_table must be None or an int32 tensor"):
-        _call("varlen", block_table=[[0]])
+    with pytest.raises(NotImplementedError, match="dropout_p must be 0 with block_table"):
+        _call("varlen", block_table=_cuda(BATCH, 4, dtype=torch.int32), dropout_p=0.1)
 
 
 def test_sink_is_keyword_only_and_not_in_sdpa(op_unreachable):
