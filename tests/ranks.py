@@ -30,3 +30,10 @@ def run_ranks(worker: Path, nproc: int, timeout: float, extra_env=None) -> tuple
             proc.kill()
             out, _ = proc.communicate()
         return -1, f"timed out after {timeout} s\n{out}"
+
+
+def say(line: str) -> None:
+    """One line of a worker to stdout in a single write (atomic on a pipe below 4 KiB), so the
+    lines of ranks sharing torchrun's stdout never run into one another."""
+    sys.stdout.flush()
+    os.write(1, (line[:4000] + "\n").encode())

@@ -34,6 +34,7 @@ from torch.distributed.tensor.experimental._attention import (_cp_options, conte
                                                               set_rotate_method)
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from ranks import say  # noqa: E402
 from reference import attention_grads_ref, attention_ref  # noqa: E402
 
 from flashjit import ops  # noqa: E402
@@ -155,9 +156,8 @@ def main() -> int:
         failed += not ok
         line = " ".join(f"{n} {e:.1e}{'' if e <= tol else ' FAILED'}" for n, e in errors.items())
         if rank == 0 or not ok:  # one line per case (both ranks check; exit status covers both)
-            print(f"rank {rank} case b{b} h{h}:{hk} s{s} d{d} causal={causal} {rotate} "
-                  f"{str(dtype)[6:]} ({world} ranks): "
-                  f"{'ok' if ok else 'FAILED'} {line}", flush=True)
+            say(f"rank {rank} case b{b} h{h}:{hk} s{s} d{d} causal={causal} {rotate} "
+                f"{str(dtype)[6:]} ({world} ranks): {'ok' if ok else 'FAILED'} {line}")
     dist.destroy_process_group()
     return 1 if failed else 0
 

@@ -38,6 +38,7 @@ from torch.distributed.tensor.experimental._attention import (_cp_options, conte
 from torch.nn.attention import SDPBackend, activate_flash_attention_impl, sdpa_kernel
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from ranks import say  # noqa: E402
 from reference import max_error  # noqa: E402
 
 import flashjit  # noqa: E402,F401  (registers "flashjit" with torch's registry)
@@ -194,15 +195,13 @@ def main() -> int:
         except Exception as e:
             # report, then stop this rank: its peer may be waiting in a collective of this case,
             # and torchrun tears the other ranks down when one exits with an error
-            print(f"rank {rank} FAILED: {case} raised {type(e).__name__}: {str(e)[:400]}",
-                  flush=True)
+            say(f"rank {rank} FAILED: {case} raised {type(e).__name__}: {str(e)[:400]}")
             raise
         failed += not ok
         b, h, hk, s, d, causal, dtype, rotate = case
         if rank == 0 or not ok:
-            print(f"rank {rank} {'ok' if ok else 'FAILED'}: b{b} h{h}:{hk} s{s} d{d} "
-                  f"causal={causal} {str(dtype)[6:]} {rotate}, error/PyTorch's: "
-                  + "; ".join(parts), flush=True)
+            say(f"rank {rank} {'ok' if ok else 'FAILED'}: b{b} h{h}:{hk} s{s} d{d} "
+                f"causal={causal} {str(dtype)[6:]} {rotate}, error/PyTorch's: " + "; ".join(parts))
     dist.barrier()
     dist.destroy_process_group()
     return 1 if failed else 0
