@@ -4,8 +4,9 @@ names the caller's own argument (``qkv``/``kv`` for packed inputs, ``query`` in 
 Errors: TypeError for a value of the wrong type, and for q/k/v and cu_seqlens of the wrong dtype;
 ValueError for wrong shapes, devices and values, and for the dtype of alibi_slopes and sink
 (float32 tensors whose dtype is a value to get right, as their shape is: the variants contract);
-NotImplementedError for block_table in the varlen functions (paged KV is served by
-flash_attn_with_kvcache, check_kvcache).
+NotImplementedError, raised outside this module, for what the kernels do not do (dropout and a
+backward with paged KV: interface._paged_varlen; a decode tile too large for the GPU's shared
+memory: ops.check_decode_smem).
 """
 
 from __future__ import annotations
@@ -205,17 +206,6 @@ def check_variant_tensors(alibi_slopes, sink, device: torch.device, batch: int, 
                          "pass alibi_slopes.detach()")
     sink = check_float32_vector("sink", sink, {"(heads,)": (heads,)}, device, q_name)
     return alibi_slopes, sink
-
-
-def refuse_tensor_argument(name: str, value, kind: str, feature: str) -> None:
-    """An optional tensor argument of a feature flashjit lacks yet: None passes; a tensor raises
-    NotImplementedError naming it, anything else TypeError."""
-    if value is None:
-        return
-    if not isinstance(value, Tensor):
-        raise TypeError(f"{name} must be None or {kind}, got {type(value).__name__}")
-    raise NotImplementedError(f"{name}: {feature} is not implemented in flashjit yet; pass "
-                              f"{name}=None")
 
 
 def check_options(dropout_p, softmax_scale, softcap, deterministic, return_attn_probs, d: int):

@@ -342,11 +342,11 @@ def _paged_varlen(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
     check_int("max_seqlen_k", max_seqlen_k)
     check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.device, q.shape[0], max_seqlen_q,
                      "max_seqlen_q")
-    for name, cu in (("cu_seqlens_k", cu_seqlens_k),):
-        if (not isinstance(cu, Tensor) or cu.dtype != torch.int32 or cu.dim() != 1
-                or cu.numel() != cu_seqlens_q.numel() or cu.device != q.device):
-            raise ValueError(f"{name} must be an int32 tensor of batch + 1 = "
-                             f"{cu_seqlens_q.numel()} offsets on q's device")
+    if (not isinstance(cu_seqlens_k, Tensor) or cu_seqlens_k.dtype != torch.int32
+            or cu_seqlens_k.dim() != 1 or cu_seqlens_k.numel() != cu_seqlens_q.numel()
+            or cu_seqlens_k.device != q.device):
+        raise ValueError(f"cu_seqlens_k must be an int32 tensor of batch + 1 = "
+                         f"{cu_seqlens_q.numel()} offsets on q's device")
     batch = cu_seqlens_q.numel() - 1
     total, heads, d = q.shape
     tile_q = max(max_seqlen_q, 1)

@@ -371,19 +371,20 @@ def num_splits_heuristic(batch: int, heads_k: int, rows_per_kv_head: int, max_se
     return next(s for s, e in enumerate(efficiency, 1) if e >= good)
 
 
-_sm_counts: dict = {}
+# device index -> (SM count, shared memory per block with opt-in, per SM): one property query each
+_device_limits: dict = {}
 
 
-def _sm_count(device: torch.device) -> int:
-    """The SM count of a CUDA device (cached per device index: one property query each)."""
+def _limits(device: torch.device) -> tuple:
+    """(SM count, shared memory per block with opt-in, per SM; bytes, None where torch does not
+    report them) of a CUDA device, cached per device index."""
     index = device.index if device.index is not None else torch.cuda.current_device()
-    count = _sm_counts.get(index)
-    if count is None:
-        count = _sm_counts[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return count
-
-
-_smem_limits: dict = {}
+    if index not in _device_limits:
+        props = torch.cuda.get_device_properties(index)
+        _device_limits[index] = (props.multi_processor_count,
+                                 getattr(props, "shared_memory_per_block_optin", None),
+                                 getattr(props, "shared_memory_per_multiprocessor", None))
+    return _device_limits[index]
 
 
 def decode_smem_bytes(head_dim_bucket: int, rows_per_kv_head: int, stages: int) -> int:
@@ -394,17 +395,6 @@ def decode_smem_bytes(head_dim_bucket: int, rows_per_kv_head: int, stages: int) 
     return (block_m + 2 * stages * 64) * (head_dim_bucket + 8) * 2
 
 
-def _smem(device: torch.device):
-    """(shared memory per block with opt-in, per SM) of a CUDA device, bytes (None where torch
-    does not report them); cached per device index."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _smem_limits:
-        props = torch.cuda.get_device_properties(index)
-        _smem_limits[index] = (getattr(props, "shared_memory_per_block_optin", None),
-                               getattr(props, "shared_memory_per_multiprocessor", None))
-    return _smem_limits[index]
-
-
 def check_decode_smem(device: torch.device, head_dim: int, rows_per_kv_head: int) -> None:
     """NotImplementedError, before any compile, where even the decode kernel's two-buffer
     configuration exceeds the GPU's shared memory per block (sm86/sm89: 99 KB, so d > 160, or
@@ -413,7 +403,7 @@ def check_decode_smem(device: torch.device, head_dim: int, rows_per_kv_head: int
     (the CPU tests' stand-ins): nothing to check."""
     if device.type != "cuda":
         return
-    limit = _smem(device)[0]
+    limit = _limits(device)[1]
     need = decode_smem_bytes(head_dim_bucket(head_dim), rows_per_kv_head, 2)
     if limit is not None and need > limit:
         raise NotImplementedError(
@@ -430,7 +420,7 @@ def decode_ctas_per_sm(device: torch.device, head_dim: int, rows_per_kv_head: in
     the device reports no sizes (or is not CUDA: the CPU tests' stand-ins)."""
     if device.type != "cuda":
         return 2
-    per_block, per_sm = _smem(device)
+    _, per_block, per_sm = _limits(device)
     if per_block is None or per_sm is None:
         return 2
     bucket = head_dim_bucket(head_dim)
@@ -506,14 +496,14 @@ def _decode_impl(
                 seqlen_q, k_cache.shape[1], softmax_scale, True, window_left, window_right,
                 softcap, alibi_slopes, sink, None, 0.0)
         return out, lse
-    check_decode_smem(q.device, d, seqlen_q * (heads // k_cache.shape[2]))
+    heads_k = k_cache.shape[2]
+    rows = seqlen_q * (heads // heads_k)  # packed query rows per K/V head
+    check_decode_smem(q.device, d, rows)
     if num_splits == 0:
         capacity = (k_cache.shape[1] if block_table is None
                     else block_table.shape[1] * k_cache.shape[1])
-        heads_k = k_cache.shape[2]
-        num_splits = num_splits_heuristic(batch, heads_k, seqlen_q * (heads // heads_k), capacity,
-                                          _sm_count(q.device),
-                                          decode_ctas_per_sm(q.device, d, seqlen_q * (heads // heads_k)))
+        num_splits = num_splits_heuristic(batch, heads_k, rows, capacity, _limits(q.device)[0],
+                                          decode_ctas_per_sm(q.device, d, rows))
     o_partial = lse_partial = None
     if num_splits > 1:
         o_partial = _empty((num_splits, batch, heads, seqlen_q, d), torch.float32, q.device)

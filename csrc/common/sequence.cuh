@@ -1,4 +1,4 @@
-// sequence.cuh: the grid of every attention kernel, the shared-memory opt-in, and where one (batch, head) sequence lives, for
+// sequence.cuh: the grid of every attention kernel, the device's shared-memory limits and opt-in, and where one (batch, head) sequence lives, for
 // fixed-length and varlen inputs alike. Family-agnostic: no tile code.
 #pragma once
 
@@ -32,6 +32,17 @@ struct GridHeadBatch {
     valid = hb < int64_t(heads) * batch;
     h = int(hb % heads);
     b = int(hb / heads);
+  }
+};
+
+// Shared memory of the current device: per block (opt-in maximum) and per multiprocessor.
+struct SmemLimits {
+  int per_block = 0, per_sm = 0;
+  SmemLimits() {
+    int device = 0;
+    cudaGetDevice(&device);
+    cudaDeviceGetAttribute(&per_block, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+    cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device);
   }
 };
 

@@ -23,17 +23,6 @@ cudaError_t launch_fwd(const FwdParams& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-// Shared memory of the current device: per block (opt-in maximum) and per multiprocessor.
-struct SmemLimits {
-  int per_block = 0, per_sm = 0;
-  SmemLimits() {
-    int device = 0;
-    cudaGetDevice(&device);
-    cudaDeviceGetAttribute(&per_block, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-    cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device);
-  }
-};
-
 // Tile choice per head-dim bucket (mma.sync family). Registers bound the tile: a warp holds
 // O (kWarpRows x d) and S (kWarpRows x kBlockN) in fp32. Shared memory holds Q and two stages of
 // K and V (traits.cuh).

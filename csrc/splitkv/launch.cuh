@@ -32,10 +32,8 @@ cudaError_t launch_stages(const DecodeParams& dp, cudaStream_t stream) {
     return launch_decode<Two, V>(dp, stream);
   } else {
     using Three = DecodeTraits<Element, kHeadDim, kWarpsM, kWarpsN, 3>;
-    int device = 0, per_block = 0;
-    cudaGetDevice(&device);
-    cudaDeviceGetAttribute(&per_block, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-    if (size_t(per_block) >= Three::kSmemBytes) return launch_decode<Three, V>(dp, stream);
+    if (size_t(SmemLimits().per_block) >= Three::kSmemBytes)
+      return launch_decode<Three, V>(dp, stream);
     return launch_decode<Two, V>(dp, stream);
   }
 }

@@ -287,7 +287,7 @@ def launched(monkeypatch):
     monkeypatch.setattr(ops, "load_spec", lambda spec: SimpleNamespace(
         decode=SimpleNamespace(default="the decode op")))
     monkeypatch.setattr(ops, "_launch", lambda op, device, *args: calls.append((flags[-1], args)))
-    monkeypatch.setattr(ops, "_sm_count", lambda device: 100)
+    monkeypatch.setattr(ops, "_limits", lambda device: (100, None, None))  # 100 SMs
     return calls
 
 
@@ -465,7 +465,7 @@ def test_decode_shared_memory_mirror_and_refusal(monkeypatch):
     assert ops.decode_smem_bytes(128, 4, 3) == (16 + 6 * 64) * 136 * 2 == 108800
     assert ops.decode_smem_bytes(128, 17, 3) == (64 + 6 * 64) * 136 * 2
     assert ops.decode_smem_bytes(256, 16, 2) == (16 + 4 * 64) * 264 * 2 == 143616
-    monkeypatch.setattr(ops, "_smem_limits", {0: (99 * 1024, 100 * 1024)})  # sm86/sm89
+    monkeypatch.setattr(ops, "_device_limits", {0: (84, 99 * 1024, 100 * 1024)})  # sm86/sm89
     dev = torch.device("cuda", 0)
     ops.check_decode_smem(dev, 128, 4)  # two buffers: 74 KB
     ops.check_decode_smem(dev, 160, 16)
@@ -474,7 +474,7 @@ def test_decode_shared_memory_mirror_and_refusal(monkeypatch):
     with pytest.raises(NotImplementedError, match="seqlen_q >= 64 runs the forward kernel"):
         ops.check_decode_smem(dev, 256, 64)
     assert ops.decode_ctas_per_sm(dev, 128, 4) == 1  # two buffers, 74 KB: one CTA per SM
-    monkeypatch.setattr(ops, "_smem_limits", {0: (227 * 1024, 228 * 1024)})  # H100/H200
+    monkeypatch.setattr(ops, "_device_limits", {0: (132, 227 * 1024, 228 * 1024)})  # H200
     ops.check_decode_smem(dev, 256, 512)  # everything fits
     assert ops.decode_ctas_per_sm(dev, 128, 4) == 2  # 16-row tiles, three buffers: 106 KB
     assert ops.decode_ctas_per_sm(dev, 128, 64) == 1  # 64-row tiles: 119 KB
