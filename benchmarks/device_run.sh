@@ -7,7 +7,7 @@
 #      sequences, attention variants), results under $OUT/results/<gpu>/
 # Usage (on the device): bash benchmarks/device_run.sh [steps...]
 #   steps: build test test80 sanitize profile sweep kernels overhead jit peers original long
-#          variants ab sdpa hf hfbench cp cpbench decode decodebench
+#          variants ab sdpa hf hfbench cp cpbench decode decodebench decodeprof decodesweep
 #   (default: build test sanitize jit peers)
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -119,6 +119,23 @@ for step in $STEPS; do
         timeout ${CPBENCH_TIMEOUT:-540} python3 -m torch.distributed.run --standalone --nproc-per-node 2 \
           benchmarks/bench_context_parallel.py --out "$OUT/results" ${CPBENCH_ARGS:-} 2>&1 | grep -v "^\[rank" | tail -n 40
       fi ;;
+    decodeprof)  # where decode time goes: kernel list per call (profiler), copy bandwidths,
+                 # ncu counters of flashjit's and cuDNN's kernels on one large shape
+      python3 -m flashjit.prebuild --kernel decode --dtype bf16 --head-dim 128 --causal no 2>&1 | tail -n 1
+      timeout 240 python3 benchmarks/profile_decode.py 2>&1 | tee "$OUT/profile_decode.log" | tail -n 80
+      timeout 200 ncu --clock-control none --launch-skip 2 --launch-count 4 --section SpeedOfLight \
+        --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy --section LaunchStats \
+        python3 benchmarks/profile_decode.py --ncu-shape ${NCU_SHAPE:-gqa,64,4096} > "$OUT/ncu_decode.log" 2>&1
+      grep -E "^  [a-z_]+.*\(|Duration|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Warp Cycles Per Issued|Stall|L1/TEX Hit|L2 Hit" "$OUT/ncu_decode.log" | head -80 ;;
+    decodesweep)  # decode tuning: num_splits per shape, then decode tiles (block_n, stages)
+      TILES=${DECODE_TILES:-64,3 64,2 64,4 128,2 128,3}
+      for t in $TILES; do
+        python3 -m flashjit.prebuild --kernel decode --dtype bf16 --head-dim 128 --causal no --tile $t 2>&1 | tail -n 1 &
+      done
+      python3 -m flashjit.prebuild --kernel decode --dtype bf16 --head-dim 128 --causal no 2>&1 | tail -n 1
+      wait
+      timeout 200 python3 benchmarks/sweep_decode.py splits 2>&1 | tee "$OUT/sweep_splits.log"
+      timeout 200 python3 benchmarks/sweep_decode.py tiles $TILES 2>&1 | tee "$OUT/sweep_tiles.log" ;;
     decode|decodebench)  # KV cache (flash_attn_with_kvcache, csrc/splitkv): specs, then tests and
                          # sanitizers (decode) or the benchmark (decodebench)
       dk() { python3 -m flashjit.prebuild --kernel decode --jobs 16 "$@" 2>&1 | tail -n 1; }

@@ -33,14 +33,15 @@ namespace flashjit {
 // rows): 1 x 4, the warps split the keys and merge at the end; chunked prefill (many rows): 4 x 1,
 // the FlashAttention-2 split, no merge. kStages K/V buffers: 3 where shared memory allows (d <=
 // 128 on sm80/sm90), else 2 (launch.cuh picks by the device's per-block limit).
-template <typename Element_, int kHeadDim_, int kWarpsM_, int kWarpsN_, int kStages_>
+template <typename Element_, int kHeadDim_, int kWarpsM_, int kWarpsN_, int kStages_,
+          int kBlockN_ = 64>
 struct DecodeTraits {
   using Element = Element_;
   static constexpr int kHeadDim = kHeadDim_;  // compiled head-dim bucket (actual d <= this)
   static constexpr int kWarpsM = kWarpsM_, kWarpsN = kWarpsN_;
   static constexpr int kNWarps = kWarpsM * kWarpsN, kNThreads = 32 * kNWarps;
   static constexpr int kBlockM = 16 * kWarpsM;        // packed rows per CTA
-  static constexpr int kBlockN = 64;                  // keys per block
+  static constexpr int kBlockN = kBlockN_;            // keys per block
   static constexpr int kWarpN = kBlockN / kWarpsN;    // keys per warp per block
   static constexpr int kNTilesS = kWarpN / 8;         // n8 tiles of a warp's S
   static constexpr int kStages = kStages_;

@@ -54,8 +54,14 @@ cudaError_t run_decode(const DecodeParams& dp, const AppendParams& a, cudaStream
   // (decoding: seqlen_q x group): one 16-row tile, the warps split the keys; more (speculative
   // decoding, chunked prefill): 64-row tiles, a warp per 16 rows, one pass over K/V per 64 rows.
   const int rows = p.seqlen_q * (p.heads / p.heads_k);
+#ifdef FLASHJIT_TILE  // a spec's tile (JitSpec.tile: keys per block, stages) for the decode tiles
+  using Tiled = DecodeTraits<Element, kHeadDim, 1, 4, FLASHJIT_TILE_STAGES, FLASHJIT_TILE_BLOCK_N>;
+  const cudaError_t err = rows <= 16 ? launch_decode<Tiled, V>(dp, stream)
+                                     : launch_stages<Element, kHeadDim, 4, 1, V>(dp, stream);
+#else
   const cudaError_t err = rows <= 16 ? launch_stages<Element, kHeadDim, 1, 4, V>(dp, stream)
                                      : launch_stages<Element, kHeadDim, 4, 1, V>(dp, stream);
+#endif
   if (err != cudaSuccess) return err;
   // 3. Combine the splits: one warp per (batch, head, query) row.
   if (dp.num_splits > 1) {
