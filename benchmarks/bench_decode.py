@@ -188,7 +188,7 @@ def chunk_point(layout: str, seqlen_q: int, seqlen_k: int, args) -> dict:
            args.repeats)
     _timed(row, "flash_attn_func_ms", lambda: flashjit.flash_attn_func(q, k, v, causal=True), 5,
            args.repeats)
-    k_pages, table = paged(k, 64)  # paged: the decode kernel's 64-row tiles
+    k_pages, table = paged(k, 64)  # decode kernel below 256 queries, else the paged forward
     v_pages, _ = paged(v, 64, table)
     _timed(row, "kvcache_paged64_ms", lambda: flashjit.flash_attn_with_kvcache(
         q, k_pages, v_pages, block_table=table, causal=True), 5, args.repeats)
@@ -293,24 +293,27 @@ def markdown(env, copy, rows, chunks, args) -> str:
               "sees keys up to seqlen_k - seqlen_q + i). ms per call (TFLOP/s over the visible "
               "pairs). cuDNN: with the causal mask as attn_mask, or unmasked where it takes no "
               "mask (column 'cuDNN mask'). with_kvcache on the contiguous cache runs the forward "
-              "(prefill) kernel (ops.PREFILL_MIN_QUERIES), on a cache paged by 64 rows the "
-              "decode kernel's 64-row tiles.", "",
+              "(prefill) kernel (ops.PREFILL_MIN_QUERIES); on a cache paged by 64 rows, below "
+              "ops.PAGED_PREFILL_MIN_QUERIES (256) queries the decode kernel's 64-row tiles "
+              "(split-KV), from 256 on the forward's paged spec.", "",
               "| heads:heads_k | seqlen_q | seqlen_k | with_kvcache | with_kvcache paged 64 | "
-              "flash_attn_func | cuDNN | cuDNN mask | cuDNN / with_kvcache |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "flash_attn_func | cuDNN | cuDNN mask | cuDNN / with_kvcache | cuDNN / paged 64 |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in chunks:
         if "error" in r:
             lines.append(f"| {r['layout']} | {r['seqlen_q']} | {r['seqlen_k']} | error: "
-                         f"{r['error'][:80]} | | | | | |")
+                         f"{r['error'][:80]} | | | | | | |")
             continue
         cell = {k: f"{_ms(r, k + '_ms')} ({r.get(k + '_tflops', '-')})"
                 for k in ("kvcache", "kvcache_paged64", "flash_attn_func", "sdpa_cudnn")}
-        ratio = (f"{r['sdpa_cudnn_ms'] / r['kvcache_ms']:.2f}x"
-                 if "sdpa_cudnn_ms" in r and "kvcache_ms" in r else "-")
+        ratio = {k: (f"{r['sdpa_cudnn_ms'] / r[k + '_ms']:.2f}x"
+                     if "sdpa_cudnn_ms" in r and k + "_ms" in r else "-")
+                 for k in ("kvcache", "kvcache_paged64")}
         lines.append(f"| {r['heads']}:{r['heads_k']} | {r['seqlen_q']} | {r['seqlen_k']} | "
                      f"{cell['kvcache']} | {cell['kvcache_paged64']} | "
                      f"{cell['flash_attn_func']} | {cell['sdpa_cudnn']} | "
-                     f"{r.get('sdpa_cudnn_mask', '-')} | {ratio} |")
+                     f"{r.get('sdpa_cudnn_mask', '-')} | {ratio['kvcache']} | "
+                     f"{ratio['kvcache_paged64']} |")
     return "\n".join(lines) + "\n"
 
 

@@ -127,8 +127,8 @@ for step in $STEPS; do
         --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy --section LaunchStats \
         python3 benchmarks/profile_decode.py --ncu-shape ${NCU_SHAPE:-gqa,64,4096} > "$OUT/ncu_decode.log" 2>&1
       grep -E "^  [a-z_]+.*\(|Duration|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Warp Cycles Per Issued|Stall|L1/TEX Hit|L2 Hit" "$OUT/ncu_decode.log" | head -80 ;;
-    decodesweep)  # decode tuning: num_splits per shape, then decode tiles (block_n, stages)
-      TILES=${DECODE_TILES:-64,3 64,2 64,4 128,2 128,3}
+    decodesweep)  # decode tuning: num_splits per shape, then decode tiles (block_n, stages, loader: 1 cp.async, 2 bulk)
+      TILES=${DECODE_TILES:-64,3,1 64,3,2}
       for t in $TILES; do
         python3 -m flashjit.prebuild --kernel decode --dtype bf16 --head-dim 128 --causal no --tile $t 2>&1 | tail -n 1 &
       done
@@ -144,8 +144,16 @@ for step in $STEPS; do
       dk --dtype bf16 --head-dim 128 --causal yes --window both --sink both
       dk --dtype bf16 --head-dim 128 --causal no --softcap yes --alibi yes
       dk --dtype bf16 --head-dim 128 --causal yes --window yes --softcap yes --alibi yes --sink yes
-      # chunked prefill on a contiguous cache runs the forward kernel (ops.PREFILL_MIN_QUERIES)
-      python3 -m flashjit.prebuild --kernel fwd --dtype bf16 --head-dim 128 --causal yes 2>&1 | tail -n 1
+      # chunked prefill runs the forward kernel (ops.PREFILL_MIN_QUERIES): contiguous, and paged
+      # (the _paged specs of tests/gpu/test_kvcache.py's prefill cases and sanitize_decode.py)
+      fk() { python3 -m flashjit.prebuild --kernel fwd --jobs 4 "$@" 2>&1 | tail -n 1; }
+      fk --dtype bf16 --head-dim 128 --causal yes &
+      fk --dtype bf16 --head-dim 128 --causal both --paged yes &
+      fk --dtype bf16 --head-dim 128 --causal yes --window yes --paged yes &
+      fk --dtype fp16 --head-dim 64 --causal no --paged yes &
+      fk --dtype bf16 --head-dim 256 --causal yes --paged yes &
+      fk --dtype bf16 --head-dim 128 --causal yes --paged yes --family sm80 &
+      wait
       if [ $step = decode ]; then
         timeout ${DECODE_TIMEOUT:-300} python3 -m pytest -q -rs -p no:cacheprovider tests/gpu/test_kvcache.py 2>&1 \
           | tee "$OUT/pytest_kvcache.log" | tail -n 25

@@ -2,7 +2,7 @@
 README): bf16, d 128, 32 query heads, seqlen_q 1, as bench_decode.py.
 
     python benchmarks/sweep_decode.py splits            # num_splits 1..128 per shape, default tile
-    python benchmarks/sweep_decode.py tiles 64,3 64,2 128,2   # decode tiles (block_n, stages)
+    python benchmarks/sweep_decode.py tiles 64,3,1 64,3,2   # tiles (block_n, stages, loader)
 
 `splits` times flash_attn_with_kvcache with each num_splits on small-batch shapes, next to the
 heuristic's choice (num_splits=0) and SDPA cuDNN. `tiles` times each tile (JitSpec.tile through
@@ -92,7 +92,7 @@ if __name__ == "__main__":
     if mode == "splits":
         splits()
     elif mode == "tiles":
-        tiles(sys.argv[2:] or ["64,3"])
+        tiles(sys.argv[2:] or ["64,3,2"])
     elif mode == "_tile_child":
         tile_child()
     else:

@@ -49,6 +49,24 @@ inline void* residual_ptr(const std::optional<at::Tensor>& out_residual, const a
   return out_residual->data_ptr();
 }
 
+// The page table (params.h: PageTable) of a cache (num_blocks, page_size, heads_k, d) read
+// through block_table (batch, max_blocks), int32 with its last dim contiguous (checked by the
+// caller); without block_table a contiguous cache (block_table nullptr).
+inline PageTable make_page_table(const std::optional<at::Tensor>& block_table,
+                                 const at::Tensor& cache) {
+  PageTable t{};
+  t.num_blocks = int(cache.size(0));
+  t.page_shift = -1;
+  if (block_table.has_value()) {
+    t.block_table = block_table->data_ptr<int>();
+    t.block_table_batch_stride = block_table->stride(0);
+    t.page_size = int(cache.size(1));
+    for (int shift = 0; shift < 31; ++shift)
+      if ((1 << shift) == t.page_size) t.page_shift = shift;
+  }
+  return t;
+}
+
 // Zeroes the rows of a varlen output (total, heads, d), contiguous, past cu_seqlens[batch].
 inline void zero_varlen_tail(const at::Tensor& x, const at::Tensor& cu_seqlens, int batch,
                              int64_t stream) {

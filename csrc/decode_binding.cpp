@@ -77,21 +77,10 @@ void decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
   c.cache_seqlens = int_ptr(cache_seqlens, "cache_seqlens");
   c.cache_batch_idx = int_ptr(cache_batch_idx, "cache_batch_idx");
   c.leftpad = int_ptr(cache_leftpad, "cache_leftpad");
-  c.block_table = int_ptr(block_table, "block_table");
-  c.num_blocks = int(k_cache.size(0));
-  if (c.block_table != nullptr) {
-    c.block_table_batch_stride = block_table->stride(0);
-    c.page_size = int(k_cache.size(1));
-    c.page_shift = -1;
-    for (int shift = 0; shift < 31; ++shift)
-      if ((1 << shift) == c.page_size) c.page_shift = shift;
-    c.capacity = int(block_table->size(1) * k_cache.size(1));
-  } else {
-    c.block_table_batch_stride = 0;
-    c.page_size = 0;
-    c.page_shift = -1;
-    c.capacity = int(k_cache.size(1));
-  }
+  int_ptr(block_table, "block_table");  // checks it
+  p.pages = make_page_table(block_table, k_cache);
+  c.capacity = p.pages.block_table != nullptr ? int(block_table->size(1) * k_cache.size(1))
+                                              : int(k_cache.size(1));
   c.seqlen_new = k_new.has_value() ? int(k_new->size(1)) : 0;
   p.seqlen_k = c.capacity;
 

@@ -13,20 +13,53 @@
 namespace flashjit {
 namespace {
 
+// A paged spec (JitSpec.paged, FLASHJIT_HAS_PAGED) reads K/V through a block_table, and only it.
+#if defined(FLASHJIT_HAS_PAGED) && FLASHJIT_HAS_PAGED
+constexpr bool kPagedSpec = true;
+#else
+constexpr bool kPagedSpec = false;
+#endif
+
+// block_table (batch, max_blocks) of a paged spec: int32 on q's device, last dim contiguous,
+// against k/v (num_blocks, page_size, heads_k, d) with page_size a multiple of 16 and
+// max_seqlen_k within its max_blocks * page_size rows; fixed-length q only.
+void check_block_table(const at::Tensor& table, const at::Tensor& q, const at::Tensor& k,
+                       const at::Tensor& v, bool varlen, int64_t max_seqlen_k) {
+  TORCH_CHECK(!varlen, "flashjit: block_table (paged K/V) takes fixed-length q, no cu_seqlens");
+  TORCH_CHECK(table.is_cuda() && table.device() == q.device(),
+              "flashjit: block_table must be on q's device");
+  TORCH_CHECK(table.scalar_type() == at::kInt, "flashjit: block_table must be int32");
+  TORCH_CHECK(table.dim() == 2 && table.size(0) == q.size(0) && table.stride(-1) == 1,
+              "flashjit: block_table must be (batch, max_blocks) with its last dim contiguous");
+  TORCH_CHECK(k.size(0) == v.size(0) && k.size(1) == v.size(1),
+              "flashjit: paged k and v must have the same (num_blocks, page_size)");
+  TORCH_CHECK(k.size(1) > 0 && k.size(1) % 16 == 0,
+              "flashjit: the page size (k's dim 1) must be a positive multiple of 16");
+  TORCH_CHECK(max_seqlen_k <= table.size(1) * k.size(1),
+              "flashjit: max_seqlen_k exceeds the block_table's max_blocks * page_size rows");
+}
+
 // q, k, v, out: (batch, seqlen, heads, d) or varlen (total, heads, d); lse float32.
 // out_residual (optional, like out with out's strides): O - round(O), for the backward.
+// block_table (paged specs only): k/v are (num_blocks, page_size, heads_k, d) and key j of
+// sequence b is row j % page_size of page block_table[b][j / page_size] (params.h: PageTable).
 // window_left/right, softcap, alibi_slopes, sink: the variant's values (params.h: VariantParams).
 void fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
          const at::Tensor& lse, const std::optional<at::Tensor>& out_residual,
          const std::optional<at::Tensor>& cu_seqlens_q,
          const std::optional<at::Tensor>& cu_seqlens_k,
-         const std::optional<at::Tensor>& seqused_k, int64_t max_seqlen_q,
+         const std::optional<at::Tensor>& seqused_k,
+         const std::optional<at::Tensor>& block_table, int64_t max_seqlen_q,
          int64_t max_seqlen_k, double softmax_scale, bool causal_bottom_right,
          int64_t window_left, int64_t window_right, double softcap,
          const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& sink,
          const std::optional<at::Tensor>& rng_state, double dropout_p, int64_t stream) {
   const bool varlen = cu_seqlens_q.has_value();
   check_attention_tensors({&q, &k, &v, &out}, varlen);
+  TORCH_CHECK(block_table.has_value() == kPagedSpec, "flashjit: ",
+              kPagedSpec ? "this paged forward spec needs a block_table"
+                         : "this forward spec takes no block_table (its _paged spec does)");
+  if (block_table.has_value()) check_block_table(*block_table, q, k, v, varlen, max_seqlen_k);
   FwdParams p{};
   p.q = q.data_ptr();
   p.k = k.data_ptr();
@@ -61,6 +94,7 @@ void fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at
   p.variant = make_variant_params(window_left, window_right, softcap, alibi_slopes, sink, p.heads);
   p.dropout = make_dropout_params(rng_state, dropout_p);
   p.seqused_k = seqused_k.has_value() ? seqused_k->data_ptr<int>() : nullptr;
+  p.pages = make_page_table(block_table, k);  // block_table nullptr without one
   if (varlen) zero_varlen_tail(out, *cu_seqlens_q, p.batch, stream);
   if (p.batch == 0 || p.heads == 0 || p.seqlen_q == 0) return;
   const char* err = fwd_run(p, reinterpret_cast<void*>(stream));
@@ -73,7 +107,8 @@ FLASHJIT_LIBRARY(FLASHJIT_OP_NAMESPACE, m) {
   m.def(
       "fwd(Tensor q, Tensor k, Tensor v, Tensor(a!) out, Tensor(b!) lse, Tensor(c!)? out_residual, "
       "Tensor? cu_seqlens_q, "
-      "Tensor? cu_seqlens_k, Tensor? seqused_k, int max_seqlen_q, int max_seqlen_k, float softmax_scale, "
+      "Tensor? cu_seqlens_k, Tensor? seqused_k, Tensor? block_table, int max_seqlen_q, "
+      "int max_seqlen_k, float softmax_scale, "
       "bool causal_bottom_right, int window_left, int window_right, float softcap, "
       "Tensor? alibi_slopes, Tensor? sink, Tensor? rng_state, float dropout_p, int stream) -> ()");
   m.impl("fwd", c10::DispatchKey::CUDA, TORCH_FN(fwd));

@@ -120,7 +120,7 @@ class _FlashAttnFunction(torch.autograd.Function):
         # The sink's gradient is made of D too.
         residual = any(ctx.needs_input_grad[:4])
         out, lse, out_residual = ops.call_fwd(
-            q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k,
+            q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, None, max_seqlen_q, max_seqlen_k,
             softmax_scale, causal, causal_bottom_right, window_left, window_right, softcap,
             alibi_slopes, sink, dropout_p, rng_state, residual)
         ctx.save_for_backward(q, k, v, sink, alibi_slopes, out, out_residual, lse, cu_seqlens_q,
@@ -308,8 +308,8 @@ flash_attn_varlen_func.__doc__ = """Packed variable-length sequences, as
     (batch, heads) with batch = cu_seqlens_q.numel() - 1. block_table (batch, max_blocks)
     int32: paged KV, forward only (inference), as flash-attn 2.x: k, v are then paged caches
     (num_blocks, page_size, heads_k, d) and sequence b's keys its first cu_seqlens_k[b + 1] -
-    cu_seqlens_k[b] rows through block_table[b] (served by flash_attn_with_kvcache's decode
-    kernel, whose checks apply; _paged_varlen).
+    cu_seqlens_k[b] rows through block_table[b] (served by flash_attn_with_kvcache, whose checks
+    apply: its decode kernel, or from max_seqlen_q >= 256 its paged forward; _paged_varlen).
     In eager mode the cu_seqlens values are checked on the host (one synchronisation); under
     CUDA-graph capture and torch.compile they are not.""" + _COMMON_DOC
 
@@ -320,11 +320,11 @@ def _paged_varlen(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
     """flash_attn_varlen_func with block_table (flash-attn 2.x's paged varlen forward): k, v are
     paged caches (num_blocks, page_size, heads_k, d), sequence b's keys are its first
     cu_seqlens_k[b + 1] - cu_seqlens_k[b] logical rows (pages block_table[b]), its queries rows
-    cu_seqlens_q[b] .. of q (total_q, heads, d). Served by the decode kernel through
-    flash_attn_with_kvcache (its checks apply): the queries are placed at the END of a
-    (batch, max_seqlen_q) left-padded tile, so its bottom-right alignment puts query i of a
-    sequence of n_q queries and n_k keys at position n_k - n_q + i, as here; the padding rows
-    are dropped. Forward only (inference): no dropout, no gradient."""
+    cu_seqlens_q[b] .. of q (total_q, heads, d). Served through flash_attn_with_kvcache (its
+    checks apply; its decode kernel, or the paged forward from 256 queries): the queries are
+    placed at the END of a (batch, max_seqlen_q) left-padded tile, so its bottom-right alignment
+    puts query i of a sequence of n_q queries and n_k keys at position n_k - n_q + i, as here;
+    the padding rows are dropped. Forward only (inference): no dropout, no gradient."""
     if isinstance(dropout_p, (int, float)) and dropout_p != 0.0:
         raise NotImplementedError("dropout_p must be 0 with block_table: paged KV is forward-only "
                                   "(inference)")
@@ -543,9 +543,9 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Opti
         capacity are none (resolve_window). A query row that sees no key gets out 0 and lse -inf
         (sink_h with a sink).
     num_splits: int from 0 to 128: split-KV, how many parts of the keys are attended in parallel
-        (then combined by lse; ignored with seqlen_q >= 64 on a contiguous cache without
-        cache_batch_idx and cache_leftpad, which the forward kernel attends after the append):
-        1 = none, 0 = chosen from the sizes and the SM count
+        (then combined by lse; ignored where the forward kernel attends after the append:
+        without cache_batch_idx and cache_leftpad, seqlen_q >= 64 on a contiguous cache, >= 256
+        on a paged one, ops._by_forward): 1 = none, 0 = chosen from the sizes and the SM count
         (ops.num_splits_heuristic; the cache capacity stands for the lengths, which live on the
         device, so the choice is the same under CUDA-graph replay).
     return_softmax_lse: also return lse.

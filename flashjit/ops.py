@@ -23,12 +23,14 @@ BWD_ROW_PAD = 128
 
 
 def attention_spec(kernel: str, q: Tensor, causal: bool, dropout: bool, window: bool = False,
-                   softcap: bool = False, alibi: bool = False, sink: bool = False) -> JitSpec:
+                   softcap: bool = False, alibi: bool = False, sink: bool = False,
+                   paged: bool = False) -> JitSpec:
     """The JIT spec that serves an attention call on q's device, dtype and head dim, with the
-    variant flags given (variant_flags() derives them from an op's arguments). Its kernel
-    family follows from these (spec.default_family: kernel, arch and head dim) and
-    FLASHJIT_KERNEL_FAMILY, its tile from FLASHJIT_FWD_TILE / FLASHJIT_BWD_TILE (tuning sweeps);
-    bad values of either raise ValueError naming them."""
+    variant flags given (variant_flags() derives them from an op's arguments) and paged (the
+    forward reading K/V through a block table). Its kernel family follows from these
+    (spec.default_family: kernel, arch and head dim) and FLASHJIT_KERNEL_FAMILY, its tile from
+    FLASHJIT_FWD_TILE / FLASHJIT_BWD_TILE (tuning sweeps); bad values of either raise ValueError
+    naming them."""
     return JitSpec(
         kernel=kernel,
         arch=current_arch(q.device),
@@ -41,6 +43,7 @@ def attention_spec(kernel: str, q: Tensor, causal: bool, dropout: bool, window: 
         sink=sink,
         dropout=dropout,
         tile=tile_override(kernel),
+        paged=paged,
     )
 
 
@@ -63,21 +66,22 @@ def window_bounds(causal: bool, window_left: int, window_right: int) -> Tuple[in
     return (window_left, 0) if causal else (window_left, window_right)
 
 
-# (kernel, device index, dtype, head dim, causal, window, softcap, alibi, sink, dropout) -> the
-# spec's op. Resolved once per process (environment overrides included: arch list,
+# (kernel, device index, dtype, head dim, causal, window, softcap, alibi, sink, dropout, paged)
+# -> the spec's op. Resolved once per process (environment overrides included: arch list,
 # FLASHJIT_KERNEL_FAMILY), so a call costs one dict lookup, not a spec build. The key determines
 # the spec: the arch follows from the device and the family from kernel, arch, head dim and the
 # environment.
 _resolved: dict = {}
 
 
-def _spec_op(kernel: str, q: Tensor, flags: Tuple[bool, ...]):
-    """The op of the spec serving `kernel` for q and the variant_flags() `flags`."""
-    key = (kernel, q.device.index, q.dtype, q.shape[-1], *flags)
+def _spec_op(kernel: str, q: Tensor, flags: Tuple[bool, ...], paged: bool = False):
+    """The op of the spec serving `kernel` for q and the variant_flags() `flags`; paged: the
+    forward's spec that reads K/V through a block table."""
+    key = (kernel, q.device.index, q.dtype, q.shape[-1], *flags, paged)
     op = _resolved.get(key)
     if op is None:
         causal, window, softcap, alibi, sink, dropout = flags
-        spec = attention_spec(kernel, q, causal, dropout, window, softcap, alibi, sink)
+        spec = attention_spec(kernel, q, causal, dropout, window, softcap, alibi, sink, paged)
         op = getattr(load_spec(spec), kernel).default
         _resolved[key] = op
     return op
@@ -138,6 +142,7 @@ def _fwd_impl(
     cu_seqlens_q: Optional[Tensor],
     cu_seqlens_k: Optional[Tensor],
     seqused_k: Optional[Tensor],
+    block_table: Optional[Tensor],
     max_seqlen_q: int,
     max_seqlen_k: int,
     softmax_scale: float,
@@ -157,7 +162,10 @@ def _fwd_impl(
     backward's D), with with_residual; else an empty tensor. The variant arguments are validated
     ones (interface.py documents them): window bounds >= -1 (-1: none), softcap >= 0 (0: off),
     alibi_slopes float32 (heads,) or (batch, heads), sink float32 (heads,), both contiguous. The
-    lse includes the sink."""
+    lse includes the sink. block_table (batch, max_blocks) int32 (fixed-length q only): paged
+    K/V, k and v (num_blocks, page_size, heads_k, d) with page_size a multiple of 16, key j of
+    sequence b at row j % page_size of page block_table[b, j // page_size], max_seqlen_k <=
+    max_blocks * page_size (seqused_k gives each sequence's keys); served by the paged spec."""
     varlen = cu_seqlens_q is not None
     q, k, v = _aligned(q), _aligned(k), _aligned(v)
     out = _empty(q.shape, q.dtype, q.device)
@@ -166,10 +174,11 @@ def _fwd_impl(
     flags = variant_flags(causal, window_left, window_right, softcap, alibi_slopes, sink,
                           dropout_p)
     window_left, window_right = window_bounds(causal, window_left, window_right)
-    _launch(_spec_op("fwd", q, flags), q.device,
+    _launch(_spec_op("fwd", q, flags, block_table is not None), q.device,
             q, k, v, out, lse, residual if with_residual else None, cu_seqlens_q, cu_seqlens_k,
-            seqused_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal_bottom_right,
-            window_left, window_right, softcap, alibi_slopes, sink, rng_state, dropout_p)
+            seqused_k, block_table, max_seqlen_q, max_seqlen_k, softmax_scale,
+            causal_bottom_right, window_left, window_right, softcap, alibi_slopes, sink,
+            rng_state, dropout_p)
     return out, lse, residual
 
 
@@ -177,9 +186,9 @@ fwd = torch.library.custom_op("flashjit::fwd", _fwd_impl, mutates_args=(), devic
 
 
 @fwd.register_fake
-def _fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k,
-              softmax_scale, causal, causal_bottom_right, window_left, window_right, softcap,
-              alibi_slopes, sink, dropout_p, rng_state, with_residual):
+def _fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table, max_seqlen_q,
+              max_seqlen_k, softmax_scale, causal, causal_bottom_right, window_left, window_right,
+              softcap, alibi_slopes, sink, dropout_p, rng_state, with_residual):
     varlen = cu_seqlens_q is not None
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = q.new_empty(_lse_shape(q, varlen), dtype=torch.float32)
@@ -327,12 +336,18 @@ def _tensors(args) -> list:
 # 16-row tile up to 16 rows, else tiles of 64 (csrc/splitkv/launch.cuh).
 MAX_NUM_SPLITS = 128
 MIN_KEYS_PER_SPLIT = 256
+KEYS_PER_BLOCK = 64  # the decode kernel's keys per block (DecodeTraits::kBlockN)
 WAVE_EFFICIENCY_SHARE = 0.85
-# From this many queries per sequence on, a contiguous cache (no block table, cache_batch_idx or
-# cache_leftpad) is attended by the forward (prefill) kernel, the decode op appending only:
-# measured on the H200 (benchmarks/results/h200/decode.md), the forward kernel is 1.5-3x
-# faster than the decode kernel's 64-row tiles at 128-512 queries.
+# From this many queries per sequence on, a contiguous cache without cache_batch_idx or
+# cache_leftpad is attended by the forward (prefill) kernel, the decode op appending only:
+# measured on the H200 (benchmarks/results/h200/decode.md), the forward kernel is 1.5-3x faster
+# than the decode kernel's 64-row tiles at 128-512 queries. A paged cache goes to the forward's
+# paged spec (K/V through the block table) from PAGED_PREFILL_MIN_QUERIES on: its per-row page
+# lookups cost it 1.5x its contiguous time there, so the decode kernel (split-KV, 64-row tiles)
+# was faster at 128 queries (0.088 against 0.120 ms, 4k keys) and 2.4x slower at 512; below that
+# the forward serves only where the decode kernel's shared memory does not fit (_by_forward).
 PREFILL_MIN_QUERIES = 64
+PAGED_PREFILL_MIN_QUERIES = 256
 
 
 def decode_ctas(batch: int, heads_k: int, rows_per_kv_head: int) -> int:
@@ -351,20 +366,29 @@ def num_splits_heuristic(batch: int, heads_k: int, rows_per_kv_head: int, max_se
                          num_sms: int, ctas_per_sm: int = 2) -> int:
     """How many splits of the keys (split-KV) a decode call uses when num_splits=0 asks for one.
 
-    Decoding reads the whole cache once and does little arithmetic per byte: it is bound by
-    memory bandwidth, and its CTAs all take about as long, so what counts is how well their waves
-    fill the slots = ctas_per_sm x num_sms places (2 per SM at head dims up to 128, 1 above,
-    from the kernel's shared memory). s splits make s times decode_ctas() CTAs, each over
-    max_seqlen_k / s keys, plus a combine pass. The choice: the fewest splits whose
-    wave_efficiency is within WAVE_EFFICIENCY_SHARE (85%) of the best over 1 .. the most splits
-    allowed (every split keeps >= MIN_KEYS_PER_SPLIT = 256 keys, at most MAX_NUM_SPLITS = 128);
-    1 where even two splits would not keep 256 keys each. Non-decreasing in max_seqlen_k. Pure:
-    from sizes alone (the caller passes the cache capacity as max_seqlen_k, since the lengths
-    live on the device), so a CUDA graph replays the choice it captured."""
+    s splits make s times decode_ctas() CTAs, each over max_seqlen_k / s keys, plus a combine
+    pass; slots = ctas_per_sm x num_sms places (2 per SM at head dims up to 128, 1 above, from
+    the kernel's shared memory). Two regimes, measured on the H200
+    (benchmarks/results/h200/logs/sweep_splits.log):
+      * fewer CTAs than half the slots (small batches): the call is latency-bound, and the best
+        count fills the slots once: s = slots // ctas, down to one split per 64-key block
+        (KEYS_PER_BLOCK), at most MAX_NUM_SPLITS = 128;
+      * else bandwidth-bound, where what counts is how well the waves of equal CTAs fill the
+        slots: the fewest splits whose wave_efficiency is within WAVE_EFFICIENCY_SHARE (85%) of
+        the best over 1 .. the most allowed (every split keeps >= MIN_KEYS_PER_SPLIT = 256 keys,
+        at most 128); 1 where even two splits would not keep 256 keys each.
+    Non-decreasing in max_seqlen_k. Pure: from sizes alone (the caller passes the cache capacity
+    as max_seqlen_k, since the lengths live on the device), so a CUDA graph replays the choice
+    it captured."""
     ctas = decode_ctas(batch, heads_k, rows_per_kv_head)
     slots = max(1, ctas_per_sm * num_sms)
+    if ctas <= 0:
+        return 1
+    if 2 * ctas <= slots:
+        blocks = -(-max_seqlen_k // KEYS_PER_BLOCK)
+        return max(1, min(MAX_NUM_SPLITS, slots // ctas, blocks))
     most = min(MAX_NUM_SPLITS, max_seqlen_k // MIN_KEYS_PER_SPLIT)
-    if ctas <= 0 or most < 2:
+    if most < 2:
         return 1
     efficiency = [wave_efficiency(ctas * s, slots) for s in range(1, most + 1)]
     good = WAVE_EFFICIENCY_SHARE * max(efficiency)
@@ -395,23 +419,31 @@ def decode_smem_bytes(head_dim_bucket: int, rows_per_kv_head: int, stages: int) 
     return (block_m + 2 * stages * 64) * (head_dim_bucket + 8) * 2
 
 
-def check_decode_smem(device: torch.device, head_dim: int, rows_per_kv_head: int) -> None:
-    """NotImplementedError, before any compile, where even the decode kernel's two-buffer
-    configuration exceeds the GPU's shared memory per block (sm86/sm89: 99 KB, so d > 160, or
-    d > 128 with more than 16 packed rows; A100: 163 KB, so d 256 with more than 16 rows); the
-    launch code takes three buffers where they fit (csrc/splitkv/launch.cuh). Not a CUDA device
-    (the CPU tests' stand-ins): nothing to check."""
+def decode_smem_fits(device: torch.device, head_dim: int, rows_per_kv_head: int) -> bool:
+    """Whether the decode kernel's two-buffer configuration fits the GPU's shared memory per
+    block (sm86/sm89: 99 KB, so not d > 160, nor d > 128 with more than 16 packed rows; A100:
+    163 KB, so not d 256 with more than 16 rows); the launch code takes three buffers where they
+    fit (csrc/splitkv/launch.cuh). True for what is not a CUDA device (the CPU tests' stand-ins)
+    or reports no limit."""
     if device.type != "cuda":
-        return
+        return True
     limit = _limits(device)[1]
-    need = decode_smem_bytes(head_dim_bucket(head_dim), rows_per_kv_head, 2)
-    if limit is not None and need > limit:
+    return limit is None or decode_smem_bytes(head_dim_bucket(head_dim), rows_per_kv_head,
+                                              2) <= limit
+
+
+def check_decode_smem(device: torch.device, head_dim: int, rows_per_kv_head: int) -> None:
+    """NotImplementedError, before any compile, where the decode kernel does not fit the GPU's
+    shared memory per block (decode_smem_fits)."""
+    if not decode_smem_fits(device, head_dim, rows_per_kv_head):
+        limit = _limits(device)[1]
+        need = decode_smem_bytes(head_dim_bucket(head_dim), rows_per_kv_head, 2)
         raise NotImplementedError(
             f"flash_attn_with_kvcache: head dim {head_dim} with {rows_per_kv_head} query rows per "
             f"K/V head (seqlen_q x heads / heads_k) needs {need // 1024} KB of shared memory per "
             f"block in the decode kernel; this GPU allows {limit // 1024} KB. Fewer rows (16 or "
-            "less) or a smaller head dim fit; a contiguous cache with seqlen_q >= "
-            f"{PREFILL_MIN_QUERIES} runs the forward kernel instead.")
+            "less) or a smaller head dim fit; a cache without cache_batch_idx or cache_leftpad "
+            f"with seqlen_q >= {PREFILL_MIN_QUERIES} runs the forward kernel instead.")
 
 
 def decode_ctas_per_sm(device: torch.device, head_dim: int, rows_per_kv_head: int) -> int:
@@ -427,6 +459,20 @@ def decode_ctas_per_sm(device: torch.device, head_dim: int, rows_per_kv_head: in
     three = bucket <= 128 and decode_smem_bytes(bucket, rows_per_kv_head, 3) <= per_block
     need = decode_smem_bytes(bucket, rows_per_kv_head, 3 if three else 2) + 1024  # + reserved
     return max(1, min(2 if bucket <= 128 else 1, per_sm // need))
+
+
+def _by_forward(q: Tensor, k_cache: Tensor, block_table: Optional[Tensor],
+                cache_batch_idx: Optional[Tensor], cache_leftpad: Optional[Tensor]) -> bool:
+    """Whether a flash_attn_with_kvcache call is attended by the forward kernel (after the decode
+    op's append) rather than the decode kernel: no cache_batch_idx or cache_leftpad, and from
+    PREFILL_MIN_QUERIES queries on (contiguous), PAGED_PREFILL_MIN_QUERIES (paged), or from
+    PREFILL_MIN_QUERIES on where the decode kernel's shared memory does not fit."""
+    batch, seqlen_q, heads, d = q.shape
+    if seqlen_q < PREFILL_MIN_QUERIES or cache_batch_idx is not None or cache_leftpad is not None:
+        return False
+    if block_table is None or seqlen_q >= PAGED_PREFILL_MIN_QUERIES:
+        return True
+    return not decode_smem_fits(q.device, d, seqlen_q * (heads // k_cache.shape[2]))
 
 
 def _decode_impl(
@@ -475,25 +521,27 @@ def _decode_impl(
     q_rot = _empty(q.shape, q.dtype, q.device) if rotary_cos is not None else None
     flags = variant_flags(causal, window_left, window_right, softcap, alibi_slopes, sink, 0.0)
     window_left, window_right = window_bounds(causal, window_left, window_right)
-    if (seqlen_q >= PREFILL_MIN_QUERIES and block_table is None and cache_batch_idx is None
-            and cache_leftpad is None):
-        # Chunked prefill on a contiguous cache: the decode op appends (and rotates) only (0
-        # splits), then the forward kernel attends, the keys each sequence holds given as
+    if _by_forward(q, k_cache, block_table, cache_batch_idx, cache_leftpad):
+        # Chunked prefill, contiguous or paged cache: the decode op appends (and rotates) only (0
+        # splits; through the block table when paged), then the forward kernel attends (its
+        # paged spec reads K/V through the block table), the keys each sequence holds given as
         # seqused_k (its bottom-right causal alignment and windows follow the used length).
+        capacity = (k_cache.shape[1] if block_table is None  # rows a sequence can hold
+                    else block_table.shape[1] * k_cache.shape[1])
         no_splits = _empty((0, batch, heads, seqlen_q, d), torch.float32, q.device)
         _launch(_spec_op("decode", q, flags), q.device,
                 q, k_cache, v_cache, out, lse, k_new, v_new, q_rot, rotary_cos, rotary_sin,
-                rotary_interleaved, cache_seqlens, None, None, None, no_splits, no_splits[..., 0],
-                softmax_scale, window_left, window_right, softcap, alibi_slopes, sink)
+                rotary_interleaved, cache_seqlens, None, None, block_table, no_splits,
+                no_splits[..., 0], softmax_scale, window_left, window_right, softcap,
+                alibi_slopes, sink)
         used = None
         if cache_seqlens is not None or seqlen_new:
             filled = (cache_seqlens if cache_seqlens is not None
-                      else torch.full((batch,), k_cache.shape[1], dtype=torch.int32,
-                                      device=q.device))
+                      else torch.full((batch,), capacity, dtype=torch.int32, device=q.device))
             used = (filled + seqlen_new).to(torch.int32)
-        _launch(_spec_op("fwd", q, flags), q.device,
+        _launch(_spec_op("fwd", q, flags, block_table is not None), q.device,
                 q if q_rot is None else q_rot, k_cache, v_cache, out, lse, None, None, None, used,
-                seqlen_q, k_cache.shape[1], softmax_scale, True, window_left, window_right,
+                block_table, seqlen_q, capacity, softmax_scale, True, window_left, window_right,
                 softcap, alibi_slopes, sink, None, 0.0)
         return out, lse
     heads_k = k_cache.shape[2]

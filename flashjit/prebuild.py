@@ -5,6 +5,7 @@
     python -m flashjit.prebuild --arch sm90a --list      # names only, builds nothing
     python -m flashjit.prebuild --arch sm90a --family sm80   # mma.sync fwd and bwd on Hopper too
     python -m flashjit.prebuild --arch sm90a --window both --softcap yes   # variant specs
+    python -m flashjit.prebuild --arch sm90a --kernel fwd --paged yes   # paged K/V (prefill)
     python -m flashjit.prebuild --arch sm90a --kernel dropout_mask   # the test-only mask kernel
 
 Each ``--arch`` argument is one binary: ``--arch 8.0 9.0`` builds an sm80 and an sm90a binary
@@ -87,6 +88,9 @@ examples:
       the mma.sync kernels on Hopper too
   python -m flashjit.prebuild --arch sm90a --dtype bf16 --head-dim 128 --window yes --sink both
       sliding-window specs, with and without attention sinks
+  python -m flashjit.prebuild --arch sm90a --kernel fwd --dtype bf16 --head-dim 128 --paged yes
+      the forward reading K/V through a block table (flash_attn_with_kvcache's chunked
+      prefill on a paged cache)
   python -m flashjit.prebuild --arch sm90a --kernel dropout_mask
       the test-only dropout-mask kernel (flashjit.testing.dropout_mask)
   python -m flashjit.prebuild --kernel selftest
@@ -125,6 +129,12 @@ def _parser() -> argparse.ArgumentParser:
                        help=f"{variant_help[flag]}: yes, no or both (default: no)")
     p.add_argument("--dropout", choices=list(_CHOICES), default="no",
                    help="dropout: yes, no or both (default: no)")
+    p.add_argument("--paged", choices=list(_CHOICES), default="no",
+                   help="K/V read through a block table (flash_attn_with_kvcache's chunked "
+                        "prefill on a paged cache; only the kernels that take it: "
+                        + ", ".join(k for k in ATTENTION_KERNELS
+                                    if any(r.paged for r in registry.rows(k)))
+                        + "): yes, no or both (default: no)")
     p.add_argument("--family", choices=KERNEL_FAMILIES,
                    help="the kernel family to prefer wherever it serves, the default elsewhere: "
                         + "; ".join(f"{r.family} {r.kernel}: {registry.describe(r)}"
@@ -167,13 +177,16 @@ def specs_from_args(args: argparse.Namespace) -> list[JitSpec]:
     head_dims = sorted({head_dim_bucket(d) for d in args.head_dim}) if attention else []
     flags = [_CHOICES[args.causal], *(_CHOICES[getattr(args, v)] for v in VARIANTS),
              _CHOICES[args.dropout]]
-    for kernel, arch, dtype, head_dim, *variant in itertools.product(
-        attention, arches, args.dtype, head_dims, *flags
+    for kernel, arch, dtype, head_dim, *variant, paged in itertools.product(
+        attention, arches, args.dtype, head_dims, *flags, _CHOICES[args.paged]
     ):
         if variant[-1] and not any(r.dropout for r in registry.rows(kernel)):
             continue  # --dropout yes/both: only for the kernels that have dropout (not decode)
+        if paged and not any(r.paged for r in registry.rows(kernel)):
+            continue  # --paged yes/both: only for the kernels that take it (the forward)
         specs.append(JitSpec(kernel, arch, dtype, head_dim, *variant,
-                             family=_family(args.family, kernel, arch, head_dim), tile=args.tile))
+                             family=_family(args.family, kernel, arch, head_dim), tile=args.tile,
+                             paged=paged))
     specs += [JitSpec(k, arch) for k in arch_only for arch in arches]
     specs += [JitSpec(k) for k in args.kernel if KERNELS[k].cpu_only]
     return list(dict.fromkeys(specs))

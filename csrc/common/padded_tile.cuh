@@ -49,6 +49,45 @@ __device__ __forceinline__ void load_tile_async(uint32_t smem, const typename Tr
   }
 }
 
+// As load_tile_async, each row from its own address (paged K/V: common/problem.cuh's
+// PagedRows): rows.find(r) looks row r up (a read of the page table), rows.address(found) is its
+// first element or nullptr for a row that reads as zeros, rows.base any valid global address
+// (the source of the zero-filled chunks, which read nothing). One lookup per 16-byte chunk a
+// thread copies, all issued before the first is used, so they are in flight together; rows past
+// rows_valid (>= 1) look up row rows_valid - 1 instead (inside the sequence's table) and are
+// zero-filled.
+template <typename Traits, int kRows, typename Rows>
+__device__ __forceinline__ void load_rows_async(uint32_t smem, const Rows& rows, int rows_valid,
+                                                int d, int tid) {
+  using Element = typename Traits::Element;
+  constexpr int kChunksPerRow = Traits::kChunksPerRow, kNThreads = Traits::kNThreads;
+  constexpr int kChunks = kRows * kChunksPerRow;
+  constexpr int kIters = ceil_div(kChunks, kNThreads);
+  // Chunk i of thread tid is idx = i * kNThreads + tid: row idx / kChunksPerRow, column chunk
+  // idx % kChunksPerRow (with kNThreads % kChunksPerRow == 0: always column chunk
+  // tid % kChunksPerRow, rows kNThreads / kChunksPerRow apart, as load_tile_async's fast path).
+  constexpr bool kFixedColumn = kNThreads % kChunksPerRow == 0;
+  auto row_of = [&](int i) {
+    return kFixedColumn ? tid / kChunksPerRow + i * (kNThreads / kChunksPerRow)
+                        : (i * kNThreads + tid) / kChunksPerRow;
+  };
+  auto col_of = [&](int i) {
+    return (kFixedColumn ? tid : i * kNThreads + tid) % kChunksPerRow * 8;
+  };
+  decltype(rows.find(0)) found[kIters];
+#pragma unroll
+  for (int i = 0; i < kIters; ++i) found[i] = rows.find(min(row_of(i), rows_valid - 1));
+#pragma unroll
+  for (int i = 0; i < kIters; ++i) {
+    if (kChunks % kNThreads == 0 || i * kNThreads + tid < kChunks) {
+      const Element* src =
+          row_of(i) < rows_valid && col_of(i) < d ? rows.address(found[i]) : nullptr;
+      cp_async_16(smem + (row_of(i) * Traits::kSmemRow + col_of(i)) * sizeof(Element),
+                  src != nullptr ? src + col_of(i) : rows.base, src != nullptr);
+    }
+  }
+}
+
 // Copy a (kRows x kHeadDim) shared tile (padded rows) to global memory with 16-byte stores: rows
 // < rows_valid, columns < d.
 template <typename Traits, int kRows>

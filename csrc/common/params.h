@@ -7,6 +7,7 @@
 //   fixed length: q (batch, seqlen_q, heads, d), k/v (batch, seqlen_k, heads_k, d)
 //   varlen:       q (total_q, heads, d), k/v (total_k, heads_k, d); sequence b occupies rows
 //                 cu_seqlens_q[b] .. cu_seqlens_q[b+1]-1 (int32 offsets, batch+1 of them)
+//   paged K/V:    k/v (num_blocks, page_size, heads_k, d) through a page table (PageTable)
 //   lse:          float32, fixed (batch, heads, seqlen_q), varlen (heads, total_q), in log2 units:
 //                 log2 sum_j exp2(S_ij scale log2(e)) = the natural-log lse / ln(2)
 //                 (flashjit/interface.py's _result converts for the caller; softmax.cuh's
@@ -43,6 +44,17 @@ struct VariantParams {
   const float* alibi_slopes;
   int64_t alibi_batch_stride;
   const float* sink;
+};
+
+// Paged K/V: k and v are (num_blocks, page_size, heads_k, d) (their batch stride is the page's)
+// and key row j of sequence b lies in page block_table[b][j / page_size], row j % page_size.
+// A page number outside [0, num_blocks) reads as zeros. problem.cuh's PageRows resolves rows.
+struct PageTable {
+  const int* block_table;  // (batch, max_blocks) int32 page numbers, or nullptr: contiguous K/V
+  int64_t block_table_batch_stride;
+  int page_size;   // rows per page, a multiple of 16
+  int page_shift;  // log2(page_size) for a power of two (a shift and a mask), else -1
+  int num_blocks;  // pages in the cache
 };
 
 // Forward: O = softmax(scale * Q K^T + mask) V, and lse = logsumexp of each row of the scores
@@ -84,6 +96,11 @@ struct FwdParams {
 
   VariantParams variant;
   DropoutParams dropout;
+  // K/V through a page table (chunked prefill on a paged KV cache; the decode family's paged
+  // caches): a spec compiled with FLASHJIT_HAS_PAGED reads k/v through it, with k/v_batch_stride
+  // the page stride and seqlen_k the table's capacity (max_blocks * page_size), fixed length
+  // only (no cu_seqlens). block_table nullptr: contiguous K/V (every other spec).
+  PageTable pages;
 };
 
 // Backward: dQ, dK, dV from dO, O, lse (and the same inputs as the forward).
@@ -149,7 +166,8 @@ struct BwdParams {
 //   contiguous: k + cache_batch_idx[b] * batch_stride + r * row_stride (cache (batch_cache,
 //               capacity, heads_k, d)),
 //   paged:      k + block_table[b][r / page_size] * batch_stride + (r % page_size) * row_stride
-//               (cache (num_blocks, page_size, heads_k, d): the batch stride is the page's),
+//               (cache (num_blocks, page_size, heads_k, d): the batch stride is the page's; the
+//               table is DecodeParams::fwd.pages, PageTable),
 // with seqlen_k(b) = cache_seqlens[b] + seqlen_new - leftpad[b] (cache_seqlens: rows filled before
 // this call's seqlen_new new keys, which are appended at rows cache_seqlens[b] ..). Queries are
 // the last seqlen_q positions (bottom-right alignment). problem.cuh's CacheRows resolves rows.
@@ -157,11 +175,6 @@ struct KvCacheParams {
   const int* cache_seqlens;    // (batch) or nullptr: every cache full (capacity rows)
   const int* cache_batch_idx;  // (batch) cache row of each sequence, or nullptr: b (contiguous)
   const int* leftpad;          // (batch) first row of each sequence's keys, or nullptr: 0
-  const int* block_table;      // (batch, max_blocks) page numbers, or nullptr: contiguous
-  int64_t block_table_batch_stride;
-  int page_size;               // rows per page (a multiple of 16), paged only
-  int page_shift;              // log2(page_size) for a power of two, else -1
-  int num_blocks;              // pages in the cache (out-of-range page numbers read as zeros)
   int capacity;                // rows a sequence can hold: seqlen_cache, or max_blocks * page_size
   int seqlen_new;              // rows appended by this call (0: none)
 };
@@ -169,14 +182,16 @@ struct KvCacheParams {
 // Decoding (splitkv/): attention of seqlen_q queries per sequence against a KV cache, the query
 // heads of each K/V head packed into the rows of one tile (GQA packing: packed row r is query
 // r / group of head hk * group + r % group, group = heads / heads_k) and the keys split into
-// num_splits ranges. fwd.k/v are the caches (strides as KvCacheParams says); fwd.seqlen_k is the
-// capacity. With num_splits > 1 each split writes its normalised partial output and lse (log2
-// units) to o_partial (num_splits, batch, heads, seqlen_q, head_dim) and lse_partial
-// (num_splits, batch, heads, seqlen_q), float32 contiguous, and a second kernel combines them
-// (lse = log2 sum_s 2^lse_s, O = sum_s 2^(lse_s - lse) O_s, then the sink). num_splits 0: the
-// append and rotary only (AppendParams), no attention.
+// num_splits ranges. fwd.k/v are the caches (strides as KvCacheParams says, fwd.pages their page
+// table: block_table nullptr for a contiguous cache); fwd.seqlen_k is the capacity. With
+// num_splits > 1 each split writes its normalised partial output and lse (log2 units) to
+// o_partial (num_splits, batch, heads, seqlen_q, head_dim) and lse_partial (num_splits, batch,
+// heads, seqlen_q), float32 contiguous, and a second kernel combines them (lse = log2 sum_s
+// 2^lse_s, O = sum_s 2^(lse_s - lse) O_s, then the sink). num_splits 0: the append and rotary
+// only (AppendParams), no attention.
 struct DecodeParams {
-  FwdParams fwd;  // q, o, lse (batch, heads, seqlen_q), strides, heads, variant (no dropout)
+  FwdParams fwd;  // q, o, lse (batch, heads, seqlen_q), strides, heads, variant (no dropout),
+                  // the caches' page table (pages)
   KvCacheParams cache;
   int num_splits;
   float* o_partial;

@@ -1,7 +1,8 @@
 // problem.cuh: what one CTA of an attention kernel works on, and where its tensors live: every
 // pointer and offset, computed in one place for the forward and the backward of every family
-// (contiguous K/V, and the KV cache's rows, contiguous or paged: CacheRows). Family-agnostic:
-// no tile code.
+// (contiguous K/V, paged K/V: PageRows, and the KV cache's rows, contiguous or paged:
+// CacheRows). Family-agnostic: no tile code.
+//   PageRows:      the page-row addressing of paged K/V, shared by the forward and CacheRows.
 //   FwdQueryBlock: a query block of the forward, against its range of key blocks.
 //   BwdQueryBlock: a query block of the backward's dQ kernels (deterministic path).
 //   BwdKeyBlock:   a key block of the backward's dK/dV kernels, against its range of query blocks.
@@ -27,9 +28,73 @@ __device__ __forceinline__ int64_t accum_row0(const SeqInfo& seq, int b, bool va
   return varlen ? int64_t(seq.q_start) + int64_t(kAccumPadRows) * b : 0;
 }
 
+// The rows of one sequence of paged K/V (params.h: PageTable): logical row r lies in page
+// pages[r / page_size] at row r % page_size, i.e. at element offset
+//   page * page_stride + (r % page_size) * row_stride
+// from the K/V head's base (page 0, row 0, head hk). The forward's paged specs (FwdQueryBlock)
+// and the KV cache (CacheRows) resolve rows here.
+struct PageRows {
+  // A row found in the table: the page number it holds (not yet checked) and the row in the page.
+  struct Slot {
+    int page, row;
+  };
+  const int* pages;  // this sequence's block_table row, or nullptr (contiguous K/V)
+  int page_size, page_shift, num_blocks;
+
+  PageRows() = default;
+  __device__ PageRows(const PageTable& t, int b)
+      : pages(t.block_table != nullptr ? t.block_table + b * t.block_table_batch_stride
+                                       : nullptr),
+        page_size(t.page_size), page_shift(t.page_shift), num_blocks(t.num_blocks) {}
+  // Row r's slot: one read of the table. Pages of a power-of-two size (page_shift >= 0) take a
+  // shift and a mask, not a division.
+  __device__ __forceinline__ Slot find(int r) const {
+    const int slot = page_shift >= 0 ? r >> page_shift : r / page_size;
+    const int row = page_shift >= 0 ? r & (page_size - 1) : r % page_size;
+    return {pages[slot], row};
+  }
+  // False for a page number outside [0, num_blocks): the row then reads as zeros (the Python API
+  // rejects such tables outside CUDA-graph capture).
+  __device__ __forceinline__ bool valid(const Slot& s) const {
+    return s.page >= 0 && s.page < num_blocks;
+  }
+  __device__ __forceinline__ bool locate(int r, int& page, int& row) const {
+    const Slot s = find(r);
+    page = s.page;
+    row = s.row;
+    return valid(s);
+  }
+  // The address of a found row in a paged tensor whose head starts at `base`, or nullptr where
+  // its page is outside the cache (formed either way, then selected: no branch on the page).
+  template <typename Element>
+  __device__ __forceinline__ const Element* address(const Element* base, int64_t page_stride,
+                                                    int64_t row_stride, const Slot& s) const {
+    const Element* ptr = base + int64_t(s.page) * page_stride + s.row * row_stride;
+    return valid(s) ? ptr : nullptr;
+  }
+};
+
+// Rows j0 + r of one paged K or V head, as the tile loaders read them (padded_tile.cuh's
+// load_rows_async, smem_sw128.cuh's load_rows_sw128): find(r) reads the page table,
+// address(slot) is the row's first element or nullptr (zeros); base is the head's base (page 0,
+// row 0), a valid address for the zero-filled copies. Two steps, so that a loader issues every
+// table read of its rows before it uses the first one.
+template <typename Element>
+struct PagedRows {
+  PageRows pages;
+  const Element* base;
+  int64_t page_stride, row_stride;
+  int j0;
+  __device__ __forceinline__ PageRows::Slot find(int r) const { return pages.find(j0 + r); }
+  __device__ __forceinline__ const Element* address(const PageRows::Slot& s) const {
+    return pages.address(base, page_stride, row_stride, s);
+  }
+};
+
 // Query rows [m0, m0 + block_m) of head h of sequence b, against key blocks [n_begin, n_end) of
 // block_n keys (the variant's band; none when n_end <= n_begin), and where Q (at row m0), K, V
-// (at row 0), O and lse live.
+// (at row 0), O and lse live. Paged K/V (V::kPagedKV: fixed length, p.pages): k and v are the
+// K/V head's base (page 0, row 0) and key rows j0.. are read through k_rows(p, j0) / v_rows.
 template <typename Element, typename V>
 struct FwdQueryBlock {
   SeqInfo seq;
@@ -37,6 +102,7 @@ struct FwdQueryBlock {
   int b, h, m0;
   int n_begin, n_end;  // may be n_end <= n_begin: no key block
   const Element *q, *k, *v;
+  PageRows pages;  // paged only: this sequence's page table
 
   __device__ FwdQueryBlock(const FwdParams& p, int m_block, int h_, int b_, int block_m,
                            int block_n)
@@ -46,12 +112,26 @@ struct FwdQueryBlock {
     q = static_cast<const Element*>(p.q) +
         seq.q_offset(p.q_batch_stride, p.q_row_stride, p.q_head_stride, b, h, varlen) +
         m0 * p.q_row_stride;
-    k = static_cast<const Element*>(p.k) +
-        seq.k_offset(p.k_batch_stride, p.k_row_stride, p.k_head_stride, b, hk, varlen);
-    v = static_cast<const Element*>(p.v) +
-        seq.k_offset(p.v_batch_stride, p.v_row_stride, p.v_head_stride, b, hk, varlen);
+    if constexpr (V::kPagedKV) {
+      k = static_cast<const Element*>(p.k) + hk * p.k_head_stride;
+      v = static_cast<const Element*>(p.v) + hk * p.v_head_stride;
+      pages = PageRows(p.pages, b);
+    } else {
+      k = static_cast<const Element*>(p.k) +
+          seq.k_offset(p.k_batch_stride, p.k_row_stride, p.k_head_stride, b, hk, varlen);
+      v = static_cast<const Element*>(p.v) +
+          seq.k_offset(p.v_batch_stride, p.v_row_stride, p.v_head_stride, b, hk, varlen);
+    }
     n_begin = scores.key_begin(m0) / block_n;
     n_end = ceil_div(scores.key_end(m0, block_m), block_n);
+  }
+  // Paged: key rows j0 + r (< seq.seqlen_k) of K / of V through the page table (the batch
+  // stride is the page's).
+  __device__ __forceinline__ PagedRows<Element> k_rows(const FwdParams& p, int j0) const {
+    return {pages, k, p.k_batch_stride, p.k_row_stride, j0};
+  }
+  __device__ __forceinline__ PagedRows<Element> v_rows(const FwdParams& p, int j0) const {
+    return {pages, v, p.v_batch_stride, p.v_row_stride, j0};
   }
   // The CTA's own block of an attention_grid (query blocks, heads x batch), heavier (later) query
   // blocks first, since with causal masking they have the most keys.
@@ -158,14 +238,15 @@ struct BwdKeyBlock {
 };
 
 // The key rows of one sequence of a KV cache (params.h: KvCacheParams), K/V head hk: the
-// element offsets of logical key j's row in K and in V, contiguous or through the page table.
-// seqlen_k: this call's keys, old and appended; rows past the capacity are never used (clamped).
+// element offsets of logical key j's row in K and in V, contiguous or through the page table
+// (dp.fwd.pages: PageRows). seqlen_k: this call's keys, old and appended; rows past the capacity
+// are never used (clamped).
 struct CacheRows {
   int64_t k_base, v_base;        // contiguous: row leftpad of the sequence's cache row; paged: head
   int64_t k_row, v_row;          // row strides
   int64_t k_page, v_page;        // page strides (paged)
-  const int* pages;              // this sequence's block_table row, or nullptr (contiguous)
-  int leftpad, page_size, page_shift, num_blocks;
+  PageRows table;                // this sequence's pages (table.pages nullptr: contiguous)
+  int leftpad;
   int cached;                    // rows filled before this call (cache_seqlens[b]), leftpad included
   int seqlen_k;                  // keys of this call: cached + seqlen_new - leftpad
 
@@ -180,34 +261,28 @@ struct CacheRows {
     v_row = p.v_row_stride;
     k_page = p.k_batch_stride;
     v_page = p.v_batch_stride;
-    page_size = c.page_size;
-    page_shift = c.page_shift;
-    num_blocks = c.num_blocks;
-    pages = c.block_table != nullptr ? c.block_table + b * c.block_table_batch_stride : nullptr;
+    table = PageRows(p.pages, b);
     k_base = hk * p.k_head_stride;
     v_base = hk * p.v_head_stride;
-    if (pages == nullptr) {
+    if (table.pages == nullptr) {
       const int row = c.cache_batch_idx != nullptr ? c.cache_batch_idx[b] : b;
       k_base += row * p.k_batch_stride + int64_t(leftpad) * k_row;
       v_base += row * p.v_batch_stride + int64_t(leftpad) * v_row;
     }
   }
-  // Element offsets of key j's K and V rows; false for a page number outside the cache (then
-  // the row reads as zeros: the Python API rejects such tables outside CUDA-graph capture).
-  // Pages of a power-of-two size (page_shift >= 0) take a shift and a mask, not a division.
+  // Element offsets of key j's K and V rows (cache row leftpad + j); false for a page number
+  // outside the cache (PageRows::valid: the row then reads as zeros).
   __device__ __forceinline__ bool offsets(int j, int64_t& k_off, int64_t& v_off) const {
-    if (pages == nullptr) {
+    if (table.pages == nullptr) {
       k_off = k_base + j * k_row;
       v_off = v_base + j * v_row;
       return true;
     }
-    const int r = leftpad + j;
-    const int slot = page_shift >= 0 ? r >> page_shift : r / page_size;
-    const int row = page_shift >= 0 ? r & (page_size - 1) : r % page_size;
-    const int page = pages[slot];
+    int page, row;
+    const bool valid = table.locate(leftpad + j, page, row);
     k_off = k_base + int64_t(page) * k_page + row * k_row;
     v_off = v_base + int64_t(page) * v_page + row * v_row;
-    return page >= 0 && page < num_blocks;
+    return valid;
   }
 };
 

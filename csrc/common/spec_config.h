@@ -38,9 +38,14 @@ constexpr bool kIsCausal = FLASHJIT_IS_CAUSAL != 0;
 #ifndef FLASHJIT_HAS_SINK
 #define FLASHJIT_HAS_SINK 0
 #endif
+#ifndef FLASHJIT_HAS_PAGED  // K/V through a page table (forward specs only: JitSpec.paged)
+#define FLASHJIT_HAS_PAGED 0
+#endif
 constexpr bool kHasDropout = FLASHJIT_HAS_DROPOUT != 0;
+constexpr bool kPagedKV = FLASHJIT_HAS_PAGED != 0;
 // The spec's attention variant (common/variant.cuh), the one template parameter kernels take.
 using Variant = flashjit::Variant<kIsCausal, FLASHJIT_HAS_WINDOW != 0, FLASHJIT_HAS_SOFTCAP != 0,
-                                  FLASHJIT_HAS_ALIBI != 0, FLASHJIT_HAS_SINK != 0, kHasDropout>;
+                                  FLASHJIT_HAS_ALIBI != 0, FLASHJIT_HAS_SINK != 0, kHasDropout,
+                                  kPagedKV>;
 
 }  // namespace flashjit::spec

@@ -28,8 +28,11 @@
 
 namespace flashjit {
 
+// kPagedKV (the forward only, last and false by default, so no other instantiation changes):
+// K/V are read through a page table (params.h: PageTable; problem.cuh: FwdQueryBlock) rather
+// than contiguously. It changes where key rows are, not the scores.
 template <bool kIsCausal_, bool kHasWindow_, bool kHasSoftcap_, bool kHasAlibi_, bool kHasSink_,
-          bool kHasDropout_>
+          bool kHasDropout_, bool kPagedKV_ = false>
 struct Variant {
   static constexpr bool kIsCausal = kIsCausal_;      // right edge at the diagonal
   static constexpr bool kHasWindow = kHasWindow_;    // sliding window (left edge, right edge)
@@ -37,6 +40,7 @@ struct Variant {
   static constexpr bool kHasAlibi = kHasAlibi_;      // z -> z - slope |i + offset - j|
   static constexpr bool kHasSink = kHasSink_;        // a per-head logit in every denominator
   static constexpr bool kHasDropout = kHasDropout_;  // dropout on P (dropout.cuh)
+  static constexpr bool kPagedKV = kPagedKV_;        // K/V through a page table
   static constexpr bool kMaskRight = kIsCausal || kHasWindow;  // a right edge per row
   static constexpr bool kMaskLeft = kHasWindow;                // a left edge per row
   static constexpr bool kScoreMod = kHasSoftcap || kHasAlibi;  // every score is transformed

@@ -4,7 +4,8 @@
 //
 // One CTA = one (query block of kBlockM rows, head, batch). Q stays in shared memory; K and V
 // tiles of kBlockN keys stream through two shared stages, the cp.async load of block j-1
-// overlapping all the work on block j (S = Q K^T, softmax, O += P V).
+// overlapping all the work on block j (S = Q K^T, softmax, O += P V); paged K/V are loaded row
+// by row through the page table (common/problem.cuh).
 // Online softmax in fp32 (per row: running max m, running sum l), evaluated with exp2 on
 // scores pre-multiplied by scale * log2(e); lse = (m * scale * log2(e) + log2(l)) * ln(2).
 #pragma once
@@ -69,14 +70,23 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSM)
                             : DropoutMask();
   const int rows_q = min(kBlockM, seq.seqlen_q - m0);
   // K/V tile n_block -> shared buffer `stage` (one cp.async group with the caller's commit).
+  // Paged K/V (V::kPagedKV): each key row through the page table (FwdQueryBlock::k_rows,
+  // v_rows; rows of pages outside the cache and past seqlen_k are zeros).
   auto load_kv = [&](int n_block, int stage) {
     const int n0 = n_block * kBlockN;
-    load_tile_async<Traits, kBlockN>(smem_addr(smem_k + stage * Traits::kSmemK),
-                                     k + n0 * p.k_row_stride, p.k_row_stride, seq.seqlen_k - n0,
-                                     p.head_dim, tid);
-    load_tile_async<Traits, kBlockN>(smem_addr(smem_v + stage * Traits::kSmemV),
-                                     v + n0 * p.v_row_stride, p.v_row_stride, seq.seqlen_k - n0,
-                                     p.head_dim, tid);
+    if constexpr (V::kPagedKV) {
+      load_rows_async<Traits, kBlockN>(smem_addr(smem_k + stage * Traits::kSmemK),
+                                       tile.k_rows(p, n0), seq.seqlen_k - n0, p.head_dim, tid);
+      load_rows_async<Traits, kBlockN>(smem_addr(smem_v + stage * Traits::kSmemV),
+                                       tile.v_rows(p, n0), seq.seqlen_k - n0, p.head_dim, tid);
+    } else {
+      load_tile_async<Traits, kBlockN>(smem_addr(smem_k + stage * Traits::kSmemK),
+                                       k + n0 * p.k_row_stride, p.k_row_stride, seq.seqlen_k - n0,
+                                       p.head_dim, tid);
+      load_tile_async<Traits, kBlockN>(smem_addr(smem_v + stage * Traits::kSmemV),
+                                       v + n0 * p.v_row_stride, p.v_row_stride, seq.seqlen_k - n0,
+                                       p.head_dim, tid);
+    }
   };
   if (n_end > n_begin) {
     load_tile_async<Traits, kBlockM>(smem_addr(smem_q), q, p.q_row_stride, rows_q, p.head_dim, tid);

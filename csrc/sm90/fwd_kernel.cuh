@@ -6,7 +6,8 @@
 // memory, the online softmax in registers (fp32, exp2, as the sm80 family), and O += P V with P
 // from registers as wgmma's A operand and V from shared memory. Within a warpgroup the softmax of
 // key block j runs while the tensor cores do P V of block j-1 (issued right behind S of block j);
-// K and V stream through two shared stages each, filled by cp.async one block ahead.
+// K and V stream through two shared stages each, filled by cp.async one block ahead (paged K/V:
+// row by row through the page table, common/problem.cuh).
 // All tiles live in shared memory in the 128-byte swizzled layout wgmma reads (ptx_sm90.cuh):
 // a tile of R rows x kHeadDim is kHeadDim / 64 panels of (R rows x 128 bytes).
 #pragma once
@@ -112,8 +113,22 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSM)
     load_tile_sw128<Traits, kBlockN>(smem + (it % 2) * Traits::kSmemKV, gmem + n0 * row_stride,
                                      row_stride, seq.seqlen_k - n0, p.head_dim, tid);
   };
-  auto load_k = [&](int it) { load_kv(smem_k, k, p.k_row_stride, it); };
-  auto load_v = [&](int it) { load_kv(smem_v, v, p.v_row_stride, it); };
+  // Paged K/V (V::kPagedKV): the same tiles, each key row through the page table
+  // (FwdQueryBlock::k_rows, v_rows; rows of pages outside the cache and past seqlen_k are zeros).
+  auto load_paged = [&](uint32_t smem, bool is_v, int it) {
+    const int n0 = (n_last - it) * kBlockN;
+    load_rows_sw128<Traits, kBlockN>(smem + (it % 2) * Traits::kSmemKV,
+                                     is_v ? tile.v_rows(p, n0) : tile.k_rows(p, n0),
+                                     seq.seqlen_k - n0, p.head_dim, tid);
+  };
+  auto load_k = [&](int it) {
+    if constexpr (V::kPagedKV) load_paged(smem_k, false, it);
+    else load_kv(smem_k, k, p.k_row_stride, it);
+  };
+  auto load_v = [&](int it) {
+    if constexpr (V::kPagedKV) load_paged(smem_v, true, it);
+    else load_kv(smem_v, v, p.v_row_stride, it);
+  };
   if (n_blocks > 0) {
     load_tile_sw128<Traits, kBlockM>(smem_q, q, p.q_row_stride, rows_q, p.head_dim, tid);
     load_k(0);

@@ -26,6 +26,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "common/bulk_copy.cuh"  // fence_proxy_async_shared
+
 namespace flashjit {
 
 // ---------------------------------------------------------------------------------------------
@@ -67,10 +69,6 @@ template <int N>
 __device__ __forceinline__ void wgmma_wait() {
   asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
 }
-__device__ __forceinline__ void fence_proxy_async_shared() {
-  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-}
-
 // Keep the compiler from moving accesses of wgmma operand registers (accumulators, A fragments)
 // across a wgmma fence/wait: an empty asm that "reads and writes" them.
 template <typename T, int kRows>

@@ -38,6 +38,33 @@ __device__ __forceinline__ void load_tile_sw128(uint32_t smem, const typename Tr
   }
 }
 
+// As load_tile_sw128, each row from its own address (paged K/V: common/problem.cuh's PagedRows):
+// rows.find(r) looks row r up (a read of the page table), rows.address(found) is its first
+// element or nullptr for a row that reads as zeros, rows.base any valid global address (the
+// source of the zero-filled chunks, which read nothing). Every lookup of this thread's rows is
+// issued before the first is used, so they are in flight together; rows past rows_valid (>= 1)
+// look up row rows_valid - 1 instead (inside the sequence's table) and are zero-filled.
+template <typename Traits, int kRows, typename Rows>
+__device__ __forceinline__ void load_rows_sw128(uint32_t smem, const Rows& rows, int rows_valid,
+                                                int d, int tid) {
+  constexpr int kRowStep = Traits::kNThreads / Traits::kChunksPerRow;
+  constexpr int kIters = ceil_div(kRows, kRowStep);
+  const int row0 = tid / Traits::kChunksPerRow, col = (tid % Traits::kChunksPerRow) * 8;
+  const uint32_t dst = smem + sw128_offset<kRows>(row0, col);
+  decltype(rows.find(0)) found[kIters];
+#pragma unroll
+  for (int i = 0; i < kIters; ++i) found[i] = rows.find(min(row0 + i * kRowStep, rows_valid - 1));
+#pragma unroll
+  for (int i = 0; i < kIters; ++i) {
+    const int row = row0 + i * kRowStep;
+    if (kRows % kRowStep == 0 || row < kRows) {
+      const auto* src = row < rows_valid && col < d ? rows.address(found[i]) : nullptr;
+      cp_async_16(dst + i * kRowStep * 128, src != nullptr ? src + col : rows.base,
+                  src != nullptr);
+    }
+  }
+}
+
 // Copy a swizzled (kRows x kHeadDim) shared tile to global memory (row stride `row_stride`
 // elements) with 16-byte stores: rows < rows_valid, columns < d.
 template <typename Traits, int kRows>

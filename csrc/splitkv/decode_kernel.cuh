@@ -12,14 +12,16 @@
 //   * decoding: the CTA's 4 warps share 16 rows and take a quarter of each 64-key block each,
 //     with their own online softmax, merged at the end through shared memory; chunked prefill
 //     (many rows): 64-row tiles, a warp per 16 rows (DecodeTraits);
-//   * K/V blocks stream through kStages shared buffers (cp.async), rows resolved one by one
-//     through the cache's addressing (problem.cuh: CacheRows, contiguous or paged).
+//   * K/V blocks stream through kStages shared buffers, rows resolved one by one through the
+//     cache's addressing (problem.cuh: CacheRows, contiguous or paged): 16-byte cp.async chunks,
+//     or on sm90+ when decoding with 3 stages one bulk copy per row (DecodeTraits::kBulk).
 // Online softmax as the other families (softmax.cuh): exp2 of scores pre-multiplied by
 // scale * log2(e); lse in log2 units (params.h).
 #pragma once
 
 #include <cmath>
 
+#include "common/bulk_copy.cuh"
 #include "common/params.h"
 #include "common/problem.cuh"
 #include "common/ptx.cuh"
@@ -34,7 +36,7 @@ namespace flashjit {
 // the FlashAttention-2 split, no merge. kStages K/V buffers: 3 where shared memory allows (d <=
 // 128 on sm80/sm90), else 2 (launch.cuh picks by the device's per-block limit).
 template <typename Element_, int kHeadDim_, int kWarpsM_, int kWarpsN_, int kStages_,
-          int kBlockN_ = 64>
+          int kBlockN_ = 64, bool kBulk_ = false>
 struct DecodeTraits {
   using Element = Element_;
   static constexpr int kHeadDim = kHeadDim_;  // compiled head-dim bucket (actual d <= this)
@@ -45,6 +47,10 @@ struct DecodeTraits {
   static constexpr int kWarpN = kBlockN / kWarpsN;    // keys per warp per block
   static constexpr int kNTilesS = kWarpN / 8;         // n8 tiles of a warp's S
   static constexpr int kStages = kStages_;
+  // K/V rows by bulk copies where the device code is for sm90+ (one cp.async.bulk per row,
+  // completing on a per-stage mbarrier) instead of 16-byte cp.async chunks: on the H200 4% more
+  // bandwidth with 3 stages, less with 2 (results/h200/logs/sweep_tiles_bulk.log).
+  static constexpr bool kBulk = kBulk_;
   static constexpr int kMinBlocksPerSM = kHeadDim > 128 ? 1 : 2;
   static constexpr int kNTilesO = kHeadDim / 8;       // n8 tiles of O
   static constexpr int kChunksPerRow = kHeadDim / 8;  // 16-byte chunks of a row
@@ -61,6 +67,7 @@ struct DecodeTraits {
   static_assert(kBlockN * kChunksPerRow % kNThreads == 0, "whole K/V block chunks per thread");
   static_assert(kWarpN % 16 == 0 && kNWarps == 4, "whole k16 steps per warp; 4 warps");
   static_assert(kStages >= 2, "the pipeline requests a block kStages - 1 >= 1 blocks ahead");
+  static_assert(!kBulk || (2 * kBlockN) % kNThreads == 0, "bulk: whole K/V rows per thread");
 };
 
 // This CTA's rows and key blocks. Grid: x = m_block * num_splits + split (m_block: kBlockM packed
@@ -92,6 +99,11 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSM)
   constexpr int kNTilesS = Traits::kNTilesS, kNTilesO = Traits::kNTilesO;
   constexpr int kChunks = Traits::kChunksPerRow, kElt = sizeof(Element);
   const FwdParams& p = dp.fwd;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  constexpr bool kBulk = Traits::kBulk;
+#else
+  constexpr bool kBulk = false;  // no bulk copies below sm90: the same tile with cp.async
+#endif
 
   extern __shared__ __align__(128) unsigned char smem_raw[];
   Element* smem_q = reinterpret_cast<Element*>(smem_raw);
@@ -157,13 +169,64 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSM)
       cp_async_16(smem_addr(smem_v + dst), valid ? v + v_off + col : v, valid);
     }
   };
+  // The bulk form: thread t copies whole rows (row t % kBlockN of K for t < kBlockN, else of V,
+  // and so on), each one cp.async.bulk of head_dim elements completing on the stage's mbarrier
+  // (kNThreads arrivals a phase: each thread arrives once, expecting its own bytes); rows past
+  // the keys (or on a page outside the cache) are zeroed by plain stores instead, and the columns
+  // past head_dim once at the start.
+  __shared__ alignas(8) uint64_t kv_bar[kBulk ? kStages : 1];
+  auto load_kv_bulk = [&](int n_block, int stage) {
+    constexpr int kRows = 2 * kBlockN / Traits::kNThreads;
+    const uint32_t bar = smem_addr(&kv_bar[stage]);
+    const uint32_t row_bytes = p.head_dim * kElt;
+    const Element* src[kRows];
+    uint32_t dst[kRows], bytes = 0;
+#pragma unroll
+    for (int i = 0; i < kRows; ++i) {
+      const int idx = i * Traits::kNThreads + tid, is_v = idx >= kBlockN;
+      const int row = idx - is_v * kBlockN, j = n_block * kBlockN + row;
+      int64_t k_off = 0, v_off = 0;
+      const bool valid = j < cache.seqlen_k && cache.offsets(j, k_off, v_off);
+      Element* d = (is_v ? smem_v : smem_k) + stage * Traits::kSmemKV + row * kSmemRow;
+      dst[i] = smem_addr(d);
+      src[i] = valid ? (is_v ? v + v_off : k + k_off) : nullptr;
+      if (valid) {
+        bytes += row_bytes;
+      } else {
+#pragma unroll
+        for (int c = 0; c < kChunks; ++c) reinterpret_cast<uint4*>(d)[c] = make_uint4(0, 0, 0, 0);
+      }
+    }
+    mbarrier_arrive_expect_tx(bar, bytes);
+#pragma unroll
+    for (int i = 0; i < kRows; ++i)
+      if (src[i] != nullptr) bulk_copy_g2s(dst[i], src[i], row_bytes, bar);
+  };
   const int n_blocks = max(tile.blk_end - tile.blk_begin, 0);
+  if constexpr (kBulk) {
+    if (p.head_dim < kHeadDim)  // columns [head_dim, kHeadDim) of every K/V buffer row: zero
+      for (int idx = tid; idx < 2 * kStages * kBlockN * kChunks; idx += Traits::kNThreads) {
+        const int row = idx / kChunks, col = (idx % kChunks) * 8;
+        if (col >= p.head_dim)
+          *reinterpret_cast<uint4*>(smem_k + row * kSmemRow + col) = make_uint4(0, 0, 0, 0);
+      }
+    if (tid == 0) {
+      for (int s = 0; s < kStages; ++s) mbarrier_init(smem_addr(&kv_bar[s]), Traits::kNThreads);
+      fence_proxy_async_shared();  // the barriers, initialised, for the bulk copies
+    }
+    __syncthreads();
+    cp_async_commit();  // Q
+  }
   // Pipeline: block `it` is requested kStages - 1 blocks ahead, one cp.async group per block
   // (empty groups past the end keep the count uniform); Q rides in the first group.
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
-    if (s < n_blocks) load_kv(tile.blk_begin + s, s);
-    cp_async_commit();
+    if constexpr (kBulk) {
+      if (s < n_blocks) load_kv_bulk(tile.blk_begin + s, s);
+    } else {
+      if (s < n_blocks) load_kv(tile.blk_begin + s, s);
+      cp_async_commit();
+    }
   }
 
   float acc_o[1][kNTilesO][4];  // O (16 x kHeadDim) of this warp's rows and keys, unnormalised
@@ -186,11 +249,23 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSM)
 
   for (int it = 0; it < n_blocks; ++it) {
     const int stage = it % kStages;
-    cp_async_wait<kStages - 2>();
-    __syncthreads();  // block `it` is in shared memory; every warp is done with block it - 1
-    if (it + kStages - 1 < n_blocks)
-      load_kv(tile.blk_begin + it + kStages - 1, (it + kStages - 1) % kStages);
-    cp_async_commit();
+    if constexpr (kBulk) {
+      cp_async_wait<0>();  // Q
+      mbarrier_wait(smem_addr(&kv_bar[stage]), (it / kStages) & 1);  // block `it` has landed
+      // (Requesting the refill below before this wait, kStages blocks in flight instead of
+      // kStages - 1, measured 2% slower at large batch and 40% at one split: logs/sweep_*.log.)
+      __syncthreads();  // every warp is done with block it - 1
+      if (it + kStages - 1 < n_blocks) {
+        fence_proxy_async_shared();  // the reads of block it - 1, before the copies over them
+        load_kv_bulk(tile.blk_begin + it + kStages - 1, (it + kStages - 1) % kStages);
+      }
+    } else {
+      cp_async_wait<kStages - 2>();
+      __syncthreads();  // block `it` is in shared memory; every warp is done with block it - 1
+      if (it + kStages - 1 < n_blocks)
+        load_kv(tile.blk_begin + it + kStages - 1, (it + kStages - 1) % kStages);
+      cp_async_commit();
+    }
     const int n0 = (tile.blk_begin + it) * kBlockN + kWarpN * wn;  // this warp's first key
     const uint32_t k_lane = k_lane0 + stage * Traits::kSmemKV * kElt;
     const uint32_t v_lane = v_lane0 + stage * Traits::kSmemKV * kElt;

@@ -24,14 +24,16 @@ cudaError_t launch_decode(const DecodeParams& dp, cudaStream_t stream) {
 
 // Three K/V buffers where the device's shared memory per block allows them (d <= 128 on sm80 and
 // sm90: up to 122 KB), else two (sm86/sm89: 99 KB per block; d > 128 everywhere). Configurations
-// that fit neither are refused in Python before any compile (ops.decode_smem_bytes).
+// that fit neither are refused in Python before any compile (ops.decode_smem_bytes). Decoding
+// tiles with three buffers load K/V rows by bulk copies where the device code is sm90+.
 template <typename Element, int kHeadDim, int kWarpsM, int kWarpsN, typename V>
 cudaError_t launch_stages(const DecodeParams& dp, cudaStream_t stream) {
   using Two = DecodeTraits<Element, kHeadDim, kWarpsM, kWarpsN, 2>;
   if constexpr (kHeadDim > 128) {
     return launch_decode<Two, V>(dp, stream);
   } else {
-    using Three = DecodeTraits<Element, kHeadDim, kWarpsM, kWarpsN, 3>;
+    // decoding (1 x kWarpsN warps): K/V rows by bulk copies on sm90+ (DecodeTraits::kBulk)
+    using Three = DecodeTraits<Element, kHeadDim, kWarpsM, kWarpsN, 3, 64, kWarpsM == 1>;
     if (size_t(SmemLimits().per_block) >= Three::kSmemBytes)
       return launch_decode<Three, V>(dp, stream);
     return launch_decode<Two, V>(dp, stream);
@@ -54,8 +56,9 @@ cudaError_t run_decode(const DecodeParams& dp, const AppendParams& a, cudaStream
   // (decoding: seqlen_q x group): one 16-row tile, the warps split the keys; more (speculative
   // decoding, chunked prefill): 64-row tiles, a warp per 16 rows, one pass over K/V per 64 rows.
   const int rows = p.seqlen_q * (p.heads / p.heads_k);
-#ifdef FLASHJIT_TILE  // a spec's tile (JitSpec.tile: keys per block, stages) for the decode tiles
-  using Tiled = DecodeTraits<Element, kHeadDim, 1, 4, FLASHJIT_TILE_STAGES, FLASHJIT_TILE_BLOCK_N>;
+#ifdef FLASHJIT_TILE  // a spec's tile (JitSpec.tile: keys per block, stages, loader 1 cp.async / 2 bulk)
+  using Tiled = DecodeTraits<Element, kHeadDim, 1, 4, FLASHJIT_TILE_STAGES, FLASHJIT_TILE_BLOCK_N,
+                             FLASHJIT_TILE_LOADER == 2>;
   const cudaError_t err = rows <= 16 ? launch_decode<Tiled, V>(dp, stream)
                                      : launch_stages<Element, kHeadDim, 4, 1, V>(dp, stream);
 #else

@@ -281,7 +281,7 @@ def run_forward(q: Tensor, k: Tensor, v: Tensor, cu_q: Optional[Tensor], cu_k: O
     d = q.shape[-1]
     q, k, v = (interface._kernel_layout(t, d) for t in (q, k, v))
     rng = interface._rng_state(q.device) if dropout_p > 0.0 else None
-    out, lse_log2, _ = ops.call_fwd(q, k, v, cu_q, cu_k, None, max_q, max_k, softmax_scale,
+    out, lse_log2, _ = ops.call_fwd(q, k, v, cu_q, cu_k, None, None, max_q, max_k, softmax_scale,
                                     causal, True, left, right, 0.0, None, None, float(dropout_p),
                                     rng, False)
     if rng is None:

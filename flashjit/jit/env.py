@@ -42,7 +42,7 @@ def kernel_family_preference() -> str | None:
 
 def tile_override(kernel: str) -> str | None:
     """FLASHJIT_FWD_TILE / FLASHJIT_BWD_TILE / FLASHJIT_DECODE_TILE: a tile for every spec of that
-    kernel (JitSpec.tile, e.g. '128,64,4,2' for the sm80 forward, '64,3' for decoding), for tuning
+    kernel (JitSpec.tile, e.g. '128,64,4,2' for the sm80 forward, '64,3,2' for decoding), for tuning
     sweeps; None when unset or empty. JitSpec checks it against the family's tile parameters."""
     return os.environ.get(f"FLASHJIT_{kernel.upper()}_TILE") or None
 

@@ -26,7 +26,10 @@ class FamilyRow:
     suffix: what it adds to spec names.
     tile_params: the parameters of a tile a spec may choose instead of the launch code's own
     (JitSpec.tile, -DFLASHJIT_TILE_<PARAM>=value each: tuning sweeps); None where the family
-    takes no tile. dropout: whether its kernels implement dropout (decoding does not)."""
+    takes no tile. dropout: whether its kernels implement dropout (decoding does not). paged:
+    whether its kernels can read K/V through a block table (JitSpec.paged: the forward, for
+    chunked prefill on a paged KV cache; the decode family pages through its own cache
+    arguments, not this flag)."""
 
     kernel: str
     family: str
@@ -37,6 +40,7 @@ class FamilyRow:
     suffix: str = ""
     tile_params: Optional[tuple[str, ...]] = None
     dropout: bool = True
+    paged: bool = False
 
     def serves(self, arch: str, head_dim_bucket: int) -> bool:
         """Whether this row can build a binary for ``arch`` (normal form, possibly several archs
@@ -49,16 +53,18 @@ class FamilyRow:
 REGISTRY: tuple[FamilyRow, ...] = (
     FamilyRow("fwd", "sm90", "wgmma", ("fwd_binding.cpp", "sm90/fwd.cu"), archs=("sm90a",),
               head_dims=(64, 128), suffix="_wgmma",
-              tile_params=("block_n", "warpgroups", "min_blocks")),  # the sm90 forward's launch
+              tile_params=("block_n", "warpgroups", "min_blocks"),  # the sm90 forward's launch
+              paged=True),
     FamilyRow("bwd", "sm90", "wgmma", ("bwd_binding.cpp", "sm90/bwd.cu"), archs=("sm90a",),
               head_dims=(64, 128), suffix="_wgmma",
               tile_params=("block_m",)),  # the sm90 backward's launch
     FamilyRow("fwd", "sm80", "mma.sync", ("fwd_binding.cpp", "sm80/fwd.cu"),
-              tile_params=("block_m", "block_n", "warps", "min_blocks")),  # the sm80 forward's
+              tile_params=("block_m", "block_n", "warps", "min_blocks"),  # the sm80 forward's
+              paged=True),
     FamilyRow("bwd", "sm80", "mma.sync", ("bwd_binding.cpp", "sm80/bwd.cu")),
     # decoding against a KV cache (flash_attn_with_kvcache): split-KV, GQA-packed, paged or not
     FamilyRow("decode", "splitkv", "mma.sync", ("decode_binding.cpp", "splitkv/decode.cu"),
-              dropout=False),
+              tile_params=("block_n", "stages", "loader"), dropout=False),  # decoding (<= 16 rows)
 )
 
 KERNEL_FAMILIES: tuple[str, ...] = tuple(dict.fromkeys(r.family for r in REGISTRY))

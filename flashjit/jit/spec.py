@@ -1,10 +1,11 @@
 """Build specs: one frozen object per compiled specialisation, named after what it fixes.
 
 A spec says which kernel (fwd, bwd, the test-only dropout_mask, the CPU selftest), for which
-arch, dtype, head-dim bucket and variant (causal, window, softcap, alibi, sink, dropout), and
-which kernel family implements it; from it follow the sources, the compiler flags and the
-readable name that also names the op namespace and the cache folder, e.g.
-``fwd_sm80_bf16_hd128_causal`` or ``fwd_sm90a_bf16_hd128_causal_window_softcap_wgmma``.
+arch, dtype, head-dim bucket and variant (causal, window, softcap, alibi, sink, dropout), whether
+the forward reads K/V through a page table (paged), and which kernel family implements it; from
+it follow the sources, the compiler flags and the readable name that also names the op namespace
+and the cache folder, e.g. ``fwd_sm80_bf16_hd128_causal`` or
+``fwd_sm90a_bf16_hd128_causal_window_softcap_wgmma``.
 
 Kernel families, their sources and where each serves come from the registry (registry.py):
 ``sm90`` (Hopper wgmma) serves the forward and backward at head dims 64 and 128 on sm90a and is
@@ -36,6 +37,9 @@ _DTYPE_ALIASES = {
 # The variant flags of attention specs, in name order (dropout, the last, is not among them: it
 # predates them and keeps its own FLASHJIT_HAS_DROPOUT=0/1 define).
 VARIANTS = ("window", "softcap", "alibi", "sink")
+# The name order of every flag: causal, the variants, dropout, then paged (K/V through a page
+# table: a kernel flag of the forward, not a variant of the scores; registry.FamilyRow.paged).
+FLAGS = ("causal", *VARIANTS, "dropout", "paged")
 
 
 @dataclass(frozen=True)
@@ -109,6 +113,9 @@ class JitSpec:
     ``alibi``, ``sink`` and ``dropout`` each add a name part (``_window``) and, except causal and
     dropout (``-DFLASHJIT_IS_CAUSAL=0/1``, ``-DFLASHJIT_HAS_DROPOUT=0/1``), a define only when set
     (``-DFLASHJIT_HAS_WINDOW=1``): the specs without them keep their names and defines.
+    ``paged`` (the forward only, registry.FamilyRow.paged; ValueError for any other kernel): K/V
+    read through a block table (chunked prefill on a paged KV cache), name part ``_paged`` after
+    the variants, ``-DFLASHJIT_HAS_PAGED=1``, in the fields and prebuild command only when set.
     ``family`` (``sm80`` or ``sm90``; attention kernels only) defaults to default_family(), or to
     ``sm80`` when FLASHJIT_KERNEL_FAMILY=sm80 (the forward and the backward alike); an explicit
     ``sm90`` must be one default_family() gives. ``tile`` (optional): a tile shape the family's
@@ -130,11 +137,15 @@ class JitSpec:
     dropout: bool = False
     family: str | None = None
     tile: tuple[int, ...] | None = None
+    paged: bool = False
 
     def __post_init__(self) -> None:
         kernel = KERNELS.get(self.kernel)
         if kernel is None:
             raise ValueError(f"unknown kernel {self.kernel!r}; known: {', '.join(KERNELS)}")
+        if self.paged and not any(r.paged for r in registry.rows(self.kernel)):
+            raise ValueError(f"kernel {self.kernel!r} takes no paged K/V (paged=True): only the "
+                             "forward reads K/V through a block table")
         set_ = object.__setattr__  # frozen: normalise fields in place, once
         if not kernel.attention:
             if (self.dtype is not None or self.head_dim is not None or self._variants()
@@ -159,16 +170,19 @@ class JitSpec:
         if self.head_dim is None:
             raise ValueError(f"kernel {self.kernel!r} needs a head_dim")
         set_(self, "head_dim", head_dim_bucket(self.head_dim))
-        for flag in ("causal", *VARIANTS, "dropout"):
+        for flag in FLAGS:
             set_(self, flag, bool(getattr(self, flag)))
         set_(self, "family", self._resolve_family())
         if self.dropout and not self._row.dropout:
             raise ValueError(f"kernel {self.kernel!r} has no dropout")
+        if self.paged and not self._row.paged:
+            raise ValueError(f"kernel {self.kernel!r} of family {self.family!r} takes no paged "
+                             "K/V")
         set_(self, "tile", self._resolve_tile())
 
     def _variants(self) -> list[str]:
-        """The variant flags that are set, in name order (causal first, dropout last)."""
-        return [f for f in ("causal", *VARIANTS, "dropout") if getattr(self, f)]
+        """The flags that are set, in name order (causal first, then dropout, then paged)."""
+        return [f for f in FLAGS if getattr(self, f)]
 
     def _resolve_tile(self) -> tuple[int, ...] | None:
         """``tile`` as a tuple of ints, checked against the family's tile parameters."""
@@ -216,8 +230,9 @@ class JitSpec:
     def name(self) -> str:
         """Readable unique name, e.g. ``fwd_sm80_bf16_hd128_causal``, ``selftest_cpu``,
         ``dropout_mask_sm90a``: the variants in the order causal, window, softcap, alibi, sink,
-        dropout, then the family's suffix (sm90: ``_wgmma``) and the tile:
-        ``fwd_sm90a_bf16_hd128_causal_window_softcap_wgmma``."""
+        dropout, then paged, the family's suffix (sm90: ``_wgmma``) and the tile:
+        ``fwd_sm90a_bf16_hd128_causal_window_softcap_wgmma``,
+        ``fwd_sm90a_bf16_hd128_causal_paged_wgmma``."""
         if not KERNELS[self.kernel].attention:
             return f"{self.kernel}_{self.arch}"
         name = f"{self.kernel}_{self.arch}_{self.dtype}_hd{self.head_dim}"
@@ -246,7 +261,8 @@ class JitSpec:
         """Preprocessor defines given to both the C++ and the nvcc compiles: the op namespace, and
         for attention kernels dtype, head dim, causal and dropout (0/1), then
         ``-DFLASHJIT_HAS_WINDOW=1`` (``_SOFTCAP``, ``_ALIBI``, ``_SINK``) for each variant set,
-        then the tile's. The family is the sources' own (registry row), not a define."""
+        ``-DFLASHJIT_HAS_PAGED=1`` when paged, then the tile's. The family is the sources' own
+        (registry row), not a define."""
         defines = [f"-DFLASHJIT_OP_NAMESPACE={self.op_namespace}"]
         if KERNELS[self.kernel].attention:
             defines += [
@@ -256,6 +272,8 @@ class JitSpec:
                 f"-DFLASHJIT_HAS_DROPOUT={int(self.dropout)}",
             ]
             defines += [f"-DFLASHJIT_HAS_{v.upper()}=1" for v in VARIANTS if getattr(self, v)]
+            if self.paged:
+                defines.append("-DFLASHJIT_HAS_PAGED=1")
             if self.tile is not None:  # one define per parameter: nvcc splits -D values at commas
                 defines.append("-DFLASHJIT_TILE=1")
                 defines += [f"-DFLASHJIT_TILE_{name.upper()}={value}"
@@ -287,18 +305,18 @@ class JitSpec:
             for flag in VARIANTS:  # only when set: the commands of older specs stay as they were
                 if getattr(self, flag):
                     args += [f"--{flag}", "yes"]
-            args += [
-                "--dropout", "yes" if self.dropout else "no",
-                "--family", self.family,
-            ]
+            args += ["--dropout", "yes" if self.dropout else "no"]
+            if self.paged:  # only when set, as the variants
+                args += ["--paged", "yes"]
+            args += ["--family", self.family]
             if self.tile is not None:
                 args += ["--tile", ",".join(map(str, self.tile))]
         return shlex.join(args)
 
     def fields(self) -> dict:
         """The fields that make the spec (JitSpec(**fields()) rebuilds it); the variants window,
-        softcap, alibi and sink and the tile only when set, so the fields (and cache keys) of the
-        specs without them are what they were before these existed."""
+        softcap, alibi and sink, paged and the tile only when set, so the fields (and cache keys)
+        of the specs without them are what they were before these existed."""
         if not KERNELS[self.kernel].attention:
             return {"kernel": self.kernel, "arch": self.arch}
         fields = {
@@ -307,6 +325,8 @@ class JitSpec:
             "family": self.family,
         }
         fields.update({flag: True for flag in VARIANTS if getattr(self, flag)})
+        if self.paged:
+            fields["paged"] = True
         if self.tile is not None:
             fields["tile"] = list(self.tile)
         return fields

@@ -49,11 +49,12 @@ BREAK = os.environ.get("FLASHJIT_CP_BREAK", "")
 TOL = {torch.float32: 1e-4, torch.bfloat16: 1.5e-2}
 
 
-def kernel_fwd(q, k, v, cu_q, cu_k, seqused_k, max_q, max_k, softmax_scale, causal,
+def kernel_fwd(q, k, v, cu_q, cu_k, seqused_k, block_table, max_q, max_k, softmax_scale, causal,
                bottom_right, left, right, softcap, alibi, sink, dropout_p, rng, residual):
     """ops.call_fwd's contract in float32: (out like q, (b, s, h, d); lse in LOG2 units (b, h,
     s); residual), so flashjit's own lse conversion and layout code runs around it."""
-    assert cu_q is None and seqused_k is None and dropout_p == 0.0 and softcap == 0.0
+    assert cu_q is None and seqused_k is None and block_table is None
+    assert dropout_p == 0.0 and softcap == 0.0
     assert (max_q, max_k) == (q.shape[1], k.shape[1]), "max_q/max_k must follow the tensors"
     out, lse = attention_ref(q.float(), k.float(), v.float(), causal=causal,
                              softmax_scale=softmax_scale, bottom_right=bottom_right)

@@ -279,7 +279,8 @@ def launched(monkeypatch):
     monkeypatch.setattr(ops, "_resolved", {})
     calls, flags = [], []
 
-    def attention_spec(kernel, q, causal, dropout, window, softcap, alibi, sink):
+    def attention_spec(kernel, q, causal, dropout, window, softcap, alibi, sink, paged=False):
+        assert not paged  # decoding: the decode spec (paged prefill: test_kvcache_prefill_cpu)
         flags.append((kernel, causal, window, softcap, alibi, sink, dropout))
         return "spec"
 
@@ -347,26 +348,39 @@ def test_num_splits_heuristic():
     f, eff = ops.num_splits_heuristic, ops.wave_efficiency
     sms = 132
     assert f(256, 8, 4, 131072, sms) == 1  # 2048 CTAs: 7.8 waves of 264, 97% busy already
-    assert f(1, 8, 4, 511, sms) == 1  # not two splits of 256 keys
-    assert f(1, 8, 4, 1024, sms) == 4  # as many as 256-key splits allow
-    assert f(1, 1, 1, 10**6, sms) == 109  # 85% of the most allowed (128): one CTA a split
-    assert f(8, 8, 4, 131072, sms) == 4  # 64 CTAs x 4 = 256 of 264 slots, one wave (not 5: two)
+    # small batches (fewer CTAs than half the 264 slots): fill the slots once, >= 64 keys a split
+    assert f(1, 8, 4, 1024, sms) == 16  # 8 CTAs: 33 would fit, 16 blocks of 64 keys
+    assert f(1, 8, 4, 4096, sms) == 33 and f(1, 8, 4, 100, sms) == 2 and f(1, 8, 4, 64, sms) == 1
+    assert f(1, 1, 1, 10**6, sms) == 128  # one CTA: the most splits allowed
+    assert f(8, 8, 4, 131072, sms) == 4  # 64 CTAs x 4 = 256 of 264 slots, one wave
+    assert f(16, 8, 4, 8192, sms) == 2  # 128 CTAs x 2
     assert f(1, 32, 1, 131072, sms) == 8  # 32 x 8 = 256, one wave (9 would make 288: two)
     assert f(1, 32, 1, 131072, sms, ctas_per_sm=1) == 4  # d > 128: one CTA per SM
+    # from half the slots on: waves, >= 256 keys a split
+    assert f(8, 32, 1, 1024, sms) == 1  # 256 CTAs, one wave already
+    assert f(5, 32, 1, 511, sms) == 1  # 160 CTAs, not two splits of 256 keys
+    assert f(5, 32, 1, 131072, sms) == 3  # 160 x 3 = 480 of two waves of 264: 91% (1: 61%)
     assert ops.decode_ctas(1, 8, 16) == 8 and ops.decode_ctas(1, 8, 17) == 8
     assert ops.decode_ctas(1, 8, 65) == 16 and ops.decode_ctas(2, 8, 0) == 0
-    assert f(0, 8, 4, 4096, sms) == 1 and f(1, 8, 0, 4096, sms) == 1
+    assert f(0, 8, 4, 4096, sms) == 1 and f(1, 8, 0, 4096, sms) == 1 and f(1, 8, 4, 0, sms) == 1
     for batch in (1, 2, 3, 7, 16, 64, 300):
         for heads_k, rows in ((1, 1), (8, 4), (8, 64), (32, 1), (8, 512)):
+            ctas = ops.decode_ctas(batch, heads_k, rows)
+            small = 2 * ctas <= 2 * sms
             previous = None
             for seqlen_k in (0, 255, 512, 1000, 4096, 65536, 131072):
                 s = f(batch, heads_k, rows, seqlen_k, sms)
-                assert 1 <= s <= 128 and (s == 1 or seqlen_k // s >= 256)
+                assert 1 <= s <= 128
+                # a 64-key block a split at least (small), else >= 256 keys a split
+                assert s == 1 or (s <= -(-seqlen_k // 64) if small else seqlen_k // s >= 256)
                 assert previous is None or s >= previous  # longer caches: no fewer splits
                 previous = s
-            # the fewest splits within 85% of the best wave efficiency
-            ctas, most = ops.decode_ctas(batch, heads_k, rows), min(128, 131072 // 256)
             s = f(batch, heads_k, rows, 131072, sms)
+            if small:  # the slots filled once
+                assert s == min(128, 2 * sms // ctas)
+                continue
+            # the fewest splits within 85% of the best wave efficiency
+            most = min(128, 131072 // 256)
             best = max(eff(ctas * n, 2 * sms) for n in range(1, most + 1))
             assert eff(ctas * s, 2 * sms) >= 0.85 * best
             assert all(eff(ctas * n, 2 * sms) < 0.85 * best for n in range(1, s))

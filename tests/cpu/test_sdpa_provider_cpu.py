@@ -202,9 +202,9 @@ def stubbed(monkeypatch):
         yield rec
 
 
-FWD_NAMES = ("q", "k", "v", "cu_q", "cu_k", "seqused_k", "max_q", "max_k", "scale", "causal",
-             "bottom_right", "left", "right", "softcap", "alibi", "sink", "dropout_p", "rng",
-             "with_residual")
+FWD_NAMES = ("q", "k", "v", "cu_q", "cu_k", "seqused_k", "block_table", "max_q", "max_k",
+             "scale", "causal", "bottom_right", "left", "right", "softcap", "alibi", "sink",
+             "dropout_p", "rng", "with_residual")
 BWD_NAMES = ("dout", "q", "k", "v", "out", "out_residual", "lse", "cu_q", "cu_k", "seqused_k",
              "max_q", "max_k", "scale", "causal", "bottom_right", "left", "right", "softcap",
              "alibi", "sink", "dropout_p", "rng", "deterministic")
@@ -244,6 +244,7 @@ def test_sdpa_forward_mapping_and_meta_agreement(stubbed, bshd_memory, dropout_p
     assert a["q"].shape == (2, 16, 4, 64) and a["k"].shape == (2, 24, 2, 64)
     assert a["v"].shape == (2, 24, 2, 64)
     assert a["cu_q"] is None and a["cu_k"] is None and a["seqused_k"] is None
+    assert a["block_table"] is None
     assert (a["max_q"], a["max_k"]) == (16, 24)
     assert a["scale"] == 0.3
     # the aten op's is_causal is bottom-right (torch's flash kernels; see the module docstring)

@@ -302,6 +302,8 @@ def test_prebuild_command():
         JitSpec("bwd", "sm90a", "bf16", 96, alibi=True, sink=True, dropout=True),
         JitSpec("bwd", "sm80", "fp16", 64, window=True, softcap=True, alibi=True, sink=True),
         JitSpec("fwd", "sm80", "fp16", 64, softcap=True, tile="64,32,4,2"),
+        JitSpec("fwd", "sm90a", "bf16", 128, causal=True, family="sm90", paged=True),
+        JitSpec("fwd", "sm90a", "fp16", 96, window=True, sink=True, paged=True),
         JitSpec("dropout_mask", "sm80-sm90a"),
         JitSpec("selftest"),
     ],
@@ -453,3 +455,58 @@ def test_tile_is_a_spec_option(monkeypatch):
     monkeypatch.setenv("FLASHJIT_FWD_TILE", "64,32")
     with pytest.raises(ValueError, match="FLASHJIT_FWD_TILE"):
         ops.attention_spec("fwd", q, causal=False, dropout=False)
+
+
+def test_paged_is_a_forward_spec_flag():
+    """paged (K/V through a block table: chunked prefill on a paged KV cache): the forward of
+    either family only; name part _paged after the variants, before the family suffix; its own
+    define, field and prebuild flag only when set, so every other spec is as it was."""
+    from flashjit.jit.cache import CacheEntry
+
+    for family, suffix in (("sm90", "_wgmma"), ("sm80", "")):
+        plain = JitSpec("fwd", "sm90a", "bf16", 128, causal=True, family=family)
+        paged = JitSpec("fwd", "sm90a", "bf16", 128, causal=True, family=family, paged=True)
+        assert paged.name == f"fwd_sm90a_bf16_hd128_causal_paged{suffix}"
+        assert paged.defines == [f"-DFLASHJIT_OP_NAMESPACE=flashjit_{paged.name}",
+                                 *plain.defines[1:], "-DFLASHJIT_HAS_PAGED=1"]
+        assert not any("PAGED" in d for d in plain.cuda_cflags())
+        assert paged.fields() == {**plain.fields(), "paged": True}
+        assert "paged" not in plain.fields() and JitSpec(**paged.fields()) == paged
+        assert paged != plain and CacheEntry.for_spec(paged).key != CacheEntry.for_spec(plain).key
+        assert paged.prebuild_command() == plain.prebuild_command().replace(
+            " --family", " --paged yes --family")
+    every = JitSpec("fwd", "sm80", "fp16", 256, causal=True, window=True, softcap=True,
+                    alibi=True, sink=True, dropout=True, paged=1, tile="64,16,4,1")
+    assert every.paged is True
+    assert every.name == ("fwd_sm80_fp16_hd256_causal_window_softcap_alibi_sink_dropout_paged"
+                          "_t64x16x4x1")
+    assert every.defines.index("-DFLASHJIT_HAS_PAGED=1") == every.defines.index(
+        "-DFLASHJIT_TILE=1") - 1  # after the variants' defines, before the tile's
+    assert JitSpec("fwd", "sm80", "fp16", 64, paged=False).name == "fwd_sm80_fp16_hd64"
+    for kernel, arch in (("bwd", "sm90a"), ("decode", "sm90a"), ("dropout_mask", "sm90a"),
+                         ("selftest", None)):
+        attention = kernel in ("bwd", "decode")
+        kwargs = dict(dtype="bf16", head_dim=128) if attention else {}
+        with pytest.raises(ValueError, match=f"kernel '{kernel}' takes no paged K/V"):
+            JitSpec(kernel, arch, paged=True, **kwargs)
+
+
+def test_prebuild_paged_flag():
+    """--paged yes/no/both (default no) builds the paged forward specs and skips the kernels
+    that take none (as --dropout skips decode)."""
+    def names(*argv):
+        return [s.name for s in specs_from_args(_parser().parse_args(list(argv)))]
+
+    base = ["--arch", "sm90a", "--dtype", "bf16", "--head-dim", "96", "128", "--causal", "yes"]
+    assert _parser().parse_args([]).paged == "no"
+    assert names(*base, "--kernel", "fwd", "bwd", "decode") == names(
+        *base, "--kernel", "fwd", "bwd", "decode", "--paged", "no")
+    assert names(*base, "--kernel", "fwd", "bwd", "decode", "--paged", "both") == [
+        "fwd_sm90a_bf16_hd96_causal", "fwd_sm90a_bf16_hd96_causal_paged",
+        "fwd_sm90a_bf16_hd128_causal_wgmma", "fwd_sm90a_bf16_hd128_causal_paged_wgmma",
+        "bwd_sm90a_bf16_hd96_causal", "bwd_sm90a_bf16_hd128_causal_wgmma",
+        "decode_sm90a_bf16_hd96_causal", "decode_sm90a_bf16_hd128_causal"]
+    assert names(*base, "--kernel", "fwd", "bwd", "--paged", "yes", "--family", "sm80") == [
+        "fwd_sm90a_bf16_hd96_causal_paged", "fwd_sm90a_bf16_hd128_causal_paged"]
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["--paged", "maybe"])

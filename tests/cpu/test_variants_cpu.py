@@ -189,8 +189,9 @@ def recorded_fwd(fake_cuda, monkeypatch):
 
 def _op_values(args):
     """(causal, window_left, window_right, softcap, alibi?, sink?, dropout_p) of a call_fwd."""
-    (q, k, v, cu_q, cu_k, seqused_k, max_q, max_k, scale, causal, bottom_right, left, right,
-     softcap, alibi, sink, dropout_p, rng_state, residual) = args
+    (q, k, v, cu_q, cu_k, seqused_k, block_table, max_q, max_k, scale, causal, bottom_right,
+     left, right, softcap, alibi, sink, dropout_p, rng_state, residual) = args
+    assert block_table is None  # paged K/V reach the forward only from flash_attn_with_kvcache
     return causal, left, right, softcap, alibi is not None, sink is not None, dropout_p
 
 
@@ -248,7 +249,7 @@ def test_public_arguments_reach_the_op_and_pick_the_spec(entry, kwargs, values, 
     assert _spec_name(args, "8.0", monkeypatch) == name
     for key in ("alibi_slopes", "sink"):  # the very tensors, as the kernels read them
         if key in kwargs:
-            assert args[14 if key == "alibi_slopes" else 15] is kwargs[key]
+            assert args[15 if key == "alibi_slopes" else 16] is kwargs[key]
 
 
 def test_variant_flags_and_window_bounds():
@@ -284,13 +285,15 @@ def test_the_spec_ops_get_the_contracts_arguments(monkeypatch):
     k = torch.zeros(2, 8, 2, 64, dtype=torch.bfloat16)
     slopes, sink = torch.ones(4), torch.zeros(4)
     args = (None, None, None, 8, 8, 0.125, True, True, 5, 3, 30.0, slopes, sink)
-    ops._fwd_impl(q, k, k, *args, 0.0, None, True)
+    fwd_impl_args = (*args[:3], None, *args[3:])  # block_table (None) after seqused_k
+    ops._fwd_impl(q, k, k, *fwd_impl_args, 0.0, None, True)
     op, fwd_args = launched[-1]
     assert op == "fwd_sm90a_bf16_hd64_causal_window_softcap_alibi_sink_wgmma"
-    assert len(fwd_args) == 20  # the binding's 21 arguments but the stream (_launch adds it)
+    assert len(fwd_args) == 21  # the binding's 22 arguments but the stream (_launch adds it)
     assert fwd_args[3].shape == q.shape and fwd_args[4].shape == (2, 4, 8)  # out, lse
     assert fwd_args[5] is not None and fwd_args[5].shape == q.shape  # out_residual
-    assert fwd_args[9:] == (8, 8, 0.125, True, 5, 0, 30.0, slopes, sink, None, 0.0)
+    assert fwd_args[9] is None  # block_table
+    assert fwd_args[10:] == (8, 8, 0.125, True, 5, 0, 30.0, slopes, sink, None, 0.0)
     dout = torch.zeros_like(q)
     out, lse = fwd_args[3], fwd_args[4]
     ops._bwd_impl(dout, q, k, k, out, None, lse, *args, 0.0, None, False)
@@ -298,15 +301,24 @@ def test_the_spec_ops_get_the_contracts_arguments(monkeypatch):
     assert op == "bwd_sm90a_bf16_hd64_causal_window_softcap_alibi_sink_wgmma"
     assert len(bwd_args) == 27
     assert bwd_args[15:] == (8, 8, 0.125, True, 5, 0, 30.0, slopes, sink, None, 0.0, False)
-    ops._fwd_impl(q, k, k, None, None, None, 8, 8, 0.125, True, True, -1, 0, 0.0, None, None,
-                  0.0, None, False)
+    ops._fwd_impl(q, k, k, None, None, None, None, 8, 8, 0.125, True, True, -1, 0, 0.0, None,
+                  None, 0.0, None, False)
     assert launched[-1][0] == "fwd_sm90a_bf16_hd64_causal_wgmma"  # unchanged spec
-    ops._fwd_impl(q, k, k, *args, 0.0, None, True)  # cached: no second load
+    ops._fwd_impl(q, k, k, *fwd_impl_args, 0.0, None, True)  # cached: no second load
+    # a block table: the paged spec, which gets it after seqused_k (k/v: 3 pages of 16 rows)
+    pages = torch.zeros(3, 16, 2, 64, dtype=torch.bfloat16)
+    table, used = torch.zeros(2, 2, dtype=torch.int32), torch.tensor([20, 9], dtype=torch.int32)
+    ops._fwd_impl(q, pages, pages, None, None, used, table, 8, 32, 0.125, True, True, -1, 0, 0.0,
+                  None, None, 0.0, None, False)
+    op, fwd_args = launched[-1]
+    assert op == "fwd_sm90a_bf16_hd64_causal_paged_wgmma"
+    assert fwd_args[8] is used and fwd_args[9] is table and fwd_args[10:12] == (8, 32)
     assert loaded == ["fwd_sm90a_bf16_hd64_causal_window_softcap_alibi_sink_wgmma",
                       "bwd_sm90a_bf16_hd64_causal_window_softcap_alibi_sink_wgmma",
-                      "fwd_sm90a_bf16_hd64_causal_wgmma"]
+                      "fwd_sm90a_bf16_hd64_causal_wgmma", "fwd_sm90a_bf16_hd64_causal_paged_wgmma"]
     keys = list(ops._resolved)
-    assert keys[0][4:] == (True, True, True, True, True, False)  # flags in the key
+    assert keys[0][4:] == (True, True, True, True, True, False, False)  # flags, paged in the key
+    assert keys[-1][4:] == (True, False, False, False, False, False, True)
 
 
 def test_testing_dropout_mask_loads_the_dropout_mask_spec(monkeypatch):
@@ -339,9 +351,10 @@ def reference_ops(monkeypatch):
     rounding residual); ops.call_bwd records its arguments and returns zeros."""
     bwd_calls = []
 
-    def call_fwd(q, k, v, cu_q, cu_k, seqused_k, max_q, max_k, scale, causal, bottom_right,
-                 left, right, softcap, alibi, sink, dropout_p, rng_state, with_residual):
-        assert cu_q is None and seqused_k is None and dropout_p == 0.0
+    def call_fwd(q, k, v, cu_q, cu_k, seqused_k, block_table, max_q, max_k, scale, causal,
+                 bottom_right, left, right, softcap, alibi, sink, dropout_p, rng_state,
+                 with_residual):
+        assert cu_q is None and seqused_k is None and block_table is None and dropout_p == 0.0
         out, lse = attention_reference(q.double(), k.double(), v.double(), causal=causal,
                                        window_size=(left, right), softcap=softcap,
                                        alibi_slopes=alibi, sink=sink, softmax_scale=scale,
@@ -414,8 +427,9 @@ def test_sink_gradient_through_autograd_varlen(monkeypatch):
     cu_q = torch.tensor([0, 5, 5, 13], dtype=torch.int32)
     cu_k = torch.tensor([0, 7, 10, 14], dtype=torch.int32)
 
-    def call_fwd(q, k, v, cu_q, cu_k, seqused_k, max_q, max_k, scale, causal, bottom_right,
-                 left, right, softcap, alibi, sink, dropout_p, rng_state, with_residual):
+    def call_fwd(q, k, v, cu_q, cu_k, seqused_k, block_table, max_q, max_k, scale, causal,
+                 bottom_right, left, right, softcap, alibi, sink, dropout_p, rng_state,
+                 with_residual):
         out = torch.full(q.shape, float("nan"), dtype=torch.float64)
         lse = torch.full((q.shape[1], q.shape[0]), float("nan"), dtype=torch.float64)
         out[total_q:] = 0  # rows past the end: output 0, lse never written

@@ -4,7 +4,9 @@
 
 Covers the append kernel (with rotary, both layouts), the decode kernel contiguous (with
 cache_batch_idx and cache_leftpad) and paged (page 16, shuffled pages, the last page partly
-filled), GQA packing, split-KV with the combine kernel, and every variant at once.
+filled), GQA packing, split-KV with the combine kernel, every variant at once, and chunked
+prefill on the paged cache (64 queries: the append, then the forward's paged spec, fwd bf16
+hd128 causal paged).
 """
 
 import torch
@@ -29,6 +31,13 @@ for splits, interleaved in ((1, True), (3, False)):
                                      rotary_sin=sin, cache_seqlens=seqlens, block_table=blocks,
                                      causal=True, rotary_interleaved=interleaved,
                                      num_splits=splits)
+# chunked prefill on the paged cache: 64 queries and new keys (the forward kernel, paged)
+q64 = torch.randn(batch, 64, heads, d, device=dev, dtype=dtype)
+k64 = torch.randn(batch, 64, heads_k, d, device=dev, dtype=dtype)
+v64 = torch.randn(batch, 64, heads_k, d, device=dev, dtype=dtype)
+prefill_seqlens = torch.tensor([0, 37, 190], device=dev, dtype=torch.int32)  # + 64 <= 256 rows
+flashjit.flash_attn_with_kvcache(q64, k_pages, v_pages, k64, v64, cache_seqlens=prefill_seqlens,
+                                 block_table=blocks, causal=True)
 # contiguous, with cache_batch_idx and cache_leftpad, every variant, split-KV
 k_cache = torch.randn(4, 260, heads_k, d, device=dev, dtype=dtype)
 v_cache = torch.randn(4, 260, heads_k, d, device=dev, dtype=dtype)

@@ -225,8 +225,8 @@ def test_backward_memory_is_linear_in_seqlen():
 def test_opcheck():
     q, k, v = (torch.randn(1, 64, 2, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     for residual in (False, True):
-        fwd_args = (q, k, v, None, None, None, 64, 64, 0.125, True, True, -1, -1, 0.0, None, None,
-                    0.0, None, residual)
+        fwd_args = (q, k, v, None, None, None, None, 64, 64, 0.125, True, True, -1, -1, 0.0,
+                    None, None, 0.0, None, residual)
         torch.library.opcheck(torch.ops.flashjit.fwd.default, fwd_args)
         out, lse, out_residual = torch.ops.flashjit.fwd(*fwd_args)
         bwd_args = (torch.randn_like(out), q, k, v, out, out_residual if residual else None, lse,

@@ -1,4 +1,6 @@
-"""flash_attn_with_kvcache on the GPU (the decode kernel) against tests/reference.py's kvcache_ref.
+"""flash_attn_with_kvcache on the GPU (the decode kernel; without cache_batch_idx and
+cache_leftpad, from 64 queries on (contiguous) or 256 (paged), the forward kernel after the
+decode op's append, its paged spec with a block table) against tests/reference.py's kvcache_ref.
 
 Criterion (the house one, tests/gpu/test_fwd.py): out and lse within 2x PyTorch's own error
 against the float32 reference, plus a tiny absolute slack; PyTorch's error is kvcache_ref run in
@@ -6,7 +8,8 @@ the input dtype (upcast=False) on the same inputs. The caches after the append m
 reference's EXACTLY (torch.equal, every row: new rows copied, or rotated in float32 from exact
 products and rounded once; no other row touched). Outputs, q_rot and the split-KV scratch start
 as NaN (conftest.py poisons flashjit's allocations), so anything a kernel reads before writing,
-or never writes, fails. Each case also asserts which decode spec served it.
+or never writes, fails. Each case also asserts which decode spec served it, and which forward
+spec (paged or not) for chunked prefill.
 
 Covered: page sizes 16, 64, 256 with shuffled block tables (and spare pages); cache lengths 0 and
 full (a tensor, an int, None); batch 1 and 256; seqlen_k 1 and 128k; GQA 32:8 and MHA; fp16 and
@@ -15,18 +18,34 @@ rotary GPT-NeoX, GPT-J and partial (rotary_dim < d); causal, sliding window, sof
 (per head and per sequence), sink; cache_batch_idx, cache_leftpad; 4 queries at once
 (speculative decoding); a CUDA graph capturing one decode step with append and rotary, replayed
 with new inputs copied into its static tensors; value errors raised before any launch.
+Chunked prefill (64 to 288 queries, appending as many keys or none): contiguous, and paged
+(the decode kernel's 64-row tiles below 256 queries, the forward's paged spec from 256 on) with
+pages of 16, 48, 64 and 256 rows (shuffled tables), causal and not, a causal sliding window,
+GQA and MHA, fp16 d 64, bf16 d 128 and d 256 (the mma.sync family's forward), and the mma.sync
+forward at d 128 too (FLASHJIT_KERNEL_FAMILY=sm80).
 
-JIT specs (kernel decode, its default family on the GPU's arch; 8 in all, about 60 s of tests
-once built; plus fwd bf16 hd128 causal for the chunked-prefill case):
+JIT specs (kernel decode, its default family on the GPU's arch; about 60 s of tests once built;
+plus the forward specs of chunked prefill, paged and not; benchmarks/device_run.sh's decode step
+builds them all):
     decode fp16 hd64, fp16 hd128, bf16 hd128, bf16 hd256 (plain: seqlen_q 1 drops causal)
-    decode bf16 hd128 causal, causal_window, softcap_alibi, causal_sink
+    decode bf16 hd128 causal, causal_window, softcap_alibi, causal_sink; bf16 hd256 causal
+    fwd bf16 hd128 causal; paged: bf16 hd128 (plain, causal, causal_window), fp16 hd64 (plain),
+    bf16 hd256 causal, and bf16 hd128 causal of family sm80
     python -m flashjit.prebuild --kernel decode --dtype fp16 --head-dim 64 128 --causal no
-    python -m flashjit.prebuild --kernel decode --dtype bf16 --head-dim 128 256 --causal no
+    python -m flashjit.prebuild --kernel decode --dtype bf16 --head-dim 128 256 --causal both
     python -m flashjit.prebuild --kernel decode --dtype bf16 --head-dim 128 --causal yes \
         --window both
     python -m flashjit.prebuild --kernel decode --dtype bf16 --head-dim 128 --causal no \
         --softcap yes --alibi yes
     python -m flashjit.prebuild --kernel decode --dtype bf16 --head-dim 128 --causal yes --sink yes
+    python -m flashjit.prebuild --kernel fwd --dtype bf16 --head-dim 128 --causal yes
+    python -m flashjit.prebuild --kernel fwd --dtype bf16 --head-dim 128 --causal both --paged yes
+    python -m flashjit.prebuild --kernel fwd --dtype bf16 --head-dim 128 --causal yes \
+        --window yes --paged yes
+    python -m flashjit.prebuild --kernel fwd --dtype fp16 --head-dim 64 --causal no --paged yes
+    python -m flashjit.prebuild --kernel fwd --dtype bf16 --head-dim 256 --causal yes --paged yes
+    python -m flashjit.prebuild --kernel fwd --dtype bf16 --head-dim 128 --causal yes \
+        --paged yes --family sm80
 """
 
 from __future__ import annotations
@@ -87,10 +106,46 @@ class Case:
         window = self.window[0] != -1 if causal else self.window != (-1, -1)
         return (causal, window, self.softcap > 0, self.alibi is not None, self.sink, False)
 
+    def prefill(self) -> bool:
+        """Attended by the forward kernel (ops._by_forward): PREFILL_MIN_QUERIES queries on, paged
+        PAGED_PREFILL_MIN_QUERIES (or PREFILL_MIN_QUERIES where the decode kernel does not fit
+        the GPU's shared memory), without cache_batch_idx or cache_leftpad."""
+        ops = flashjit.ops
+        if self.seqlen_q < ops.PREFILL_MIN_QUERIES or self.batch_idx or self.leftpad:
+            return False
+        rows = self.seqlen_q * (self.heads // self.heads_k)
+        return (self.page is None or self.seqlen_q >= ops.PAGED_PREFILL_MIN_QUERIES
+                or not ops.decode_smem_fits(torch.device("cuda"), self.d, rows))
+
 
 GQA = dict(heads=32, heads_k=8)
 MHA = dict(heads=32, heads_k=32)
 SPEC = dict(seqlen_q=4, seqlen_new=4, causal=True)  # speculative decoding: 4 tokens
+# Chunked prefill on a paged cache (shuffled tables): the forward's paged specs from
+# ops.PAGED_PREFILL_MIN_QUERIES (256) queries on, the decode kernel's 64-row tiles below.
+PAGED_PREFILL = {
+    "prefill256_causal_paged16": Case(batch=2, seqlen_q=256, seqlen_new=256, causal=True,
+                                      page=16, capacity=2048),
+    "prefill64_paged64_gptj": Case(batch=3, seqlen_q=64, seqlen_new=64, page=64, capacity=1024,
+                                   rotary="gptj"),
+    "prefill272_causal_paged256_mha": Case(batch=2, seqlen_q=272, seqlen_new=272, causal=True,
+                                           page=256, capacity=4096, rotary=None, **MHA),
+    "prefill288_window_paged48": Case(batch=2, seqlen_q=288, seqlen_new=288, causal=True,
+                                      window=(350, 0), page=48, capacity=960),
+    "prefill96_window_paged48": Case(batch=2, seqlen_q=96, seqlen_new=96, causal=True,
+                                     window=(150, 0), page=48, capacity=960),
+    "prefill64_no_append_paged64": Case(batch=3, seqlen_q=64, seqlen_new=0, rotary=None, page=64,
+                                        capacity=1024),
+    "prefill64_causal_full_none_paged16": Case(seqlen_q=64, seqlen_new=0, causal=True,
+                                               lengths="none", rotary=None, page=16,
+                                               capacity=512),
+    "fp16_d64_prefill256_paged16": Case(batch=2, dtype=F16, d=64, heads=16, heads_k=2,
+                                        seqlen_q=256, seqlen_new=256, page=16, capacity=1024),
+    # d 256: the mma.sync family's forward on every arch
+    "bf16_d256_prefill256_causal_paged64": Case(batch=2, d=256, heads=8, heads_k=2,
+                                                seqlen_q=256, seqlen_new=256, causal=True,
+                                                page=64, capacity=1024),
+}
 CASES = {
     # bf16 d 128, plain spec: layouts, lengths, sizes, splits, rotary, index tensors
     "paged16": Case(page=16, capacity=2048),
@@ -133,14 +188,15 @@ CASES = {
     "softcap_alibi_heads_paged16_splits4": Case(softcap=5.0, alibi="heads", page=16,
                                                 num_splits=4),
     "spec4_sink": Case(sink=True, **SPEC),
-    # more than 16 packed rows: the decode kernel's 64-row tiles (paged: it serves every length)
-    "spec96_causal_paged64": Case(batch=2, seqlen_q=96, seqlen_new=96, causal=True, page=64,
+    # more than 16 packed rows: the decode kernel's 64-row tiles (GQA 4: 192 rows per K/V head)
+    "spec48_causal_paged64": Case(batch=2, seqlen_q=48, seqlen_new=48, causal=True, page=64,
                                   capacity=1024),
     "spec24_mha_splits4": Case(batch=2, seqlen_q=24, seqlen_new=24, causal=True, num_splits=4,
                                capacity=1024, **MHA),
-    # chunked prefill on a contiguous cache: the decode op appends, the forward kernel attends
-    # (ops.PREFILL_MIN_QUERIES; spec fwd bf16 hd128 causal)
+    # chunked prefill: the decode op appends, the forward kernel attends (ops.PREFILL_MIN_QUERIES;
+    # contiguous: spec fwd bf16 hd128 causal; paged: the fwd specs with _paged)
     "prefill128_causal": Case(batch=2, seqlen_q=128, seqlen_new=128, causal=True, capacity=2048),
+    **PAGED_PREFILL,
     "spec4_sink_empty_splits4": Case(seqlen_q=4, seqlen_new=0, causal=True, sink=True,
                                      lengths="zero", rotary=None, num_splits=4),
 }
@@ -152,8 +208,15 @@ def fresh_spec_cache(monkeypatch):
     monkeypatch.setattr(flashjit.ops, "_resolved", {})
 
 
-def _served_flags() -> set:
-    return {key[4:] for key in flashjit.ops._resolved if key[0] == "decode"}
+def _served(kernel: str) -> set:
+    """(flags..., paged) of the `kernel` specs this test's calls used (ops._resolved's keys:
+    kernel, device, dtype, d, then these)."""
+    return {key[4:] for key in flashjit.ops._resolved if key[0] == kernel}
+
+
+def _assert_served(c: Case) -> None:
+    assert _served("decode") == {c.flags() + (False,)}  # decoding, or only the append
+    assert _served("fwd") == ({c.flags() + (c.page is not None,)} if c.prefill() else set())
 
 
 def _build(c: Case, seed) -> tuple:
@@ -222,12 +285,20 @@ def check(c: Case, seed) -> None:
     assert torch.equal(k_cache, ref[2]), "k_cache after the append differs from the reference's"
     assert torch.equal(v_cache, ref[3]), "v_cache after the append differs from the reference's"
     _compare(out, lse, ref, pt)
-    assert _served_flags() == {c.flags()}
+    _assert_served(c)
 
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_kvcache(name):
     check(CASES[name], name)
+
+
+@pytest.mark.parametrize("name", ["prefill256_causal_paged16", "prefill288_window_paged48"])
+def test_paged_prefill_mma_sync_family(name, monkeypatch):
+    """The paged forward of the mma.sync family where the wgmma one serves by default (sm90a, d
+    128); elsewhere the same spec as test_kvcache's."""
+    monkeypatch.setenv("FLASHJIT_KERNEL_FAMILY", "sm80")
+    check(replace(CASES[name], window=(-1, -1)), name)  # spec fwd bf16 hd128 causal paged
 
 
 def test_rows_that_see_no_key_give_zero_and_minus_inf():
@@ -273,7 +344,7 @@ def test_cuda_graph_decode_step_with_append_and_rotary():
         torch.cuda.synchronize()
         assert torch.equal(k_cache, ref[2]) and torch.equal(v_cache, ref[3]), f"step {step}"
         _compare(out, lse, ref, pt)
-    assert _served_flags() == {c.flags()}
+    _assert_served(c)
 
 
 def test_value_errors_before_any_launch(monkeypatch):
