@@ -386,10 +386,9 @@ def check_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqle
     _check_cache_layout("k_cache", k_cache)
     _check_cache_layout("v_cache", v_cache)
     eager = not torch.compiler.is_compiling() and type(k_cache) is Tensor
-    if k is not None and (k_cache is v_cache or (eager and k_cache.numel() and
-                                                 k_cache.data_ptr() == v_cache.data_ptr())):
-        raise ValueError("k_cache and v_cache are the same memory: appending k and v would "
-                         "write both into it; pass two caches")
+    if k is not None and (k_cache is v_cache or (eager and _caches_overlap(k_cache, v_cache))):
+        raise ValueError("k_cache and v_cache are the same memory, or overlap: appending k and v "
+                         "would write both into it; pass two caches that share no element")
     slots, rows = k_cache.shape[0], k_cache.shape[1]  # sequences or pages; rows of each
     if block_table is not None:
         block_table = _check_index("block_table", block_table, q.device, (batch, None),
@@ -492,6 +491,33 @@ def check_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqle
                        window_right, softcap, alibi_slopes, sink, num_splits, return_softmax_lse)
 
 
+def _caches_overlap(a: Tensor, b: Tensor) -> bool:
+    """Whether two caches (head dim contiguous, checked before) share an element. Views of one
+    allocation with the same strides (slices of one buffer, or k and v split from a packed
+    (.., 2, heads_k, d) one) are decided exactly: their offset difference is walked down the
+    dims from the largest stride (each a nested, non-overlapping layout); other pairs of one
+    allocation count as overlapping when their spans of memory meet."""
+    if a.numel() == 0 or b.numel() == 0:
+        return False
+    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+    if a.stride() == b.stride() and a.shape == b.shape and a.dtype == b.dtype:
+        r = b.storage_offset() - a.storage_offset()
+        for size, stride in sorted(zip(a.shape[:-1], a.stride()[:-1]), key=lambda x: -x[1]):
+            if stride > 0:
+                m = max(-(size - 1), min(size - 1, round(r / stride)))
+                r -= m * stride
+        return abs(r) < a.shape[-1]
+
+    def span(t: Tensor) -> tuple:
+        start = t.data_ptr()
+        return start, start + t.element_size() * (
+            1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride())))
+
+    (a0, a1), (b0, b1) = span(a), span(b)
+    return a0 < b1 and b0 < a1
+
+
 def check_kvcache_values(cache_seqlens, cache_leftpad: Optional[Tensor],
                          cache_batch_idx: Optional[Tensor], block_table: Optional[Tensor], *,
                          batch: int, seqlen_q: int, seqlen_new: int, capacity: int,
@@ -530,6 +556,14 @@ def check_kvcache_values(cache_seqlens, cache_leftpad: Optional[Tensor],
         first = torch.where(bad, column[None, :], max_blocks).amin(dim=1)  # max_blocks: none
         add("bad_page", first)
         add("bad_page_value", block_table.gather(1, first.clamp(max=max_blocks - 1)[:, None]))
+        if seqlen_new > 0:
+            # the (page, row) of every appended key: two sequences must not write the same one
+            pos = (ends - seqlen_new)[:, None] + torch.arange(seqlen_new, device=ends.device)
+            col = (pos // page_size).clamp(0, max_blocks - 1)
+            row = block_table.to(torch.int64).gather(1, col) * page_size + pos % page_size
+            row = row.reshape(-1).sort().values
+            shared = (row[1:] == row[:-1]).any() if row.numel() > 1 else row.new_zeros(())
+            add("shared_rows", shared.to(torch.int64).expand(batch))
     values = {}
     if parts:
         host = torch.cat(parts).cpu().tolist()  # the one device-to-host copy
@@ -542,9 +576,11 @@ def check_kvcache_values(cache_seqlens, cache_leftpad: Optional[Tensor],
         if n < 0:
             raise ValueError(f"cache_seqlens[{b}] = {n} is negative")
         if n + seqlen_new > capacity:
-            raise ValueError(f"cache_seqlens[{b}] = {n} plus the {seqlen_new} new keys of k "
-                             f"exceed the cache's capacity ({capacity} rows"
-                             + (": max_blocks x page_size)" if block_table is not None else ")"))
+            added = f" plus the {seqlen_new} new keys of k" if seqlen_new else ""
+            raise ValueError(f"cache_seqlens[{b}] = {n}{added} exceeds the cache's capacity "
+                             f"({capacity} rows"
+                             + (": max_blocks x page_size)" if block_table is not None else
+                                "; for a paged cache pass its block_table)"))
         if not 0 <= leftpad[b] <= n:
             raise ValueError(f"cache_leftpad[{b}] = {leftpad[b]} must be between 0 and "
                              f"cache_seqlens[{b}] = {n}")
@@ -565,6 +601,10 @@ def check_kvcache_values(cache_seqlens, cache_leftpad: Optional[Tensor],
                     f"of k_cache (num_blocks {num_slots}), and sequence {b} uses that page "
                     f"(cache_seqlens[{b}] + {seqlen_new} new keys = {lengths[b] + seqlen_new} "
                     f"rows of {page_size})")
+    if values.get("shared_rows", [0])[0]:
+        raise ValueError("block_table: two sequences append k and v into the same cache rows "
+                         "(their tables share a page at the rows being written), so the writes "
+                         "would race; give each sequence its own pages for the rows it appends")
     if seqlen_ro is not None:
         extent = max(seqlen_new - 1, seqlen_q - 1 if rotary_per_row else 0)
         for b, n in enumerate(lengths):

@@ -398,8 +398,10 @@ def _values(cache_seqlens=None, cache_leftpad=None, cache_batch_idx=None, block_
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(cache_seqlens=[3, 16]), r"cache_seqlens\[1\] = 16 plus the 1 new keys of k exceed the "
-                                  r"cache's capacity \(16 rows\)"),
+    (dict(cache_seqlens=[3, 16]), r"cache_seqlens\[1\] = 16 plus the 1 new keys of k exceeds the "
+                                  r"cache's capacity \(16 rows; for a paged cache pass its "
+                                  r"block_table\)"),
+    (dict(cache_seqlens=[3, 17], seqlen_new=0), r"cache_seqlens\[1\] = 17 exceeds the cache's"),
     (dict(cache_seqlens=[3, 15], seqlen_new=2), r"cache_seqlens\[1\] = 15 plus the 2 new keys"),
     (dict(cache_seqlens=[-1, 0]), r"cache_seqlens\[0\] = -1 is negative"),
     (dict(cache_seqlens=[3, 10], cache_leftpad=[4, 0]),
@@ -420,6 +422,10 @@ def _values(cache_seqlens=None, cache_leftpad=None, cache_batch_idx=None, block_
           num_slots=5), r"block_table\[1, 0\] = -7 is not a page"),
     (dict(block_table=[[0, 1, 2, 3], [0, 1, 4, 5]], capacity=64, num_slots=5, seqlen_new=0),
      r"block_table\[1, 3\] = 5 is not a page"),  # cache_seqlens None: every page in use
+    (dict(cache_seqlens=[3, 3], block_table=[[0, 1], [0, 2]], capacity=32, num_slots=5),
+     r"block_table: two sequences append k and v into the same cache rows"),  # page 0, row 3
+    (dict(cache_seqlens=[14, 30], seqlen_new=2, block_table=[[0, 1], [2, 0]], capacity=32,
+          num_slots=5), r"two sequences append"),  # rows 14-15 of both: page 0, rows 14-15
     (dict(cache_seqlens=[3, 8], seqlen_new=2, seqlen_ro=9),
      r"rotary_cos/rotary_sin have 9 rows \(positions\), but sequence 1 uses position 9 "
      r"\(cache_seqlens\[1\] - cache_leftpad\[1\] \+ 1\): they need at least 10 rows"),
@@ -450,8 +456,11 @@ def test_values_that_pass_and_the_single_transfer(monkeypatch):
             seqlen_ro=10)  # 8 - 2 + 3 = 9: the last position
     _values(cache_seqlens=[20, 0], block_table=[[0, 4, 9, -1], [4, -7, 0, 0]], capacity=64,
             num_slots=5)  # entries of pages not in use are not read
-    # one copy per call: the lengths (2), leftpad and rows (2 each), the bad page and its entry
-    assert [tuple(c) for c in copies] == [(2,), (4,), (6,), (4,), (6,)]
+    _values(cache_seqlens=[16, 16], block_table=[[0, 1], [0, 2]], capacity=32, num_slots=5,
+            seqlen_new=2)  # page 0 shared for reading, the appends go to pages 1 and 2
+    # one copy per call: the lengths (2), leftpad and rows (2 each), the bad page and its entry,
+    # and with a block table and an append whether two sequences write one row
+    assert [tuple(c) for c in copies] == [(2,), (4,), (6,), (4,), (8,), (8,)]
     copies.clear()
     _values(cache_seqlens=5, seqlen_ro=7)  # an int and no tensor: nothing to copy
     _values(seqlen_new=0)
@@ -493,3 +502,21 @@ def test_decode_shared_memory_mirror_and_refusal(monkeypatch):
     assert ops.decode_ctas_per_sm(dev, 128, 4) == 2  # 16-row tiles, three buffers: 106 KB
     assert ops.decode_ctas_per_sm(dev, 128, 64) == 1  # 64-row tiles: 119 KB
     assert ops.decode_ctas_per_sm(dev, 64, 64) == 2 and ops.decode_ctas_per_sm(dev, 256, 1) == 1
+
+
+def test_caches_overlap():
+    """k_cache and v_cache must share no element when appending (_validate._caches_overlap):
+    slices of one buffer that overlap at an offset are caught, a packed (.., 2, heads_k, d)
+    buffer split into k and v is not (found by a new user: only equal pointers were caught)."""
+    f = _validate._caches_overlap
+    buf = torch.zeros(2, 80, 2, 64)
+    assert f(buf[:, :64], buf[:, 16:80]) and f(buf, buf)
+    assert not f(buf[:, :40], buf[:, 40:80])
+    packed = torch.zeros(2, 64, 2, 4, 64)
+    assert not f(packed[:, :, 0], packed[:, :, 1])
+    pages = torch.zeros(9, 16, 2, 64)
+    assert not f(pages[:4], pages[4:8]) and f(pages[:5], pages[4:9])
+    assert not f(pages, pages.clone()) and not f(pages[:0], pages)
+    flat = torch.zeros(2 * 64 * 2 * 64)  # different strides: spans that meet count
+    assert f(flat[:8192].view(2, 32, 2, 64), flat[4096:12288].view(2, 64, 2, 32))
+    assert not f(flat[:8192].view(2, 32, 2, 64), flat[8192:].view(2, 64, 2, 32))

@@ -184,7 +184,10 @@ def test_paged_varlen_places_each_sequences_queries_bottom_right(monkeypatch, ca
     lse -inf. Against attention per sequence on its own gathered pages, bottom-right."""
     from flashjit import interface
 
+    tiles = []
+
     def stand_in(q, k_cache, v_cache, return_softmax_lse=False, **kw):
+        tiles.append(q.shape[1])
         out, lse, _, _ = kvcache_ref(q, k_cache, v_cache, **kw)
         return out.to(q.dtype), lse
 
@@ -197,8 +200,13 @@ def test_paged_varlen_places_each_sequences_queries_bottom_right(monkeypatch, ca
     cu_q = torch.tensor([0, 3, 4, 11], **I32)
     cu_k = torch.tensor([0, 20, 25, 65], **I32)
     q = _rand(13, heads, d)  # 2 rows past the last sequence
-    out, lse, _ = interface._paged_varlen(q, k_cache, v_cache, cu_q, cu_k, 7, 40, 0.0, None,
-                                          causal, window, 0.0, None, True, table, None)
+    names = ("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k")
+    # a loose max_seqlen_q (an upper bound, as flash-attn allows): the tile is the longest
+    # sequence's 7 rows all the same (eager: read from cu_seqlens_q)
+    out, lse, _ = interface._paged_varlen(q, k_cache, v_cache, cu_q, cu_k, 1000, 40, 0.0, None,
+                                          causal, window, 0.0, None, False, True, table, None,
+                                          names)
+    assert tiles == [7]
     assert out.shape == q.shape and lse.shape == (heads, 13)
     for b in range(3):
         rows = slice(int(cu_q[b]), int(cu_q[b + 1]))
@@ -210,3 +218,47 @@ def test_paged_varlen_places_each_sequences_queries_bottom_right(monkeypatch, ca
         assert max_error(lse[:, rows], ref_lse[0]) < 1e-12
     assert torch.equal(out[11:], torch.zeros_like(out[11:]))
     assert torch.equal(lse[:, 11:], torch.full((heads, 2), float("-inf"), dtype=lse.dtype))
+
+
+def test_paged_varlen_checks_its_arguments_under_the_callers_names():
+    """flash_attn_varlen_func(..., block_table=...) checks its own arguments, named as the caller
+    passed them (k, v, cu_seqlens_k, ...), before any allocation (found by a new user)."""
+    import numpy as np
+
+    import flashjit
+    q = torch.zeros(5, 4, 16, dtype=torch.float16)
+    k = torch.zeros(9, 16, 2, 16, dtype=torch.float16)
+    cu_q = torch.tensor([0, 2, 5], **I32)
+    cu_k = torch.tensor([0, 20, 40], **I32)
+    table = torch.arange(8, **I32).view(2, 4)
+
+    def call(q=q, k=k, v=k.clone(), cu_k=cu_k, max_q=3, max_k=40, **kw):
+        return flashjit.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k,
+                                               block_table=table, **kw)
+
+    with pytest.raises(NotImplementedError, match="dropout_p must be 0 with block_table"):
+        call(dropout_p=np.float32(0.1))
+    with pytest.raises((TypeError, ValueError), match="dropout_p"):
+        call(dropout_p="abc")
+    with pytest.raises((TypeError, ValueError), match="return_attn_probs"):
+        call(return_attn_probs="no")
+    with pytest.raises((TypeError, ValueError), match="deterministic"):
+        call(deterministic="maybe")
+    with pytest.raises(TypeError, match="k must have q's dtype"):
+        call(k=k.bfloat16())
+    with pytest.raises(ValueError, match="key/value heads of v"):
+        call(v=torch.zeros(9, 16, 3, 16, dtype=torch.float16))
+    with pytest.raises(ValueError, match="head dim 12 of q: with block_table"):
+        call(q=torch.zeros(5, 4, 12, dtype=torch.float16),
+             k=torch.zeros(9, 16, 2, 12, dtype=torch.float16),
+             v=torch.zeros(9, 16, 2, 12, dtype=torch.float16))
+    with pytest.raises(ValueError, match="cu_seqlens_k must start at 0 and be non-decreasing"):
+        call(cu_k=torch.tensor([0, 30, 20], **I32))
+    with pytest.raises(ValueError, match="cu_seqlens_k must start at 0"):
+        call(cu_k=torch.tensor([7, 27, 47], **I32))
+    with pytest.raises(ValueError, match="max_seqlen_k is 10 but a sequence of cu_seqlens_k"):
+        call(max_k=10)
+    with pytest.raises(ValueError, match="more than block_table holds .64 rows"):
+        call(cu_k=torch.tensor([0, 100, 120], **I32), max_k=100)
+    with pytest.raises(TypeError, match="cu_seqlens_k must be int32"):
+        call(cu_k=cu_k.long())
