@@ -5,7 +5,7 @@ Errors: TypeError for a value of the wrong type, and for q/k/v and cu_seqlens of
 ValueError for wrong shapes, devices and values, and for the dtype of alibi_slopes and sink
 (float32 tensors whose dtype is a value to get right, as their shape is: the variants contract);
 NotImplementedError, raised outside this module, for what the kernels do not do (dropout and a
-backward with paged KV: interface._paged_varlen; a decode tile too large for the GPU's shared
+backward with paged KV: _paged_varlen.paged_varlen; a decode tile too large for the GPU's shared
 memory: ops.check_decode_smem).
 """
 

@@ -1,0 +1,99 @@
+"""flash_attn_varlen_func(..., block_table=...): paged K/V for packed variable-length queries
+(flash-attn 2.x's paged varlen forward), served through flash_attn_with_kvcache. Split from
+interface.py, which imports it as _paged_varlen."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._validate import capturing, check_cu_seqlens, check_int, check_options
+
+
+def paged_varlen(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                  dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                  deterministic, return_attn_probs, block_table, sink, names):
+    """flash_attn_varlen_func with block_table (flash-attn 2.x's paged varlen forward): k, v are
+    paged caches (num_blocks, page_size, heads_k, d), sequence b's keys are its first
+    cu_seqlens_k[b + 1] - cu_seqlens_k[b] logical rows (pages block_table[b]), its queries rows
+    cu_seqlens_q[b] .. of q (total_q, heads, d). Served through flash_attn_with_kvcache (its
+    decode kernel, or the paged forward from 256 queries): the queries are placed at the END of
+    a (batch, tile) left-padded tile, so its bottom-right alignment puts query i of a sequence of
+    n_q queries and n_k keys at position n_k - n_q + i, as here; the padding rows are dropped.
+    tile: the longest query sequence (eager: read with the checks of the cu_seqlens), or
+    max_seqlen_q under CUDA-graph capture and torch.compile. The arguments are checked here under
+    the caller's names (`names`) before anything is allocated; flash_attn_with_kvcache's own
+    checks follow. Forward only (inference): no dropout, no gradient."""
+    nq, nk, nv, ncu_q, ncu_k, nmax_q, nmax_k = names
+    if not isinstance(q, Tensor):
+        raise TypeError(f"{nq} must be a torch.Tensor, got {type(q).__name__}")
+    if q.dim() != 3:
+        raise ValueError(f"{nq} must be a (total_q, heads, d) tensor with block_table (paged KV), "
+                         f"got shape {tuple(q.shape)}")
+    total, heads, d = q.shape
+    _, softcap, _, return_attn_probs = check_options(dropout_p, softmax_scale, softcap,
+                                                     deterministic, return_attn_probs, max(d, 1))
+    if float(dropout_p) != 0.0:
+        raise NotImplementedError(f"dropout_p must be 0 with block_table: paged KV is "
+                                  f"forward-only (inference), got {dropout_p}")
+    for name, t in ((nk, k_cache), (nv, v_cache)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be a paged cache (num_blocks, page_size, heads_k, d) "
+                             f"with block_table, got shape {tuple(t.shape)}")
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} must have {nq}'s dtype ({q.dtype}), got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name} must be on {nq}'s device ({q.device}), got {t.device}")
+        if t.shape[3] != d:
+            raise ValueError(f"the head dim of {name} ({t.shape[3]}) must be {nq}'s ({d})")
+        if t.shape[2] == 0 or heads % t.shape[2] != 0:
+            raise ValueError(f"the query heads of {nq} ({heads}) must be a multiple of the "
+                             f"key/value heads of {name} ({t.shape[2]})")
+    if d % 8 != 0:
+        raise ValueError(f"head dim {d} of {nq}: with block_table it must be a multiple of 8 (the "
+                         "paged cache cannot be zero-padded as the unpaged call pads its inputs)")
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_cache, v_cache)):
+        raise NotImplementedError("block_table (paged KV) has no backward: call it under "
+                                  "torch.no_grad() or pass tensors that do not require grad")
+    max_seqlen_q = check_int(nmax_q, max_seqlen_q)
+    max_seqlen_k = check_int(nmax_k, max_seqlen_k)
+    check_cu_seqlens(ncu_q, cu_seqlens_q, q.device, total, max_seqlen_q, nmax_q)
+    capacity = (block_table.shape[1] * k_cache.shape[1]
+                if isinstance(block_table, Tensor) and block_table.dim() == 2 else 2**31 - 1)
+    check_cu_seqlens(ncu_k, cu_seqlens_k, q.device, 2**62, max_seqlen_k, nmax_k)
+    if cu_seqlens_k.numel() != cu_seqlens_q.numel():
+        raise ValueError(f"{ncu_k} must have as many entries as {ncu_q} "
+                         f"({cu_seqlens_q.numel()}), got {cu_seqlens_k.numel()}")
+    tile_q = max(max_seqlen_q, 1)
+    if not capturing():  # the lengths, read once more: the tile's size and the keys per page
+        lengths_q = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max()
+        lengths_k = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).max()
+        longest_q, longest_k = torch.stack([lengths_q, lengths_k]).tolist()
+        tile_q = max(longest_q, 1)
+        if longest_k > capacity:
+            raise ValueError(f"a sequence of {ncu_k} has {longest_k} keys, more than block_table "
+                             f"holds ({capacity} rows: max_blocks x page_size)")
+    batch = cu_seqlens_q.numel() - 1
+    # query row r: sequence b (past the last sequence: a spare row `batch`), dense row t
+    rows = torch.arange(total, device=q.device, dtype=torch.int64)
+    starts, ends = cu_seqlens_q[:-1].long(), cu_seqlens_q[1:].long()
+    b = torch.searchsorted(ends, rows, right=True)
+    live = b < batch
+    bc = b.clamp(max=max(batch - 1, 0))
+    t = (tile_q - (ends - starts)[bc] + rows - starts[bc]).clamp(0, tile_q - 1)
+    b = torch.where(live, bc, torch.full_like(bc, batch))
+    q_tile = q.new_zeros(batch + 1, tile_q, heads, d)
+    q_tile[b, t] = q
+    from .interface import flash_attn_with_kvcache  # (a cycle at import time)
+
+    out_tile, lse_tile = flash_attn_with_kvcache(
+        q_tile[:batch], k_cache, v_cache, cache_seqlens=(cu_seqlens_k[1:] - cu_seqlens_k[:-1]),
+        block_table=block_table, softmax_scale=softmax_scale, causal=causal,
+        window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
+        return_softmax_lse=True, sink=sink)
+    out = torch.where(live[:, None, None], out_tile[bc, t], torch.zeros_like(q))
+    lse = torch.where(live[None, :], lse_tile[bc, :, t].transpose(0, 1),
+                      torch.full((heads, total), float("-inf"), device=q.device))
+    return (out, lse, None) if return_attn_probs else out
