@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._validate import capturing, check_cu_seqlens, check_int, check_options
+from ._validate import check_cu_seqlens, check_int, check_options
 
 
 def paged_varlen(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
@@ -20,7 +20,7 @@ def paged_varlen(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
     decode kernel, or the paged forward from 256 queries): the queries are placed at the END of
     a (batch, tile) left-padded tile, so its bottom-right alignment puts query i of a sequence of
     n_q queries and n_k keys at position n_k - n_q + i, as here; the padding rows are dropped.
-    tile: the longest query sequence (eager: read with the checks of the cu_seqlens), or
+    tile: the longest query sequence (eager: as the cu_seqlens checks read it), or
     max_seqlen_q under CUDA-graph capture and torch.compile. The arguments are checked here under
     the caller's names (`names`) before anything is allocated; flash_attn_with_kvcache's own
     checks follow. Forward only (inference): no dropout, no gradient."""
@@ -59,22 +59,19 @@ def paged_varlen(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
                                   "torch.no_grad() or pass tensors that do not require grad")
     max_seqlen_q = check_int(nmax_q, max_seqlen_q)
     max_seqlen_k = check_int(nmax_k, max_seqlen_k)
-    check_cu_seqlens(ncu_q, cu_seqlens_q, q.device, total, max_seqlen_q, nmax_q)
-    capacity = (block_table.shape[1] * k_cache.shape[1]
-                if isinstance(block_table, Tensor) and block_table.dim() == 2 else 2**31 - 1)
-    check_cu_seqlens(ncu_k, cu_seqlens_k, q.device, 2**62, max_seqlen_k, nmax_k)
+    lengths_q = check_cu_seqlens(ncu_q, cu_seqlens_q, q.device, total, max_seqlen_q, nmax_q)
+    lengths_k = check_cu_seqlens(ncu_k, cu_seqlens_k, q.device, 2**62, max_seqlen_k, nmax_k)
     if cu_seqlens_k.numel() != cu_seqlens_q.numel():
         raise ValueError(f"{ncu_k} must have as many entries as {ncu_q} "
                          f"({cu_seqlens_q.numel()}), got {cu_seqlens_k.numel()}")
     tile_q = max(max_seqlen_q, 1)
-    if not capturing():  # the lengths, read once more: the tile's size and the keys per page
-        lengths_q = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max()
-        lengths_k = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).max()
-        longest_q, longest_k = torch.stack([lengths_q, lengths_k]).tolist()
-        tile_q = max(longest_q, 1)
-        if longest_k > capacity:
-            raise ValueError(f"a sequence of {ncu_k} has {longest_k} keys, more than block_table "
-                             f"holds ({capacity} rows: max_blocks x page_size)")
+    if lengths_q is not None:  # eager: the lengths the checks read size the tile
+        tile_q = max(max(lengths_q), 1)
+        capacity = (block_table.shape[1] * k_cache.shape[1]
+                    if isinstance(block_table, Tensor) and block_table.dim() == 2 else 2**31 - 1)
+        if max(lengths_k) > capacity:
+            raise ValueError(f"a sequence of {ncu_k} has {max(lengths_k)} keys, more than "
+                             f"block_table holds ({capacity} rows: max_blocks x page_size)")
     batch = cu_seqlens_q.numel() - 1
     # query row r: sequence b (past the last sequence: a spare row `batch`), dense row t
     rows = torch.arange(total, device=q.device, dtype=torch.int64)

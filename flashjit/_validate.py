@@ -226,7 +226,10 @@ def capturing() -> bool:
 
 
 def check_cu_seqlens(name: str, cu: Tensor, device: torch.device, total: int,
-                     max_seqlen: int, max_name: str) -> None:
+                     max_seqlen: int, max_name: str) -> Optional[list]:
+    """Checks a cu_seqlens tensor (TypeError/ValueError naming it); outside CUDA-graph capture and
+    torch.compile also its values, read with one device-to-host copy, and returns the sequence
+    lengths it read (None where it read none)."""
     if not isinstance(cu, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(cu).__name__}")
     if cu.dtype != torch.int32:
@@ -238,7 +241,7 @@ def check_cu_seqlens(name: str, cu: Tensor, device: torch.device, total: int,
     if not cu.is_contiguous():
         raise ValueError(f"{name} must be contiguous")
     if capturing():
-        return  # values live on the device; checking them would synchronise
+        return None  # values live on the device; checking them would synchronise
     host = cu.tolist()
     lengths = [b - a for a, b in zip(host[:-1], host[1:])]
     if host[0] != 0 or any(n < 0 for n in lengths):
@@ -248,6 +251,7 @@ def check_cu_seqlens(name: str, cu: Tensor, device: torch.device, total: int,
     if max(lengths) > max_seqlen:
         raise ValueError(f"{max_name} is {max_seqlen} but a sequence of {name} has "
                          f"{max(lengths)} rows")
+    return lengths
 
 
 def key_padding_lengths(attn_mask, batch: int, seqlen_k: int, device) -> Tensor:

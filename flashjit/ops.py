@@ -521,13 +521,13 @@ def _decode_impl(
     q_rot = _empty(q.shape, q.dtype, q.device) if rotary_cos is not None else None
     flags = variant_flags(causal, window_left, window_right, softcap, alibi_slopes, sink, 0.0)
     window_left, window_right = window_bounds(causal, window_left, window_right)
+    capacity = (k_cache.shape[1] if block_table is None  # rows a sequence can hold
+                else block_table.shape[1] * k_cache.shape[1])
     if _by_forward(q, k_cache, block_table, cache_batch_idx, cache_leftpad):
         # Chunked prefill, contiguous or paged cache: the decode op appends (and rotates) only (0
         # splits; through the block table when paged), then the forward kernel attends (its
         # paged spec reads K/V through the block table), the keys each sequence holds given as
         # seqused_k (its bottom-right causal alignment and windows follow the used length).
-        capacity = (k_cache.shape[1] if block_table is None  # rows a sequence can hold
-                    else block_table.shape[1] * k_cache.shape[1])
         no_splits = _empty((0, batch, heads, seqlen_q, d), torch.float32, q.device)
         _launch(_spec_op("decode", q, flags), q.device,
                 q, k_cache, v_cache, out, lse, k_new, v_new, q_rot, rotary_cos, rotary_sin,
@@ -548,8 +548,6 @@ def _decode_impl(
     rows = seqlen_q * (heads // heads_k)  # packed query rows per K/V head
     check_decode_smem(q.device, d, rows)
     if num_splits == 0:
-        capacity = (k_cache.shape[1] if block_table is None
-                    else block_table.shape[1] * k_cache.shape[1])
         num_splits = num_splits_heuristic(batch, heads_k, rows, capacity, _limits(q.device)[0],
                                           decode_ctas_per_sm(q.device, d, rows))
     o_partial = lse_partial = None
