@@ -78,6 +78,8 @@ void fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at
     p.cu_seqlens_q = cu_seqlens_q->data_ptr<int>();
     p.cu_seqlens_k = cu_seqlens_k.value().data_ptr<int>();
     p.batch = int(cu_seqlens_q->numel() - 1);
+    p.total_q = int(q.size(0));
+    p.total_k = int(k.size(0));
   } else {
     p.lse_batch_stride = lse.stride(0);
     p.lse_head_stride = lse.stride(1);

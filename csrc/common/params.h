@@ -87,6 +87,7 @@ struct FwdParams {
   int head_dim;    // actual d (<= the compiled bucket, a multiple of 8)
   int seqlen_q;    // fixed length, or the maximum over the batch for varlen
   int seqlen_k;
+  int total_q, total_k;  // varlen: the rows of q and of k/v (TMA maps span them); else 0
 
   float softmax_scale;  // scale applied to Q K^T (> 0)
   float scale_log2;     // softmax_scale * log2(e): softmax is evaluated with exp2

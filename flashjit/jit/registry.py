@@ -58,6 +58,10 @@ REGISTRY: tuple[FamilyRow, ...] = (
     FamilyRow("bwd", "sm90", "wgmma", ("bwd_binding.cpp", "sm90/bwd.cu"), archs=("sm90a",),
               head_dims=(64, 128), suffix="_wgmma",
               tile_params=("block_m",)),  # the sm90 backward's launch
+    # the warp-specialised Hopper forward (TMA, setmaxnreg, ping-pong): work in progress, opt-in
+    # only (FLASHJIT_KERNEL_FAMILY=sm90ws), after sm90 so that it is never the default
+    FamilyRow("fwd", "sm90ws", "wgmma+tma", ("fwd_binding.cpp", "sm90ws/fwd.cu"),
+              archs=("sm90a",), head_dims=(64, 128), suffix="_ws"),
     FamilyRow("fwd", "sm80", "mma.sync", ("fwd_binding.cpp", "sm80/fwd.cu"),
               tile_params=("block_m", "block_n", "warps", "min_blocks"),  # the sm80 forward's
               paged=True),

@@ -1,0 +1,320 @@
+// fwd_kernel.cuh: the forward FlashAttention kernel, warp-specialised Hopper family (sm90a:
+// TMA, mbarrier pipelines, setmaxnreg, wgmma, ping-pong). Device code only; fwd_launch.cuh has
+// the tensor maps, the grid and the tile choice, fwd.cu the instantiation of a spec.
+//
+// One CTA = one (query block of kBlockM = 128 rows, head, batch), three warpgroups:
+//   * warpgroup 0, the producer (24 + 16 registers: setmaxnreg.dec): one thread issues the TMA
+//     loads of Q (once) and of K and V (kStages buffers each, from the last key block of the
+//     band to the first, as the consumers take them), each completing on its "full" mbarrier;
+//     it waits on a buffer's "empty" mbarrier before it refills it;
+//   * warpgroups 1 and 2, the consumers (setmaxnreg.inc): warpgroup 1 + c owns query rows
+//     [64 c, 64 c + 64). Per key block: S = Q K^T (wgmma, both operands in shared memory), the
+//     variant's logits and the online softmax in registers (common/variant.cuh, softmax.cuh),
+//     O += P V (wgmma, P from registers). Within a warpgroup the softmax of block j runs while
+//     P V of block j - 1 is on the tensor cores (issued right behind S of block j); across the
+//     two warpgroups, named barriers take turns for the GEMM issue (ping-pong), so one
+//     warpgroup's softmax overlaps the other's GEMMs. A consumer releases a K/V buffer (arrives
+//     on its empty barrier) once its P V has completed.
+// Tiles in shared memory are in the 128-byte swizzled layout wgmma reads (ptx_sm90.cuh), which
+// is the layout TMA writes with CU_TENSOR_MAP_SWIZZLE_128B: a tile of R rows x kHeadDim is
+// kHeadDim / 64 panels of (R rows x 128 bytes), one TMA box each.
+// TMA reads whole boxes: key rows past a sequence's keys (seqused_k, varlen) are real memory, so
+// their scores are masked (variant.cuh) and the V rows of the one partial block are zeroed
+// before P V reads them (a masked P of 0 times a NaN would still be NaN).
+#pragma once
+
+#include <cmath>
+
+#include "common/dropout.cuh"
+#include "common/params.h"
+#include "common/problem.cuh"
+#include "common/ptx.cuh"
+#include "common/softmax.cuh"
+#include "common/variant.cuh"
+#include "sm90/ptx_sm90.cuh"     // wgmma (to move to common/ with a second user: this family)
+#include "sm90/smem_sw128.cuh"   // the swizzled layout
+#include "sm90ws/tma.cuh"
+
+namespace flashjit {
+
+template <typename Element_, int kHeadDim_, int kBlockN_, int kStages_>
+struct FwdWsTraits {
+  using Element = Element_;
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kBlockN = kBlockN_;
+  static constexpr int kStages = kStages_;
+  static constexpr int kBlockM = 128;       // two consumer warpgroups of 64 rows
+  static constexpr int kNThreads = 384;     // producer + two consumers
+  static constexpr int kProducerRegs = 40;  // 128 x 40 + 256 x 232 = 64512 of 65536
+  static constexpr int kConsumerRegs = 232;
+  static constexpr int kNTilesS = kBlockN / 8, kNTilesO = kHeadDim / 8;
+  static constexpr int kChunksPerRow = kHeadDim / 8;
+  static constexpr int kPanels = kHeadDim / 64;
+  static constexpr int kSmemQ = kBlockM * kHeadDim * 2;
+  static constexpr int kSmemKV = kBlockN * kHeadDim * 2;  // one K or V buffer
+  static constexpr int kSmemAlign = 1024;
+  static constexpr size_t kSmemBytes = size_t(kSmemQ + 2 * kStages * kSmemKV + kSmemAlign);
+  static_assert(sizeof(Element) == 2, "16-bit elements");
+  static_assert(kHeadDim == 64 || kHeadDim == 128, "wgmma N of P V: 64 or 128");
+  static_assert(kBlockN == 64 || kBlockN == 128, "wgmma N of Q K^T: 64 or 128");
+};
+
+// The kernel's parameters: the tensor maps of Q, K and V (4-D: head dim, heads, rows, batch;
+// varlen: batch 1, rows = total) and the common forward parameters.
+struct FwdWsParams {  // CUtensorMap: 64-byte aligned itself
+  CUtensorMap tm_q, tm_k, tm_v;
+  FwdParams p;
+};
+
+template <typename Traits, typename V>
+__global__ void __launch_bounds__(Traits::kNThreads, 1)
+    flash_fwd_ws_kernel(const __grid_constant__ FwdWsParams args) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  static_assert(!V::kPagedKV, "paged K/V: not in this family");
+  using Element = typename Traits::Element;
+  constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN;
+  constexpr int kHeadDim = Traits::kHeadDim, kStages = Traits::kStages;
+  constexpr int kNTilesS = Traits::kNTilesS, kNTilesO = Traits::kNTilesO;
+  const FwdParams& p = args.p;
+
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  const uint32_t smem_raw_addr = smem_addr(smem_raw);
+  const uint32_t smem_q = (smem_raw_addr + Traits::kSmemAlign - 1) & ~uint32_t(Traits::kSmemAlign - 1);
+  const uint32_t smem_k = smem_q + Traits::kSmemQ;              // kStages K buffers
+  const uint32_t smem_v = smem_k + kStages * Traits::kSmemKV;   // kStages V buffers
+  __shared__ alignas(8) uint64_t bar_q, bar_k_full[kStages], bar_v_full[kStages],
+      bar_empty[kStages];
+
+  const int tid = threadIdx.x, wg = tid / 128;
+  const GridHeadBatch hb(p.heads, p.batch);
+  if (!hb.valid) return;
+  const FwdQueryBlock<Element, V> tile(p, hb, kBlockM, kBlockN);
+  if (tile.empty()) return;
+  const SeqInfo& seq = tile.seq;
+  const int m0 = tile.m0;
+  const int n_last = tile.n_end - 1, n_blocks = max(tile.n_end - tile.n_begin, 0);
+  if (tid == 0) {
+    mbarrier_init(smem_addr(&bar_q), 1);
+    for (int s = 0; s < kStages; ++s) {
+      mbarrier_init(smem_addr(&bar_k_full[s]), 1);
+      mbarrier_init(smem_addr(&bar_v_full[s]), 1);
+      mbarrier_init(smem_addr(&bar_empty[s]), 256);  // every consumer thread
+    }
+    fence_proxy_async_shared();  // the initialised barriers, for the TMA unit
+  }
+  __syncthreads();
+
+  if (wg == 0) {
+    // ------------------------------ producer ------------------------------
+    setmaxnreg_dec<Traits::kProducerRegs>();
+    if (tid == 0 && n_blocks > 0) {
+      const bool varlen = p.cu_seqlens_q != nullptr;
+      const int hk = tile.h / (p.heads / p.heads_k);
+      const int bq = varlen ? 0 : tile.b;                       // the maps' batch coordinate
+      const int q_row = (varlen ? seq.q_start : 0) + m0;        // their row coordinate
+      const int k_row0 = varlen ? seq.k_start : 0;
+      mbarrier_arrive_expect_tx(smem_addr(&bar_q), Traits::kSmemQ);
+#pragma unroll
+      for (int c = 0; c < Traits::kPanels; ++c)
+        tma_load_4d(smem_q + c * kBlockM * 128, &args.tm_q, smem_addr(&bar_q), 64 * c, tile.h,
+                    q_row, bq);
+      for (int it = 0; it < n_blocks; ++it) {
+        const int s = it % kStages, n0 = (n_last - it) * kBlockN;
+        // the buffer's previous use (block it - kStages) released by both consumers; the first
+        // round waits on the phase before the first, which counts as completed
+        mbarrier_wait(smem_addr(&bar_empty[s]), ((it / kStages) & 1) ^ 1);
+        mbarrier_arrive_expect_tx(smem_addr(&bar_k_full[s]), Traits::kSmemKV);
+#pragma unroll
+        for (int c = 0; c < Traits::kPanels; ++c)
+          tma_load_4d(smem_k + s * Traits::kSmemKV + c * kBlockN * 128, &args.tm_k,
+                      smem_addr(&bar_k_full[s]), 64 * c, hk, k_row0 + n0, bq);
+        mbarrier_arrive_expect_tx(smem_addr(&bar_v_full[s]), Traits::kSmemKV);
+#pragma unroll
+        for (int c = 0; c < Traits::kPanels; ++c)
+          tma_load_4d(smem_v + s * Traits::kSmemKV + c * kBlockN * 128, &args.tm_v,
+                      smem_addr(&bar_v_full[s]), 64 * c, hk, k_row0 + n0, bq);
+      }
+    }
+    return;
+  }
+
+  // ------------------------------ consumers ------------------------------
+  setmaxnreg_inc<Traits::kConsumerRegs>();
+  const int cwg = wg - 1;  // query rows [64 cwg, 64 cwg + 64) of the tile
+  const int ctid = tid - 128, warp = ctid / 32, lane = tid % 32;
+  const int g = lane / 4, t = lane % 4;
+  const VariantScores<V> scores(p, seq, tile.b, tile.h);
+  const int warp_row0 = m0 + cwg * 64 + (warp % 4) * 16;  // first query row of this warp
+  // Ping-pong: consumer c issues its GEMMs after waiting on barrier 1 + c and then lets the
+  // other go (barrier 2 - c); 256 threads each: one warpgroup syncs, the other arrives.
+  constexpr int kTurnThreads = 256;
+  const int my_turn = 1 + cwg, other_turn = 2 - cwg;
+
+  float acc_o[1][kNTilesO][4];
+  float acc_s[1][kNTilesS][4];
+  float row_max[1][2] = {{-INFINITY, -INFINITY}};
+  float row_sum[1][2] = {{0.f, 0.f}};
+#pragma unroll
+  for (int nt = 0; nt < kNTilesO; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc_o[0][nt][e] = 0.f;
+#pragma unroll
+  for (int nt = 0; nt < kNTilesS; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc_s[0][nt][e] = 0.f;
+  DropoutMask dropout = V::kHasDropout
+                            ? DropoutMask(p.dropout, tile.b, tile.h, p.heads, p.seqlen_q, p.seqlen_k)
+                            : DropoutMask();
+
+  // Descriptors as in sm90/fwd_kernel.cuh: Q (this warpgroup's 64 rows) and K K-major, V
+  // MN-major (8 keys per 1024-byte group, the next 64 head-dim columns one panel further).
+  const uint64_t desc_q = smem_desc_sw128(smem_q + cwg * 64 * 128, 16, 1024);
+  const uint64_t desc_k0 = smem_desc_sw128(smem_k, 16, 1024);
+  const uint64_t desc_v0 = smem_desc_sw128(smem_v, kBlockN * 128, 1024);
+  auto kstep_offset = [](int kk, int rows) { return (kk / 4) * rows * 128 + (kk % 4) * 32; };
+  uint32_t p_frag[kBlockN / 16][4];  // P of the previous block (wgmma A layout)
+  auto issue_pv = [&](int it) {
+    const uint64_t desc_v = desc_advance(desc_v0, (it % kStages) * Traits::kSmemKV);
+#pragma unroll
+    for (int ks = 0; ks < kBlockN / 16; ++ks)
+      wgmma_rs<Element, kHeadDim>(acc_o[0], p_frag[ks], desc_advance(desc_v, ks * 16 * 128));
+    wgmma_commit();
+  };
+  // V rows past the sequence's keys in the band's last block (the first one taken): zero, by
+  // consumer 0 (its 128 threads), before either consumer's P V of it (named barrier 3).
+  const int tail = seq.seqlen_k - n_last * kBlockN;  // keys of the last block that exist
+  auto zero_v_tail = [&] {
+    if (tail < kBlockN) {
+      mbarrier_wait(smem_addr(&bar_v_full[0]), 0);
+      if (cwg == 0) {
+        unsigned char* v0 = smem_raw + (smem_v - smem_raw_addr);
+        for (int idx = ctid; idx < (kBlockN - max(tail, 0)) * Traits::kChunksPerRow; idx += 128) {
+          const int row = max(tail, 0) + idx / Traits::kChunksPerRow;
+          const int col = (idx % Traits::kChunksPerRow) * 8;
+          *reinterpret_cast<uint4*>(v0 + sw128_offset<kBlockN>(row, col)) = make_uint4(0, 0, 0, 0);
+        }
+        fence_proxy_async_shared();  // these writes, before the wgmma reads of the buffer
+      }
+      named_barrier_sync(3, 256);
+    }
+  };
+
+  if (n_blocks > 0) {
+    mbarrier_wait(smem_addr(&bar_q), 0);
+    if (cwg == 1) named_barrier_arrive(1, kTurnThreads);  // consumer 0 goes first
+  }
+  for (int it = 0; it < n_blocks; ++it) {
+    const int s = it % kStages, n0 = (n_last - it) * kBlockN;
+    if (it == 1) zero_v_tail();  // before P V of block 0
+    mbarrier_wait(smem_addr(&bar_k_full[s]), (it / kStages) & 1);
+    if (it > 0) mbarrier_wait(smem_addr(&bar_v_full[(it - 1) % kStages]), ((it - 1) / kStages) & 1);
+    named_barrier_sync(my_turn, kTurnThreads);
+    // S = Q K^T (64 x kBlockN), then behind it O += P[it-1] V[it-1].
+    const uint64_t desc_k = desc_advance(desc_k0, s * Traits::kSmemKV);
+    fence_registers(acc_o[0]);
+    fence_registers(p_frag);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kHeadDim / 16; ++kk)
+      wgmma_ss<Element, kBlockN>(acc_s[0], desc_advance(desc_q, kstep_offset(kk, kBlockM)),
+                                 desc_advance(desc_k, kstep_offset(kk, kBlockN)), kk > 0);
+    wgmma_commit();
+    if (it > 0) {
+      issue_pv(it - 1);
+      named_barrier_arrive(other_turn, kTurnThreads);
+      wgmma_wait<1>();  // S is done; P V may still run
+    } else {
+      named_barrier_arrive(other_turn, kTurnThreads);
+      wgmma_wait<0>();
+    }
+    fence_registers(acc_s[0]);
+
+    scores.apply(acc_s, warp_row0, n0, g, t, scores.mask_needed(m0, n0, kBlockM, kBlockN));
+    float alpha[1][2];
+    softmax_update(acc_s, row_max, row_sum, p.scale_log2, alpha);
+    if constexpr (V::kHasDropout) {
+#pragma unroll
+      for (int nt = 0; nt < kNTilesS; ++nt)
+        dropout.apply(acc_s[0][nt], warp_row0 / 16, (n0 + nt * 8) / 8, g, t);
+    }
+    wgmma_wait<0>();  // P V of block it - 1 is done: its K/V buffer goes back to the producer
+    if (it > 0) mbarrier_arrive(smem_addr(&bar_empty[(it - 1) % kStages]));
+    fence_registers(acc_o[0]);
+    fence_registers(acc_s[0]);
+    rescale_rows(acc_o, alpha);
+#pragma unroll
+    for (int ks = 0; ks < kBlockN / 16; ++ks) {
+      p_frag[ks][0] = pack2<Element>(acc_s[0][2 * ks][0], acc_s[0][2 * ks][1]);
+      p_frag[ks][1] = pack2<Element>(acc_s[0][2 * ks][2], acc_s[0][2 * ks][3]);
+      p_frag[ks][2] = pack2<Element>(acc_s[0][2 * ks + 1][0], acc_s[0][2 * ks + 1][1]);
+      p_frag[ks][3] = pack2<Element>(acc_s[0][2 * ks + 1][2], acc_s[0][2 * ks + 1][3]);
+    }
+  }
+  if (n_blocks > 0) {
+    if (n_blocks == 1) zero_v_tail();
+    const int last = n_blocks - 1;
+    mbarrier_wait(smem_addr(&bar_v_full[last % kStages]), (last / kStages) & 1);
+    named_barrier_sync(my_turn, kTurnThreads);
+    wgmma_fence();
+    issue_pv(last);
+    named_barrier_arrive(other_turn, kTurnThreads);
+    wgmma_wait<0>();
+    fence_registers(acc_o[0]);
+    if (cwg == 0) named_barrier_sync(my_turn, kTurnThreads);  // consumer 1's last arrive
+  }
+
+  // Epilogue (as sm90/fwd_kernel.cuh): O /= l and lse; each warp stages its 16 rows of O in its
+  // rows of the Q tile (only its own warpgroup's wgmma read them, all completed), then writes
+  // them with 16-byte stores; with p.o_residual a second pass writes O - round(O).
+  Element* o = tile.out(p);
+  float* lse = tile.lse(p);
+  const int rows_q = min(kBlockM, seq.seqlen_q - m0);
+  unsigned char* smem_q_ptr = smem_raw + (smem_q - smem_raw_addr);
+  const int warp_row = cwg * 64 + (warp % 4) * 16;
+  float inv_l[2];
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const RowResult res =
+        V::kHasSink
+            ? finish_row(row_max[0][half], row_sum[0][half], p.scale_log2, scores.sink_log2)
+            : finish_row(row_max[0][half], row_sum[0][half], p.scale_log2);
+    const int row = warp_row + half * 8 + g;
+    inv_l[half] = res.inv_l;
+    if (t == 0 && row < rows_q) lse[row] = res.lse_log2;
+  }
+#pragma unroll
+  for (int pass = 0; pass < 2; ++pass) {
+    if (pass == 1 && p.o_residual == nullptr) break;
+    Element* dst =
+        pass == 0 ? o : static_cast<Element*>(p.o_residual) + (o - static_cast<Element*>(p.o));
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int row = warp_row + half * 8 + g;
+#pragma unroll
+      for (int nt = 0; nt < kNTilesO; ++nt) {
+        const uint32_t packed = pack_out<Element>(acc_o[0][nt][2 * half] * inv_l[half],
+                                                  acc_o[0][nt][2 * half + 1] * inv_l[half], pass);
+        *reinterpret_cast<uint32_t*>(smem_q_ptr + sw128_offset<kBlockM>(row, nt * 8 + 2 * t)) =
+            packed;
+      }
+    }
+    __syncwarp();
+    constexpr int kWarpChunks = 16 * Traits::kChunksPerRow;
+#pragma unroll
+    for (int i = 0; i < kWarpChunks / 32; ++i) {
+      const int idx = i * 32 + lane;
+      const int row = warp_row + idx / Traits::kChunksPerRow;
+      const int col = (idx % Traits::kChunksPerRow) * 8;
+      if (row < rows_q && col < p.head_dim) {
+        *reinterpret_cast<uint4*>(dst + row * p.o_row_stride + col) =
+            *reinterpret_cast<const uint4*>(smem_q_ptr + sw128_offset<kBlockM>(row, col));
+      }
+    }
+    __syncwarp();
+  }
+#else
+  __trap();  // sm90a only: the registry never serves this family elsewhere
+#endif
+}
+
+}  // namespace flashjit

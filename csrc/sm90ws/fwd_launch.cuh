@@ -1,0 +1,73 @@
+// fwd_launch.cuh: host-side launch of the warp-specialised Hopper forward (fwd_kernel.cuh): the
+// tensor maps of Q, K and V, the tile choice per head-dim bucket and the grid. Exports run_fwd
+// (the same entry point as every family).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <type_traits>
+
+#include "sm90ws/fwd_kernel.cuh"
+
+namespace flashjit {
+
+// Tiles: kBlockM 128 (two consumer warpgroups of 64 rows), kBlockN 128; K/V buffers: 2 at d 128
+// (32 + 4 x 32 KB), 3 at d 64 (16 + 6 x 16 KB). Not yet measured against other choices.
+template <int kHeadDim>
+struct WsTile {
+  static constexpr int kBlockN = 128;
+  static constexpr int kStages = kHeadDim <= 64 ? 3 : 2;
+};
+
+// A 4-D tensor map (head dim, heads, rows, batch) over q, k or v (strides in elements, the head
+// dim contiguous), boxes of (64, 1, box_rows, 1): one 128-byte swizzled panel of box_rows rows.
+// Varlen: one batch of `rows` = total rows.
+inline cudaError_t make_qkv_map(CUtensorMap* map, const void* ptr, bool bf16, int head_dim,
+                                int heads, int rows, int batch, int64_t head_stride,
+                                int64_t row_stride, int64_t batch_stride, int box_rows) {
+  const uint64_t dims[4] = {uint64_t(head_dim), uint64_t(heads), uint64_t(rows),
+                            uint64_t(batch)};
+  // TMA strides must be multiples of 16 bytes: a stride of an extent-1 dimension is unused, so
+  // any valid one stands in for it.
+  const int64_t bs = batch > 1 ? batch_stride : row_stride * rows;
+  const uint64_t strides[3] = {uint64_t(head_stride) * 2, uint64_t(row_stride) * 2,
+                               uint64_t(bs) * 2};
+  const uint32_t box[4] = {64, 1, uint32_t(box_rows), 1};
+  return encode_tensor_map_16bit(map, ptr, bf16, dims, strides, box);
+}
+
+template <typename Element, int kHeadDim, typename V>
+cudaError_t run_fwd(const FwdParams& p, cudaStream_t stream) {
+  using Traits = FwdWsTraits<Element, kHeadDim, WsTile<kHeadDim>::kBlockN,
+                             WsTile<kHeadDim>::kStages>;
+  constexpr bool kBf16 = std::is_same_v<Element, __nv_bfloat16>;
+  auto kernel = flash_fwd_ws_kernel<Traits, V>;
+  constexpr size_t smem = Traits::kSmemBytes;
+  if (cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                             int(smem));
+      err != cudaSuccess)
+    return err;
+  FwdWsParams args;
+  args.p = p;
+  const bool varlen = p.cu_seqlens_q != nullptr;
+  // Rows of the maps: per batch (fixed length) or the totals (varlen: the row stride times the
+  // rows up to the last sequence's end is not known here, so the maps span the allocations'
+  // rows the caller passes as seqlen_q/k totals; see the binding).
+  const int q_rows = varlen ? p.total_q : p.seqlen_q, k_rows = varlen ? p.total_k : p.seqlen_k;
+  const int batches = varlen ? 1 : p.batch;
+  cudaError_t err = make_qkv_map(&args.tm_q, p.q, kBf16, p.head_dim, p.heads, q_rows, batches,
+                                 p.q_head_stride, p.q_row_stride, p.q_batch_stride,
+                                 Traits::kBlockM);
+  if (err == cudaSuccess)
+    err = make_qkv_map(&args.tm_k, p.k, kBf16, p.head_dim, p.heads_k, k_rows, batches,
+                       p.k_head_stride, p.k_row_stride, p.k_batch_stride, Traits::kBlockN);
+  if (err == cudaSuccess)
+    err = make_qkv_map(&args.tm_v, p.v, kBf16, p.head_dim, p.heads_k, k_rows, batches,
+                       p.v_head_stride, p.v_row_stride, p.v_batch_stride, Traits::kBlockN);
+  if (err != cudaSuccess) return err;
+  const dim3 grid = attention_grid(ceil_div(p.seqlen_q, Traits::kBlockM), p.heads, p.batch);
+  kernel<<<grid, Traits::kNThreads, smem, stream>>>(args);
+  return cudaGetLastError();
+}
+
+}  // namespace flashjit
