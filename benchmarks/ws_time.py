@@ -1,0 +1,27 @@
+"""Forward TFLOP/s of flashjit (the family FLASHJIT_KERNEL_FAMILY picks) and SDPA cuDNN, bf16,
+16k tokens x hidden 2048 as bench_peers.py; a first look at the sm90ws family."""
+import os
+import sys
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import flashjit  # noqa: E402
+from common import attention_flops, bench_ms  # noqa: E402
+
+fam = os.environ.get("FLASHJIT_KERNEL_FAMILY", "default")
+for d in (64, 128):
+    for s in (1024, 8192):
+        for causal in (False, True):
+            b, h = 16384 // s, 2048 // d
+            q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+            fl = attention_flops(b, h, s, s, d, causal)
+            ms = bench_ms(lambda: flashjit.flash_attn_func(q, k, v, causal=causal), 3, 10)
+            qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+            with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+                mc = bench_ms(lambda: torch.nn.functional.scaled_dot_product_attention(
+                    qt, kt, vt, is_causal=causal), 3, 10)
+            print(f"{fam} d{d} s{s} causal={int(causal)}: {fl / ms / 1e9:.0f} TFLOP/s, cuDNN "
+                  f"{fl / mc / 1e9:.0f} ({mc / ms:.2f}x)", flush=True)
