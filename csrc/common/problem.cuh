@@ -75,7 +75,7 @@ struct PageRows {
 };
 
 // Rows j0 + r of one paged K or V head, as the tile loaders read them (padded_tile.cuh's
-// load_rows_async, smem_sw128.cuh's load_rows_sw128): find(r) reads the page table,
+// load_rows_async, common/smem_sw128.cuh's load_rows_sw128): find(r) reads the page table,
 // address(slot) is the row's first element or nullptr (zeros); base is the head's base (page 0,
 // row 0), a valid address for the zero-filled copies. Two steps, so that a loader issues every
 // table read of its rows before it uses the first one.

@@ -21,8 +21,8 @@
 #include "common/ptx.cuh"
 #include "common/softmax.cuh"
 #include "common/variant.cuh"
-#include "sm90/ptx_sm90.cuh"
-#include "sm90/smem_sw128.cuh"
+#include "common/wgmma.cuh"
+#include "common/smem_sw128.cuh"
 
 namespace flashjit {
 
@@ -113,7 +113,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   if constexpr (V::kHasDropout)
     drop = DropoutMask(p.dropout, hb.b, hb.h, p.heads, p.seqlen_q, p.seqlen_k);
 
-  // Descriptors (ptx_sm90.cuh); k16 step kk of the head dim: panel kk / 4, 32 bytes per step in it.
+  // Descriptors (common/wgmma.cuh); k16 step kk of the head dim: panel kk / 4, 32 bytes per step in it.
   //   Q, dO: this warpgroup's 64 rows, the A operand of S, dP (K-major).
   //   K, V (stage 0): the B operand of S, dP (K-major, N = keys); K also the B operand of dS K
   //     (MN-major: K = keys, 16 per 2048 bytes; N = head dim, the next 64 columns one panel on).

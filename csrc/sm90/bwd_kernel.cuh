@@ -32,8 +32,8 @@
 #include "common/ptx.cuh"
 #include "common/softmax.cuh"
 #include "common/variant.cuh"
-#include "sm90/ptx_sm90.cuh"
-#include "sm90/smem_sw128.cuh"
+#include "common/wgmma.cuh"
+#include "common/smem_sw128.cuh"
 
 namespace flashjit {
 
@@ -172,7 +172,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
     cp_async_commit();
   }
 
-  // Descriptors (ptx_sm90.cuh); k16 step kk of the head dim: panel kk / 4, 32 bytes per step in it.
+  // Descriptors (common/wgmma.cuh); k16 step kk of the head dim: panel kk / 4, 32 bytes per step in it.
   //   K, V: this warpgroup's 64 keys, the A operand of S^T, dP^T (K-major).
   //   Q, dO (stage 0): the B operand of S^T, dP^T (K-major, N = queries), and of dK, dV (MN-major:
   //     K = queries, 16 per 2048 bytes; N = head dim, the next 64 columns one panel further).

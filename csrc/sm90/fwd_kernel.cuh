@@ -8,7 +8,7 @@
 // key block j runs while the tensor cores do P V of block j-1 (issued right behind S of block j);
 // K and V stream through two shared stages each, filled by cp.async one block ahead (paged K/V:
 // row by row through the page table, common/problem.cuh).
-// All tiles live in shared memory in the 128-byte swizzled layout wgmma reads (ptx_sm90.cuh):
+// All tiles live in shared memory in the 128-byte swizzled layout wgmma reads (common/wgmma.cuh):
 // a tile of R rows x kHeadDim is kHeadDim / 64 panels of (R rows x 128 bytes).
 #pragma once
 
@@ -20,8 +20,8 @@
 #include "common/ptx.cuh"
 #include "common/softmax.cuh"
 #include "common/variant.cuh"
-#include "sm90/ptx_sm90.cuh"
-#include "sm90/smem_sw128.cuh"
+#include "common/wgmma.cuh"
+#include "common/smem_sw128.cuh"
 
 namespace flashjit {
 
@@ -135,7 +135,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSM)
     cp_async_commit();
   }
 
-  // Descriptors (ptx_sm90.cuh). k16 step kk of the head dim lies in panel kk / 4, 32 bytes
+  // Descriptors (common/wgmma.cuh). k16 step kk of the head dim lies in panel kk / 4, 32 bytes
   // further per step inside it.
   //   Q: this warpgroup's 64 rows, K-major, 8-row groups 1024 bytes apart.
   //   K: kBlockN keys (the N of S), K-major, likewise.

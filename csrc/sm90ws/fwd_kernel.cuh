@@ -15,7 +15,7 @@
 //     two warpgroups, named barriers take turns for the GEMM issue (ping-pong), so one
 //     warpgroup's softmax overlaps the other's GEMMs. A consumer releases a K/V buffer (arrives
 //     on its empty barrier) once its P V has completed.
-// Tiles in shared memory are in the 128-byte swizzled layout wgmma reads (ptx_sm90.cuh), which
+// Tiles in shared memory are in the 128-byte swizzled layout wgmma reads (common/wgmma.cuh), which
 // is the layout TMA writes with CU_TENSOR_MAP_SWIZZLE_128B: a tile of R rows x kHeadDim is
 // kHeadDim / 64 panels of (R rows x 128 bytes), one TMA box each.
 // TMA reads whole boxes: key rows past a sequence's keys (seqused_k, varlen) are real memory, so
@@ -31,8 +31,8 @@
 #include "common/ptx.cuh"
 #include "common/softmax.cuh"
 #include "common/variant.cuh"
-#include "sm90/ptx_sm90.cuh"     // wgmma (to move to common/ with a second user: this family)
-#include "sm90/smem_sw128.cuh"   // the swizzled layout
+#include "common/smem_sw128.cuh"
+#include "common/wgmma.cuh"
 #include "sm90ws/tma.cuh"
 
 namespace flashjit {

@@ -1,4 +1,4 @@
-// tma.cuh: the Hopper pieces of the warp-specialised family beyond wgmma (sm90/ptx_sm90.cuh):
+// tma.cuh: the Hopper pieces of the warp-specialised family beyond wgmma (common/wgmma.cuh):
 // tensor-map (TMA) tile loads, register reallocation between warpgroups (setmaxnreg), named
 // barriers, and the host-side encoding of a tensor map. PTX ISA 8.x: cp.async.bulk.tensor,
 // setmaxnreg, bar.sync / bar.arrive; CUDA driver API: cuTensorMapEncodeTiled.

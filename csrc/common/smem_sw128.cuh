@@ -1,6 +1,7 @@
 // smem_sw128.cuh: shared-memory tiles in the 128-byte swizzled layout that wgmma reads (see
-// ptx_sm90.cuh): a tile of kRows rows x C 16-bit columns is C / 64 panels of (kRows x 128 bytes),
-// chunk c of row r of a panel at chunk c ^ (r % 8). Used by the sm90 kernels.
+// wgmma.cuh): a tile of kRows rows x C 16-bit columns is C / 64 panels of (kRows x 128
+// bytes), chunk c of row r of a panel at chunk c ^ (r % 8), which is also how TMA writes a box
+// with CU_TENSOR_MAP_SWIZZLE_128B. Used by the Hopper families (sm90, sm90ws).
 #pragma once
 
 #include <cstdint>

@@ -1,4 +1,5 @@
-// ptx_sm90.cuh: wrappers around the Hopper (sm_90a) warpgroup instructions the sm90 family uses.
+// wgmma.cuh: wrappers around the Hopper (sm_90a) warpgroup instructions the Hopper families
+// (sm90, sm90ws) use.
 //
 // Semantics from the PTX ISA, "Asynchronous warpgroup level matrix multiply-accumulate":
 //   wgmma.mma_async  a warpgroup (4 consecutive warps, the first one's index divisible by 4)
