@@ -12,11 +12,18 @@
 namespace flashjit {
 
 // Tiles: kBlockM 128 (two consumer warpgroups of 64 rows), kBlockN 128; K/V buffers: 2 at d 128
-// (32 + 4 x 32 KB), 3 at d 64 (16 + 6 x 16 KB). Not yet measured against other choices.
+// (32 + 4 x 32 KB), 3 at d 64 (16 + 6 x 16 KB). Not yet measured against other choices: a spec
+// tile (FLASHJIT_FWD_TILE=block_n,stages with FLASHJIT_KERNEL_FAMILY=sm90ws) sweeps them; 3
+// stages at d 128 (225 KB) just fit the 227 KB a block may take.
 template <int kHeadDim>
 struct WsTile {
+#ifdef FLASHJIT_TILE  // a spec's tile (JitSpec.tile: block_n, stages), for sweeps
+  static constexpr int kBlockN = FLASHJIT_TILE_BLOCK_N;
+  static constexpr int kStages = FLASHJIT_TILE_STAGES;
+#else
   static constexpr int kBlockN = 128;
   static constexpr int kStages = kHeadDim <= 64 ? 3 : 2;
+#endif
 };
 
 // A 4-D tensor map (head dim, heads, rows, batch) over q, k or v (strides in elements, the head

@@ -61,7 +61,8 @@ REGISTRY: tuple[FamilyRow, ...] = (
     # the warp-specialised Hopper forward (TMA, setmaxnreg, ping-pong): work in progress, opt-in
     # only (FLASHJIT_KERNEL_FAMILY=sm90ws), after sm90 so that it is never the default
     FamilyRow("fwd", "sm90ws", "wgmma+tma", ("fwd_binding.cpp", "sm90ws/fwd.cu"),
-              archs=("sm90a",), head_dims=(64, 128), suffix="_ws"),
+              archs=("sm90a",), head_dims=(64, 128), suffix="_ws",
+              tile_params=("block_n", "stages")),
     FamilyRow("fwd", "sm80", "mma.sync", ("fwd_binding.cpp", "sm80/fwd.cu"),
               tile_params=("block_m", "block_n", "warps", "min_blocks"),  # the sm80 forward's
               paged=True),
