@@ -8,6 +8,7 @@
 # Usage (on the device): bash benchmarks/device_run.sh [steps...]
 #   steps: build test test80 sanitize profile sweep kernels overhead jit peers original long
 #          variants ab sdpa hf hfbench cp cpbench decode decodebench decodeprof decodesweep
+#          testws wssweep (the sm90ws forward family)
 #   (default: build test sanitize jit peers)
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -77,6 +78,20 @@ for step in $STEPS; do
       for tool in racecheck synccheck; do
         FLASHJIT_KERNEL_FAMILY=sm90ws timeout 200 compute-sanitizer --tool $tool --error-exitcode 1 \
           python3 tests/gpu/sanitize_small.py 2>&1 | tail -n 4 | tee "$OUT/sanitizer_ws_$tool.log"
+      done ;;
+    wssweep)  # sm90ws forward tiles (block_n, stages) against the sm90 family and cuDNN: bf16,
+              # d 64/128, 1k/8k, causal and not (benchmarks/ws_time.py), one line per config
+      WS_TILES=${WS_TILES:-"128,2 128,3"}
+      python3 -m flashjit.prebuild --kernel fwd --dtype bf16 --head-dim 64 128 --causal both --jobs 16 2>&1 | tail -n 1
+      for tile in $WS_TILES; do
+        FLASHJIT_KERNEL_FAMILY=sm90ws python3 -m flashjit.prebuild --kernel fwd --dtype bf16 --head-dim 64 128 --causal both \
+          --tile $tile --jobs 16 2>&1 | tail -n 1 &
+      done
+      wait
+      python3 benchmarks/ws_time.py 2>&1 | tee -a "$OUT/ws_sweep.log"
+      for tile in $WS_TILES; do
+        FLASHJIT_KERNEL_FAMILY=sm90ws FLASHJIT_FWD_TILE=$tile python3 benchmarks/ws_time.py 2>&1 \
+          | sed "s/^/tile $tile: /" | tee -a "$OUT/ws_sweep.log"
       done ;;
     sanitize)
       for tool in memcheck racecheck; do

@@ -3,10 +3,13 @@
 // the tensor maps, the grid and the tile choice, fwd.cu the instantiation of a spec.
 //
 // One CTA = one (query block of kBlockM = 128 rows, head, batch), three warpgroups:
-//   * warpgroup 0, the producer (24 + 16 registers: setmaxnreg.dec): one thread issues the TMA
-//     loads of Q (once) and of K and V (kStages buffers each, from the last key block of the
-//     band to the first, as the consumers take them), each completing on its "full" mbarrier;
-//     it waits on a buffer's "empty" mbarrier before it refills it;
+//   * warpgroup 0, the producer (setmaxnreg.dec): one thread issues the TMA loads of Q (once)
+//     and of K, another those of V (kStages buffers each, from the last key block of the band to
+//     the first, as the consumers take them), each completing on its "full" mbarrier; each waits
+//     on its buffer's "empty" mbarrier before it refills it. K and V have their own empty
+//     barriers: a K buffer comes back as soon as S = Q K^T of its block has completed, a V buffer
+//     only after P V (issued one block later), so K runs up to kStages blocks ahead of the
+//     consumers whatever V's wait;
 //   * warpgroups 1 and 2, the consumers (setmaxnreg.inc): warpgroup 1 + c owns query rows
 //     [64 c, 64 c + 64). Per key block: S = Q K^T (wgmma, both operands in shared memory), the
 //     variant's logits and the online softmax in registers (common/variant.cuh, softmax.cuh),
@@ -83,7 +86,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   const uint32_t smem_k = smem_q + Traits::kSmemQ;              // kStages K buffers
   const uint32_t smem_v = smem_k + kStages * Traits::kSmemKV;   // kStages V buffers
   __shared__ alignas(8) uint64_t bar_q, bar_k_full[kStages], bar_v_full[kStages],
-      bar_empty[kStages];
+      bar_k_empty[kStages], bar_v_empty[kStages];
 
   const int tid = threadIdx.x, wg = tid / 128;
   const GridHeadBatch hb(p.heads, p.batch);
@@ -98,7 +101,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
     for (int s = 0; s < kStages; ++s) {
       mbarrier_init(smem_addr(&bar_k_full[s]), 1);
       mbarrier_init(smem_addr(&bar_v_full[s]), 1);
-      mbarrier_init(smem_addr(&bar_empty[s]), 256);  // every consumer thread
+      mbarrier_init(smem_addr(&bar_k_empty[s]), 256);  // every consumer thread
+      mbarrier_init(smem_addr(&bar_v_empty[s]), 256);
     }
     fence_proxy_async_shared();  // the initialised barriers, for the TMA unit
   }
@@ -107,32 +111,34 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   if (wg == 0) {
     // ------------------------------ producer ------------------------------
     setmaxnreg_dec<Traits::kProducerRegs>();
-    if (tid == 0 && n_blocks > 0) {
+    if ((tid == 0 || tid == 32) && n_blocks > 0) {  // lane 0 of warps 0 (Q, K) and 1 (V)
       const bool varlen = p.cu_seqlens_q != nullptr;
       const int hk = tile.h / (p.heads / p.heads_k);
       const int bq = varlen ? 0 : tile.b;                       // the maps' batch coordinate
       const int q_row = (varlen ? seq.q_start : 0) + m0;        // their row coordinate
       const int k_row0 = varlen ? seq.k_start : 0;
-      mbarrier_arrive_expect_tx(smem_addr(&bar_q), Traits::kSmemQ);
+      const bool loads_v = tid == 32;
+      if (!loads_v) {
+        mbarrier_arrive_expect_tx(smem_addr(&bar_q), Traits::kSmemQ);
 #pragma unroll
-      for (int c = 0; c < Traits::kPanels; ++c)
-        tma_load_4d(smem_q + c * kBlockM * 128, &args.tm_q, smem_addr(&bar_q), 64 * c, tile.h,
-                    q_row, bq);
+        for (int c = 0; c < Traits::kPanels; ++c)
+          tma_load_4d(smem_q + c * kBlockM * 128, &args.tm_q, smem_addr(&bar_q), 64 * c, tile.h,
+                      q_row, bq);
+      }
+      const CUtensorMap* map = loads_v ? &args.tm_v : &args.tm_k;
+      const uint32_t base = loads_v ? smem_v : smem_k;
+      uint64_t* full = loads_v ? bar_v_full : bar_k_full;
+      uint64_t* empty = loads_v ? bar_v_empty : bar_k_empty;
       for (int it = 0; it < n_blocks; ++it) {
         const int s = it % kStages, n0 = (n_last - it) * kBlockN;
         // the buffer's previous use (block it - kStages) released by both consumers; the first
         // round waits on the phase before the first, which counts as completed
-        mbarrier_wait(smem_addr(&bar_empty[s]), ((it / kStages) & 1) ^ 1);
-        mbarrier_arrive_expect_tx(smem_addr(&bar_k_full[s]), Traits::kSmemKV);
+        mbarrier_wait(smem_addr(&empty[s]), ((it / kStages) & 1) ^ 1);
+        mbarrier_arrive_expect_tx(smem_addr(&full[s]), Traits::kSmemKV);
 #pragma unroll
         for (int c = 0; c < Traits::kPanels; ++c)
-          tma_load_4d(smem_k + s * Traits::kSmemKV + c * kBlockN * 128, &args.tm_k,
-                      smem_addr(&bar_k_full[s]), 64 * c, hk, k_row0 + n0, bq);
-        mbarrier_arrive_expect_tx(smem_addr(&bar_v_full[s]), Traits::kSmemKV);
-#pragma unroll
-        for (int c = 0; c < Traits::kPanels; ++c)
-          tma_load_4d(smem_v + s * Traits::kSmemKV + c * kBlockN * 128, &args.tm_v,
-                      smem_addr(&bar_v_full[s]), 64 * c, hk, k_row0 + n0, bq);
+          tma_load_4d(base + s * Traits::kSmemKV + c * kBlockN * 128, map, smem_addr(&full[s]),
+                      64 * c, hk, k_row0 + n0, bq);
       }
     }
     return;
@@ -227,6 +233,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
       named_barrier_arrive(other_turn, kTurnThreads);
       wgmma_wait<0>();
     }
+    mbarrier_arrive(smem_addr(&bar_k_empty[s]));  // S read its K buffer: back to the producer
     fence_registers(acc_s[0]);
 
     scores.apply(acc_s, warp_row0, n0, g, t, scores.mask_needed(m0, n0, kBlockM, kBlockN));
@@ -237,8 +244,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
       for (int nt = 0; nt < kNTilesS; ++nt)
         dropout.apply(acc_s[0][nt], warp_row0 / 16, (n0 + nt * 8) / 8, g, t);
     }
-    wgmma_wait<0>();  // P V of block it - 1 is done: its K/V buffer goes back to the producer
-    if (it > 0) mbarrier_arrive(smem_addr(&bar_empty[(it - 1) % kStages]));
+    wgmma_wait<0>();  // P V of block it - 1 is done: its V buffer goes back to the producer
+    if (it > 0) mbarrier_arrive(smem_addr(&bar_v_empty[(it - 1) % kStages]));
     fence_registers(acc_o[0]);
     fence_registers(acc_s[0]);
     rescale_rows(acc_o, alpha);
