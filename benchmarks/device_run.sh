@@ -8,7 +8,7 @@
 # Usage (on the device): bash benchmarks/device_run.sh [steps...]
 #   steps: build test test80 sanitize profile sweep kernels overhead jit peers original long
 #          variants ab sdpa hf hfbench cp cpbench decode decodebench decodeprof decodesweep
-#          testws wssweep (the sm90ws forward family)
+#          testws wssweep wsprof (the sm90ws forward family)
 #   (default: build test sanitize jit peers)
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -79,19 +79,34 @@ for step in $STEPS; do
         FLASHJIT_KERNEL_FAMILY=sm90ws timeout 200 compute-sanitizer --tool $tool --error-exitcode 1 \
           python3 tests/gpu/sanitize_small.py 2>&1 | tail -n 4 | tee "$OUT/sanitizer_ws_$tool.log"
       done ;;
-    wssweep)  # sm90ws forward tiles (block_n, stages) against the sm90 family and cuDNN: bf16,
-              # d 64/128, 1k/8k, causal and not (benchmarks/ws_time.py), one line per config
-      WS_TILES=${WS_TILES:-"128,2 128,3"}
-      python3 -m flashjit.prebuild --kernel fwd --dtype bf16 --head-dim 64 128 --causal both --jobs 16 2>&1 | tail -n 1
-      for tile in $WS_TILES; do
-        FLASHJIT_KERNEL_FAMILY=sm90ws python3 -m flashjit.prebuild --kernel fwd --dtype bf16 --head-dim 64 128 --causal both \
-          --tile $tile --jobs 16 2>&1 | tail -n 1 &
+    wssweep)  # sm90ws forward tiles (head dim:block_n,stages,consumers) against the default
+              # families and cuDNN: bf16, 1k/8k, causal and not (benchmarks/ws_time.py)
+      WS_TILES=${WS_TILES:-"64:128,3,2 64:128,3,3 128:128,2,2 128:128,3,2"}
+      FLASHJIT_KERNEL_FAMILY=sm90 python3 -m flashjit.prebuild --kernel fwd --dtype bf16 --head-dim 64 128 \
+        --causal both --jobs 4 2>&1 | tail -n 1 &
+      for dt in $WS_TILES; do
+        FLASHJIT_KERNEL_FAMILY=sm90ws python3 -m flashjit.prebuild --kernel fwd --dtype bf16 \
+          --head-dim ${dt%%:*} --causal both --tile ${dt#*:} --jobs 4 2>&1 | tail -n 1 &
       done
       wait
-      python3 benchmarks/ws_time.py 2>&1 | tee -a "$OUT/ws_sweep.log"
-      for tile in $WS_TILES; do
-        FLASHJIT_KERNEL_FAMILY=sm90ws FLASHJIT_FWD_TILE=$tile python3 benchmarks/ws_time.py 2>&1 \
-          | sed "s/^/tile $tile: /" | tee -a "$OUT/ws_sweep.log"
+      FLASHJIT_KERNEL_FAMILY=sm90 python3 benchmarks/ws_time.py 2>&1 | tee -a "$OUT/ws_sweep.log"
+      for dt in $WS_TILES; do
+        WS_DIMS=${dt%%:*} FLASHJIT_KERNEL_FAMILY=sm90ws FLASHJIT_FWD_TILE=${dt#*:} python3 benchmarks/ws_time.py \
+          2>&1 | sed "s/^/tile ${dt#*:}: /" | tee -a "$OUT/ws_sweep.log"
+      done ;;
+    wsprof)  # ncu of the sm90ws forward (bf16, 8k, d 64 and 128): stall reasons, issue and pipe
+             # use, and the hottest SASS instructions by warp-stall samples (profile_ws.py)
+      for d in ${WSPROF_DIMS:-64 128}; do
+        timeout 200 ncu --clock-control none --launch-skip 2 --launch-count 1 -k regex:flash_fwd_ws \
+          --section SpeedOfLight --section WarpStateStats --section SchedulerStats \
+          --section ComputeWorkloadAnalysis --section SourceCounters --import-source no \
+          -f -o /tmp/wsprof_d$d python3 benchmarks/profile_ws.py run --head-dim $d > /dev/null 2>&1
+        ncu -i /tmp/wsprof_d$d.ncu-rep --page details > "$OUT/ncu_ws_d$d.log" 2>&1
+        ncu -i /tmp/wsprof_d$d.ncu-rep --page source --csv --print-source sass > /tmp/wsprof_src_d$d.csv 2>&1
+        python3 benchmarks/profile_ws.py summary /tmp/wsprof_src_d$d.csv --top ${WSPROF_TOP:-45} \
+          > "$OUT/ncu_ws_hot_d$d.log" 2>&1
+        grep -E "Duration|Compute \(SM\) Throughput|Issue Slots Busy|Issued Ipc|No Eligible|Warp Cycles Per Issued|Pipe Utilization|Tensor" "$OUT/ncu_ws_d$d.log" | head -20
+        head -c 6000 "$OUT/ncu_ws_hot_d$d.log"
       done ;;
     sanitize)
       for tool in memcheck racecheck; do

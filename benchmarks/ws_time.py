@@ -1,5 +1,6 @@
 """Forward TFLOP/s of flashjit (the family FLASHJIT_KERNEL_FAMILY picks) and SDPA cuDNN, bf16,
-16k tokens x hidden 2048 as bench_peers.py; a first look at the sm90ws family."""
+16k tokens x hidden 2048 as bench_peers.py; a first look at the sm90ws family. WS_DIMS: the
+head dims (default "64 128")."""
 import os
 import sys
 
@@ -12,7 +13,7 @@ import flashjit  # noqa: E402
 from common import attention_flops, bench_ms  # noqa: E402
 
 fam = os.environ.get("FLASHJIT_KERNEL_FAMILY", "default")
-for d in (64, 128):
+for d in [int(x) for x in os.environ.get("WS_DIMS", "64 128").split()]:
     for s in (1024, 8192):
         for causal in (False, True):
             b, h = 16384 // s, 2048 // d

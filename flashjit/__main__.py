@@ -18,8 +18,8 @@ def _mib(n: int) -> str:
 
 def _families(kernel: str, arch: str) -> str:
     """Which kernel family ``kernel`` (fwd or bwd) uses on ``arch``, per head-dim bucket, from the
-    registry and FLASHJIT_KERNEL_FAMILY, e.g. 'sm90 (wgmma) at head dims 64, 128; sm80
-    (mma.sync) otherwise'."""
+    registry and FLASHJIT_KERNEL_FAMILY, e.g. 'sm90ws (wgmma+tma) at head dims 64, 128; sm80
+    (mma.sync) otherwise' (paged forwards may take another family: registry.default_family)."""
     from .jit import registry
     from .jit.spec import HEAD_DIM_BUCKETS, JitSpec
 

@@ -28,23 +28,18 @@ def attention_spec(kernel: str, q: Tensor, causal: bool, dropout: bool, window: 
     """The JIT spec that serves an attention call on q's device, dtype and head dim, with the
     variant flags given (variant_flags() derives them from an op's arguments) and paged (the
     forward reading K/V through a block table). Its kernel family follows from these
-    (spec.default_family: kernel, arch and head dim) and FLASHJIT_KERNEL_FAMILY, its tile from
-    FLASHJIT_FWD_TILE / FLASHJIT_BWD_TILE (tuning sweeps); bad values of either raise ValueError
-    naming them."""
-    return JitSpec(
-        kernel=kernel,
-        arch=current_arch(q.device),
-        dtype=_DTYPE_NAMES[q.dtype],
-        head_dim=head_dim_bucket(q.shape[-1]),
-        causal=causal,
-        window=window,
-        softcap=softcap,
-        alibi=alibi,
-        sink=sink,
-        dropout=dropout,
-        tile=tile_override(kernel),
-        paged=paged,
-    )
+    (spec.default_family: kernel, arch, head dim and paged) and FLASHJIT_KERNEL_FAMILY, its tile
+    from FLASHJIT_FWD_TILE / FLASHJIT_BWD_TILE (tuning sweeps); bad values of either raise
+    ValueError naming them. A paged spec takes that tile only where its family is the non-paged
+    spec's (on sm90a the paged forward is another family, whose tile parameters differ)."""
+    fields = dict(kernel=kernel, arch=current_arch(q.device), dtype=_DTYPE_NAMES[q.dtype],
+                  head_dim=head_dim_bucket(q.shape[-1]), causal=causal, window=window,
+                  softcap=softcap, alibi=alibi, sink=sink, dropout=dropout)
+    tile = tile_override(kernel)
+    if tile is not None and paged and (JitSpec(**fields, paged=True).family
+                                       != JitSpec(**fields).family):
+        tile = None
+    return JitSpec(**fields, tile=tile, paged=paged)
 
 
 def variant_flags(causal: bool, window_left: int, window_right: int, softcap: float,

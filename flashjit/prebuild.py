@@ -185,20 +185,21 @@ def specs_from_args(args: argparse.Namespace) -> list[JitSpec]:
         if paged and not any(r.paged for r in registry.rows(kernel)):
             continue  # --paged yes/both: only for the kernels that take it (the forward)
         specs.append(JitSpec(kernel, arch, dtype, head_dim, *variant,
-                             family=_family(args.family, kernel, arch, head_dim), tile=args.tile,
+                             family=_family(args.family, kernel, arch, head_dim, paged), tile=args.tile,
                              paged=paged))
     specs += [JitSpec(k, arch) for k in arch_only for arch in arches]
     specs += [JitSpec(k) for k in args.kernel if KERNELS[k].cpu_only]
     return list(dict.fromkeys(specs))
 
 
-def _family(choice: str | None, kernel: str, arch: str, head_dim: int) -> str | None:
+def _family(choice: str | None, kernel: str, arch: str, head_dim: int,
+            paged: bool = False) -> str | None:
     """--family for one spec: like FLASHJIT_KERNEL_FAMILY, a preference
     (registry.preferred_family); None leaves it to JitSpec (environment, then default). arch and
     head_dim are in normal form here."""
     if choice is None:
         return None
-    return registry.preferred_family(kernel, arch, head_dim, choice)
+    return registry.preferred_family(kernel, arch, head_dim, choice, paged)
 
 
 def _run_worker(fields_json: str) -> int:

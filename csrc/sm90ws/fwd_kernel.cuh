@@ -2,7 +2,8 @@
 // TMA, mbarrier pipelines, setmaxnreg, wgmma, ping-pong). Device code only; fwd_launch.cuh has
 // the tensor maps, the grid and the tile choice, fwd.cu the instantiation of a spec.
 //
-// One CTA = one (query block of kBlockM = 128 rows, head, batch), three warpgroups:
+// One CTA = one (query block of kBlockM = 64 kConsumers rows, head, batch), 1 + kConsumers
+// warpgroups:
 //   * warpgroup 0, the producer (setmaxnreg.dec): one thread issues the TMA loads of Q (once)
 //     and of K, another those of V (kStages buffers each, from the last key block of the band to
 //     the first, as the consumers take them), each completing on its "full" mbarrier; each waits
@@ -10,14 +11,14 @@
 //     barriers: a K buffer comes back as soon as S = Q K^T of its block has completed, a V buffer
 //     only after P V (issued one block later), so K runs up to kStages blocks ahead of the
 //     consumers whatever V's wait;
-//   * warpgroups 1 and 2, the consumers (setmaxnreg.inc): warpgroup 1 + c owns query rows
+//   * warpgroups 1 .. kConsumers, the consumers (setmaxnreg.inc): warpgroup 1 + c owns query rows
 //     [64 c, 64 c + 64). Per key block: S = Q K^T (wgmma, both operands in shared memory), the
 //     variant's logits and the online softmax in registers (common/variant.cuh, softmax.cuh),
 //     O += P V (wgmma, P from registers). Within a warpgroup the softmax of block j runs while
 //     P V of block j - 1 is on the tensor cores (issued right behind S of block j); across the
-//     two warpgroups, named barriers take turns for the GEMM issue (ping-pong), so one
-//     warpgroup's softmax overlaps the other's GEMMs. A consumer releases a K/V buffer (arrives
-//     on its empty barrier) once its P V has completed.
+//     consumers, named barriers take turns for the GEMM issue (ping-pong, round robin), so one
+//     warpgroup's softmax overlaps the others' GEMMs. A consumer releases a K buffer (arrives on
+//     its empty barrier) once its S has completed, a V buffer once its P V has.
 // Tiles in shared memory are in the 128-byte swizzled layout wgmma reads (common/wgmma.cuh), which
 // is the layout TMA writes with CU_TENSOR_MAP_SWIZZLE_128B: a tile of R rows x kHeadDim is
 // kHeadDim / 64 panels of (R rows x 128 bytes), one TMA box each.
@@ -40,16 +41,20 @@
 
 namespace flashjit {
 
-template <typename Element_, int kHeadDim_, int kBlockN_, int kStages_>
+template <typename Element_, int kHeadDim_, int kBlockN_, int kStages_, int kConsumers_>
 struct FwdWsTraits {
   using Element = Element_;
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kBlockN = kBlockN_;
   static constexpr int kStages = kStages_;
-  static constexpr int kBlockM = 128;       // two consumer warpgroups of 64 rows
-  static constexpr int kNThreads = 384;     // producer + two consumers
-  static constexpr int kProducerRegs = 40;  // 128 x 40 + 256 x 232 = 64512 of 65536
-  static constexpr int kConsumerRegs = 232;
+  static constexpr int kConsumers = kConsumers_;  // consumer warpgroups, 64 query rows each
+  static constexpr int kBlockM = 64 * kConsumers;
+  static constexpr int kNThreads = 128 * (1 + kConsumers);
+  // Registers (65536 per SM, one CTA): the producer keeps 24 (2 consumers: 40), the consumers
+  // take the rest in multiples of 8: 2 x 128 x 232 + 128 x 40 = 64512, 3 x 128 x 160 + 128 x 24
+  // = 64512.
+  static constexpr int kProducerRegs = kConsumers == 2 ? 40 : 24;
+  static constexpr int kConsumerRegs = (65536 - 128 * kProducerRegs) / (128 * kConsumers) / 8 * 8;
   static constexpr int kNTilesS = kBlockN / 8, kNTilesO = kHeadDim / 8;
   static constexpr int kChunksPerRow = kHeadDim / 8;
   static constexpr int kPanels = kHeadDim / 64;
@@ -60,6 +65,7 @@ struct FwdWsTraits {
   static_assert(sizeof(Element) == 2, "16-bit elements");
   static_assert(kHeadDim == 64 || kHeadDim == 128, "wgmma N of P V: 64 or 128");
   static_assert(kBlockN == 64 || kBlockN == 128, "wgmma N of Q K^T: 64 or 128");
+  static_assert(kConsumers == 2 || kConsumers == 3, "2 or 3 consumer warpgroups");
 };
 
 // The kernel's parameters: the tensor maps of Q, K and V (4-D: head dim, heads, rows, batch;
@@ -101,8 +107,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
     for (int s = 0; s < kStages; ++s) {
       mbarrier_init(smem_addr(&bar_k_full[s]), 1);
       mbarrier_init(smem_addr(&bar_v_full[s]), 1);
-      mbarrier_init(smem_addr(&bar_k_empty[s]), 256);  // every consumer thread
-      mbarrier_init(smem_addr(&bar_v_empty[s]), 256);
+      mbarrier_init(smem_addr(&bar_k_empty[s]), 128 * Traits::kConsumers);  // every consumer
+      mbarrier_init(smem_addr(&bar_v_empty[s]), 128 * Traits::kConsumers);  // thread
     }
     fence_proxy_async_shared();  // the initialised barriers, for the TMA unit
   }
@@ -151,10 +157,12 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   const int g = lane / 4, t = lane % 4;
   const VariantScores<V> scores(p, seq, tile.b, tile.h);
   const int warp_row0 = m0 + cwg * 64 + (warp % 4) * 16;  // first query row of this warp
-  // Ping-pong: consumer c issues its GEMMs after waiting on barrier 1 + c and then lets the
-  // other go (barrier 2 - c); 256 threads each: one warpgroup syncs, the other arrives.
-  constexpr int kTurnThreads = 256;
-  const int my_turn = 1 + cwg, other_turn = 2 - cwg;
+  // Ping-pong (round robin over the consumers): consumer c issues its GEMMs after waiting on
+  // barrier 1 + c and then lets the next one go (barrier 1 + (c + 1) % kConsumers); 256 threads
+  // each: one warpgroup syncs, the one before it arrives. Barrier kTailBarrier: the V tail.
+  constexpr int kConsumers = Traits::kConsumers, kTurnThreads = 256;
+  constexpr int kTailBarrier = 1 + kConsumers;
+  const int my_turn = 1 + cwg, other_turn = 1 + (cwg + 1) % kConsumers;
 
   float acc_o[1][kNTilesO][4];
   float acc_s[1][kNTilesS][4];
@@ -187,7 +195,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
     wgmma_commit();
   };
   // V rows past the sequence's keys in the band's last block (the first one taken): zero, by
-  // consumer 0 (its 128 threads), before either consumer's P V of it (named barrier 3).
+  // consumer 0 (its 128 threads), before any consumer's P V of it (named barrier kTailBarrier).
   const int tail = seq.seqlen_k - n_last * kBlockN;  // keys of the last block that exist
   auto zero_v_tail = [&] {
     if (tail < kBlockN) {
@@ -201,13 +209,13 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
         }
         fence_proxy_async_shared();  // these writes, before the wgmma reads of the buffer
       }
-      named_barrier_sync(3, 256);
+      named_barrier_sync(kTailBarrier, 128 * kConsumers);
     }
   };
 
   if (n_blocks > 0) {
     mbarrier_wait(smem_addr(&bar_q), 0);
-    if (cwg == 1) named_barrier_arrive(1, kTurnThreads);  // consumer 0 goes first
+    if (cwg == kConsumers - 1) named_barrier_arrive(1, kTurnThreads);  // consumer 0 goes first
   }
   for (int it = 0; it < n_blocks; ++it) {
     const int s = it % kStages, n0 = (n_last - it) * kBlockN;
@@ -267,7 +275,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
     named_barrier_arrive(other_turn, kTurnThreads);
     wgmma_wait<0>();
     fence_registers(acc_o[0]);
-    if (cwg == 0) named_barrier_sync(my_turn, kTurnThreads);  // consumer 1's last arrive
+    if (cwg == 0) named_barrier_sync(my_turn, kTurnThreads);  // the last consumer's last arrive
   }
 
   // Epilogue (as sm90/fwd_kernel.cuh): O /= l and lse; each warp stages its 16 rows of O in its

@@ -11,18 +11,21 @@
 
 namespace flashjit {
 
-// Tiles: kBlockM 128 (two consumer warpgroups of 64 rows), kBlockN 128; K/V buffers: 2 at d 128
-// (32 + 4 x 32 KB), 3 at d 64 (16 + 6 x 16 KB). Not yet measured against other choices: a spec
-// tile (FLASHJIT_FWD_TILE=block_n,stages with FLASHJIT_KERNEL_FAMILY=sm90ws) sweeps them; 3
-// stages at d 128 (225 KB) just fit the 227 KB a block may take.
+// Tiles: kBlockN 128 and 3 K/V buffers; d 64: three consumer warpgroups (kBlockM 192: one
+// warpgroup's softmax, on a unit as fast as the d-64 GEMMs, hides behind two others' GEMMs),
+// d 128: two (kBlockM 128; 32 + 6 x 32 KB = 224 KB of the 227 KB a block may take). Measured on
+// the H200 (results/h200/logs/ws_sweep*.log). A spec tile (FLASHJIT_FWD_TILE=block_n,stages,
+// consumers) sweeps other choices.
 template <int kHeadDim>
 struct WsTile {
-#ifdef FLASHJIT_TILE  // a spec's tile (JitSpec.tile: block_n, stages), for sweeps
+#ifdef FLASHJIT_TILE  // a spec's tile (JitSpec.tile: block_n, stages, consumers), for sweeps
   static constexpr int kBlockN = FLASHJIT_TILE_BLOCK_N;
   static constexpr int kStages = FLASHJIT_TILE_STAGES;
+  static constexpr int kConsumers = FLASHJIT_TILE_CONSUMERS;
 #else
   static constexpr int kBlockN = 128;
-  static constexpr int kStages = kHeadDim <= 64 ? 3 : 2;
+  static constexpr int kStages = 3;
+  static constexpr int kConsumers = kHeadDim <= 64 ? 3 : 2;
 #endif
 };
 
@@ -45,8 +48,8 @@ inline cudaError_t make_qkv_map(CUtensorMap* map, const void* ptr, bool bf16, in
 
 template <typename Element, int kHeadDim, typename V>
 cudaError_t run_fwd(const FwdParams& p, cudaStream_t stream) {
-  using Traits = FwdWsTraits<Element, kHeadDim, WsTile<kHeadDim>::kBlockN,
-                             WsTile<kHeadDim>::kStages>;
+  using Tile = WsTile<kHeadDim>;
+  using Traits = FwdWsTraits<Element, kHeadDim, Tile::kBlockN, Tile::kStages, Tile::kConsumers>;
   constexpr bool kBf16 = std::is_same_v<Element, __nv_bfloat16>;
   auto kernel = flash_fwd_ws_kernel<Traits, V>;
   constexpr size_t smem = Traits::kSmemBytes;

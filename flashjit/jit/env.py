@@ -27,15 +27,16 @@ def jit_disabled() -> bool:
 
 def kernel_family_preference() -> str | None:
     """FLASHJIT_KERNEL_FAMILY: a family of the registry, preferred wherever it serves (``sm80``,
-    which serves everything, forces mma.sync; ``sm90`` is the default where it serves anyway);
-    None when unset or empty."""
+    which serves everything, forces mma.sync; ``sm90`` the wgmma forward without warp
+    specialisation instead of the default ``sm90ws``); None when unset or empty."""
     value = os.environ.get("FLASHJIT_KERNEL_FAMILY", "")
     if not value:
         return None
     if value not in KERNEL_FAMILIES:
         raise ValueError(
-            f"FLASHJIT_KERNEL_FAMILY={value!r} is not a kernel family: use 'sm80' (mma.sync) or "
-            "'sm90' (wgmma, where it exists), or leave it unset"
+            f"FLASHJIT_KERNEL_FAMILY={value!r} is not a kernel family: use one of "
+            f"{', '.join(repr(f) for f in KERNEL_FAMILIES)} (sm80: mma.sync everywhere; sm90, "
+            "sm90ws: Hopper, where they exist), or leave it unset"
         )
     return value
 

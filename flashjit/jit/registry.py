@@ -51,6 +51,11 @@ class FamilyRow:
 
 # In order of preference: the first row that serves a (kernel, arch, head dim) is its default.
 REGISTRY: tuple[FamilyRow, ...] = (
+    # the warp-specialised Hopper forward (TMA producer, two ping-pong wgmma consumers,
+    # setmaxnreg); it reads no block table, so paged specs take the next row (sm90)
+    FamilyRow("fwd", "sm90ws", "wgmma+tma", ("fwd_binding.cpp", "sm90ws/fwd.cu"),
+              archs=("sm90a",), head_dims=(64, 128), suffix="_ws",
+              tile_params=("block_n", "stages", "consumers")),  # the sm90ws forward's launch
     FamilyRow("fwd", "sm90", "wgmma", ("fwd_binding.cpp", "sm90/fwd.cu"), archs=("sm90a",),
               head_dims=(64, 128), suffix="_wgmma",
               tile_params=("block_n", "warpgroups", "min_blocks"),  # the sm90 forward's launch
@@ -58,11 +63,6 @@ REGISTRY: tuple[FamilyRow, ...] = (
     FamilyRow("bwd", "sm90", "wgmma", ("bwd_binding.cpp", "sm90/bwd.cu"), archs=("sm90a",),
               head_dims=(64, 128), suffix="_wgmma",
               tile_params=("block_m",)),  # the sm90 backward's launch
-    # the warp-specialised Hopper forward (TMA, setmaxnreg, ping-pong): work in progress, opt-in
-    # only (FLASHJIT_KERNEL_FAMILY=sm90ws), after sm90 so that it is never the default
-    FamilyRow("fwd", "sm90ws", "wgmma+tma", ("fwd_binding.cpp", "sm90ws/fwd.cu"),
-              archs=("sm90a",), head_dims=(64, 128), suffix="_ws",
-              tile_params=("block_n", "stages")),
     FamilyRow("fwd", "sm80", "mma.sync", ("fwd_binding.cpp", "sm80/fwd.cu"),
               tile_params=("block_m", "block_n", "warps", "min_blocks"),  # the sm80 forward's
               paged=True),
@@ -89,23 +89,26 @@ def row(kernel: str, family: str) -> FamilyRow:
     raise KeyError(f"no kernel {kernel!r} in family {family!r}")
 
 
-def default_family(kernel: str, arch: str, head_dim_bucket: int) -> str:
-    """The family of the first row of ``kernel`` that serves ``arch`` and ``head_dim_bucket``."""
+def default_family(kernel: str, arch: str, head_dim_bucket: int, paged: bool = False) -> str:
+    """The family of the first row of ``kernel`` that serves ``arch`` and ``head_dim_bucket``
+    (and, for a ``paged`` spec, reads K/V through a block table)."""
     for r in rows(kernel):
-        if r.serves(arch, head_dim_bucket):
+        if r.serves(arch, head_dim_bucket) and (r.paged or not paged):
             return r.family
     raise ValueError(f"no kernel family serves kernel {kernel!r} on arch {arch!r} at head-dim "
-                     f"bucket {head_dim_bucket}")
+                     f"bucket {head_dim_bucket}" + (" with paged K/V" if paged else ""))
 
 
-def preferred_family(kernel: str, arch: str, head_dim_bucket: int, preference: str) -> str:
-    """``preference`` where its row serves (kernel, arch, head dim), else the default family: how
-    FLASHJIT_KERNEL_FAMILY and prebuild --family apply (sm80, which serves every forward and
-    backward, forces mma.sync there; a kernel the family has no row for keeps its default)."""
+def preferred_family(kernel: str, arch: str, head_dim_bucket: int, preference: str,
+                     paged: bool = False) -> str:
+    """``preference`` where its row serves (kernel, arch, head dim, paged), else the default
+    family: how FLASHJIT_KERNEL_FAMILY and prebuild --family apply (sm80, which serves every
+    forward and backward, forces mma.sync there; a kernel the family has no row for keeps its
+    default)."""
     preferred = [r for r in rows(kernel) if r.family == preference]
-    if preferred and preferred[0].serves(arch, head_dim_bucket):
+    if preferred and preferred[0].serves(arch, head_dim_bucket) and (preferred[0].paged or not paged):
         return preference
-    return default_family(kernel, arch, head_dim_bucket)
+    return default_family(kernel, arch, head_dim_bucket, paged)
 
 
 def describe(r: FamilyRow) -> str:

@@ -7,9 +7,10 @@ it follow the sources, the compiler flags and the readable name that also names 
 and the cache folder, e.g. ``fwd_sm80_bf16_hd128_causal`` or
 ``fwd_sm90a_bf16_hd128_causal_window_softcap_wgmma``.
 
-Kernel families, their sources and where each serves come from the registry (registry.py):
-``sm90`` (Hopper wgmma) serves the forward and backward at head dims 64 and 128 on sm90a and is
-the default there; ``sm80`` (mma.sync) serves every CUDA spec. Every family serves every variant.
+Kernel families, their sources and where each serves come from the registry (registry.py): on
+sm90a at head dims 64 and 128 the forward is ``sm90ws`` (TMA, warp specialisation, ping-pong;
+paged forwards: ``sm90``) and the backward ``sm90`` (wgmma); ``sm80`` (mma.sync) serves every
+CUDA spec. Every family serves every variant.
 """
 
 from __future__ import annotations
@@ -116,9 +117,10 @@ class JitSpec:
     ``paged`` (the forward only, registry.FamilyRow.paged; ValueError for any other kernel): K/V
     read through a block table (chunked prefill on a paged KV cache), name part ``_paged`` after
     the variants, ``-DFLASHJIT_HAS_PAGED=1``, in the fields and prebuild command only when set.
-    ``family`` (``sm80`` or ``sm90``; attention kernels only) defaults to default_family(), or to
-    ``sm80`` when FLASHJIT_KERNEL_FAMILY=sm80 (the forward and the backward alike); an explicit
-    ``sm90`` must be one default_family() gives. ``tile`` (optional): a tile shape the family's
+    ``family`` (a registry family: ``sm80``, ``sm90``, ``sm90ws``, ...; attention kernels only)
+    defaults to default_family() (for a paged spec, the first row that reads a block table), or to
+    FLASHJIT_KERNEL_FAMILY's family where that serves the spec (``sm80`` serves every forward and
+    backward); an explicit family must serve the spec's arch and head dim. ``tile`` (optional): a tile shape the family's
     registry row takes (``tile_params``), e.g. ``(128, 64, 4, 2)`` or ``"128,64,4,2"`` for the
     sm80 forward, instead of the launch code's per-head-dim choice: part of the name
     (``_t128x64x4x2``), the defines (``-DFLASHJIT_TILE_BLOCK_M=128`` ...) and the cache key, for
@@ -211,10 +213,13 @@ class JitSpec:
             # default (registry.preferred_family).
             preferred = kernel_family_preference()
             if preferred is None:
-                return default_family(self.kernel, self.arch, self.head_dim)
-            return registry.preferred_family(self.kernel, self.arch, self.head_dim, preferred)
+                return default_family(self.kernel, self.arch, self.head_dim, self.paged)
+            return registry.preferred_family(self.kernel, self.arch, self.head_dim, preferred,
+                                             self.paged)
         if self.family not in KERNEL_FAMILIES:
             raise ValueError(f"family must be one of {KERNEL_FAMILIES}, got {self.family!r}")
+        if not any(r.family == self.family for r in registry.rows(self.kernel)):
+            raise ValueError(f"family {self.family!r} has no kernel {self.kernel!r}")
         if not registry.row(self.kernel, self.family).serves(self.arch, self.head_dim):
             where = registry.describe(registry.row(self.kernel, self.family))
             raise ValueError(

@@ -9,6 +9,7 @@ import torch
 
 import flashjit
 from flashjit import _philox, ops
+from flashjit.jit import JitSpec
 from tests.reference import attention_ref, max_error, visible_mask
 
 
@@ -49,18 +50,26 @@ def test_dispatcher_maps_tensors_to_specs(monkeypatch):
     q = torch.empty(1, 8, 2, 256, dtype=torch.float16)
     assert ops.attention_spec("bwd", q, causal=False, dropout=True).name == \
         "bwd_sm80_fp16_hd256_dropout"
-    # Hopper: at head dims 64 and 128 the forward and the backward are the wgmma family, with
-    # and without dropout.
+    # Hopper: at head dims 64 and 128 the forward is the warp-specialised family (sm90ws) and
+    # the backward the wgmma family (sm90), with and without dropout; a paged forward (block
+    # table) is sm90's, which reads one.
     monkeypatch.setenv("FLASHJIT_CUDA_ARCH_LIST", "9.0")
     q = torch.empty(1, 8, 2, 120, dtype=torch.bfloat16)
     assert ops.attention_spec("fwd", q, causal=True, dropout=False).name == \
-        "fwd_sm90a_bf16_hd128_causal_wgmma"
+        "fwd_sm90a_bf16_hd128_causal_ws"
+    assert ops.attention_spec("fwd", q, causal=True, dropout=True).name == \
+        "fwd_sm90a_bf16_hd128_causal_dropout_ws"
+    assert ops.attention_spec("fwd", q, causal=True, dropout=False, paged=True).name == \
+        "fwd_sm90a_bf16_hd128_causal_paged_wgmma"
     assert ops.attention_spec("bwd", q, causal=True, dropout=False).name == \
         "bwd_sm90a_bf16_hd128_causal_wgmma"
     assert ops.attention_spec("bwd", q, causal=True, dropout=True).name == \
         "bwd_sm90a_bf16_hd128_causal_dropout_wgmma"
     assert ops.attention_spec("bwd", q[..., :96], causal=False, dropout=False).name == \
         "bwd_sm90a_bf16_hd96"
+    monkeypatch.setenv("FLASHJIT_KERNEL_FAMILY", "sm90")  # the wgmma forward, as before sm90ws
+    assert ops.attention_spec("fwd", q, causal=True, dropout=False).name == \
+        "fwd_sm90a_bf16_hd128_causal_wgmma"
     monkeypatch.setenv("FLASHJIT_KERNEL_FAMILY", "sm80")
     assert ops.attention_spec("fwd", q, causal=True, dropout=False).name == \
         "fwd_sm90a_bf16_hd128_causal"
@@ -69,6 +78,28 @@ def test_dispatcher_maps_tensors_to_specs(monkeypatch):
     monkeypatch.setenv("FLASHJIT_KERNEL_FAMILY", "hopper")
     with pytest.raises(ValueError, match="FLASHJIT_KERNEL_FAMILY"):
         ops.attention_spec("fwd", q, causal=False, dropout=False)
+
+
+def test_forward_tile_skips_a_paged_spec_of_another_family(monkeypatch):
+    # On sm90a the paged forward is the sm90 family, the plain one sm90ws: a sweep's
+    # FLASHJIT_FWD_TILE (sm90ws parameters) must not reach the paged spec, where it would mean
+    # something else; on sm80 both are one family and both take it.
+    monkeypatch.setenv("FLASHJIT_FWD_TILE", "128,3,3")
+    monkeypatch.setenv("FLASHJIT_CUDA_ARCH_LIST", "9.0")
+    q = torch.empty(1, 8, 2, 64, dtype=torch.bfloat16)
+    plain = ops.attention_spec("fwd", q, causal=True, dropout=False)
+    paged = ops.attention_spec("fwd", q, causal=True, dropout=False, paged=True)
+    assert (plain.family, plain.tile) == ("sm90ws", (128, 3, 3))
+    assert (paged.family, paged.tile) == ("sm90", None)
+    monkeypatch.setenv("FLASHJIT_FWD_TILE", "128,64,4,1")
+    monkeypatch.setenv("FLASHJIT_CUDA_ARCH_LIST", "8.0")
+    paged = ops.attention_spec("fwd", q, causal=True, dropout=False, paged=True)
+    assert (paged.family, paged.tile) == ("sm80", (128, 64, 4, 1))
+
+
+def test_a_family_without_the_kernel_raises_value_error():
+    with pytest.raises(ValueError, match="family 'sm90ws' has no kernel 'bwd'"):
+        JitSpec("bwd", "sm90a", "bf16", 128, family="sm90ws")
 
 
 @pytest.mark.parametrize("causal", [False, True])

@@ -71,9 +71,10 @@ def test_key_covers_every_input(tmp_path, monkeypatch):
                   JitSpec("fwd", "sm80", "fp16", 64, dropout=True), JitSpec("bwd", "sm80", "fp16", 64)):
         assert digest_key(key_fields(other)) != digest_key(fields), other.name
     hopper = JitSpec("fwd", "sm90a", "fp16", 64)  # the kernel family is part of the key
-    assert hopper.family == "sm90" and key_fields(hopper)["spec"]["family"] == "sm90"
-    assert digest_key(key_fields(JitSpec("fwd", "sm90a", "fp16", 64, family="sm80"))) != \
-        digest_key(key_fields(hopper))
+    assert hopper.family == "sm90ws" and key_fields(hopper)["spec"]["family"] == "sm90ws"
+    for family in ("sm90", "sm80"):
+        assert digest_key(key_fields(JitSpec("fwd", "sm90a", "fp16", 64, family=family))) != \
+            digest_key(key_fields(hopper)), family
     monkeypatch.setenv("FLASHJIT_VERBOSE", "1")  # -lineinfo changes the binary
     assert digest_key(key_fields(spec)) != digest_key(fields)
     # A one-byte change anywhere under csrc changes the sources digest.

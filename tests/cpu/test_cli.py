@@ -82,23 +82,32 @@ def test_prebuild_dropout_mask_kernel():
         "dropout_mask_sm80", "dropout_mask_sm80-sm90a", "selftest_cpu"]
     args = _parser().parse_args(["--arch", "9.0", "--kernel", "fwd", "dropout_mask",
                                  "--head-dim", "64", "--dtype", "fp16", "--causal", "no"])
-    assert [s.name for s in specs_from_args(args)] == ["fwd_sm90a_fp16_hd64_wgmma",
+    assert [s.name for s in specs_from_args(args)] == ["fwd_sm90a_fp16_hd64_ws",
                                                        "dropout_mask_sm90a"]
 
 
 def test_prebuild_list_kernel_families(tmp_path):
-    """On sm90a the forward and the backward at head dims 64 and 128 are the wgmma family, with
-    and without dropout, unless told otherwise."""
+    """On sm90a at head dims 64 and 128 the forward is the warp-specialised family (sm90ws) and
+    the backward the wgmma family (sm90), with and without dropout, unless told otherwise;
+    --family sm90 (or FLASHJIT_KERNEL_FAMILY=sm90) picks the wgmma forward."""
     args = ["-m", "flashjit.prebuild", "--kernel", "fwd", "bwd", "--arch", "sm90a",
             "--dtype", "bf16", "--head-dim", "64", "96", "--causal", "no", "--dropout", "both",
             "--list"]
     result = run_python(args, tmp_path / "cache")
     assert result.returncode == 0, result.stderr
+    default_names = [
+        "fwd_sm90a_bf16_hd64_ws", "fwd_sm90a_bf16_hd64_dropout_ws", "fwd_sm90a_bf16_hd96",
+        "fwd_sm90a_bf16_hd96_dropout", "bwd_sm90a_bf16_hd64_wgmma",
+        "bwd_sm90a_bf16_hd64_dropout_wgmma", "bwd_sm90a_bf16_hd96", "bwd_sm90a_bf16_hd96_dropout"]
+    assert result.stdout.split() == default_names
     sm90_names = [
         "fwd_sm90a_bf16_hd64_wgmma", "fwd_sm90a_bf16_hd64_dropout_wgmma", "fwd_sm90a_bf16_hd96",
         "fwd_sm90a_bf16_hd96_dropout", "bwd_sm90a_bf16_hd64_wgmma",
         "bwd_sm90a_bf16_hd64_dropout_wgmma", "bwd_sm90a_bf16_hd96", "bwd_sm90a_bf16_hd96_dropout"]
-    assert result.stdout.split() == sm90_names
+    for extra_args, env in (([], {"FLASHJIT_KERNEL_FAMILY": "sm90"}), (["--family", "sm90"], {})):
+        result = run_python(args + extra_args, tmp_path / "cache", **env)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.split() == sm90_names
     sm80_names = [
         "fwd_sm90a_bf16_hd64", "fwd_sm90a_bf16_hd64_dropout", "fwd_sm90a_bf16_hd96",
         "fwd_sm90a_bf16_hd96_dropout", "bwd_sm90a_bf16_hd64", "bwd_sm90a_bf16_hd64_dropout",
@@ -111,6 +120,9 @@ def test_prebuild_list_kernel_families(tmp_path):
     result = run_python(args + ["--family", "sm90"], tmp_path / "cache",
                         FLASHJIT_KERNEL_FAMILY="sm80")
     assert result.returncode == 0 and result.stdout.split() == sm90_names
+    result = run_python(args + ["--family", "sm90ws"], tmp_path / "cache",
+                        FLASHJIT_KERNEL_FAMILY="sm90")  # no sm90ws backward: sm90's
+    assert result.returncode == 0 and result.stdout.split() == default_names
     result = run_python(args, tmp_path / "cache", FLASHJIT_KERNEL_FAMILY="mma")
     assert result.returncode == 2 and "FLASHJIT_KERNEL_FAMILY='mma'" in result.stderr
 
@@ -165,7 +177,7 @@ def test_prebuild_cuda_specs_need_cuda_torch_and_nvcc(tmp_path):
     for flag in ("--list", "--dry-run"):
         result = run_python(args + [flag], cache, CUDA_HOME=str(tmp_path / "no-toolkit"))
         assert result.returncode == 0, result.stderr
-        assert "fwd_sm90a_bf16_hd64_wgmma" in result.stdout
+        assert "fwd_sm90a_bf16_hd64_ws" in result.stdout
 
 
 def test_prebuild_dry_run_reports_cache_state(cache_copy):
@@ -269,8 +281,12 @@ def test_info(cache_copy):
         assert any(line.startswith(label) for line in out.splitlines()), label
     assert str(cache_copy) in out and "1 entries" in out
     rows = _info_rows(cache_copy, FLASHJIT_CUDA_ARCH_LIST="9.0")
-    assert rows["forward family"] == "sm90 (wgmma) at head dims 64, 128; sm80 (mma.sync) otherwise"
+    assert rows["forward family"] == \
+        "sm90ws (wgmma+tma) at head dims 64, 128; sm80 (mma.sync) otherwise"
     assert rows["backward family"] == "sm90 (wgmma) at head dims 64, 128; sm80 (mma.sync) otherwise"
+    rows = _info_rows(cache_copy, FLASHJIT_CUDA_ARCH_LIST="9.0", FLASHJIT_KERNEL_FAMILY="sm90")
+    assert rows["forward family"] == rows["backward family"] == \
+        "sm90 (wgmma) at head dims 64, 128; sm80 (mma.sync) otherwise"
     rows = _info_rows(cache_copy, FLASHJIT_CUDA_ARCH_LIST="9.0", FLASHJIT_KERNEL_FAMILY="sm80")
     assert rows["forward family"] == rows["backward family"] == "sm80 (mma.sync)"
 

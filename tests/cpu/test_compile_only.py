@@ -80,12 +80,42 @@ def test_compile_only_sm90_family(spec, tmp_path):
 @pytest.mark.parametrize(
     "spec",
     [
+        JitSpec("fwd", "sm90a", "bf16", 128, causal=True, family="sm90ws"),
+        JitSpec("fwd", "sm90a", "fp16", 64, dropout=True, family="sm90ws"),
+    ],
+    ids=lambda spec: spec.name,
+)
+def test_compile_only_sm90ws_family(spec, tmp_path):
+    """The warp-specialised forward (the sm90a default at d 64/128): its own sources
+    (csrc/sm90ws), built for sm_90a."""
+    assert spec.sources()[-1] == csrc_dir() / "sm90ws" / "fwd.cu"
+    (obj,) = compile_only(spec, tmp_path)
+    assert obj.stat().st_size > 0
+
+
+def test_compile_only_default_paged_forward(tmp_path, monkeypatch):
+    """A paged forward on sm90a at d 128 defaults to the wgmma family (sm90ws reads no block
+    table): csrc/sm90's forward with -DFLASHJIT_HAS_PAGED=1 compiles."""
+    monkeypatch.delenv("FLASHJIT_KERNEL_FAMILY", raising=False)
+    spec = JitSpec("fwd", "sm90a", "bf16", 128, causal=True, paged=True)
+    assert spec.family == "sm90" and spec.name == "fwd_sm90a_bf16_hd128_causal_paged_wgmma"
+    assert spec.sources()[-1] == csrc_dir() / "sm90" / "fwd.cu"
+    assert "-DFLASHJIT_HAS_PAGED=1" in spec.cuda_cflags(verbose=False)
+    (obj,) = compile_only(spec, tmp_path)
+    assert obj.stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
         JitSpec("fwd", "sm80", "bf16", 128, causal=True, window=True, softcap=True, alibi=True,
                 sink=True, family="sm80"),
         JitSpec("bwd", "sm80", "fp16", 64, window=True, softcap=True, alibi=True, sink=True,
                 dropout=True, family="sm80"),
         JitSpec("fwd", "sm90a", "bf16", 128, causal=True, window=True, softcap=True,
                 alibi=True, sink=True, family="sm90"),
+        JitSpec("fwd", "sm90a", "bf16", 128, causal=True, window=True, softcap=True,
+                alibi=True, sink=True, family="sm90ws"),
         JitSpec("bwd", "sm90a", "bf16", 64, window=True, softcap=True, alibi=True, sink=True,
                 dropout=True, family="sm90"),
     ],

@@ -88,8 +88,9 @@ def test_prefill_appends_then_runs_the_forward(launched, paged):
     assert append == "decode_sm90a_fp16_hd64_causal_window_softcap_alibi_sink"
     assert a["o_partial"].shape == (0, B, H, n, D)
     assert a["block_table"] is table and a["cache_seqlens"] is seqlens and a["k_new"] is new
-    # the forward attends: the paged spec with the table, each sequence's keys as seqused_k
-    suffix = "_paged_wgmma" if paged else "_wgmma"
+    # the forward attends: the paged spec with the table (sm90's: sm90ws reads no table), each
+    # sequence's keys as seqused_k; a contiguous cache: the default sm90a forward, sm90ws
+    suffix = "_paged_wgmma" if paged else "_ws"
     assert attend == "fwd_sm90a_fp16_hd64_causal_window_softcap_alibi_sink" + suffix
     assert f["block_table"] is table
     assert f["q"] is q and f["k"] is k_cache and f["v"] is v_cache

@@ -22,18 +22,54 @@ def test_each_family_has_its_own_sources():
         assert r.sources == (f"{r.kernel}_binding.cpp", f"{r.family}/{r.kernel}.cu")
 
 
-@pytest.mark.parametrize("arch, bucket, family", [
-    ("sm90a", 64, "sm90"), ("sm90a", 128, "sm90"), ("sm90a", 96, "sm80"), ("sm80", 128, "sm80"),
-    ("sm80-sm90a", 128, "sm80"),  # a row must serve every arch of a multi-arch binary
-    ("sm100", 128, "sm80"),
+@pytest.mark.parametrize("arch, bucket, fwd, bwd", [
+    ("sm90a", 64, "sm90ws", "sm90"), ("sm90a", 128, "sm90ws", "sm90"),  # no sm90ws backward
+    ("sm90a", 96, "sm80", "sm80"), ("sm80", 128, "sm80", "sm80"),
+    ("sm80-sm90a", 128, "sm80", "sm80"),  # a row must serve every arch of a multi-arch binary
+    ("sm100", 128, "sm80", "sm80"),
 ])
-def test_default_family_is_the_first_row_that_serves(arch, bucket, family):
-    for kernel in ("fwd", "bwd"):
-        assert registry.default_family(kernel, arch, bucket) == family
+def test_default_family_is_the_first_row_that_serves(arch, bucket, fwd, bwd):
+    assert registry.default_family("fwd", arch, bucket) == fwd
+    assert registry.default_family("fwd", arch, bucket, paged=False) == fwd
+    assert registry.default_family("bwd", arch, bucket) == bwd
+
+
+@pytest.mark.parametrize("bucket", [64, 128])
+def test_paged_forward_skips_the_rows_that_read_no_block_table(bucket):
+    """sm90ws (TMA, no block table) is the sm90a forward's default at head dims 64 and 128, but
+    a paged forward takes the first row with paged=True: sm90 (wgmma); the backward stays sm90."""
+    assert not registry.row("fwd", "sm90ws").paged and registry.row("fwd", "sm90").paged
+    assert registry.default_family("fwd", "sm90a", bucket, paged=False) == "sm90ws"
+    assert registry.default_family("fwd", "sm90a", bucket, paged=True) == "sm90"
+    assert registry.default_family("fwd", "sm90a", bucket, True) == "sm90"  # positional too
+    assert registry.default_family("bwd", "sm90a", bucket) == "sm90"
+    # a preference for sm90ws applies where it serves, the paged default elsewhere
+    assert registry.preferred_family("fwd", "sm90a", bucket, "sm90ws") == "sm90ws"
+    assert registry.preferred_family("fwd", "sm90a", bucket, "sm90ws", paged=True) == "sm90"
+    assert registry.preferred_family("fwd", "sm90a", bucket, "sm90", paged=True) == "sm90"
+    assert registry.preferred_family("fwd", "sm90a", bucket, "sm80", paged=True) == "sm80"
+    assert registry.preferred_family("bwd", "sm90a", bucket, "sm90ws") == "sm90"  # no row
+    # elsewhere the paged forward is sm80's, as the plain one
+    assert registry.default_family("fwd", "sm90a", 96, paged=True) == "sm80"
+    assert registry.default_family("fwd", "sm80", bucket, paged=True) == "sm80"
+    assert registry.preferred_family("fwd", "sm80", bucket, "sm90ws", paged=True) == "sm80"
+
+
+def test_paged_default_needs_a_paged_row(monkeypatch):
+    """Without a row that reads a block table, a paged forward has no family (and says so)."""
+    monkeypatch.setattr(registry, "REGISTRY", tuple(
+        r for r in registry.REGISTRY if not (r.kernel == "fwd" and r.paged)))
+    assert registry.default_family("fwd", "sm90a", 128) == "sm90ws"
+    with pytest.raises(ValueError, match="on arch 'sm90a' at head-dim bucket 128 with paged K/V"):
+        registry.default_family("fwd", "sm90a", 128, paged=True)
 
 
 def test_describe_and_lookup():
     assert registry.describe(registry.row("fwd", "sm90")) == "wgmma, on sm90a at head dims 64, 128"
+    assert registry.describe(registry.row("fwd", "sm90ws")) == \
+        "wgmma+tma, on sm90a at head dims 64, 128"
+    with pytest.raises(KeyError, match="no kernel 'bwd' in family 'sm90ws'"):
+        registry.row("bwd", "sm90ws")
     assert registry.describe(registry.row("bwd", "sm80")) == "mma.sync, everywhere"
     with pytest.raises(KeyError, match="no kernel 'fwd' in family 'sm70'"):
         registry.row("fwd", "sm70")
@@ -61,5 +97,6 @@ def test_a_new_family_is_one_row(monkeypatch):
 def test_preferred_family_falls_back_to_the_default():
     assert registry.preferred_family("fwd", "sm90a", 128, "sm80") == "sm80"  # serves everywhere
     assert registry.preferred_family("fwd", "sm90a", 128, "sm90") == "sm90"
+    assert registry.preferred_family("fwd", "sm90a", 96, "sm90ws") == "sm80"  # no ws d 96
     assert registry.preferred_family("bwd", "sm90a", 96, "sm90") == "sm80"  # no wgmma d 96 yet
     assert registry.preferred_family("fwd", "sm80", 64, "sm90") == "sm80"

@@ -7,7 +7,7 @@ import shlex
 import pytest
 
 from flashjit.jit import (JitSpec, current_arch, default_family, head_dim_bucket, nvcc_flags,
-                          parse_arch_list)
+                          parse_arch_list, registry)
 from flashjit.jit.spec import cxx_flags
 from flashjit.prebuild import _parser, specs_from_args
 
@@ -15,8 +15,9 @@ from flashjit.prebuild import _parser, specs_from_args
 @pytest.mark.parametrize(
     "spec, name",
     [
-        # (family given where the default is sm90: these are built at collection, outside the
-        # tests' clean environment; test_default_family checks the default itself)
+        # (family given where the default is a Hopper family, sm90 or sm90ws: these are built
+        # at collection, outside the tests' clean environment; test_default_family checks the
+        # default itself)
         (JitSpec("fwd", "sm90a", "bf16", 128, causal=True, family="sm90"),
          "fwd_sm90a_bf16_hd128_causal_wgmma"),
         (JitSpec("fwd", "sm90a", "bf16", 128, causal=True, family="sm80"),
@@ -24,6 +25,12 @@ from flashjit.prebuild import _parser, specs_from_args
         (JitSpec("fwd", "sm90a", "fp16", 64, dropout=True, family="sm90"),
          "fwd_sm90a_fp16_hd64_dropout_wgmma"),
         (JitSpec("fwd", "sm90a", "fp16", 96), "fwd_sm90a_fp16_hd96"),
+        (JitSpec("fwd", "sm90a", "bf16", 128, causal=True, family="sm90ws"),
+         "fwd_sm90a_bf16_hd128_causal_ws"),
+        (JitSpec("fwd", "sm90a", "fp16", 64, dropout=True, family="sm90ws"),
+         "fwd_sm90a_fp16_hd64_dropout_ws"),
+        (JitSpec("fwd", "sm90a", "bf16", 128, causal=True, family="sm90", paged=True),
+         "fwd_sm90a_bf16_hd128_causal_paged_wgmma"),
         (JitSpec("bwd", "sm90a", "bf16", 128, causal=True, family="sm90"),
          "bwd_sm90a_bf16_hd128_causal_wgmma"),
         (JitSpec("bwd", "sm90a", "bf16", 128, family="sm80"), "bwd_sm90a_bf16_hd128"),
@@ -99,9 +106,10 @@ def test_spec_rejects_bad_fields(kwargs):
 @pytest.mark.parametrize(
     "kernel, arch, bucket, dropout, family",
     [
-        ("fwd", "sm90a", 64, False, "sm90"),
-        ("fwd", "sm90a", 128, False, "sm90"),
-        ("fwd", "sm90a", 64, True, "sm90"),  # the wgmma forward has dropout
+        ("fwd", "sm90a", 64, False, "sm90ws"),
+        ("fwd", "sm90a", 128, False, "sm90ws"),
+        ("fwd", "sm90a", 64, True, "sm90ws"),  # the warp-specialised forward has dropout
+        ("fwd", "sm90a", 128, True, "sm90ws"),
         ("fwd", "sm90a", 32, False, "sm80"),
         ("fwd", "sm90a", 96, False, "sm80"),
         ("fwd", "sm90a", 256, False, "sm80"),
@@ -123,6 +131,24 @@ def test_default_family(kernel, arch, bucket, dropout, family):
     spec = JitSpec(kernel, arch, "bf16", bucket, dropout=dropout)
     assert spec.family == family
     assert spec.name.endswith("_wgmma") == (family == "sm90")
+    assert spec.name.endswith("_ws") == (family == "sm90ws")
+
+
+@pytest.mark.parametrize("bucket", [64, 128])
+@pytest.mark.parametrize("dropout", [False, True])
+def test_paged_forward_defaults_to_the_wgmma_family(bucket, dropout):
+    """sm90ws reads no block table: on sm90a a paged forward is sm90's (wgmma), a plain one
+    sm90ws's; an explicit sm90ws paged spec is refused."""
+    paged = JitSpec("fwd", "sm90a", "bf16", bucket, causal=True, dropout=dropout, paged=True)
+    plain = JitSpec("fwd", "sm90a", "bf16", bucket, causal=True, dropout=dropout)
+    name = f"fwd_sm90a_bf16_hd{bucket}_causal" + ("_dropout" if dropout else "")
+    assert paged.family == "sm90" and paged.name == name + "_paged_wgmma"
+    assert plain.family == "sm90ws" and plain.name == name + "_ws"
+    assert paged == JitSpec("fwd", "sm90a", "bf16", bucket, causal=True, dropout=dropout,
+                            paged=True, family="sm90")
+    assert JitSpec(**paged.fields()) == paged  # the fields (family sm90) rebuild it
+    with pytest.raises(ValueError, match="kernel 'fwd' of family 'sm90ws' takes no paged K/V"):
+        JitSpec("fwd", "sm90a", "bf16", bucket, dropout=dropout, family="sm90ws", paged=True)
 
 
 def test_kernel_family_env(monkeypatch):
@@ -139,11 +165,20 @@ def test_kernel_family_env(monkeypatch):
     assert JitSpec(**hopper_bwd, dropout=True).family == "sm90"
     assert JitSpec("bwd", "sm90a", "bf16", 96).family == "sm80"
     assert JitSpec("fwd", "sm80", "bf16", 128).family == "sm80"
+    assert JitSpec(**hopper, paged=True).family == "sm90"
+    monkeypatch.setenv("FLASHJIT_KERNEL_FAMILY", "sm90ws")  # the forward only: no ws backward
+    assert JitSpec(**hopper).family == "sm90ws"
+    assert JitSpec(**hopper, dropout=True).family == "sm90ws"
+    assert JitSpec(**hopper, paged=True).family == "sm90"  # sm90ws reads no block table
+    assert JitSpec(**hopper_bwd).family == "sm90"
+    assert JitSpec("fwd", "sm90a", "bf16", 96).family == "sm80"
+    assert JitSpec(**hopper, family="sm90").family == "sm90"  # an explicit family wins
     monkeypatch.setenv("FLASHJIT_KERNEL_FAMILY", "")  # empty: unset
-    assert JitSpec(**hopper).family == "sm90"
+    assert JitSpec(**hopper).family == "sm90ws"
+    assert JitSpec(**hopper, paged=True).family == "sm90"
     assert JitSpec(**hopper_bwd).family == "sm90"
     monkeypatch.setenv("FLASHJIT_KERNEL_FAMILY", "hopper")
-    with pytest.raises(ValueError, match="FLASHJIT_KERNEL_FAMILY.*'sm80'.*'sm90'"):
+    with pytest.raises(ValueError, match="FLASHJIT_KERNEL_FAMILY.*'sm90ws'.*'sm90'.*'sm80'"):
         JitSpec(**hopper)
     assert JitSpec("selftest").family is None  # CPU-only specs have no family
 
@@ -162,11 +197,15 @@ def test_explicit_sm90_family_must_exist(kernel, arch, head_dim, dropout):
 
 
 def test_family_normalises_to_equal_specs():
-    spec = JitSpec("fwd", "sm90", "bf16", 120)  # bucket 128: sm90
-    assert spec == JitSpec("fwd", "sm90a", "bf16", 128, family="sm90")
+    spec = JitSpec("fwd", "sm90", "bf16", 120)  # bucket 128: sm90ws
+    assert spec == JitSpec("fwd", "sm90a", "bf16", 128, family="sm90ws")
+    assert spec != JitSpec("fwd", "sm90a", "bf16", 128, family="sm90")
     assert spec != JitSpec("fwd", "sm90a", "bf16", 128, family="sm80")
-    assert spec.fields()["family"] == "sm90"
+    assert spec.fields()["family"] == "sm90ws"
     assert JitSpec(**spec.fields()) == spec
+    bwd = JitSpec("bwd", "sm90", "bf16", 120)  # bucket 128: sm90
+    assert bwd == JitSpec("bwd", "sm90a", "bf16", 128, family="sm90")
+    assert bwd.fields()["family"] == "sm90" and JitSpec(**bwd.fields()) == bwd
 
 
 def test_spec_defines_and_flags():
@@ -184,12 +223,14 @@ def test_spec_defines_and_flags():
     ]
     assert JitSpec("fwd", "sm80", "fp16", 64).defines[1] == "-DFLASHJIT_DTYPE_FP16=1"
     # The family is its sources' (one folder per family), not a define: the defines of a wgmma
-    # spec are those of any other.
-    for kernel in ("fwd", "bwd"):
-        wgmma = JitSpec(kernel, "sm90a", "bf16", 128, causal=True)
-        assert wgmma.family == "sm90"
-        assert wgmma.defines == [
-            f"-DFLASHJIT_OP_NAMESPACE=flashjit_{kernel}_sm90a_bf16_hd128_causal_wgmma",
+    # or warp-specialised spec are those of any other.
+    assert JitSpec("fwd", "sm90a", "bf16", 128, causal=True).family == "sm90ws"
+    assert JitSpec("bwd", "sm90a", "bf16", 128, causal=True).family == "sm90"
+    for kernel, family, suffix in (("fwd", "sm90ws", "_ws"), ("fwd", "sm90", "_wgmma"),
+                                   ("bwd", "sm90", "_wgmma")):
+        hopper = JitSpec(kernel, "sm90a", "bf16", 128, causal=True, family=family)
+        assert hopper.defines == [
+            f"-DFLASHJIT_OP_NAMESPACE=flashjit_{kernel}_sm90a_bf16_hd128_causal{suffix}",
             "-DFLASHJIT_DTYPE_BF16=1", "-DFLASHJIT_HEAD_DIM=128",
             "-DFLASHJIT_IS_CAUSAL=1", "-DFLASHJIT_HAS_DROPOUT=0",
         ]
@@ -199,8 +240,8 @@ def test_spec_defines_and_flags():
     assert cxx_flags() == ["-O3"]
 
 
-@pytest.mark.parametrize("kernel", ["fwd", "bwd"])
-@pytest.mark.parametrize("family", ["sm80", "sm90"])
+@pytest.mark.parametrize("kernel, family", [
+    ("fwd", "sm80"), ("fwd", "sm90"), ("fwd", "sm90ws"), ("bwd", "sm80"), ("bwd", "sm90")])
 def test_sources_are_the_familys_own_folder(kernel, family):
     spec = JitSpec(kernel, "sm90a", "fp16", 64, family=family)
     root = spec.sources()[0].parent
@@ -278,13 +319,15 @@ def test_prebuild_command():
     assert spec.prebuild_command() == (
         "python -m flashjit.prebuild --kernel bwd --arch 'sm80;sm90a' --dtype fp16 "
         "--head-dim 64 --causal yes --dropout no --family sm80")
-    assert JitSpec("fwd", "sm90a", "bf16", 128).prebuild_command().endswith(" --family sm90")
+    assert JitSpec("fwd", "sm90a", "bf16", 128).prebuild_command().endswith(" --family sm90ws")
+    assert JitSpec("fwd", "sm90a", "bf16", 128, paged=True).prebuild_command().endswith(
+        " --paged yes --family sm90")
     assert JitSpec("bwd", "sm90a", "bf16", 128).prebuild_command().endswith(" --family sm90")
     assert JitSpec("selftest").prebuild_command() == "python -m flashjit.prebuild --kernel selftest"
     variant = JitSpec("fwd", "sm90a", "bf16", 128, causal=True, window=True, sink=True)
     assert variant.prebuild_command() == (
         "python -m flashjit.prebuild --kernel fwd --arch sm90a --dtype bf16 --head-dim 128 "
-        "--causal yes --window yes --sink yes --dropout no --family sm90")
+        "--causal yes --window yes --sink yes --dropout no --family sm90ws")
 
 
 @pytest.mark.parametrize(
@@ -292,6 +335,8 @@ def test_prebuild_command():
     [
         JitSpec("bwd", "sm80-sm90a", "fp16", 64, causal=True, family="sm80"),
         JitSpec("fwd", "sm90a", "bf16", 128, causal=True, family="sm90"),
+        JitSpec("fwd", "sm90a", "bf16", 128, causal=True, family="sm90ws"),
+        JitSpec("fwd", "sm90a", "fp16", 64, dropout=True, sink=True, family="sm90ws"),
         JitSpec("fwd", "sm90a", "bf16", 64, dropout=True, family="sm80"),
         JitSpec("bwd", "sm90a", "fp16", 64, causal=True, family="sm90"),
         JitSpec("bwd", "sm90a", "fp16", 64, family="sm80"),
@@ -309,7 +354,7 @@ def test_prebuild_command():
     ],
     ids=lambda spec: spec.name,
 )
-@pytest.mark.parametrize("env_family", [None, "sm80", "sm90"])
+@pytest.mark.parametrize("env_family", [None, "sm80", "sm90", "sm90ws"])
 def test_prebuild_command_rebuilds_the_same_spec(spec, env_family, monkeypatch):
     """Whatever FLASHJIT_KERNEL_FAMILY says where the command runs."""
     if env_family:
@@ -431,8 +476,18 @@ def test_tile_is_a_spec_option(monkeypatch):
     assert JitSpec(**tiled.fields()) == tiled
     assert CacheEntry.for_spec(tiled).path != CacheEntry.for_spec(base).path
     assert "--tile 128,32,4,2" in tiled.prebuild_command()
-    assert JitSpec("fwd", "sm90a", "bf16", 128, tile="128,2,1").name == \
+    assert JitSpec("fwd", "sm90a", "bf16", 128, family="sm90", tile="128,2,1").name == \
         "fwd_sm90a_bf16_hd128_wgmma_t128x2x1"
+    # the sm90ws forward (the sm90a default at d 128): its own parameters (registry row)
+    ws_params = registry.row("fwd", "sm90ws").tile_params
+    ws_tile = tuple(range(2, 2 + len(ws_params)))
+    ws = JitSpec("fwd", "sm90a", "bf16", 128, tile=ws_tile)
+    assert ws.family == "sm90ws"
+    assert ws.name == "fwd_sm90a_bf16_hd128_ws_t" + "x".join(map(str, ws_tile))
+    assert {f"-DFLASHJIT_TILE_{p.upper()}={t}" for p, t in zip(ws_params, ws_tile)} <= \
+        set(ws.defines)
+    with pytest.raises(ValueError, match=rf"{len(ws_params)} positive ints \({ws_params[0]}"):
+        JitSpec("fwd", "sm90a", "bf16", 128, tile=(128,) * (len(ws_params) + 1))
     assert JitSpec("bwd", "sm90a", "bf16", 64, tile=(128,)).name == "bwd_sm90a_bf16_hd64_wgmma_t128"
     with pytest.raises(ValueError, match="kernel 'bwd' of family 'sm80' takes no tile"):
         JitSpec("bwd", "sm80", "bf16", 64, tile=(64,))
@@ -483,6 +538,10 @@ def test_paged_is_a_forward_spec_flag():
     assert every.defines.index("-DFLASHJIT_HAS_PAGED=1") == every.defines.index(
         "-DFLASHJIT_TILE=1") - 1  # after the variants' defines, before the tile's
     assert JitSpec("fwd", "sm80", "fp16", 64, paged=False).name == "fwd_sm80_fp16_hd64"
+    # the warp-specialised forward reads no block table: paged=True with it is refused (the
+    # default family of a paged spec skips it: test_paged_forward_defaults_to_the_wgmma_family)
+    with pytest.raises(ValueError, match="kernel 'fwd' of family 'sm90ws' takes no paged K/V"):
+        JitSpec("fwd", "sm90a", "bf16", 128, causal=True, family="sm90ws", paged=True)
     for kernel, arch in (("bwd", "sm90a"), ("decode", "sm90a"), ("dropout_mask", "sm90a"),
                          ("selftest", None)):
         attention = kernel in ("bwd", "decode")
@@ -503,9 +562,17 @@ def test_prebuild_paged_flag():
         *base, "--kernel", "fwd", "bwd", "decode", "--paged", "no")
     assert names(*base, "--kernel", "fwd", "bwd", "decode", "--paged", "both") == [
         "fwd_sm90a_bf16_hd96_causal", "fwd_sm90a_bf16_hd96_causal_paged",
-        "fwd_sm90a_bf16_hd128_causal_wgmma", "fwd_sm90a_bf16_hd128_causal_paged_wgmma",
+        "fwd_sm90a_bf16_hd128_causal_ws", "fwd_sm90a_bf16_hd128_causal_paged_wgmma",
         "bwd_sm90a_bf16_hd96_causal", "bwd_sm90a_bf16_hd128_causal_wgmma",
         "decode_sm90a_bf16_hd96_causal", "decode_sm90a_bf16_hd128_causal"]
+    # --family sm90ws: where it serves (not the paged forward, not the backward)
+    assert names(*base, "--kernel", "fwd", "bwd", "--paged", "both", "--family", "sm90ws") == [
+        "fwd_sm90a_bf16_hd96_causal", "fwd_sm90a_bf16_hd96_causal_paged",
+        "fwd_sm90a_bf16_hd128_causal_ws", "fwd_sm90a_bf16_hd128_causal_paged_wgmma",
+        "bwd_sm90a_bf16_hd96_causal", "bwd_sm90a_bf16_hd128_causal_wgmma"]
+    assert names(*base, "--kernel", "fwd", "--paged", "both", "--family", "sm90") == [
+        "fwd_sm90a_bf16_hd96_causal", "fwd_sm90a_bf16_hd96_causal_paged",
+        "fwd_sm90a_bf16_hd128_causal_wgmma", "fwd_sm90a_bf16_hd128_causal_paged_wgmma"]
     assert names(*base, "--kernel", "fwd", "bwd", "--paged", "yes", "--family", "sm80") == [
         "fwd_sm90a_bf16_hd96_causal_paged", "fwd_sm90a_bf16_hd128_causal_paged"]
     with pytest.raises(SystemExit):

@@ -288,7 +288,7 @@ def test_the_spec_ops_get_the_contracts_arguments(monkeypatch):
     fwd_impl_args = (*args[:3], None, *args[3:])  # block_table (None) after seqused_k
     ops._fwd_impl(q, k, k, *fwd_impl_args, 0.0, None, True)
     op, fwd_args = launched[-1]
-    assert op == "fwd_sm90a_bf16_hd64_causal_window_softcap_alibi_sink_wgmma"
+    assert op == "fwd_sm90a_bf16_hd64_causal_window_softcap_alibi_sink_ws"
     assert len(fwd_args) == 21  # the binding's 22 arguments but the stream (_launch adds it)
     assert fwd_args[3].shape == q.shape and fwd_args[4].shape == (2, 4, 8)  # out, lse
     assert fwd_args[5] is not None and fwd_args[5].shape == q.shape  # out_residual
@@ -303,9 +303,10 @@ def test_the_spec_ops_get_the_contracts_arguments(monkeypatch):
     assert bwd_args[15:] == (8, 8, 0.125, True, 5, 0, 30.0, slopes, sink, None, 0.0, False)
     ops._fwd_impl(q, k, k, None, None, None, None, 8, 8, 0.125, True, True, -1, 0, 0.0, None,
                   None, 0.0, None, False)
-    assert launched[-1][0] == "fwd_sm90a_bf16_hd64_causal_wgmma"  # unchanged spec
+    assert launched[-1][0] == "fwd_sm90a_bf16_hd64_causal_ws"  # unchanged spec
     ops._fwd_impl(q, k, k, *fwd_impl_args, 0.0, None, True)  # cached: no second load
-    # a block table: the paged spec, which gets it after seqused_k (k/v: 3 pages of 16 rows)
+    # a block table: the paged spec (sm90's: sm90ws reads no table), which gets it after
+    # seqused_k (k/v: 3 pages of 16 rows)
     pages = torch.zeros(3, 16, 2, 64, dtype=torch.bfloat16)
     table, used = torch.zeros(2, 2, dtype=torch.int32), torch.tensor([20, 9], dtype=torch.int32)
     ops._fwd_impl(q, pages, pages, None, None, used, table, 8, 32, 0.125, True, True, -1, 0, 0.0,
@@ -313,9 +314,9 @@ def test_the_spec_ops_get_the_contracts_arguments(monkeypatch):
     op, fwd_args = launched[-1]
     assert op == "fwd_sm90a_bf16_hd64_causal_paged_wgmma"
     assert fwd_args[8] is used and fwd_args[9] is table and fwd_args[10:12] == (8, 32)
-    assert loaded == ["fwd_sm90a_bf16_hd64_causal_window_softcap_alibi_sink_wgmma",
+    assert loaded == ["fwd_sm90a_bf16_hd64_causal_window_softcap_alibi_sink_ws",
                       "bwd_sm90a_bf16_hd64_causal_window_softcap_alibi_sink_wgmma",
-                      "fwd_sm90a_bf16_hd64_causal_wgmma", "fwd_sm90a_bf16_hd64_causal_paged_wgmma"]
+                      "fwd_sm90a_bf16_hd64_causal_ws", "fwd_sm90a_bf16_hd64_causal_paged_wgmma"]
     keys = list(ops._resolved)
     assert keys[0][4:] == (True, True, True, True, True, False, False)  # flags, paged in the key
     assert keys[-1][4:] == (True, False, False, False, False, False, True)

@@ -67,7 +67,7 @@ CASES = [  # (batch, heads, heads_k, seqlen, d, causal, dtype, rotate)
 # the device's rule (KINDS.md): NVLink multicast stays off in NCCL, torch and NVSHMEM
 MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
                  "NVSHMEM_DISABLE_NVLS": "1"}
-FWD = ("flash_fwd_kernel", "flash_fwd_sm90_kernel")
+FWD = ("flash_fwd_kernel", "flash_fwd_sm90_kernel", "flash_fwd_ws_kernel")
 BWD = ("flash_bwd_dk_dv_kernel", "flash_bwd_dk_dv_sm90_kernel")
 
 

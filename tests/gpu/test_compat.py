@@ -239,7 +239,7 @@ def test_variant_arguments_raise_before_any_compile(monkeypatch):
         flashjit.flash_attn_func(q, k, v, alibi_slopes=torch.ones(3, device="cuda"))
     with pytest.raises(ValueError, match="sink"):
         flashjit.flash_attn_func(q, k, v, sink=torch.ones(2, device="cuda", dtype=torch.float16))
-    with pytest.raises(NotImplementedError, match="block_table"):
+    with pytest.raises(ValueError, match="k must be a paged cache"):  # block_table: 4-D caches
         cu = _cu([16])
         flashjit.flash_attn_varlen_func(q[0], k[0], v[0], cu, cu, 16, 16,
                                         block_table=torch.zeros(1, 1, dtype=torch.int32))

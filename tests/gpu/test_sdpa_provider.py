@@ -27,7 +27,7 @@ pytestmark = pytest.mark.skipif(
 DTYPES = [torch.float16, torch.bfloat16]
 # flashjit's kernel functions (csrc/sm80, csrc/sm90), in namespace flashjit; torch's own FA2
 # port has a flash_fwd_kernel too, in namespace pytorch_flash
-FWD_KERNELS = ("flash_fwd_kernel", "flash_fwd_sm90_kernel")
+FWD_KERNELS = ("flash_fwd_kernel", "flash_fwd_sm90_kernel", "flash_fwd_ws_kernel")
 BWD_KERNELS = ("flash_bwd_dk_dv_kernel", "flash_bwd_dk_dv_sm90_kernel")
 
 
