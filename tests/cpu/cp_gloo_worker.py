@@ -159,9 +159,16 @@ def main() -> int:
         if rank == 0 or not ok:  # one line per case (both ranks check; exit status covers both)
             say(f"rank {rank} case b{b} h{h}:{hk} s{s} d{d} causal={causal} {rotate} "
                 f"{str(dtype)[6:]} ({world} ranks): {'ok' if ok else 'FAILED'} {line}")
+    # Teardown: every rank past its last collective before the group goes, and no interpreter
+    # shutdown after it (a CI run saw rank 0 abort there with "terminate called without an
+    # active exception" after all its cases passed: gloo's threads at exit, torch 2.13).
+    dist.barrier()
     dist.destroy_process_group()
     return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
