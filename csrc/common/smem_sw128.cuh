@@ -19,6 +19,26 @@ __device__ __forceinline__ uint32_t sw128_offset(int row, int col) {
          (col % 8) * 2;
 }
 
+// One warp's 16 rows [warp_row, warp_row + 16) of a swizzled shared tile of kRows rows, written to
+// global memory (`dst`: the tile's row 0, row stride `row_stride` elements) with 16-byte stores,
+// rows < rows_valid and columns < d only: how the Hopper kernels write a tile they staged.
+template <typename Traits, int kRows, typename Element>
+__device__ __forceinline__ void store_warp_rows_sw128(Element* dst, int64_t row_stride,
+                                                      const unsigned char* stage, int warp_row,
+                                                      int rows_valid, int d, int lane) {
+  constexpr int kWarpChunks = 16 * Traits::kChunksPerRow;
+  static_assert(kWarpChunks % 32 == 0, "whole warp passes");
+#pragma unroll
+  for (int i = 0; i < kWarpChunks / 32; ++i) {
+    const int idx = i * 32 + lane;
+    const int row = warp_row + idx / Traits::kChunksPerRow;
+    const int col = (idx % Traits::kChunksPerRow) * 8;
+    if (row < rows_valid && col < d)
+      *reinterpret_cast<uint4*>(dst + row * row_stride + col) =
+          *reinterpret_cast<const uint4*>(stage + sw128_offset<kRows>(row, col));
+  }
+}
+
 // Copy a (kRows x kHeadDim) tile from global memory (row stride `row_stride` elements) into a
 // swizzled shared tile with cp.async; rows >= rows_valid and columns >= d are zero-filled. Thread
 // tid copies column chunk tid % kChunksPerRow of rows tid / kChunksPerRow + i * kRowStep (< kRows):

@@ -216,17 +216,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
                          acc_dq[nt][2 * half + 1] * p.softmax_scale);
   }
   __syncwarp();
-  constexpr int kWarpChunks = 16 * Traits::kChunksPerRow;
-  static_assert(kWarpChunks % 32 == 0, "whole warp passes");
-#pragma unroll
-  for (int i = 0; i < kWarpChunks / 32; ++i) {
-    const int idx = i * 32 + lane;
-    const int row = warp_row + idx / Traits::kChunksPerRow;
-    const int col = (idx % Traits::kChunksPerRow) * 8;
-    if (row < rows_q && col < p.head_dim)
-      *reinterpret_cast<uint4*>(tile.dq + row * p.dq_row_stride + col) =
-          *reinterpret_cast<const uint4*>(smem_q_ptr + sw128_offset<kBlockM>(row, col));
-  }
+  store_warp_rows_sw128<Traits, kBlockM>(tile.dq, p.dq_row_stride, smem_q_ptr, warp_row, rows_q,
+                                         p.head_dim, lane);
 #else
   __trap();  // compiled for an arch without wgmma: the launcher never selects this kernel there
 #endif

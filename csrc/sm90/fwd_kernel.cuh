@@ -15,6 +15,7 @@
 #include <cmath>
 
 #include "common/dropout.cuh"
+#include "common/fwd_epilogue_sw128.cuh"
 #include "common/params.h"
 #include "common/problem.cuh"
 #include "common/ptx.cuh"
@@ -228,58 +229,13 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSM)
     fence_registers(acc_o[0]);
   }
 
-  Element* o = tile.out(p);  // output pointers computed only now: registers are scarce in the loop
-  float* lse = tile.lse(p);
-
-  // Epilogue: O /= l and lse (finish_row, with the sink's term where the variant has one). A row
-  // that saw no key: O = 0, lse = -inf (the sink's logit with a sink).
-  // Each warp stages its own 16 rows of O in its rows of the Q tile (only its warpgroup's wgmma
-  // read them, and those have completed), then writes them out with 16-byte stores; with
-  // p.o_residual a second pass does the same for the rounding residual of O (pack_out).
-  unsigned char* smem_q_ptr = smem_raw + (smem_q - smem_raw_addr);
-  const int warp_row = wg * 64 + (warp % 4) * 16;  // first row of this warp in the tile
-  float inv_l[2];
-#pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    const RowResult res =
-        V::kHasSink
-            ? finish_row(row_max[0][half], row_sum[0][half], p.scale_log2, scores.sink_log2)
-            : finish_row(row_max[0][half], row_sum[0][half], p.scale_log2);
-    const int row = warp_row + half * 8 + g;
-    inv_l[half] = res.inv_l;
-    if (t == 0 && row < rows_q) lse[row] = res.lse_log2;
-  }
-#pragma unroll
-  for (int pass = 0; pass < 2; ++pass) {
-    if (pass == 1 && p.o_residual == nullptr) break;
-    Element* dst =
-        pass == 0 ? o : static_cast<Element*>(p.o_residual) + (o - static_cast<Element*>(p.o));
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const int row = warp_row + half * 8 + g;
-#pragma unroll
-      for (int nt = 0; nt < kNTilesO; ++nt) {
-        const uint32_t packed = pack_out<Element>(acc_o[0][nt][2 * half] * inv_l[half],
-                                                  acc_o[0][nt][2 * half + 1] * inv_l[half], pass);
-        *reinterpret_cast<uint32_t*>(smem_q_ptr + sw128_offset<kBlockM>(row, nt * 8 + 2 * t)) =
-            packed;
-      }
-    }
-    __syncwarp();
-    constexpr int kWarpChunks = 16 * Traits::kChunksPerRow;
-    static_assert(kWarpChunks % 32 == 0, "whole warp passes");
-#pragma unroll
-    for (int i = 0; i < kWarpChunks / 32; ++i) {
-      const int idx = i * 32 + lane;
-      const int row = warp_row + idx / Traits::kChunksPerRow;
-      const int col = (idx % Traits::kChunksPerRow) * 8;
-      if (row < rows_q && col < p.head_dim) {
-        *reinterpret_cast<uint4*>(dst + row * p.o_row_stride + col) =
-            *reinterpret_cast<const uint4*>(smem_q_ptr + sw128_offset<kBlockM>(row, col));
-      }
-    }
-    __syncwarp();  // the staging rows are rewritten by the next pass
-  }
+  // Epilogue (common/fwd_epilogue_sw128.cuh): O /= l and lse, O staged in this warp's rows of
+  // the Q tile (only its warpgroup's wgmma read them, and those have completed); the output
+  // pointers computed only now: registers are scarce in the loop.
+  fwd_epilogue_sw128<Traits, V, kBlockM>(p, scores, acc_o[0], row_max[0], row_sum[0],
+                                         tile.out(p), tile.lse(p), rows_q,
+                                         smem_raw + (smem_q - smem_raw_addr),
+                                         wg * 64 + (warp % 4) * 16, lane);
 #else
   __trap();  // compiled for an arch without wgmma: the launcher never selects this kernel there
 #endif

@@ -30,6 +30,7 @@
 #include <cmath>
 
 #include "common/dropout.cuh"
+#include "common/fwd_epilogue_sw128.cuh"
 #include "common/params.h"
 #include "common/problem.cuh"
 #include "common/ptx.cuh"
@@ -278,55 +279,13 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
     if (cwg == 0) named_barrier_sync(my_turn, kTurnThreads);  // the last consumer's last arrive
   }
 
-  // Epilogue (as sm90/fwd_kernel.cuh): O /= l and lse; each warp stages its 16 rows of O in its
-  // rows of the Q tile (only its own warpgroup's wgmma read them, all completed), then writes
-  // them with 16-byte stores; with p.o_residual a second pass writes O - round(O).
-  Element* o = tile.out(p);
-  float* lse = tile.lse(p);
-  const int rows_q = min(kBlockM, seq.seqlen_q - m0);
-  unsigned char* smem_q_ptr = smem_raw + (smem_q - smem_raw_addr);
-  const int warp_row = cwg * 64 + (warp % 4) * 16;
-  float inv_l[2];
-#pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    const RowResult res =
-        V::kHasSink
-            ? finish_row(row_max[0][half], row_sum[0][half], p.scale_log2, scores.sink_log2)
-            : finish_row(row_max[0][half], row_sum[0][half], p.scale_log2);
-    const int row = warp_row + half * 8 + g;
-    inv_l[half] = res.inv_l;
-    if (t == 0 && row < rows_q) lse[row] = res.lse_log2;
-  }
-#pragma unroll
-  for (int pass = 0; pass < 2; ++pass) {
-    if (pass == 1 && p.o_residual == nullptr) break;
-    Element* dst =
-        pass == 0 ? o : static_cast<Element*>(p.o_residual) + (o - static_cast<Element*>(p.o));
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const int row = warp_row + half * 8 + g;
-#pragma unroll
-      for (int nt = 0; nt < kNTilesO; ++nt) {
-        const uint32_t packed = pack_out<Element>(acc_o[0][nt][2 * half] * inv_l[half],
-                                                  acc_o[0][nt][2 * half + 1] * inv_l[half], pass);
-        *reinterpret_cast<uint32_t*>(smem_q_ptr + sw128_offset<kBlockM>(row, nt * 8 + 2 * t)) =
-            packed;
-      }
-    }
-    __syncwarp();
-    constexpr int kWarpChunks = 16 * Traits::kChunksPerRow;
-#pragma unroll
-    for (int i = 0; i < kWarpChunks / 32; ++i) {
-      const int idx = i * 32 + lane;
-      const int row = warp_row + idx / Traits::kChunksPerRow;
-      const int col = (idx % Traits::kChunksPerRow) * 8;
-      if (row < rows_q && col < p.head_dim) {
-        *reinterpret_cast<uint4*>(dst + row * p.o_row_stride + col) =
-            *reinterpret_cast<const uint4*>(smem_q_ptr + sw128_offset<kBlockM>(row, col));
-      }
-    }
-    __syncwarp();
-  }
+  // Epilogue (common/fwd_epilogue_sw128.cuh): O /= l and lse, O staged in this warp's rows of
+  // the Q tile (only its own warpgroup's wgmma read them, all completed).
+  fwd_epilogue_sw128<Traits, V, kBlockM>(p, scores, acc_o[0], row_max[0], row_sum[0],
+                                         tile.out(p), tile.lse(p),
+                                         min(kBlockM, seq.seqlen_q - m0),
+                                         smem_raw + (smem_q - smem_raw_addr),
+                                         cwg * 64 + (warp % 4) * 16, lane);
 #else
   __trap();  // sm90a only: the registry never serves this family elsewhere
 #endif

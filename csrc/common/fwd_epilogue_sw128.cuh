@@ -1,0 +1,61 @@
+// fwd_epilogue_sw128.cuh: the end of a Hopper forward (sm90, sm90ws) for one warp's 16 query rows
+// of a wgmma accumulator (C layout, fragment.cuh: rows g and g + 8 of the warp's m16 slice),
+// staged through a 128-byte swizzled shared tile (smem_sw128.cuh) for 16-byte global stores.
+#pragma once
+
+#include <cstdint>
+
+#include "common/params.h"
+#include "common/smem_sw128.cuh"
+#include "common/softmax.cuh"
+
+namespace flashjit {
+
+// O /= l and lse (finish_row, with the sink's term where the variant has one; a row that saw no
+// key: O = 0, lse = -inf, or the sink's logit with a sink). The warp stages its rows [warp_row,
+// warp_row + 16) of O in `stage`, a swizzled tile of kBlockM rows that no other warp writes and
+// nothing reads any more (the kernels pass their Q tile, whose wgmma reads have completed), then
+// writes rows < rows_q and columns < p.head_dim to `o` (row stride p.o_row_stride); with
+// p.o_residual a second pass does the same for the rounding residual of O (pack_out). lse: this
+// block's first row, written for rows < rows_q, in log2 units.
+template <typename Traits, typename V, int kBlockM, int kNTilesO, typename Scores>
+__device__ __forceinline__ void fwd_epilogue_sw128(
+    const FwdParams& p, const Scores& scores, const float (&acc_o)[kNTilesO][4],
+    const float (&row_max)[2], const float (&row_sum)[2], typename Traits::Element* o, float* lse,
+    int rows_q, unsigned char* stage, int warp_row, int lane) {
+  using Element = typename Traits::Element;
+  const int g = lane / 4, t = lane % 4;
+  float inv_l[2];
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const RowResult res = V::kHasSink
+                              ? finish_row(row_max[half], row_sum[half], p.scale_log2,
+                                           scores.sink_log2)
+                              : finish_row(row_max[half], row_sum[half], p.scale_log2);
+    const int row = warp_row + half * 8 + g;
+    inv_l[half] = res.inv_l;
+    if (t == 0 && row < rows_q) lse[row] = res.lse_log2;
+  }
+#pragma unroll
+  for (int pass = 0; pass < 2; ++pass) {
+    if (pass == 1 && p.o_residual == nullptr) break;
+    Element* dst =
+        pass == 0 ? o : static_cast<Element*>(p.o_residual) + (o - static_cast<Element*>(p.o));
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int row = warp_row + half * 8 + g;
+#pragma unroll
+      for (int nt = 0; nt < kNTilesO; ++nt) {
+        const uint32_t packed = pack_out<Element>(acc_o[nt][2 * half] * inv_l[half],
+                                                  acc_o[nt][2 * half + 1] * inv_l[half], pass);
+        *reinterpret_cast<uint32_t*>(stage + sw128_offset<kBlockM>(row, nt * 8 + 2 * t)) = packed;
+      }
+    }
+    __syncwarp();
+    store_warp_rows_sw128<Traits, kBlockM>(dst, p.o_row_stride, stage, warp_row, rows_q,
+                                           p.head_dim, lane);
+    __syncwarp();  // the staging rows are rewritten by the next pass
+  }
+}
+
+}  // namespace flashjit
