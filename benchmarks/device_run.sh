@@ -69,8 +69,9 @@ for step in $STEPS; do
       FLASHJIT_KERNEL_FAMILY=sm80 timeout ${TEST_TIMEOUT:-400} python3 -m pytest -q --maxfail=25 -p no:cacheprovider \
         tests/gpu/test_fwd.py tests/gpu/test_bwd.py -k "grid or random or varlen or gqa or dropout_matches" 2>&1 \
         | tee "$OUT/pytest_gpu_sm80.log" | tail -n 30 ;;
-    testws)  # the warp-specialised Hopper forward (csrc/sm90ws, opt-in family): its specs, the
-             # forward tests through it, racecheck/synccheck on a small config, a peers run
+    testws)  # the warp-specialised Hopper forward alone (csrc/sm90ws, the default forward on sm90a
+             # at d 64/128): its specs, the forward tests through it, racecheck/synccheck on a
+             # small config (quicker than build + test when only that kernel changed)
       FLASHJIT_KERNEL_FAMILY=sm90ws python3 -m flashjit.prebuild --kernel fwd --dtype fp16 bf16 --head-dim 64 128 \
         --causal both --jobs 16 2>&1 | tail -n 1
       FLASHJIT_KERNEL_FAMILY=sm90ws timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -x -p no:cacheprovider \

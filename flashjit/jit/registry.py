@@ -42,11 +42,12 @@ class FamilyRow:
     dropout: bool = True
     paged: bool = False
 
-    def serves(self, arch: str, head_dim_bucket: int) -> bool:
+    def serves(self, arch: str, head_dim_bucket: int, paged: bool = False) -> bool:
         """Whether this row can build a binary for ``arch`` (normal form, possibly several archs
-        joined by '-') at ``head_dim_bucket``."""
+        joined by '-') at ``head_dim_bucket``, reading K/V through a block table if ``paged``."""
         archs_ok = self.archs is None or all(a in self.archs for a in arch.split("-"))
-        return archs_ok and (self.head_dims is None or head_dim_bucket in self.head_dims)
+        return (archs_ok and (self.head_dims is None or head_dim_bucket in self.head_dims)
+                and (self.paged or not paged))
 
 
 # In order of preference: the first row that serves a (kernel, arch, head dim) is its default.
@@ -93,7 +94,7 @@ def default_family(kernel: str, arch: str, head_dim_bucket: int, paged: bool = F
     """The family of the first row of ``kernel`` that serves ``arch`` and ``head_dim_bucket``
     (and, for a ``paged`` spec, reads K/V through a block table)."""
     for r in rows(kernel):
-        if r.serves(arch, head_dim_bucket) and (r.paged or not paged):
+        if r.serves(arch, head_dim_bucket, paged):
             return r.family
     raise ValueError(f"no kernel family serves kernel {kernel!r} on arch {arch!r} at head-dim "
                      f"bucket {head_dim_bucket}" + (" with paged K/V" if paged else ""))
@@ -106,7 +107,7 @@ def preferred_family(kernel: str, arch: str, head_dim_bucket: int, preference: s
     forward and backward, forces mma.sync there; a kernel the family has no row for keeps its
     default)."""
     preferred = [r for r in rows(kernel) if r.family == preference]
-    if preferred and preferred[0].serves(arch, head_dim_bucket) and (preferred[0].paged or not paged):
+    if preferred and preferred[0].serves(arch, head_dim_bucket, paged):
         return preference
     return default_family(kernel, arch, head_dim_bucket, paged)
 

@@ -120,11 +120,11 @@ class JitSpec:
     ``family`` (a registry family: ``sm80``, ``sm90``, ``sm90ws``, ...; attention kernels only)
     defaults to default_family() (for a paged spec, the first row that reads a block table), or to
     FLASHJIT_KERNEL_FAMILY's family where that serves the spec (``sm80`` serves every forward and
-    backward); an explicit family must serve the spec's arch and head dim. ``tile`` (optional): a tile shape the family's
-    registry row takes (``tile_params``), e.g. ``(128, 64, 4, 2)`` or ``"128,64,4,2"`` for the
-    sm80 forward, instead of the launch code's per-head-dim choice: part of the name
-    (``_t128x64x4x2``), the defines (``-DFLASHJIT_TILE_BLOCK_M=128`` ...) and the cache key, for
-    tuning sweeps.
+    backward); an explicit family must serve the spec's arch and head dim. ``tile`` (optional): a
+    tile shape the family's registry row takes (``tile_params``), e.g. ``(128, 64, 4, 2)`` or
+    ``"128,64,4,2"`` for the sm80 forward, instead of the launch code's per-head-dim choice: part
+    of the name (``_t128x64x4x2``), the defines (``-DFLASHJIT_TILE_BLOCK_M=128`` ...) and the
+    cache key, for tuning sweeps.
     """
 
     kernel: str
