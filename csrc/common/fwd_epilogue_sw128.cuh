@@ -48,7 +48,8 @@ __device__ __forceinline__ void fwd_epilogue_sw128(
       for (int nt = 0; nt < kNTilesO; ++nt) {
         const uint32_t packed = pack_out<Element>(acc_o[nt][2 * half] * inv_l[half],
                                                   acc_o[nt][2 * half + 1] * inv_l[half], pass);
-        *reinterpret_cast<uint32_t*>(stage + sw128_offset<kBlockM>(row, nt * 8 + 2 * t)) = packed;
+        // chunk nt of the row (a compile-time column: its panel and chunk fold), byte 4 t of it
+        *reinterpret_cast<uint32_t*>(stage + sw128_offset<kBlockM>(row, nt * 8) + 4 * t) = packed;
       }
     }
     __syncwarp();

@@ -169,6 +169,22 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[N / 8][4], const uint32_t (&
   }
 }
 
+// D (64 x N) += A (64 x 16, registers) * B (16 x N, MN-major in 64-column panels, panel_bytes
+// apart): N > 128 as several wgmma, 128 columns (two panels) each and 64 for an odd last panel,
+// each on its own columns of D. For N = 64 or 128 this is the one wgmma_rs above.
+template <typename Element, int N>
+__device__ __forceinline__ void wgmma_rs_panels(float (&d)[N / 8][4], const uint32_t (&a)[4],
+                                                uint64_t desc_b, uint32_t panel_bytes) {
+  static_assert(N % 64 == 0, "N: whole 64-column panels");
+#pragma unroll
+  for (int c = 0; c < N / 128; ++c)
+    wgmma_rs<Element, 128>(*reinterpret_cast<float(*)[16][4]>(&d[16 * c]), a,
+                           desc_advance(desc_b, 2 * c * panel_bytes));
+  if constexpr (N % 128 != 0)
+    wgmma_rs<Element, 64>(*reinterpret_cast<float(*)[8][4]>(&d[N / 8 - 8]), a,
+                          desc_advance(desc_b, (N / 64 - 1) * panel_bytes));
+}
+
 #undef FLASHJIT_D_N8
 #undef FLASHJIT_D_N64
 #undef FLASHJIT_D_N128

@@ -64,7 +64,8 @@ struct FwdWsTraits {
   static constexpr int kSmemAlign = 1024;
   static constexpr size_t kSmemBytes = size_t(kSmemQ + 2 * kStages * kSmemKV + kSmemAlign);
   static_assert(sizeof(Element) == 2, "16-bit elements");
-  static_assert(kHeadDim == 64 || kHeadDim == 128, "wgmma N of P V: 64 or 128");
+  static_assert(kHeadDim % 64 == 0 && kHeadDim <= 256, "head dim: whole 64-column panels");
+  static_assert(kSmemBytes <= 227 * 1024, "shared memory: at most 227 KB per block");
   static_assert(kBlockN == 64 || kBlockN == 128, "wgmma N of Q K^T: 64 or 128");
   static_assert(kConsumers == 2 || kConsumers == 3, "2 or 3 consumer warpgroups");
 };
@@ -192,7 +193,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
     const uint64_t desc_v = desc_advance(desc_v0, (it % kStages) * Traits::kSmemKV);
 #pragma unroll
     for (int ks = 0; ks < kBlockN / 16; ++ks)
-      wgmma_rs<Element, kHeadDim>(acc_o[0], p_frag[ks], desc_advance(desc_v, ks * 16 * 128));
+      wgmma_rs_panels<Element, kHeadDim>(acc_o[0], p_frag[ks], desc_advance(desc_v, ks * 16 * 128),
+                                         kBlockN * 128);
     wgmma_commit();
   };
   // V rows past the sequence's keys in the band's last block (the first one taken): zero, by

@@ -16,16 +16,19 @@ namespace flashjit {
 // d 128: two (kBlockM 128; 32 + 6 x 32 KB = 224 KB of the 227 KB a block may take). Measured on
 // the H200 (results/h200/logs/ws_sweep*.log). A spec tile (FLASHJIT_FWD_TILE=block_n,stages,
 // consumers) sweeps other choices.
-template <int kHeadDim>
+template <int kHeadDim, typename V>
 struct WsTile {
 #ifdef FLASHJIT_TILE  // a spec's tile (JitSpec.tile: block_n, stages, consumers), for sweeps
   static constexpr int kBlockN = FLASHJIT_TILE_BLOCK_N;
   static constexpr int kStages = FLASHJIT_TILE_STAGES;
   static constexpr int kConsumers = FLASHJIT_TILE_CONSUMERS;
 #else
-  static constexpr int kBlockN = 128;
-  static constexpr int kStages = 3;
-  static constexpr int kConsumers = kHeadDim <= 64 ? 3 : 2;
+  // d 192 / 256: 64-key blocks, so that Q and 3 / 2 K/V stages fit (48 + 6 x 24 KB, 64 + 4 x 32 KB)
+  static constexpr int kBlockN = kHeadDim <= 128 ? 128 : 64;
+  static constexpr int kStages = kHeadDim <= 192 ? 3 : 2;
+  // d 64 with dropout: two consumers (232 registers each); three (160) spill 264 bytes in the
+  // main loop there (ptxas -v; the Philox draws), two 16-24. Not yet measured against each other.
+  static constexpr int kConsumers = kHeadDim <= 64 && !V::kHasDropout ? 3 : 2;
 #endif
 };
 
@@ -48,7 +51,7 @@ inline cudaError_t make_qkv_map(CUtensorMap* map, const void* ptr, bool bf16, in
 
 template <typename Element, int kHeadDim, typename V>
 cudaError_t run_fwd(const FwdParams& p, cudaStream_t stream) {
-  using Tile = WsTile<kHeadDim>;
+  using Tile = WsTile<kHeadDim, V>;
   using Traits = FwdWsTraits<Element, kHeadDim, Tile::kBlockN, Tile::kStages, Tile::kConsumers>;
   constexpr bool kBf16 = std::is_same_v<Element, __nv_bfloat16>;
   auto kernel = flash_fwd_ws_kernel<Traits, V>;

@@ -55,7 +55,7 @@ REGISTRY: tuple[FamilyRow, ...] = (
     # the warp-specialised Hopper forward (TMA producer, two ping-pong wgmma consumers,
     # setmaxnreg); it reads no block table, so paged specs take the next row (sm90)
     FamilyRow("fwd", "sm90ws", "wgmma+tma", ("fwd_binding.cpp", "sm90ws/fwd.cu"),
-              archs=("sm90a",), head_dims=(64, 128), suffix="_ws",
+              archs=("sm90a",), head_dims=(64, 128, 192, 256), suffix="_ws",
               tile_params=("block_n", "stages", "consumers")),  # the sm90ws forward's launch
     FamilyRow("fwd", "sm90", "wgmma", ("fwd_binding.cpp", "sm90/fwd.cu"), archs=("sm90a",),
               head_dims=(64, 128), suffix="_wgmma",

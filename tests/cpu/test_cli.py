@@ -282,7 +282,7 @@ def test_info(cache_copy):
     assert str(cache_copy) in out and "1 entries" in out
     rows = _info_rows(cache_copy, FLASHJIT_CUDA_ARCH_LIST="9.0")
     assert rows["forward family"] == \
-        "sm90ws (wgmma+tma) at head dims 64, 128; sm80 (mma.sync) otherwise"
+        "sm80 (mma.sync) at head dims 32, 96, 160, 224; sm90ws (wgmma+tma) otherwise"
     assert rows["backward family"] == "sm90 (wgmma) at head dims 64, 128; sm80 (mma.sync) otherwise"
     rows = _info_rows(cache_copy, FLASHJIT_CUDA_ARCH_LIST="9.0", FLASHJIT_KERNEL_FAMILY="sm90")
     assert rows["forward family"] == rows["backward family"] == \

@@ -112,7 +112,10 @@ def test_spec_rejects_bad_fields(kwargs):
         ("fwd", "sm90a", 128, True, "sm90ws"),
         ("fwd", "sm90a", 32, False, "sm80"),
         ("fwd", "sm90a", 96, False, "sm80"),
-        ("fwd", "sm90a", 256, False, "sm80"),
+        ("fwd", "sm90a", 192, False, "sm90ws"),  # 64-key blocks at d 192/256
+        ("fwd", "sm90a", 256, False, "sm90ws"),
+        ("fwd", "sm90a", 160, False, "sm80"),  # not whole 64-column panels
+        ("fwd", "sm90a", 224, False, "sm80"),
         ("bwd", "sm90a", 64, False, "sm90"),
         ("bwd", "sm90a", 128, False, "sm90"),
         ("bwd", "sm90a", 64, True, "sm90"),  # the wgmma backward has dropout too
