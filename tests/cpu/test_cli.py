@@ -285,8 +285,9 @@ def test_info(cache_copy):
         "sm80 (mma.sync) at head dims 32, 96, 160, 224; sm90ws (wgmma+tma) otherwise"
     assert rows["backward family"] == "sm90 (wgmma) at head dims 64, 128; sm80 (mma.sync) otherwise"
     rows = _info_rows(cache_copy, FLASHJIT_CUDA_ARCH_LIST="9.0", FLASHJIT_KERNEL_FAMILY="sm90")
-    assert rows["forward family"] == rows["backward family"] == \
-        "sm90 (wgmma) at head dims 64, 128; sm80 (mma.sync) otherwise"
+    assert rows["forward family"] == ("sm90 (wgmma) at head dims 64, 128; sm90ws (wgmma+tma) at "
+                                      "head dims 192, 256; sm80 (mma.sync) otherwise")
+    assert rows["backward family"] == "sm90 (wgmma) at head dims 64, 128; sm80 (mma.sync) otherwise"
     rows = _info_rows(cache_copy, FLASHJIT_CUDA_ARCH_LIST="9.0", FLASHJIT_KERNEL_FAMILY="sm80")
     assert rows["forward family"] == rows["backward family"] == "sm80 (mma.sync)"
 
