@@ -82,7 +82,7 @@ for step in $STEPS; do
       done ;;
     wssweep)  # sm90ws forward tiles (head dim:block_n,stages,consumers) against the default
               # families and cuDNN: bf16, 1k/8k, causal and not (benchmarks/ws_time.py)
-      WS_TILES=${WS_TILES:-"64:128,3,2 64:128,3,3 128:128,2,2 128:128,3,2"}
+      WS_TILES=${WS_TILES:-"64:128,3,1 64:128,3,2 64:128,3,3 128:64,3,1 128:128,3,2 192:64,3,2 256:64,2,2"}
       FLASHJIT_KERNEL_FAMILY=sm90 python3 -m flashjit.prebuild --kernel fwd --dtype bf16 --head-dim 64 128 \
         --causal both --jobs 4 2>&1 | tail -n 1 &
       for dt in $WS_TILES; do

@@ -1,6 +1,6 @@
 """Forward TFLOP/s of flashjit (the family FLASHJIT_KERNEL_FAMILY picks) and SDPA cuDNN, bf16,
 16k tokens x hidden 2048 as bench_peers.py; a first look at the sm90ws family. WS_DIMS: the
-head dims (default "64 128")."""
+head dims (default "64 128"), WS_SEQLENS the sequence lengths (default "512 1024 8192")."""
 import os
 import sys
 
@@ -14,7 +14,7 @@ from common import attention_flops, bench_ms  # noqa: E402
 
 fam = os.environ.get("FLASHJIT_KERNEL_FAMILY", "default")
 for d in [int(x) for x in os.environ.get("WS_DIMS", "64 128").split()]:
-    for s in (1024, 8192):
+    for s in [int(x) for x in os.environ.get("WS_SEQLENS", "512 1024 8192").split()]:
         for causal in (False, True):
             b, h = 16384 // s, 2048 // d
             q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))

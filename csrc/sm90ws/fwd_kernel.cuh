@@ -51,11 +51,15 @@ struct FwdWsTraits {
   static constexpr int kConsumers = kConsumers_;  // consumer warpgroups, 64 query rows each
   static constexpr int kBlockM = 64 * kConsumers;
   static constexpr int kNThreads = 128 * (1 + kConsumers);
-  // Registers (65536 per SM, one CTA): the producer keeps 24 (2 consumers: 40), the consumers
-  // take the rest in multiples of 8: 2 x 128 x 232 + 128 x 40 = 64512, 3 x 128 x 160 + 128 x 24
-  // = 64512.
-  static constexpr int kProducerRegs = kConsumers == 2 ? 40 : 24;
-  static constexpr int kConsumerRegs = (65536 - 128 * kProducerRegs) / (128 * kConsumers) / 8 * 8;
+  // One consumer: two CTAs per SM, which take turns on the tensor cores by themselves and
+  // overlap one's prologue and epilogue with the other's main loop (short sequences).
+  static constexpr int kMinBlocks = kConsumers == 1 ? 2 : 1;
+  // Registers (65536 per SM over kMinBlocks CTAs): the producer keeps 24 (1 or 2 consumers: 40),
+  // the consumers take the rest in multiples of 8: 2 x 128 x 232 + 128 x 40 = 64512, 3 x 128 x
+  // 160 + 128 x 24 = 64512, one consumer 128 x 216 + 128 x 40 = 32768 per CTA.
+  static constexpr int kProducerRegs = kConsumers <= 2 ? 40 : 24;
+  static constexpr int kConsumerRegs =
+      (65536 / kMinBlocks - 128 * kProducerRegs) / (128 * kConsumers) / 8 * 8;
   static constexpr int kNTilesS = kBlockN / 8, kNTilesO = kHeadDim / 8;
   static constexpr int kChunksPerRow = kHeadDim / 8;
   static constexpr int kPanels = kHeadDim / 64;
@@ -67,7 +71,8 @@ struct FwdWsTraits {
   static_assert(kHeadDim % 64 == 0 && kHeadDim <= 256, "head dim: whole 64-column panels");
   static_assert(kSmemBytes <= 227 * 1024, "shared memory: at most 227 KB per block");
   static_assert(kBlockN == 64 || kBlockN == 128, "wgmma N of Q K^T: 64 or 128");
-  static_assert(kConsumers == 2 || kConsumers == 3, "2 or 3 consumer warpgroups");
+  static_assert(kConsumers >= 1 && kConsumers <= 3, "1 to 3 consumer warpgroups");
+  static_assert(kMinBlocks == 1 || kSmemBytes <= 113 * 1024, "two CTAs per SM: <= 113 KB each");
 };
 
 // The kernel's parameters: the tensor maps of Q, K and V (4-D: head dim, heads, rows, batch;
@@ -78,7 +83,7 @@ struct FwdWsParams {  // CUtensorMap: 64-byte aligned itself
 };
 
 template <typename Traits, typename V>
-__global__ void __launch_bounds__(Traits::kNThreads, 1)
+__global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks)
     flash_fwd_ws_kernel(const __grid_constant__ FwdWsParams args) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   static_assert(!V::kPagedKV, "paged K/V: not in this family");
@@ -165,6 +170,12 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   constexpr int kConsumers = Traits::kConsumers, kTurnThreads = 256;
   constexpr int kTailBarrier = 1 + kConsumers;
   const int my_turn = 1 + cwg, other_turn = 1 + (cwg + 1) % kConsumers;
+  auto turn_wait = [&] {  // one consumer: no turns to take
+    if constexpr (kConsumers > 1) named_barrier_sync(my_turn, kTurnThreads);
+  };
+  auto turn_pass = [&] {
+    if constexpr (kConsumers > 1) named_barrier_arrive(other_turn, kTurnThreads);
+  };
 
   float acc_o[1][kNTilesO][4];
   float acc_s[1][kNTilesS][4];
@@ -218,14 +229,15 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
 
   if (n_blocks > 0) {
     mbarrier_wait(smem_addr(&bar_q), 0);
-    if (cwg == kConsumers - 1) named_barrier_arrive(1, kTurnThreads);  // consumer 0 goes first
+    if (kConsumers > 1 && cwg == kConsumers - 1)
+      named_barrier_arrive(1, kTurnThreads);  // consumer 0 goes first
   }
   for (int it = 0; it < n_blocks; ++it) {
     const int s = it % kStages, n0 = (n_last - it) * kBlockN;
     if (it == 1) zero_v_tail();  // before P V of block 0
     mbarrier_wait(smem_addr(&bar_k_full[s]), (it / kStages) & 1);
     if (it > 0) mbarrier_wait(smem_addr(&bar_v_full[(it - 1) % kStages]), ((it - 1) / kStages) & 1);
-    named_barrier_sync(my_turn, kTurnThreads);
+    turn_wait();
     // S = Q K^T (64 x kBlockN), then behind it O += P[it-1] V[it-1].
     const uint64_t desc_k = desc_advance(desc_k0, s * Traits::kSmemKV);
     fence_registers(acc_o[0]);
@@ -238,10 +250,10 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
     wgmma_commit();
     if (it > 0) {
       issue_pv(it - 1);
-      named_barrier_arrive(other_turn, kTurnThreads);
+      turn_pass();
       wgmma_wait<1>();  // S is done; P V may still run
     } else {
-      named_barrier_arrive(other_turn, kTurnThreads);
+      turn_pass();
       wgmma_wait<0>();
     }
     mbarrier_arrive(smem_addr(&bar_k_empty[s]));  // S read its K buffer: back to the producer
@@ -272,13 +284,13 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
     if (n_blocks == 1) zero_v_tail();
     const int last = n_blocks - 1;
     mbarrier_wait(smem_addr(&bar_v_full[last % kStages]), (last / kStages) & 1);
-    named_barrier_sync(my_turn, kTurnThreads);
+    turn_wait();
     wgmma_fence();
     issue_pv(last);
-    named_barrier_arrive(other_turn, kTurnThreads);
+    turn_pass();
     wgmma_wait<0>();
     fence_registers(acc_o[0]);
-    if (cwg == 0) named_barrier_sync(my_turn, kTurnThreads);  // the last consumer's last arrive
+    if (kConsumers > 1 && cwg == 0) turn_wait();  // the last consumer's last arrive
   }
 
   // Epilogue (common/fwd_epilogue_sw128.cuh): O /= l and lse, O staged in this warp's rows of

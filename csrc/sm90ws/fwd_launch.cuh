@@ -15,7 +15,8 @@ namespace flashjit {
 // warpgroup's softmax, on a unit as fast as the d-64 GEMMs, hides behind two others' GEMMs),
 // d 128: two (kBlockM 128; 32 + 6 x 32 KB = 224 KB of the 227 KB a block may take). Measured on
 // the H200 (results/h200/logs/ws_sweep*.log). A spec tile (FLASHJIT_FWD_TILE=block_n,stages,
-// consumers) sweeps other choices.
+// consumers) sweeps other choices; consumers 1 runs two CTAs per SM (each <= 113 KB: d 64 with
+// 128-key blocks, d 128 with 64-key blocks, 3 stages), not yet measured.
 template <int kHeadDim, typename V>
 struct WsTile {
 #ifdef FLASHJIT_TILE  // a spec's tile (JitSpec.tile: block_n, stages, consumers), for sweeps
