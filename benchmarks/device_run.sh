@@ -72,7 +72,7 @@ for step in $STEPS; do
     testws)  # the warp-specialised Hopper forward alone (csrc/sm90ws, the default forward on sm90a
              # at d 64/128): its specs, the forward tests through it, racecheck/synccheck on a
              # small config (quicker than build + test when only that kernel changed)
-      FLASHJIT_KERNEL_FAMILY=sm90ws python3 -m flashjit.prebuild --kernel fwd --dtype fp16 bf16 --head-dim 64 128 \
+      FLASHJIT_KERNEL_FAMILY=sm90ws python3 -m flashjit.prebuild --kernel fwd --dtype fp16 bf16 --head-dim 64 128 192 256 \
         --causal both --jobs 16 2>&1 | tail -n 1
       FLASHJIT_KERNEL_FAMILY=sm90ws timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -x -p no:cacheprovider \
         tests/gpu/test_fwd.py -k "grid or random or varlen or gqa" 2>&1 | tee "$OUT/pytest_ws.log" | tail -n 15

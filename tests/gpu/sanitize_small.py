@@ -8,12 +8,15 @@ import torch
 import flashjit
 
 torch.manual_seed(0)
-# (64, fp16) and (128, bf16) run the sm90 family on sm90a; the deterministic call adds the dQ
-# kernel of that path, the last one dropout.
+# On sm90a the forwards run the sm90ws family (d 64/128 with 2-3 consumer warpgroups, d 192/256
+# with P V in 64-column panels) and the backwards the sm90 one at d 64/128 (the deterministic call
+# adds its dQ kernel) and sm80 at d 192/256; the fourth call has dropout.
 for dtype, d, causal, deterministic, dropout_p in [(torch.float16, 64, False, False, 0.0),
                                                    (torch.bfloat16, 128, True, False, 0.0),
                                                    (torch.bfloat16, 128, False, True, 0.0),
-                                                   (torch.float16, 64, True, False, 0.2)]:
+                                                   (torch.float16, 64, True, False, 0.2),
+                                                   (torch.bfloat16, 256, True, False, 0.0),
+                                                   (torch.float16, 192, False, False, 0.0)]:
     q = torch.randn(1, 130, 2, d, device="cuda", dtype=dtype, requires_grad=True)
     k = torch.randn(1, 77, 1, d, device="cuda", dtype=dtype, requires_grad=True)
     v = torch.randn(1, 77, 1, d, device="cuda", dtype=dtype, requires_grad=True)
