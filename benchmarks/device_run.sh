@@ -85,12 +85,15 @@ for step in $STEPS; do
       WS_TILES=${WS_TILES:-"64:128,3,1 64:128,3,2 64:128,3,3 128:64,3,1 128:128,3,2 192:64,3,2 256:64,2,2"}
       FLASHJIT_KERNEL_FAMILY=sm90 python3 -m flashjit.prebuild --kernel fwd --dtype bf16 --head-dim 64 128 \
         --causal both --jobs 4 2>&1 | tail -n 1 &
+      FLASHJIT_KERNEL_FAMILY=sm80 python3 -m flashjit.prebuild --kernel fwd --dtype bf16 --head-dim 192 256 \
+        --causal both --jobs 4 2>&1 | tail -n 1 &
       for dt in $WS_TILES; do
         FLASHJIT_KERNEL_FAMILY=sm90ws python3 -m flashjit.prebuild --kernel fwd --dtype bf16 \
           --head-dim ${dt%%:*} --causal both --tile ${dt#*:} --jobs 4 2>&1 | tail -n 1 &
       done
       wait
       FLASHJIT_KERNEL_FAMILY=sm90 python3 benchmarks/ws_time.py 2>&1 | tee -a "$OUT/ws_sweep.log"
+      WS_DIMS="192 256" FLASHJIT_KERNEL_FAMILY=sm80 python3 benchmarks/ws_time.py 2>&1 | tee -a "$OUT/ws_sweep.log"
       for dt in $WS_TILES; do
         WS_DIMS=${dt%%:*} FLASHJIT_KERNEL_FAMILY=sm90ws FLASHJIT_FWD_TILE=${dt#*:} python3 benchmarks/ws_time.py \
           2>&1 | sed "s/^/tile ${dt#*:}: /" | tee -a "$OUT/ws_sweep.log"
