@@ -70,12 +70,12 @@ for step in $STEPS; do
         tests/gpu/test_fwd.py tests/gpu/test_bwd.py -k "grid or random or varlen or gqa or dropout_matches" 2>&1 \
         | tee "$OUT/pytest_gpu_sm80.log" | tail -n 30 ;;
     testws)  # the warp-specialised Hopper forward alone (csrc/sm90ws, the default forward on sm90a
-             # at d 64/128): its specs, the forward tests through it, racecheck/synccheck on a
+             # at d 64-256): its specs, the forward tests through it, racecheck/synccheck on a
              # small config (quicker than build + test when only that kernel changed)
       FLASHJIT_KERNEL_FAMILY=sm90ws python3 -m flashjit.prebuild --kernel fwd --dtype fp16 bf16 --head-dim 64 128 192 256 \
         --causal both --jobs 16 2>&1 | tail -n 1
       FLASHJIT_KERNEL_FAMILY=sm90ws timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -x -p no:cacheprovider \
-        tests/gpu/test_fwd.py -k "grid or random or varlen or gqa" 2>&1 | tee "$OUT/pytest_ws.log" | tail -n 15
+        tests/gpu/test_fwd.py -k "grid or random or varlen or gqa or lengths" 2>&1 | tee "$OUT/pytest_ws.log" | tail -n 15
       for tool in racecheck synccheck; do
         FLASHJIT_KERNEL_FAMILY=sm90ws timeout 200 compute-sanitizer --tool $tool --error-exitcode 1 \
           python3 tests/gpu/sanitize_small.py 2>&1 | tail -n 4 | tee "$OUT/sanitizer_ws_$tool.log"

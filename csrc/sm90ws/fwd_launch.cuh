@@ -11,25 +11,33 @@
 
 namespace flashjit {
 
-// Tiles: kBlockN 128 and 3 K/V buffers; d 64: three consumer warpgroups (kBlockM 192: one
-// warpgroup's softmax, on a unit as fast as the d-64 GEMMs, hides behind two others' GEMMs),
-// d 128: two (kBlockM 128; 32 + 6 x 32 KB = 224 KB of the 227 KB a block may take). Measured on
-// the H200 (results/h200/logs/ws_sweep*.log). A spec tile (FLASHJIT_FWD_TILE=block_n,stages,
-// consumers) sweeps other choices; consumers 1 runs two CTAs per SM (each <= 113 KB: d 64 with
-// 128-key blocks, d 128 with 64-key blocks, 3 stages), not yet measured.
+// Tiles (measured on the H200, bf16: results/h200/logs/ws_sweep*.log): d 64: 128-key blocks, 3
+// K/V buffers, three consumer warpgroups (kBlockM 192: one warpgroup's softmax, on a unit as fast
+// as the d-64 GEMMs, hides behind two others' GEMMs); on short sequences (kShortRows: causal up
+// to 1024 query rows, else 512) one consumer instead, two CTAs per SM (one's prologue and
+// epilogue overlap the other's main loop; 172 against 145 TFLOP/s causal at 512, 250 against 222
+// at 1024, 268 against 248 non-causal at 512), both compiled into the spec. d 128: two
+// consumers (kBlockM 128; 32 + 6 x 32 KB = 224 KB of the 227 KB a block may take). d 192 / 256:
+// 64-key blocks, so that Q and 3 / 2 K/V stages fit (48 + 6 x 24 KB, 64 + 4 x 32 KB), two
+// consumers. A spec tile (FLASHJIT_FWD_TILE=block_n,stages,consumers) sweeps other choices and
+// compiles only itself.
 template <int kHeadDim, typename V>
 struct WsTile {
 #ifdef FLASHJIT_TILE  // a spec's tile (JitSpec.tile: block_n, stages, consumers), for sweeps
   static constexpr int kBlockN = FLASHJIT_TILE_BLOCK_N;
   static constexpr int kStages = FLASHJIT_TILE_STAGES;
   static constexpr int kConsumers = FLASHJIT_TILE_CONSUMERS;
+  static constexpr int kShortConsumers = 0, kShortRows = 0;
 #else
-  // d 192 / 256: 64-key blocks, so that Q and 3 / 2 K/V stages fit (48 + 6 x 24 KB, 64 + 4 x 32 KB)
   static constexpr int kBlockN = kHeadDim <= 128 ? 128 : 64;
   static constexpr int kStages = kHeadDim <= 192 ? 3 : 2;
   // d 64 with dropout: two consumers (232 registers each); three (160) spill 264 bytes in the
   // main loop there (ptxas -v; the Philox draws), two 16-24. Not yet measured against each other.
   static constexpr int kConsumers = kHeadDim <= 64 && !V::kHasDropout ? 3 : 2;
+  // Short sequences (seqlen_q, for varlen max_seqlen_q, <= kShortRows): this many consumers
+  // (0: the same tile at every length)
+  static constexpr int kShortConsumers = kHeadDim <= 64 && !V::kHasDropout ? 1 : 0;
+  static constexpr int kShortRows = V::kIsCausal ? 1024 : 512;
 #endif
 };
 
@@ -50,10 +58,10 @@ inline cudaError_t make_qkv_map(CUtensorMap* map, const void* ptr, bool bf16, in
   return encode_tensor_map_16bit(map, ptr, bf16, dims, strides, box);
 }
 
-template <typename Element, int kHeadDim, typename V>
-cudaError_t run_fwd(const FwdParams& p, cudaStream_t stream) {
-  using Tile = WsTile<kHeadDim, V>;
-  using Traits = FwdWsTraits<Element, kHeadDim, Tile::kBlockN, Tile::kStages, Tile::kConsumers>;
+// Launches flash_fwd_ws_kernel<Traits, V>: tensor maps, shared memory, the grid.
+template <typename Traits, typename V>
+cudaError_t launch_fwd_ws(const FwdParams& p, cudaStream_t stream) {
+  using Element = typename Traits::Element;
   constexpr bool kBf16 = std::is_same_v<Element, __nv_bfloat16>;
   auto kernel = flash_fwd_ws_kernel<Traits, V>;
   constexpr size_t smem = Traits::kSmemBytes;
@@ -82,6 +90,18 @@ cudaError_t run_fwd(const FwdParams& p, cudaStream_t stream) {
   const dim3 grid = attention_grid(ceil_div(p.seqlen_q, Traits::kBlockM), p.heads, p.batch);
   kernel<<<grid, Traits::kNThreads, smem, stream>>>(args);
   return cudaGetLastError();
+}
+
+template <typename Element, int kHeadDim, typename V>
+cudaError_t run_fwd(const FwdParams& p, cudaStream_t stream) {
+  using Tile = WsTile<kHeadDim, V>;
+  if constexpr (Tile::kShortConsumers > 0) {
+    if (p.seqlen_q <= Tile::kShortRows)
+      return launch_fwd_ws<FwdWsTraits<Element, kHeadDim, Tile::kBlockN, Tile::kStages,
+                                       Tile::kShortConsumers>, V>(p, stream);
+  }
+  return launch_fwd_ws<FwdWsTraits<Element, kHeadDim, Tile::kBlockN, Tile::kStages,
+                                   Tile::kConsumers>, V>(p, stream);
 }
 
 }  // namespace flashjit

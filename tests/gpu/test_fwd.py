@@ -49,6 +49,30 @@ def test_fwd_grid(dtype, d, causal, sq, sk):
     assert_close_to_reference(out, lse, q, k, v, causal)
 
 
+# On sm90a the d-64 forward has two tiles in one spec (csrc/sm90ws/fwd_launch.cuh): one consumer
+# warpgroup up to 512 query rows (1024 causal), three above; lengths on both sides of each switch,
+# fixed-length and varlen (where max_seqlen_q picks the tile).
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("sq", [512, 513, 1024, 1025, 1500])
+def test_fwd_lengths_around_tile_switch(dtype, causal, sq):
+    torch.manual_seed(sq)
+    q, k, v = _qkv(1, sq, sq + 37, 2, 1, 64, dtype)
+    out, lse, _ = flashjit.flash_attn_func(q, k, v, causal=causal, return_attn_probs=True)
+    assert_close_to_reference(out, lse, q, k, v, causal)
+    # varlen: a short sequence next to this one, so the tile follows the longest
+    lens = [(100, 90), (sq, sq + 37)]
+    qs, ks, vs = zip(*(_qkv(1, a, b, 2, 1, 64, dtype) for a, b in lens))
+    cu_q = torch.tensor([0, 100, 100 + sq], device="cuda", dtype=torch.int32)
+    cu_k = torch.tensor([0, 90, 90 + sq + 37], device="cuda", dtype=torch.int32)
+    out, lse, _ = flashjit.flash_attn_varlen_func(
+        torch.cat(qs, 1)[0], torch.cat(ks, 1)[0], torch.cat(vs, 1)[0], cu_q, cu_k, sq, sq + 37,
+        causal=causal, return_attn_probs=True)
+    for i, (a, b) in enumerate(lens):
+        rows = slice(int(cu_q[i]), int(cu_q[i + 1]))
+        assert_close_to_reference(out[rows][None], lse[:, rows][None], qs[i], ks[i], vs[i], causal)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("h,hk", [(8, 1), (8, 2), (6, 3)])
 @pytest.mark.parametrize("causal", [False, True])
