@@ -8,7 +8,7 @@
 # Usage (on the device): bash benchmarks/device_run.sh [steps...]
 #   steps: build test test80 sanitize profile sweep kernels overhead jit peers original long
 #          variants ab sdpa hf hfbench cp cpbench decode decodebench decodeprof decodesweep
-#          testws wssweep wsprof (the sm90ws forward family)
+#          testws wssweep wsdrop wsprof (the sm90ws forward family) dropout
 #   (default: build test sanitize jit peers)
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -98,6 +98,35 @@ for step in $STEPS; do
         WS_DIMS=${dt%%:*} FLASHJIT_KERNEL_FAMILY=sm90ws FLASHJIT_FWD_TILE=${dt#*:} python3 benchmarks/ws_time.py \
           2>&1 | sed "s/^/tile ${dt#*:}: /" | tee -a "$OUT/ws_sweep.log"
       done ;;
+    wsdrop)  # the sm90ws forward with dropout against without (bf16; d 64: its two consumers and
+             # the three-consumer tile, which spills), and forward + backward at d 192/256
+      FLASHJIT_KERNEL_FAMILY=sm90ws python3 -m flashjit.prebuild --kernel fwd --dtype bf16 --head-dim 64 128 \
+        --causal both --dropout both --jobs 8 2>&1 | tail -n 1 &
+      FLASHJIT_KERNEL_FAMILY=sm90ws python3 -m flashjit.prebuild --kernel fwd --dtype bf16 --head-dim 64 \
+        --causal both --dropout yes --tile 128,3,3 --jobs 2 2>&1 | tail -n 1 &
+      python3 -m flashjit.prebuild --kernel fwd bwd --dtype bf16 --head-dim 192 256 --causal both --jobs 6 2>&1 | tail -n 1 &
+      wait
+      WS_DROPOUT=0.1 python3 benchmarks/ws_time.py 2>&1 | tee -a "$OUT/ws_dropout.log"
+      WS_DIMS=64 WS_DROPOUT=0.1 FLASHJIT_FWD_TILE=128,3,3 python3 benchmarks/ws_time.py 2>&1 \
+        | sed "s/^/tile 128,3,3: /" | tee -a "$OUT/ws_dropout.log"
+      timeout 300 python3 benchmarks/bench_peers.py --out "$OUT/results" --modes fwd_bwd --dtypes bf16 \
+        --head-dims 192 256 2>&1 | tail -n 16 ;;
+    dropout)  # the dropout mask (common/dropout.cuh) in every family: its specs, the dropout
+              # tests (default families, then sm80), the forward's dropout cost (ws_time.py)
+      pb --jobs 8 --dtype fp16 bf16 --head-dim 64 128 --causal both --dropout yes 2>&1 | tail -n 1 &
+      FLASHJIT_KERNEL_FAMILY=sm80 pb --jobs 8 --dtype fp16 bf16 --head-dim 64 128 --causal both \
+        --dropout yes 2>&1 | tail -n 1 &
+      wait
+      pb --jobs 8 --dtype bf16 --head-dim 64 128 $EVERY_VARIANT --dropout yes 2>&1 | tail -n 1 &
+      pb --jobs 4 --family sm80 --dtype bf16 --head-dim 64 $EVERY_VARIANT --dropout yes 2>&1 | tail -n 1 &
+      python3 -m flashjit.prebuild --kernel dropout_mask 2>&1 | tail -n 1 &
+      pb --jobs 4 --dtype bf16 --head-dim 64 128 --causal both 2>&1 | tail -n 1 &
+      wait
+      timeout ${TEST_TIMEOUT:-240} python3 -m pytest -q -p no:cacheprovider tests/gpu -k dropout 2>&1 \
+        | tee "$OUT/pytest_dropout.log" | tail -n 8
+      FLASHJIT_KERNEL_FAMILY=sm80 timeout ${TEST_TIMEOUT:-240} python3 -m pytest -q -p no:cacheprovider \
+        tests/gpu/test_bwd.py -k dropout 2>&1 | tee "$OUT/pytest_dropout_sm80.log" | tail -n 4
+      WS_DROPOUT=0.1 python3 benchmarks/ws_time.py 2>&1 | tee "$OUT/ws_dropout.log" ;;
     wsprof)  # ncu of the sm90ws forward (bf16, 8k, d 64 and 128): stall reasons, issue and pipe
              # use, and the hottest SASS instructions by warp-stall samples (profile_ws.py)
       for d in ${WSPROF_DIMS:-64 128}; do

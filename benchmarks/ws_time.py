@@ -1,6 +1,8 @@
 """Forward TFLOP/s of flashjit (the family FLASHJIT_KERNEL_FAMILY picks) and SDPA cuDNN, bf16,
 16k tokens x hidden 2048 as bench_peers.py; a first look at the sm90ws family. WS_DIMS: the
-head dims (default "64 128"), WS_SEQLENS the sequence lengths (default "512 1024 8192")."""
+head dims (default "64 128"), WS_SEQLENS the sequence lengths (default "512 1024 8192").
+WS_DROPOUT=p: flashjit with dropout p against flashjit without (the issue's "forward with
+dropout <= 1.2x the plain forward"), no cuDNN."""
 import os
 import sys
 
@@ -13,6 +15,7 @@ import flashjit  # noqa: E402
 from common import attention_flops, bench_ms  # noqa: E402
 
 fam = os.environ.get("FLASHJIT_KERNEL_FAMILY", "default")
+dropout_p = float(os.environ.get("WS_DROPOUT", "0"))
 for d in [int(x) for x in os.environ.get("WS_DIMS", "64 128").split()]:
     for s in [int(x) for x in os.environ.get("WS_SEQLENS", "512 1024 8192").split()]:
         for causal in (False, True):
@@ -20,6 +23,13 @@ for d in [int(x) for x in os.environ.get("WS_DIMS", "64 128").split()]:
             q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
             fl = attention_flops(b, h, s, s, d, causal)
             ms = bench_ms(lambda: flashjit.flash_attn_func(q, k, v, causal=causal), 3, 10)
+            if dropout_p > 0:
+                md = bench_ms(lambda: flashjit.flash_attn_func(q, k, v, causal=causal,
+                                                               dropout_p=dropout_p), 3, 10)
+                print(f"{fam} d{d} s{s} causal={int(causal)}: {fl / ms / 1e9:.0f} TFLOP/s, with "
+                      f"dropout {dropout_p}: {fl / md / 1e9:.0f} ({md / ms:.2f}x the time)",
+                      flush=True)
+                continue
             qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
             with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
                 mc = bench_ms(lambda: torch.nn.functional.scaled_dot_product_attention(

@@ -174,6 +174,21 @@ def test_dropout_matches_reference_with_the_same_mask(dtype, d, causal):
     assert not torch.equal(mask, testing.next_dropout_mask(b, h, sq, sk, p, device=q.device))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("sq,sk", [(190, 190), (64, 64), (130, 130), (256, 100)])
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_dropout_causal_shapes(dtype, sq, sk, deterministic):
+    b, h, p = 2, 3, 0.17
+    q, k, v = _leaf(b, sq, h, 64, dtype=dtype), _leaf(b, sk, h, 64, dtype=dtype), \
+        _leaf(b, sk, h, 64, dtype=dtype)
+    torch.manual_seed(11)
+    mask = testing.next_dropout_mask(b, h, sq, sk, p, device=q.device)
+    torch.manual_seed(11)
+    check_grads(q, k, v, True, dropout_mask=mask, dropout_p=p,
+                fn=lambda q, k, v: flashjit.flash_attn_func(q, k, v, dropout_p=p, causal=True,
+                                                            deterministic=deterministic))
+
+
 def test_dropout_reproducible_with_manual_seed():
     q, k, v = (_leaf(1, 128, 2, 64, dtype=torch.float16) for _ in range(3))
     torch.manual_seed(7)
