@@ -8,7 +8,7 @@
 # Usage (on the device): bash benchmarks/device_run.sh [steps...]
 #   steps: build test test80 sanitize profile sweep kernels overhead jit peers original long
 #          variants ab sdpa hf hfbench cp cpbench decode decodebench decodeprof decodesweep
-#          testws wssweep wsdrop wsprof (the sm90ws forward family) dropout
+#          testws wssweep wsdrop wsprof (the sm90ws forward family) dropout dropouterr
 #   (default: build test sanitize jit peers)
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -127,6 +127,12 @@ for step in $STEPS; do
       FLASHJIT_KERNEL_FAMILY=sm80 timeout ${TEST_TIMEOUT:-240} python3 -m pytest -q -p no:cacheprovider \
         tests/gpu/test_bwd.py -k dropout 2>&1 | tee "$OUT/pytest_dropout_sm80.log" | tail -n 4
       WS_DROPOUT=0.1 python3 benchmarks/ws_time.py 2>&1 | tee "$OUT/ws_dropout.log" ;;
+    dropouterr)  # dropout gradient errors over many mask draws against the 2x criterion
+                 # (benchmarks/dropout_errors.py: d 64, causal shapes with short rows)
+      pb --jobs 8 --dtype fp16 bf16 --head-dim 64 --causal both --dropout yes 2>&1 | tail -n 1
+      python3 -m flashjit.prebuild --kernel dropout_mask 2>&1 | tail -n 1
+      timeout ${DROPOUTERR_TIMEOUT:-300} python3 benchmarks/dropout_errors.py ${DROPOUTERR_ARGS:-} 2>&1 \
+        | tee "$OUT/dropout_errors.log" | tail -n 60 ;;
     wsprof)  # ncu of the sm90ws forward (bf16, 8k, d 64 and 128): stall reasons, issue and pipe
              # use, and the hottest SASS instructions by warp-stall samples (profile_ws.py)
       for d in ${WSPROF_DIMS:-64 128}; do

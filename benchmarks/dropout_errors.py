@@ -1,0 +1,85 @@
+"""Dropout gradient errors over many mask draws: how often, and where, flashjit's error exceeds
+2x PyTorch's own (the GPU tests' criterion), for the code in this tree.
+
+For each shape and seed it runs flash_attn_func with dropout (the mask predicted by
+flashjit.testing.next_dropout_mask), a float32 reference and PyTorch in the input dtype with that
+mask (tests/reference.py), and prints per tensor (out, dq, dk, dv) the ratio of flashjit's max
+error to PyTorch's, plus, for the worst dq, the row, how many keys that row sees and keeps, and
+whether the same row is the worst for PyTorch. Run it on two trees (e.g. main and a branch that
+changes the mask) to tell a criterion that fails on some draws anyway from a regression.
+
+    python3 benchmarks/dropout_errors.py [--seeds 12] [--p 0.17]
+"""
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import flashjit  # noqa: E402
+from flashjit import testing  # noqa: E402
+from tests.reference import attention_ref, leaf, max_error, visible_mask  # noqa: E402
+
+SHAPES = [(190, 190, True), (256, 100, True), (190, 250, True), (190, 250, False), (130, 130, True)]
+
+
+def grads(out, inputs, dout):
+    return torch.autograd.grad(out, inputs, dout)
+
+
+def one(sq, sk, causal, dtype, seed, p, deterministic):
+    b, h, d = 2, 3, 64
+    torch.manual_seed(seed)
+    q, k, v = leaf(b, sq, h, d, dtype=dtype), leaf(b, sk, h, d, dtype=dtype), \
+        leaf(b, sk, h, d, dtype=dtype)
+    mask = testing.next_dropout_mask(b, h, sq, sk, p, device=q.device)
+    out = flashjit.flash_attn_func(q, k, v, dropout_p=p, causal=causal,
+                                   deterministic=deterministic)
+    dout = torch.randn_like(out)
+    got = (out,) + grads(out, (q, k, v), dout)
+    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+    ref, _ = attention_ref(q32, k32, v32, causal, None, True, None, mask, p)
+    ref = (ref,) + grads(ref, (q32, k32, v32), dout.float())
+    pt, _ = attention_ref(q, k, v, causal, None, True, None, mask, p)
+    pt = (pt,) + grads(pt, (q, k, v), dout)
+    ratios = [max_error(x, r) / max(max_error(y, r), 1e-12) for x, r, y in zip(got, ref, pt)]
+    # the worst dq element: its row, the keys the row sees and keeps
+    diff = (got[1].double() - ref[1].double()).abs()  # (b, sq, h, d)
+    bi, i, hi, _ = [int(x) for x in torch.unravel_index(diff.argmax(), diff.shape)]
+    seen = visible_mask(sq, sk, causal, True, None, q.device)[0, 0, i] if causal else \
+        torch.ones(sk, dtype=torch.bool, device=q.device)
+    kept = int((mask[bi, hi, i] & seen).sum())
+    diff_pt = (pt[1].double() - ref[1].double()).abs()
+    i_pt = int(torch.unravel_index(diff_pt.argmax(), diff_pt.shape)[1])
+    return ratios, (i, int(seen.sum()), kept, i_pt)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seeds", type=int, default=12)
+    ap.add_argument("--p", type=float, default=0.17)
+    args = ap.parse_args()
+    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, p {args.p}")
+    for sq, sk, causal in SHAPES:
+        for dtype in (torch.float16, torch.bfloat16):
+            for deterministic in (False, True):
+                fails, worst = 0, 0.0
+                for seed in range(args.seeds):
+                    ratios, (i, seen, kept, i_pt) = one(sq, sk, causal, dtype, seed, args.p,
+                                                        deterministic)
+                    fails += any(r > 2.0 for r in ratios)
+                    worst = max(worst, ratios[1])
+                    if ratios[1] > 2.0:
+                        print(f"  ({sq}, {sk}) causal={int(causal)} {str(dtype)[6:]} det="
+                              f"{int(deterministic)} seed {seed}: out/dq/dk/dv ratios "
+                              + " ".join(f"{r:.2f}" for r in ratios)
+                              + f"; worst dq row {i} sees {seen} keys, keeps {kept}; "
+                              f"PyTorch's worst row {i_pt}")
+                print(f"({sq}, {sk}) causal={int(causal)} {str(dtype)[6:]} det={int(deterministic)}"
+                      f": {fails}/{args.seeds} draws over 2x, worst dq ratio {worst:.2f}",
+                      flush=True)
+
+
+if __name__ == "__main__":
+    main()
