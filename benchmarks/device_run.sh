@@ -128,11 +128,17 @@ for step in $STEPS; do
         tests/gpu/test_bwd.py -k dropout 2>&1 | tee "$OUT/pytest_dropout_sm80.log" | tail -n 4
       WS_DROPOUT=0.1 python3 benchmarks/ws_time.py 2>&1 | tee "$OUT/ws_dropout.log" ;;
     dropouterr)  # dropout gradient errors over many mask draws against the 2x criterion
-                 # (benchmarks/dropout_errors.py: d 64, causal shapes with short rows)
+                 # (benchmarks/dropout_errors.py: d 64, causal shapes with short rows); with a
+                 # carried .baseline checkout, its flashjit too (JIT-compiled on first use)
       pb --jobs 8 --dtype fp16 bf16 --head-dim 64 --causal both --dropout yes 2>&1 | tail -n 1
       python3 -m flashjit.prebuild --kernel dropout_mask 2>&1 | tail -n 1
       timeout ${DROPOUTERR_TIMEOUT:-300} python3 benchmarks/dropout_errors.py ${DROPOUTERR_ARGS:-} 2>&1 \
-        | tee "$OUT/dropout_errors.log" | tail -n 60 ;;
+        | tee "$OUT/dropout_errors.log" | tail -n 60
+      if [ -d .baseline/flashjit ]; then  # the same against an older checkout (carry .baseline)
+        FLASHJIT_CACHE_DIR=/tmp/flashjit-cache-baseline timeout ${DROPOUTERR_TIMEOUT:-300} \
+          python3 benchmarks/dropout_errors.py --tree .baseline ${DROPOUTERR_ARGS:-} 2>&1 \
+          | tee "$OUT/dropout_errors_baseline.log" | tail -n 60
+      fi ;;
     wsprof)  # ncu of the sm90ws forward (bf16, 8k, d 64 and 128): stall reasons, issue and pipe
              # use, and the hottest SASS instructions by warp-stall samples (profile_ws.py)
       for d in ${WSPROF_DIMS:-64 128}; do

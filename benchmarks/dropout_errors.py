@@ -8,7 +8,10 @@ error to PyTorch's, plus, for the worst dq, the row, how many keys that row sees
 whether the same row is the worst for PyTorch. Run it on two trees (e.g. main and a branch that
 changes the mask) to tell a criterion that fails on some draws anyway from a regression.
 
-    python3 benchmarks/dropout_errors.py [--seeds 12] [--p 0.17]
+    python3 benchmarks/dropout_errors.py [--seeds 12] [--p 0.17] [--tree .baseline]
+
+--tree: import flashjit from another checkout (its flashjit/ and csrc/, as ab_trees.py's
+baseline) instead of this one; give it its own FLASHJIT_CACHE_DIR.
 """
 import argparse
 import os
@@ -16,7 +19,10 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+if "--tree" in sys.argv:  # before flashjit is imported: that tree's package (tests/ stay ours)
+    sys.path.insert(0, os.path.abspath(sys.argv[sys.argv.index("--tree") + 1]))
 import flashjit  # noqa: E402
 from flashjit import testing  # noqa: E402
 from tests.reference import attention_ref, leaf, max_error, visible_mask  # noqa: E402
@@ -59,8 +65,10 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, default=12)
     ap.add_argument("--p", type=float, default=0.17)
+    ap.add_argument("--tree", default=None, help="a checkout whose flashjit to test")
     args = ap.parse_args()
-    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, p {args.p}")
+    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, p {args.p}, flashjit "
+          f"from {os.path.dirname(os.path.dirname(os.path.abspath(flashjit.__file__)))}")
     for sq, sk, causal in SHAPES:
         for dtype in (torch.float16, torch.bfloat16):
             for deterministic in (False, True):
