@@ -16,26 +16,30 @@ def _mib(n: int) -> str:
     return f"{n / (1 << 20):.1f} MiB"
 
 
-def _families(kernel: str, arch: str) -> str:
-    """Which kernel family ``kernel`` (fwd or bwd) uses on ``arch``, per head-dim bucket, from the
-    registry and FLASHJIT_KERNEL_FAMILY, e.g. 'sm90ws (wgmma+tma) at head dims 64, 128; sm80
-    (mma.sync) otherwise' (paged forwards may take another family: registry.default_family)."""
+def _families(kernel: str, arch: str, paged: bool = False) -> str:
+    """Which kernel family ``kernel`` (fwd or bwd; with ``paged`` the forward reading K/V through
+    a block table) uses on ``arch``, per head-dim bucket, from the registry and
+    FLASHJIT_KERNEL_FAMILY, e.g. 'sm90 (wgmma) at head dims 64, 128; sm80 (mma.sync) otherwise':
+    "otherwise" for the family with the most buckets, where one has more than any other."""
     from .jit import registry
     from .jit.spec import HEAD_DIM_BUCKETS, JitSpec
 
     by_family: dict[str, list[int]] = {}
     try:
         for d in HEAD_DIM_BUCKETS:
-            by_family.setdefault(JitSpec(kernel, arch, "bf16", d).family, []).append(d)
+            family = JitSpec(kernel, arch, "bf16", d, paged=paged).family
+            by_family.setdefault(family, []).append(d)
     except ValueError as err:  # a bad FLASHJIT_KERNEL_FAMILY
         return f"unknown: {err}"
-    # the most used family (the fallback) last, as "otherwise"
+    # the most used family (the fallback) last, as "otherwise" when it is the only one that size
     order = sorted(by_family, key=lambda family: len(by_family[family]))
+    sizes = [len(by_family[family]) for family in order]
+    fallback = order[-1] if len(order) > 1 and sizes[-1] > sizes[-2] else None
     parts = []
     for family in order:
         where = ""
         if len(order) > 1:
-            where = " otherwise" if family == order[-1] else \
+            where = " otherwise" if family == fallback else \
                 " at head dims " + ", ".join(map(str, by_family[family]))
         parts.append(f"{family} ({registry.row(kernel, family).instructions}){where}")
     return "; ".join(parts)
@@ -85,8 +89,11 @@ def info() -> int:
         rows.append(("gpu", "none visible"))
     try:
         arch = current_arch()
-        rows += [("arch", arch), ("forward family", _families("fwd", arch)),
-                 ("backward family", _families("bwd", arch))]
+        rows += [("arch", arch), ("forward family", _families("fwd", arch))]
+        paged = _families("fwd", arch, paged=True)
+        if paged != rows[-1][1]:  # a block table (paged KV) takes another family somewhere
+            rows.append(("paged forward family", paged))
+        rows.append(("backward family", _families("bwd", arch)))
     except RuntimeError as err:  # the reason, once: "arch  no CUDA GPU is visible, ..."
         rows.append(("arch", str(err).removeprefix("flashjit: ")))
     rows += [

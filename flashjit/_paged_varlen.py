@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._validate import check_cu_seqlens, check_int, check_options
+from ._validate import check_cache_layout, check_cu_seqlens, check_int, check_options
 
 
 def paged_varlen(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
@@ -54,6 +54,15 @@ def paged_varlen(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
     if d % 8 != 0:
         raise ValueError(f"head dim {d} of {nq}: with block_table it must be a multiple of 8 (the "
                          "paged cache cannot be zero-padded as the unpaged call pads its inputs)")
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"{nk} and {nv} must have the same shape with block_table, got "
+                         f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+    num_blocks, page_size = k_cache.shape[0], k_cache.shape[1]
+    if page_size == 0 or page_size % 16 != 0:
+        raise ValueError(f"the page size of {nk} (its dim 1, with block_table) must be a positive "
+                         f"multiple of 16, got {page_size}")
+    check_cache_layout(nk, k_cache, written=False)
+    check_cache_layout(nv, v_cache, written=False)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_cache, v_cache)):
         raise NotImplementedError("block_table (paged KV) has no backward: call it under "
                                   "torch.no_grad() or pass tensors that do not require grad")
@@ -72,6 +81,8 @@ def paged_varlen(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
         if max(lengths_k) > capacity:
             raise ValueError(f"a sequence of {ncu_k} has {max(lengths_k)} keys, more than "
                              f"block_table holds ({capacity} rows: max_blocks x page_size)")
+        if isinstance(block_table, Tensor) and block_table.dim() == 2 and lengths_k:
+            _check_pages(block_table, lengths_k, num_blocks, page_size, nk, ncu_k)
     batch = cu_seqlens_q.numel() - 1
     # query row r: sequence b (past the last sequence: a spare row `batch`), dense row t
     rows = torch.arange(total, device=q.device, dtype=torch.int64)
@@ -94,3 +105,20 @@ def paged_varlen(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
     lse = torch.where(live[None, :], lse_tile[bc, :, t].transpose(0, 1),
                       torch.full((heads, total), float("-inf"), device=q.device))
     return (out, lse, None) if return_attn_probs else out
+
+
+def _check_pages(block_table, lengths_k, num_blocks, page_size, nk, ncu_k) -> None:
+    """Eager only (one device-to-host copy of block_table): the pages that sequence b's keys
+    use, block_table[b, :ceil(n_k / page_size)], are pages of the cache, in [0, num_blocks)."""
+    if block_table.dtype != torch.int32 or block_table.shape[0] < len(lengths_k):
+        return  # flash_attn_with_kvcache reports a wrong dtype or shape under block_table's name
+    table = block_table[:len(lengths_k)].cpu()
+    used = torch.tensor([-(-n // page_size) for n in lengths_k])[:, None]  # pages per sequence
+    column = torch.arange(table.shape[1])[None, :]
+    bad = (column < used) & ((table < 0) | (table >= num_blocks))
+    if bool(bad.any()):
+        b, j = (int(x) for x in bad.nonzero()[0])
+        raise ValueError(f"block_table[{b}, {j}] = {int(table[b, j])} is not a page of {nk} "
+                         f"(num_blocks {num_blocks}): sequence {b} has {lengths_k[b]} keys in "
+                         f"{ncu_k}, so it uses block_table[{b}, :{int(used[b, 0])}] with pages "
+                         f"of {page_size} rows")

@@ -317,22 +317,27 @@ def _check_like_q(name: str, t, q: Tensor, rank: int) -> None:
         raise ValueError(f"{name} must be on the device of q ({q.device}), got {t.device}")
 
 
-def _check_cache_layout(name: str, t: Tensor) -> None:
-    """A cache is written in place, so it cannot be copied to the layout the kernels' 16-byte
-    accesses need: a contiguous last dim, the other strides multiples of 8 elements (dims of size
-    1 are never stepped along) and a 16-byte aligned data pointer (checked here when eager,
-    else in the op)."""
+def check_cache_layout(name: str, t: Tensor, written: bool = True) -> None:
+    """A cache is used in place (written when appending; a copy of a whole cache to the layout
+    the kernels' 16-byte accesses need would cost more than the call): a contiguous last dim, the
+    other strides multiples of 8 elements (dims of size 1 are never stepped along) and a 16-byte
+    aligned data pointer (checked here when eager, else in the op), and no zero stride (rows
+    that alias would take each other's appended keys; the forward's TMA tensor maps, which read a
+    cache in chunked prefill, take no zero stride either)."""
+    how = "written in place" if written else "read in place"
     if any(s == 0 for s, n in zip(t.stride(), t.shape) if n > 1):
+        reason = ("it is written in place, so its rows must not alias; allocate it" if written
+                  else "the kernels read each row from memory of its own; materialize it "
+                       "(.contiguous())")
         raise ValueError(f"{name} has a zero stride (an expanded view, strides "
-                         f"{tuple(t.stride())}): it is written in place, so its rows must not "
-                         "alias; allocate it")
+                         f"{tuple(t.stride())}): {reason}")
     if t.stride(-1) != 1 or any(s % 8 != 0 for s, n in zip(t.stride()[:-1], t.shape) if n > 1):
         raise ValueError(f"{name} must have a contiguous last dim and its other strides "
                          f"multiples of 8 elements (16 bytes), got strides {tuple(t.stride())}; "
-                         "it is written in place, so flashjit cannot copy it")
+                         f"it is {how}, so flashjit does not copy it")
     if not torch.compiler.is_compiling() and type(t) is Tensor and t.data_ptr() % 16 != 0:
-        raise ValueError(f"{name}'s data pointer is not 16-byte aligned; it is written in place, "
-                         "so flashjit cannot copy it: allocate it aligned")
+        raise ValueError(f"{name}'s data pointer is not 16-byte aligned; it is {how}, so "
+                         "flashjit does not copy it: allocate it aligned")
 
 
 def _check_index(name: str, t, device: torch.device, shape: Tuple[int, ...],
@@ -387,8 +392,8 @@ def check_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqle
     if heads_k == 0 or heads % heads_k != 0:
         raise ValueError(f"the number of query heads of q ({heads}) must be a multiple of the "
                          f"number of key/value heads of k_cache ({heads_k})")
-    _check_cache_layout("k_cache", k_cache)
-    _check_cache_layout("v_cache", v_cache)
+    check_cache_layout("k_cache", k_cache, written=k is not None)
+    check_cache_layout("v_cache", v_cache, written=k is not None)
     eager = not torch.compiler.is_compiling() and type(k_cache) is Tensor
     if k is not None and (k_cache is v_cache or (eager and _caches_overlap(k_cache, v_cache))):
         raise ValueError("k_cache and v_cache are the same memory, or overlap: appending k and v "

@@ -449,10 +449,10 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Opti
         as flash_attn_func pads). Copied once if its last dim or alignment is not the kernels'.
     k_cache, v_cache: q's dtype and device, same shape, heads % heads_k == 0 (MQA/GQA).
         Contiguous cache (batch_cache, seqlen_cache, heads_k, d), or paged with block_table:
-        (num_blocks, page_size, heads_k, d), page_size a multiple of 16. Written in place, so
-        never copied: the last dim must be contiguous, the other strides multiples of 8 elements
+        (num_blocks, page_size, heads_k, d), page_size a multiple of 16. Used in place, never
+        copied: the last dim must be contiguous, the other strides multiples of 8 elements
         (16 bytes; any order, e.g. views into a larger buffer) and the data pointer 16-byte
-        aligned (ValueError otherwise).
+        aligned, with no zero stride (not an expanded view): ValueError otherwise.
     k, v: None, or both (batch, seqlen_new, heads_k, d): the new keys/values, written to cache rows
         cache_seqlens[b] .. cache_seqlens[b] + seqlen_new - 1 (of cache row cache_batch_idx[b]
         when given, through block_table when paged); they need cache_seqlens.

@@ -192,6 +192,20 @@ def specs_from_args(args: argparse.Namespace) -> list[JitSpec]:
     return list(dict.fromkeys(specs))
 
 
+def _empty_selection(args: argparse.Namespace) -> str:
+    """Why specs_from_args selected nothing (kernels without the flags asked for)."""
+    why = []
+    attention = [k for k in args.kernel if KERNELS[k].attention]
+    no_dropout = [k for k in attention if not any(r.dropout for r in registry.rows(k))]
+    no_paged = [k for k in attention if not any(r.paged for r in registry.rows(k))]
+    if args.dropout == "yes" and no_dropout:
+        why.append(f"--dropout yes: {', '.join(no_dropout)} has no dropout")
+    if args.paged == "yes" and no_paged:
+        why.append(f"--paged yes: {', '.join(no_paged)} takes no block table (paged K/V is a "
+                   "forward spec; decoding pages through its own cache arguments)")
+    return "nothing to build or list" + (" (" + "; ".join(why) + ")" if why else "")
+
+
 def _family(choice: str | None, kernel: str, arch: str, head_dim: int,
             paged: bool = False) -> str | None:
     """--family for one spec: like FLASHJIT_KERNEL_FAMILY, a preference
@@ -282,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, RuntimeError) as err:
         print(f"error: {str(err).removeprefix('flashjit: ')}", file=sys.stderr)
         return 2
+    if not specs:
+        print(f"note: {_empty_selection(args)}", file=sys.stderr)
     if args.list:
         for spec in specs:
             print(spec.name)

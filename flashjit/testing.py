@@ -27,8 +27,13 @@ from .jit import JitSpec, current_arch, load_spec
 
 
 def next_rng_state(device: torch.device) -> Tensor:
-    """The (seed, offset) int64 pair the next dropout call on `device` will draw."""
+    """The (seed, offset) int64 pair the next dropout call on `device` (a CUDA device) will draw.
+    ValueError for a device that is not CUDA or a torch without CUDA."""
     device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        raise ValueError(f"the dropout helpers of flashjit.testing need a CUDA device, got "
+                         f"{str(device)!r}" + ("" if torch.cuda.is_available() else
+                                               f" (torch {torch.__version__} sees no CUDA GPU)"))
     with torch.cuda.device(device):
         saved = torch.cuda.get_rng_state(device)
         state = interface._rng_state(device)

@@ -133,6 +133,14 @@ def test_philox_known_answers_and_keep_rate():
     assert torch.equal(mask, again) and not torch.equal(mask, other)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message without a CUDA GPU")
+@pytest.mark.parametrize("device", ["cuda", "cpu"])
+def test_dropout_mask_helper_without_cuda_says_so(device):
+    from flashjit import testing
+    with pytest.raises(ValueError, match="need a CUDA device, got '(cuda|cpu)'"):
+        testing.next_dropout_mask(1, 1, 4, 4, 0.1, device)
+
+
 def _offset_view(shape, offset_elements, dtype=torch.float16):
     """A contiguous tensor of `shape` starting `offset_elements` into a fresh buffer."""
     numel = math.prod(shape)

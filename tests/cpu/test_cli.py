@@ -41,6 +41,15 @@ def test_prebuild_list_multi_arch_and_selftest(tmp_path):
         "fwd_sm80-sm90a_bf16_hd128_causal", "fwd_sm80-sm90a_bf16_hd128_causal_dropout", "selftest_cpu"]
 
 
+@pytest.mark.parametrize("flag,why", [("--dropout", "decode has no dropout"),
+                                      ("--paged", "decode takes no block table")])
+def test_prebuild_empty_selection_says_why(tmp_path, flag, why):
+    result = run_python(["-m", "flashjit.prebuild", "--arch", "sm90a", "--kernel", "decode",
+                         flag, "yes", "--list"], tmp_path / "cache")
+    assert result.returncode == 0 and result.stdout == ""
+    assert f"note: nothing to build or list ({flag} yes: {why}" in result.stderr
+
+
 def test_prebuild_variant_flags_are_a_cross_product():
     """--window/--softcap/--alibi/--sink: yes, no or both, default no (the default list is the
     one it was before the variants)."""
@@ -281,8 +290,12 @@ def test_info(cache_copy):
         assert any(line.startswith(label) for line in out.splitlines()), label
     assert str(cache_copy) in out and "1 entries" in out
     rows = _info_rows(cache_copy, FLASHJIT_CUDA_ARCH_LIST="9.0")
-    assert rows["forward family"] == \
-        "sm80 (mma.sync) at head dims 32, 96, 160, 224; sm90ws (wgmma+tma) otherwise"
+    # four buckets each: no family is "otherwise"
+    assert rows["forward family"] == ("sm80 (mma.sync) at head dims 32, 96, 160, 224; sm90ws "
+                                      "(wgmma+tma) at head dims 64, 128, 192, 256")
+    # a block table takes the wgmma forward (sm90ws reads none)
+    assert rows["paged forward family"] == \
+        "sm90 (wgmma) at head dims 64, 128; sm80 (mma.sync) otherwise"
     assert rows["backward family"] == "sm90 (wgmma) at head dims 64, 128; sm80 (mma.sync) otherwise"
     rows = _info_rows(cache_copy, FLASHJIT_CUDA_ARCH_LIST="9.0", FLASHJIT_KERNEL_FAMILY="sm90")
     assert rows["forward family"] == ("sm90 (wgmma) at head dims 64, 128; sm90ws (wgmma+tma) at "
@@ -290,6 +303,7 @@ def test_info(cache_copy):
     assert rows["backward family"] == "sm90 (wgmma) at head dims 64, 128; sm80 (mma.sync) otherwise"
     rows = _info_rows(cache_copy, FLASHJIT_CUDA_ARCH_LIST="9.0", FLASHJIT_KERNEL_FAMILY="sm80")
     assert rows["forward family"] == rows["backward family"] == "sm80 (mma.sync)"
+    assert "paged forward family" not in rows  # the same as the forward's: not repeated
 
 
 def _info_lines(cache, **env) -> list[tuple[str, str]]:

@@ -78,15 +78,16 @@ def _bad_inputs():
         (c, dict(q=_cuda(B, SQ, 3, D)), ValueError, r"query heads of q \(3\) must be a multiple "
                                                     r"of .* key/value heads of k_cache \(2\)"),
         (c, dict(k_cache=_cuda(B, CAP, D, HK).transpose(-1, -2)), ValueError,
-         r"k_cache must have a contiguous last dim .* written in place, so flashjit cannot copy"),
+         r"k_cache must have a contiguous last dim .* in place, so flashjit does not copy"),
         (c, dict(v_cache=torch.empty_strided((B, CAP, HK, D), (CAP * HK * 68, HK * 68, 68, 1),
                                              dtype=torch.float16, device="cuda")), ValueError,
          r"v_cache must have a contiguous last dim and its other strides multiples of 8"),
         (c, dict(k_cache=_cuda(1, CAP, HK, D), v_cache=_cuda(1, CAP, HK, D)), ValueError,
          r"k_cache holds 1 sequences but q has batch 2: pass cache_batch_idx"),
+        # a zero stride (heads sharing memory) is refused where the cache is written (appending)
         (c, dict(k_cache=torch.empty_strided((B, CAP, HK, D), (CAP * D, D, 0, 1),
-                                             dtype=torch.float16, device="cuda")), ValueError,
-         r"k_cache has a zero stride"),
+                                             dtype=torch.float16, device="cuda"), **kv),
+         ValueError, r"k_cache has a zero stride"),
         (c, dict(block_table=[[0]]), TypeError, r"block_table must be None or an int32 tensor"),
         (p, dict(block_table=_cuda(B, MAXB, dtype=torch.int64)), TypeError,
          r"block_table must be int32, got torch.int64"),
@@ -164,6 +165,15 @@ def test_bad_arguments_raise_before_the_op(op_unreachable):
     for call, kwargs, error, message in _bad_inputs():
         with pytest.raises(error, match=message):
             call(**kwargs)
+
+
+def test_a_cache_that_is_only_read_with_a_zero_stride_is_refused_for_what_it_is(op_unreachable):
+    # no k, v to append: the message does not say the cache is written
+    shared = torch.empty_strided((B, CAP, HK, D), (CAP * D, D, 0, 1), dtype=torch.float16,
+                                 device="cuda")
+    with pytest.raises(ValueError, match=r"k_cache has a zero stride .*: the kernels read each "
+                                         r"row from memory of its own; materialize it"):
+        _call(k_cache=shared, v_cache=shared)
 
 
 def test_signature_is_flash_attns_plus_keyword_only_sink():

@@ -232,7 +232,7 @@ def test_paged_varlen_checks_its_arguments_under_the_callers_names():
     cu_k = torch.tensor([0, 20, 40], **I32)
     table = torch.arange(8, **I32).view(2, 4)
 
-    def call(q=q, k=k, v=k.clone(), cu_k=cu_k, max_q=3, max_k=40, **kw):
+    def call(q=q, k=k, v=k.clone(), cu_k=cu_k, max_q=3, max_k=40, table=table, **kw):
         return flashjit.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k,
                                                block_table=table, **kw)
 
@@ -262,3 +262,21 @@ def test_paged_varlen_checks_its_arguments_under_the_callers_names():
         call(cu_k=torch.tensor([0, 100, 120], **I32), max_k=100)
     with pytest.raises(TypeError, match="cu_seqlens_k must be int32"):
         call(cu_k=cu_k.long())
+    # the paged cache's own rules, under the names k, v, cu_seqlens_k (not k_cache, v_cache,
+    # cache_seqlens of flash_attn_with_kvcache, which serves the call)
+    with pytest.raises(ValueError, match="page size of k .its dim 1, with block_table. must be a "
+                                         "positive multiple of 16, got 8"):
+        call(k=torch.zeros(9, 8, 2, 16, dtype=torch.float16),
+             v=torch.zeros(9, 8, 2, 16, dtype=torch.float16))
+    with pytest.raises(ValueError, match="k and v must have the same shape with block_table"):
+        call(v=torch.zeros(9, 32, 2, 16, dtype=torch.float16))
+    with pytest.raises(ValueError, match=r"k has a zero stride .*: the kernels read each row"):
+        call(k=torch.zeros(1, 16, 2, 16, dtype=torch.float16).expand(9, 16, 2, 16))
+    with pytest.raises(ValueError, match=r"block_table\[1, 1\] = 9 is not a page of k "
+                                         r"\(num_blocks 9\): sequence 1 has 20 keys in "
+                                         r"cu_seqlens_k, so it uses block_table\[1, :2\]"):
+        call(table=torch.tensor([[0, 1, 2, 3], [4, 9, 6, 7]], **I32))
+    # entries past the pages a sequence uses are not read, so any value passes these checks (the
+    # call then stops at flash_attn_with_kvcache's device check: these are CPU tensors)
+    with pytest.raises(ValueError, match="q must be a CUDA tensor"):
+        call(table=torch.tensor([[0, 1, -1, 99], [4, 5, 99, -7]], **I32))
