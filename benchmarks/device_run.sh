@@ -82,7 +82,7 @@ for step in $STEPS; do
       done ;;
     wssweep)  # sm90ws forward tiles (head dim:block_n,stages,consumers) against the default
               # families and cuDNN: bf16, 1k/8k, causal and not (benchmarks/ws_time.py)
-      WS_TILES=${WS_TILES:-"64:128,3,1 64:128,3,2 64:128,3,3 128:64,3,1 128:128,3,2 192:64,3,2 256:64,2,2"}
+      WS_TILES=${WS_TILES:-"64:128,3,1 64:128,3,2 64:128,3,3 128:64,2,1 128:128,3,2 192:64,3,2 256:64,2,2"}
       FLASHJIT_KERNEL_FAMILY=sm90 python3 -m flashjit.prebuild --kernel fwd --dtype bf16 --head-dim 64 128 \
         --causal both --jobs 4 2>&1 | tail -n 1 &
       FLASHJIT_KERNEL_FAMILY=sm80 python3 -m flashjit.prebuild --kernel fwd --dtype bf16 --head-dim 192 256 \
@@ -103,7 +103,7 @@ for step in $STEPS; do
       FLASHJIT_KERNEL_FAMILY=sm90ws python3 -m flashjit.prebuild --kernel fwd --dtype bf16 --head-dim 64 128 \
         --causal both --dropout both --jobs 8 2>&1 | tail -n 1 &
       FLASHJIT_KERNEL_FAMILY=sm90ws python3 -m flashjit.prebuild --kernel fwd --dtype bf16 --head-dim 64 \
-        --causal both --dropout yes --tile 128,3,3 --jobs 2 2>&1 | tail -n 1 &
+        --causal both --dropout both --tile 128,3,3 --jobs 4 2>&1 | tail -n 1 &
       python3 -m flashjit.prebuild --kernel fwd bwd --dtype bf16 --head-dim 192 256 --causal both --jobs 6 2>&1 | tail -n 1 &
       wait
       WS_DROPOUT=0.1 python3 benchmarks/ws_time.py 2>&1 | tee -a "$OUT/ws_dropout.log"
@@ -126,7 +126,7 @@ for step in $STEPS; do
         | tee "$OUT/pytest_dropout.log" | tail -n 8
       FLASHJIT_KERNEL_FAMILY=sm80 timeout ${TEST_TIMEOUT:-240} python3 -m pytest -q -p no:cacheprovider \
         tests/gpu/test_bwd.py -k dropout 2>&1 | tee "$OUT/pytest_dropout_sm80.log" | tail -n 4
-      WS_DROPOUT=0.1 python3 benchmarks/ws_time.py 2>&1 | tee "$OUT/ws_dropout.log" ;;
+      WS_DROPOUT=0.1 python3 benchmarks/ws_time.py 2>&1 | tee -a "$OUT/ws_dropout.log" ;;
     dropouterr)  # dropout gradient errors over many mask draws against the 2x criterion
                  # (benchmarks/dropout_errors.py: d 64, causal shapes with short rows); with a
                  # carried .baseline checkout, its flashjit too (JIT-compiled on first use)

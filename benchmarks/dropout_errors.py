@@ -49,7 +49,9 @@ def one(sq, sk, causal, dtype, seed, p, deterministic):
     ref = (ref,) + grads(ref, (q32, k32, v32), dout.float())
     pt, _ = attention_ref(q, k, v, causal, None, True, None, mask, p)
     pt = (pt,) + grads(pt, (q, k, v), dout)
-    ratios = [max_error(x, r) / max(max_error(y, r), 1e-12) for x, r, y in zip(got, ref, pt)]
+    errors = [(max_error(x, r), max_error(y, r)) for x, r, y in zip(got, ref, pt)]
+    ratios = [err / max(err_pt, 1e-12) for err, err_pt in errors]
+    over = [err > 2 * err_pt + 1e-4 for err, err_pt in errors]  # the tests' criterion
     # the worst dq element: its row, the keys the row sees and keeps
     diff = (got[1].double() - ref[1].double()).abs()  # (b, sq, h, d)
     bi, i, hi, _ = [int(x) for x in torch.unravel_index(diff.argmax(), diff.shape)]
@@ -58,7 +60,7 @@ def one(sq, sk, causal, dtype, seed, p, deterministic):
     kept = int((mask[bi, hi, i] & seen).sum())
     diff_pt = (pt[1].double() - ref[1].double()).abs()
     i_pt = int(torch.unravel_index(diff_pt.argmax(), diff_pt.shape)[1])
-    return ratios, (i, int(seen.sum()), kept, i_pt)
+    return ratios, over, (i, int(seen.sum()), kept, i_pt)
 
 
 def main():
@@ -74,18 +76,19 @@ def main():
             for deterministic in (False, True):
                 fails, worst = 0, 0.0
                 for seed in range(args.seeds):
-                    ratios, (i, seen, kept, i_pt) = one(sq, sk, causal, dtype, seed, args.p,
-                                                        deterministic)
-                    fails += any(r > 2.0 for r in ratios)
+                    ratios, over, (i, seen, kept, i_pt) = one(sq, sk, causal, dtype, seed,
+                                                              args.p, deterministic)
+                    fails += any(over)
                     worst = max(worst, ratios[1])
-                    if ratios[1] > 2.0:
+                    if any(over):
                         print(f"  ({sq}, {sk}) causal={int(causal)} {str(dtype)[6:]} det="
                               f"{int(deterministic)} seed {seed}: out/dq/dk/dv ratios "
                               + " ".join(f"{r:.2f}" for r in ratios)
                               + f"; worst dq row {i} sees {seen} keys, keeps {kept}; "
                               f"PyTorch's worst row {i_pt}")
                 print(f"({sq}, {sk}) causal={int(causal)} {str(dtype)[6:]} det={int(deterministic)}"
-                      f": {fails}/{args.seeds} draws over 2x, worst dq ratio {worst:.2f}",
+                      f": {fails}/{args.seeds} draws fail the criterion (2x + 1e-4), worst dq "
+                      f"ratio {worst:.2f}",
                       flush=True)
 
 

@@ -14,7 +14,7 @@ namespace flashjit {
 // Tiles (measured on the H200, bf16: results/h200/logs/ws_sweep*.log): d 64: 128-key blocks, 3
 // K/V buffers, three consumer warpgroups (kBlockM 192: one warpgroup's softmax, on a unit as fast
 // as the d-64 GEMMs, hides behind two others' GEMMs); on short sequences (kShortRows: causal up
-// to 1024 query rows, else 512) one consumer instead, two CTAs per SM (one's prologue and
+// to 1024 query and key rows, else 512) one consumer instead, two CTAs per SM (one's prologue and
 // epilogue overlap the other's main loop; 172 against 145 TFLOP/s causal at 512, 250 against 222
 // at 1024, 268 against 248 non-causal at 512), both compiled into the spec. d 128: two
 // consumers (kBlockM 128; 32 + 6 x 32 KB = 224 KB of the 227 KB a block may take). d 192 / 256:
@@ -34,8 +34,9 @@ struct WsTile {
   // d 64 with dropout: two consumers (232 registers each); three (160) spill 264 bytes in the
   // main loop there (ptxas -v; the Philox draws), two 16-24. Not yet measured against each other.
   static constexpr int kConsumers = kHeadDim <= 64 && !V::kHasDropout ? 3 : 2;
-  // Short sequences (seqlen_q, for varlen max_seqlen_q, <= kShortRows): this many consumers
-  // (0: the same tile at every length)
+  // Short sequences (seqlen_q and seqlen_k, for varlen their maxima, both <= kShortRows: the
+  // lengths measured, sq = sk; with many keys the main loop outweighs what the second CTA
+  // hides): this many consumers (0: the same tile at every length)
   static constexpr int kShortConsumers = kHeadDim <= 64 && !V::kHasDropout ? 1 : 0;
   static constexpr int kShortRows = V::kIsCausal ? 1024 : 512;
 #endif
@@ -96,7 +97,7 @@ template <typename Element, int kHeadDim, typename V>
 cudaError_t run_fwd(const FwdParams& p, cudaStream_t stream) {
   using Tile = WsTile<kHeadDim, V>;
   if constexpr (Tile::kShortConsumers > 0) {
-    if (p.seqlen_q <= Tile::kShortRows)
+    if (p.seqlen_q <= Tile::kShortRows && p.seqlen_k <= Tile::kShortRows)
       return launch_fwd_ws<FwdWsTraits<Element, kHeadDim, Tile::kBlockN, Tile::kStages,
                                        Tile::kShortConsumers>, V>(p, stream);
   }

@@ -82,6 +82,7 @@ def test_compile_only_sm90_family(spec, tmp_path):
     [
         JitSpec("fwd", "sm90a", "bf16", 64, causal=True, family="sm90ws"),
         JitSpec("fwd", "sm90a", "fp16", 64, dropout=True, family="sm90ws"),
+        JitSpec("fwd", "sm90a", "bf16", 192, family="sm90ws"),
         JitSpec("fwd", "sm90a", "bf16", 256, family="sm90ws"),
     ],
     ids=lambda spec: spec.name,
@@ -89,8 +90,9 @@ def test_compile_only_sm90_family(spec, tmp_path):
 def test_compile_only_sm90ws_family(spec, tmp_path):
     """The warp-specialised forward (the sm90a default at d 64-256), built for sm_90a from its
     own sources (csrc/sm90ws): d 64 without dropout holds two kernels (one and three consumer
-    warpgroups, by sequence length), with dropout one (two consumers); d 256 issues P V in
-    64-column panels (d 128 compiles in test_compile_only_every_variant)."""
+    warpgroups, by sequence length), with dropout one (two consumers); d 192 and 256 issue P V
+    in 64-column panels (d 192's last one a 64-column wgmma; d 128 compiles in
+    test_compile_only_every_variant)."""
     assert spec.sources()[-1] == csrc_dir() / "sm90ws" / "fwd.cu"
     (obj,) = compile_only(spec, tmp_path)
     assert obj.stat().st_size > 0

@@ -37,7 +37,7 @@ def assert_close_to_reference(out, lse, q, k, v, causal, scale=None, bottom_righ
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("d", [32, 40, 64, 80, 96, 128, 160, 192, 224, 256])
+@pytest.mark.parametrize("d", [32, 40, 64, 80, 96, 128, 160, 176, 192, 224, 232, 256])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("sq,sk", [(128, 128), (113, 203), (257, 129), (1, 77)])
 def test_fwd_grid(dtype, d, causal, sq, sk):
@@ -50,27 +50,62 @@ def test_fwd_grid(dtype, d, causal, sq, sk):
 
 
 # On sm90a the d-64 forward has two tiles in one spec (csrc/sm90ws/fwd_launch.cuh): one consumer
-# warpgroup up to 512 query rows (1024 causal), three above; lengths on both sides of each switch,
-# fixed-length and varlen (where max_seqlen_q picks the tile).
+# warpgroup while query and key lengths are both at most 512 (1024 causal), three above; lengths
+# on both sides of each switch, fixed-length and varlen (where max_seqlen_q/k pick the tile).
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("sq", [512, 513, 1024, 1025, 1500])
 def test_fwd_lengths_around_tile_switch(dtype, causal, sq):
     torch.manual_seed(sq)
-    q, k, v = _qkv(1, sq, sq + 37, 2, 1, 64, dtype)
+    sk = sq - 37  # fewer keys: with causal the first 37 rows see none
+    q, k, v = _qkv(1, sq, sk, 2, 1, 64, dtype)
     out, lse, _ = flashjit.flash_attn_func(q, k, v, causal=causal, return_attn_probs=True)
     assert_close_to_reference(out, lse, q, k, v, causal)
     # varlen: a short sequence next to this one, so the tile follows the longest
-    lens = [(100, 90), (sq, sq + 37)]
+    lens = [(100, 90), (sq, sk)]
     qs, ks, vs = zip(*(_qkv(1, a, b, 2, 1, 64, dtype) for a, b in lens))
     cu_q = torch.tensor([0, 100, 100 + sq], device="cuda", dtype=torch.int32)
-    cu_k = torch.tensor([0, 90, 90 + sq + 37], device="cuda", dtype=torch.int32)
+    cu_k = torch.tensor([0, 90, 90 + sk], device="cuda", dtype=torch.int32)
     out, lse, _ = flashjit.flash_attn_varlen_func(
-        torch.cat(qs, 1)[0], torch.cat(ks, 1)[0], torch.cat(vs, 1)[0], cu_q, cu_k, sq, sq + 37,
+        torch.cat(qs, 1)[0], torch.cat(ks, 1)[0], torch.cat(vs, 1)[0], cu_q, cu_k, sq, sk,
         causal=causal, return_attn_probs=True)
     for i, (a, b) in enumerate(lens):
         rows = slice(int(cu_q[i]), int(cu_q[i + 1]))
         assert_close_to_reference(out[rows][None], lse[:, rows][None], qs[i], ks[i], vs[i], causal)
+
+
+def _ws_consumers(fn) -> set:
+    """Consumer warpgroups of the sm90ws forward kernels fn() launched (FwdWsTraits' last
+    parameter, from the profiler's kernel names, demangled or not)."""
+    import re
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    found = set()
+    for name in (e.name for e in prof.events() if "fwd_ws_kernel" in e.name):
+        m = (re.search(r"FwdWsTraits<[^<>]*?(\d+)>", name)
+             or re.search(r"FwdWsTraitsI\w*?Li\d+ELi\d+ELi\d+ELi(\d+)E", name))
+        assert m, f"no FwdWsTraits in the kernel name {name!r}"
+        found.add(int(m.group(1)))
+    return found
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
+                    reason="the sm90ws forward's tile choice: sm90a (H100/H200) only")
+@pytest.mark.parametrize("sq,sk,causal,consumers", [
+    (512, 512, False, 1), (513, 513, False, 3), (1024, 1024, True, 1), (1025, 1025, True, 3),
+    (256, 2048, False, 3),  # few queries, many keys: the main loop outweighs the overlap
+])
+def test_fwd_d64_tile_follows_the_lengths(monkeypatch, sq, sk, causal, consumers):
+    monkeypatch.delenv("FLASHJIT_KERNEL_FAMILY", raising=False)
+    monkeypatch.delenv("FLASHJIT_FWD_TILE", raising=False)
+    from flashjit import ops
+    monkeypatch.setattr(ops, "_resolved", {})  # the family follows the environment just set
+    q, k, v = _qkv(1, sq, sk, 2, 2, 64, torch.bfloat16)
+    assert _ws_consumers(lambda: flashjit.flash_attn_func(q, k, v, causal=causal)) == {consumers}
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
