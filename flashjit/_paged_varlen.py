@@ -7,7 +7,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._validate import check_cache_layout, check_cu_seqlens, check_int, check_options
+from ._validate import (check_cache_layout, check_cu_seqlens, check_int, check_options,
+                        first_bad_pages)
 
 
 def paged_varlen(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
@@ -81,7 +82,7 @@ def paged_varlen(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
         if max(lengths_k) > capacity:
             raise ValueError(f"a sequence of {ncu_k} has {max(lengths_k)} keys, more than "
                              f"block_table holds ({capacity} rows: max_blocks x page_size)")
-        if isinstance(block_table, Tensor) and block_table.dim() == 2 and lengths_k:
+        if isinstance(block_table, Tensor) and block_table.dim() == 2:
             _check_pages(block_table, lengths_k, num_blocks, page_size, nk, ncu_k)
     batch = cu_seqlens_q.numel() - 1
     # query row r: sequence b (past the last sequence: a spare row `batch`), dense row t
@@ -108,17 +109,20 @@ def paged_varlen(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
 
 
 def _check_pages(block_table, lengths_k, num_blocks, page_size, nk, ncu_k) -> None:
-    """Eager only (one device-to-host copy of block_table): the pages that sequence b's keys
-    use, block_table[b, :ceil(n_k / page_size)], are pages of the cache, in [0, num_blocks)."""
-    if block_table.dtype != torch.int32 or block_table.shape[0] < len(lengths_k):
+    """Eager only: the pages that sequence b's keys use, block_table[b, :ceil(n_k /
+    page_size)], are pages of the cache, in [0, num_blocks) (_validate.first_bad_pages, on the
+    device; one copy of two ints per sequence)."""
+    batch = len(lengths_k)
+    if (block_table.dtype != torch.int32 or block_table.shape[0] < batch
+            or block_table.shape[1] == 0):
         return  # flash_attn_with_kvcache reports a wrong dtype or shape under block_table's name
-    table = block_table[:len(lengths_k)].cpu()
-    used = torch.tensor([-(-n // page_size) for n in lengths_k])[:, None]  # pages per sequence
-    column = torch.arange(table.shape[1])[None, :]
-    bad = (column < used) & ((table < 0) | (table >= num_blocks))
-    if bool(bad.any()):
-        b, j = (int(x) for x in bad.nonzero()[0])
-        raise ValueError(f"block_table[{b}, {j}] = {int(table[b, j])} is not a page of {nk} "
-                         f"(num_blocks {num_blocks}): sequence {b} has {lengths_k[b]} keys in "
-                         f"{ncu_k}, so it uses block_table[{b}, :{int(used[b, 0])}] with pages "
-                         f"of {page_size} rows")
+    ends = torch.tensor(lengths_k, dtype=torch.int64, device=block_table.device)
+    first, value = (x.tolist() for x in torch.stack(
+        first_bad_pages(block_table[:batch], ends, page_size, num_blocks)).cpu())
+    for b, (j, page) in enumerate(zip(first, value)):
+        if j < block_table.shape[1]:
+            used = -(-lengths_k[b] // page_size)  # pages of sequence b
+            raise ValueError(f"block_table[{b}, {j}] = {page} is not a page of {nk} "
+                             f"(num_blocks {num_blocks}): sequence {b} has {lengths_k[b]} keys "
+                             f"in {ncu_k}, so it uses block_table[{b}, :{used}] with pages of "
+                             f"{page_size} rows")

@@ -527,6 +527,21 @@ def _caches_overlap(a: Tensor, b: Tensor) -> bool:
     return a0 < b1 and b0 < a1
 
 
+def first_bad_pages(block_table: Tensor, ends: Tensor, page_size: int,
+                    num_slots: int) -> Tuple[Tensor, Tensor]:
+    """Per sequence b, among the pages its first ends[b] rows use (block_table[b, :ceil(ends[b] /
+    page_size)]), the first column whose entry is not a page of the cache (outside [0,
+    num_slots)), or block_table.shape[1] where there is none, and that entry: two int64 (batch,)
+    tensors on block_table's device (computed there, no copy). block_table has >= 1 column."""
+    max_blocks = block_table.shape[1]
+    pages = torch.clamp((ends + page_size - 1) // page_size, 0, max_blocks)
+    column = torch.arange(max_blocks, device=block_table.device)
+    bad = (column[None, :] < pages[:, None]) & ((block_table < 0) | (block_table >= num_slots))
+    first = torch.where(bad, column[None, :], max_blocks).amin(dim=1)  # max_blocks: none
+    value = block_table.gather(1, first.clamp(max=max_blocks - 1)[:, None])[:, 0]
+    return first, value.to(torch.int64)
+
+
 def check_kvcache_values(cache_seqlens, cache_leftpad: Optional[Tensor],
                          cache_batch_idx: Optional[Tensor], block_table: Optional[Tensor], *,
                          batch: int, seqlen_q: int, seqlen_new: int, capacity: int,
@@ -558,13 +573,9 @@ def check_kvcache_values(cache_seqlens, cache_leftpad: Optional[Tensor],
         else:
             n = capacity if cache_seqlens is None else cache_seqlens + seqlen_new
             ends = torch.full((batch,), n, dtype=torch.int64, device=block_table.device)
-        pages = torch.clamp((ends + page_size - 1) // page_size, 0, max_blocks)
-        column = torch.arange(max_blocks, device=block_table.device)
-        bad = (column[None, :] < pages[:, None]) & ((block_table < 0) |
-                                                    (block_table >= num_slots))
-        first = torch.where(bad, column[None, :], max_blocks).amin(dim=1)  # max_blocks: none
+        first, value = first_bad_pages(block_table, ends, page_size, num_slots)
         add("bad_page", first)
-        add("bad_page_value", block_table.gather(1, first.clamp(max=max_blocks - 1)[:, None]))
+        add("bad_page_value", value)
         if seqlen_new > 0:
             # the (page, row) of every appended key: two sequences must not write the same one
             pos = (ends - seqlen_new)[:, None] + torch.arange(seqlen_new, device=ends.device)

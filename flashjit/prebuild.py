@@ -180,9 +180,9 @@ def specs_from_args(args: argparse.Namespace) -> list[JitSpec]:
     for kernel, arch, dtype, head_dim, *variant, paged in itertools.product(
         attention, arches, args.dtype, head_dims, *flags, _CHOICES[args.paged]
     ):
-        if variant[-1] and not any(r.dropout for r in registry.rows(kernel)):
+        if variant[-1] and not _has_dropout(kernel):
             continue  # --dropout yes/both: only for the kernels that have dropout (not decode)
-        if paged and not any(r.paged for r in registry.rows(kernel)):
+        if paged and not _takes_paged(kernel):
             continue  # --paged yes/both: only for the kernels that take it (the forward)
         specs.append(JitSpec(kernel, arch, dtype, head_dim, *variant,
                              family=_family(args.family, kernel, arch, head_dim, paged), tile=args.tile,
@@ -192,12 +192,22 @@ def specs_from_args(args: argparse.Namespace) -> list[JitSpec]:
     return list(dict.fromkeys(specs))
 
 
+def _has_dropout(kernel: str) -> bool:
+    """Whether a family of ``kernel`` implements dropout (the decode kernel does not)."""
+    return any(r.dropout for r in registry.rows(kernel))
+
+
+def _takes_paged(kernel: str) -> bool:
+    """Whether a family of ``kernel`` reads K/V through a block table (JitSpec.paged)."""
+    return any(r.paged for r in registry.rows(kernel))
+
+
 def _empty_selection(args: argparse.Namespace) -> str:
     """Why specs_from_args selected nothing (kernels without the flags asked for)."""
     why = []
     attention = [k for k in args.kernel if KERNELS[k].attention]
-    no_dropout = [k for k in attention if not any(r.dropout for r in registry.rows(k))]
-    no_paged = [k for k in attention if not any(r.paged for r in registry.rows(k))]
+    no_dropout = [k for k in attention if not _has_dropout(k)]
+    no_paged = [k for k in attention if not _takes_paged(k)]
     if args.dropout == "yes" and no_dropout:
         why.append(f"--dropout yes: {', '.join(no_dropout)} has no dropout")
     if args.paged == "yes" and no_paged:
