@@ -28,6 +28,7 @@
 #pragma once
 
 #include <cmath>
+#include <type_traits>
 
 #include "common/dropout.cuh"
 #include "common/fwd_epilogue_sw128.cuh"
@@ -235,23 +236,28 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks)
     if (kConsumers > 1 && cwg == kConsumers - 1)
       named_barrier_arrive(1, kTurnThreads);  // consumer 0 goes first
   }
-  for (int it = 0; it < n_blocks; ++it) {
+  // Block it: S = Q K^T (64 x kBlockN), then behind it (kPv: every block but the first)
+  // O += P[it-1] V[it-1]; the softmax of S; P[it] packed for the next block. The first block is
+  // peeled (kPv a compile-time flag): with a branch on `it` around the P V wgmma, ptxas injects
+  // a warpgroup.arrive (C7519).
+  auto step = [&](int it, auto pv) {
+    constexpr bool kPv = decltype(pv)::value;
     const int s = it % kStages, n0 = (n_last - it) * kBlockN;
     if (it == 1) zero_v_tail();  // before P V of block 0
     mbarrier_wait(smem_addr(&bar_k_full[s]), (it / kStages) & 1);
-    if (it > 0) mbarrier_wait(smem_addr(&bar_v_full[(it - 1) % kStages]), ((it - 1) / kStages) & 1);
+    if constexpr (kPv)
+      mbarrier_wait(smem_addr(&bar_v_full[(it - 1) % kStages]), ((it - 1) / kStages) & 1);
     turn_wait();
-    // S = Q K^T (64 x kBlockN), then behind it O += P[it-1] V[it-1].
     const uint64_t desc_k = desc_advance(desc_k0, s * Traits::kSmemKV);
     fence_registers(acc_o[0]);
-    fence_registers(p_frag);
+    if constexpr (kPv) fence_registers(p_frag);
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < kHeadDim / 16; ++kk)
       wgmma_ss<Element, kBlockN>(acc_s[0], desc_advance(desc_q, kstep_offset(kk, kBlockM)),
                                  desc_advance(desc_k, kstep_offset(kk, kBlockN)), kk > 0);
     wgmma_commit();
-    if (it > 0) {
+    if constexpr (kPv) {
       issue_pv(it - 1);
       turn_pass();
       wgmma_wait<1>();  // S is done; P V may still run
@@ -270,8 +276,10 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks)
       for (int nt = 0; nt < kNTilesS; ++nt)
         dropout.apply(acc_s[0][nt], warp_row0 / 16, (n0 + nt * 8) / 8, g, t);
     }
-    wgmma_wait<0>();  // P V of block it - 1 is done: its V buffer goes back to the producer
-    if (it > 0) mbarrier_arrive(smem_addr(&bar_v_empty[(it - 1) % kStages]));
+    if constexpr (kPv) {
+      wgmma_wait<0>();  // P V of block it - 1 is done: its V buffer goes back to the producer
+      mbarrier_arrive(smem_addr(&bar_v_empty[(it - 1) % kStages]));
+    }
     fence_registers(acc_o[0]);
     fence_registers(acc_s[0]);
     rescale_rows(acc_o, alpha);
@@ -282,7 +290,9 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks)
       p_frag[ks][2] = pack2<Element>(acc_s[0][2 * ks + 1][0], acc_s[0][2 * ks + 1][1]);
       p_frag[ks][3] = pack2<Element>(acc_s[0][2 * ks + 1][2], acc_s[0][2 * ks + 1][3]);
     }
-  }
+  };
+  if (n_blocks > 0) step(0, std::false_type{});
+  for (int it = 1; it < n_blocks; ++it) step(it, std::true_type{});
   if (n_blocks > 0) {
     if (n_blocks == 1) zero_v_tail();
     const int last = n_blocks - 1;
