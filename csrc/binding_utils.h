@@ -110,7 +110,10 @@ inline VariantParams make_variant_params(int64_t window_left, int64_t window_rig
   return v;
 }
 
-// Dropout parameters; keep_threshold compares against a uniform 32-bit integer.
+// Dropout parameters (common/dropout.cuh): a uniform byte keeps its element iff it is <=
+// keep_threshold, so the kept fraction is keep = (keep_threshold + 1) / 256, the nearest multiple
+// of 1/256 to 1 - dropout_p (at least 1/256), and kept values are scaled by 1 / keep: unbiased.
+// flashjit/_philox.py (keep_threshold, keep_probability) mirrors this.
 inline DropoutParams make_dropout_params(const std::optional<at::Tensor>& rng_state,
                                          double dropout_p) {
   DropoutParams d{};
@@ -122,10 +125,11 @@ inline DropoutParams make_dropout_params(const std::optional<at::Tensor>& rng_st
     TORCH_CHECK(rng_state->is_cuda() && rng_state->numel() >= 2,
                 "flashjit: rng_state must be a CUDA int64 tensor of 2 elements");
     d.rng_state = rng_state->data_ptr<int64_t>();
-    const double keep = 1.0 - dropout_p;
-    d.keep_prob = float(keep);
-    d.inv_keep_prob = float(1.0 / keep);
-    d.keep_threshold = uint32_t(std::fmin(keep * 4294967296.0, 4294967295.0));
+    const double kept_bytes = std::fmin(std::fmax(std::nearbyint((1.0 - dropout_p) * 256.0), 1.0),
+                                        256.0);  // of the 256 values of a byte
+    d.keep_prob = float(kept_bytes / 256.0);
+    d.inv_keep_prob = float(256.0 / kept_bytes);
+    d.keep_threshold = uint32_t(kept_bytes) - 1u;
   }
   return d;
 }

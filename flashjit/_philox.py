@@ -9,15 +9,19 @@ One round, with multipliers M0, M1 and the key (k0, k1):
 and the key is bumped by the Weyl constants (W0, W1) between rounds (10 rounds, 9 bumps).
 
 Dropout element (b, h, i, j) of an attention call (b: batch index or varlen sequence, h: query
-head, i/j: query/key index inside the sequence) uses
-    subseq  = ((b * heads + h) * ceil(max_seqlen_q / 16) + i // 16) * ceil(max_seqlen_k / 8)
-              + j // 8 + offset                                    (mod 2**64)
+head, i/j: query/key index inside the sequence) uses one call per lane of an m16 x n32 group
+(16 elements, 8 random bits each):
+    subseq  = ((b * heads + h) * ceil(max_seqlen_q / 16) + i // 16) * ceil(max_seqlen_k / 32)
+              + j // 32 + offset                                   (mod 2**64)
     counter = ((i % 8) * 4 + (j % 8) // 2, 0, lo32(subseq), hi32(subseq))
     key     = (lo32(seed), hi32(seed))
-    word    = philox4x32_10(counter, key)[((i % 16) // 8) * 2 + j % 2]
-and is kept iff word < keep_threshold (= min(floor((1 - p) * 2**32), 2**32 - 1)). One call
-consumes batch * heads * ceil(max_seqlen_q / 16) * ceil(max_seqlen_k / 8) counters (`subseq`
-values): the caller advances the generator's offset by at least that much.
+    word    = philox4x32_10(counter, key)[(j % 32) // 8]
+    byte    = (word >> 8 * (((i % 16) // 8) * 2 + j % 2)) & 0xFF
+and is kept iff byte <= keep_threshold (= round(256 * (1 - p)) - 1, clamped to [0, 255]). The
+kept fraction is keep_probability(p) = (keep_threshold + 1) / 256, 1 - p at a resolution of
+1/256, and kept weights are scaled by its inverse (csrc/binding_utils.h), so the output stays
+unbiased. One call consumes batch * heads * ceil(max_seqlen_q / 16) * ceil(max_seqlen_k / 32)
+counters (`subseq` values): the caller advances the generator's offset by at least that much.
 """
 
 from __future__ import annotations
@@ -43,51 +47,62 @@ def philox4x32_10(counter: tuple[int, int, int, int], key: tuple[int, int]) -> t
 
 
 def keep_threshold(dropout_p: float) -> int:
-    """The 32-bit threshold of csrc/binding_utils.h: keep iff word < threshold."""
-    return int(min((1.0 - dropout_p) * 4294967296.0, 4294967295.0))
+    """The byte threshold of csrc/binding_utils.h: a uniform byte keeps its element iff it is <=
+    threshold. round(256 (1 - p)) kept byte values, at least 1 (C's nearbyint: half to even)."""
+    kept = min(max(round((1.0 - dropout_p) * 256.0), 1), 256)
+    return kept - 1
+
+
+def keep_probability(dropout_p: float) -> float:
+    """The fraction of attention weights dropout keeps, (keep_threshold + 1) / 256: kept weights
+    are scaled by its inverse."""
+    return (keep_threshold(dropout_p) + 1) / 256.0
 
 
 def philox_counters(batch: int, heads: int, max_seqlen_q: int, max_seqlen_k: int) -> int:
     """Counters (subsequences) one attention call consumes."""
-    return batch * heads * math.ceil(max_seqlen_q / 16) * math.ceil(max_seqlen_k / 8)
+    return batch * heads * math.ceil(max_seqlen_q / 16) * math.ceil(max_seqlen_k / 32)
 
 
-def dropout_word(seed: int, offset: int, b: int, h: int, i: int, j: int, heads: int,
+def dropout_byte(seed: int, offset: int, b: int, h: int, i: int, j: int, heads: int,
                  max_seqlen_q: int, max_seqlen_k: int) -> int:
-    """The 32-bit uniform word that decides element (b, h, i, j)."""
+    """The uniform byte that decides element (b, h, i, j)."""
     subseq = ((b * heads + h) * math.ceil(max_seqlen_q / 16) + i // 16)
-    subseq = (subseq * math.ceil(max_seqlen_k / 8) + j // 8 + offset) & MASK64
+    subseq = (subseq * math.ceil(max_seqlen_k / 32) + j // 32 + offset) & MASK64
     counter = ((i % 8) * 4 + (j % 8) // 2, 0, subseq & MASK32, subseq >> 32)
     seed &= MASK64
-    words = philox4x32_10(counter, (seed & MASK32, seed >> 32))
-    return words[((i % 16) // 8) * 2 + j % 2]
+    word = philox4x32_10(counter, (seed & MASK32, seed >> 32))[(j % 32) // 8]
+    return (word >> (8 * (((i % 16) // 8) * 2 + j % 2))) & 0xFF
 
 
 def dropout_mask(seed: int, offset: int, batch: int, heads: int, seqlen_q: int, seqlen_k: int,
                  dropout_p: float) -> list:
     """Keep mask as nested lists [b][h][i][j] of 0/1 (fixed length; slow: for small tests).
 
-    Philox is evaluated once per (b, h, 16 x 8 tile, lane), as on the GPU.
+    Philox is evaluated once per (b, h, m16 x n32 group, lane), as on the GPU.
     """
     threshold = keep_threshold(dropout_p)
     seed &= MASK64
     key = (seed & MASK32, seed >> 32)
-    m16, n8 = math.ceil(seqlen_q / 16), math.ceil(seqlen_k / 8)
+    m16, n32 = math.ceil(seqlen_q / 16), math.ceil(seqlen_k / 32)
     mask = [[[[0] * seqlen_k for _ in range(seqlen_q)] for _ in range(heads)] for _ in range(batch)]
     for b in range(batch):
         for h in range(heads):
             for i16 in range(m16):
-                for j8 in range(n8):
-                    subseq = (((b * heads + h) * m16 + i16) * n8 + j8 + offset) & MASK64
+                for j32 in range(n32):
+                    subseq = (((b * heads + h) * m16 + i16) * n32 + j32 + offset) & MASK64
                     for g in range(8):
                         for t in range(4):
                             counter = (g * 4 + t, 0, subseq & MASK32, subseq >> 32)
                             words = philox4x32_10(counter, key)
-                            for half in range(2):
-                                for e in range(2):
-                                    i, j = i16 * 16 + half * 8 + g, j8 * 8 + 2 * t + e
-                                    if i < seqlen_q and j < seqlen_k:
-                                        mask[b][h][i][j] = int(words[half * 2 + e] < threshold)
+                            for w in range(4):
+                                for half in range(2):
+                                    for e in range(2):
+                                        i = i16 * 16 + half * 8 + g
+                                        j = j32 * 32 + w * 8 + 2 * t + e
+                                        byte = (words[w] >> (8 * (half * 2 + e))) & 0xFF
+                                        if i < seqlen_q and j < seqlen_k:
+                                            mask[b][h][i][j] = int(byte <= threshold)
     return mask
 
 

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from . import interface, ops
+from ._philox import keep_probability
 from .jit import JitSpec, current_arch, load_spec
 
 
@@ -102,7 +103,8 @@ def attention_reference(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False
     0; visible keys as visible_keys(); sink (heads,): lse = log(sum_visible exp(z_ij) +
     exp(sink_h)), out_i = sum_j exp(z_ij - lse_i) v_j. A row that sees no key: out 0 and lse
     sink_h, or -inf without a sink. dropout_mask: bool (batch, heads, seqlen_q, seqlen_k), True =
-    kept; kept weights are scaled by 1 / (1 - dropout_p) (lse is before dropout)."""
+    kept; kept weights are scaled by 1 / keep_probability(dropout_p), 1 - dropout_p at the
+    kernels' 1/256 resolution (flashjit._philox; lse is before dropout)."""
     batch, seqlen_q, heads, d = q.shape
     seqlen_k, heads_k = k.shape[1], k.shape[2]
     scale = 1.0 / math.sqrt(d) if softmax_scale is None else softmax_scale
@@ -138,6 +140,6 @@ def attention_reference(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False
     lse = torch.where(seen, m + torch.log(total), torch.full_like(total, float("-inf")))[..., 0]
     probs = e[..., :seqlen_k] / total
     if dropout_mask is not None:
-        probs = probs * dropout_mask / (1.0 - dropout_p)
+        probs = probs * dropout_mask / keep_probability(dropout_p)
     out = torch.einsum("bhqk,bkhd->bqhd", probs.to(v.dtype), v)
     return out.to(q.dtype), lse

@@ -12,6 +12,8 @@ from typing import Optional
 
 import torch
 
+from flashjit._philox import keep_probability
+
 
 def leaf(*shape, dtype: torch.dtype, scale: float = 1.0, device="cuda") -> torch.Tensor:
     """A standard normal tensor times scale (drawn in float32, then cast to dtype), requiring
@@ -60,7 +62,7 @@ def attention_ref(q, k, v, causal=False, softmax_scale=None, bottom_right=True,
     probs = torch.exp(scores - lse.masked_fill(torch.isinf(lse), 0.0)[..., None])
     probs = probs.masked_fill(~mask, 0.0)
     if dropout_mask is not None:
-        probs = probs * dropout_mask / (1.0 - dropout_p)
+        probs = probs * dropout_mask / keep_probability(dropout_p)  # 1 - p to 1/256
     out = torch.einsum("bhqk,bkhd->bqhd", probs.to(v.dtype), v)
     return out.to(q.dtype), lse
 

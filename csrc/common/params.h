@@ -23,9 +23,9 @@ namespace flashjit {
 // the values current at replay time. rng_state == nullptr means no dropout.
 struct DropoutParams {
   const int64_t* rng_state;  // device pointer: [0] = seed, [1] = offset (in Philox counters)
-  float keep_prob;           // 1 - dropout_p
+  float keep_prob;           // (keep_threshold + 1) / 256: 1 - dropout_p to 1/256 (dropout.cuh)
   float inv_keep_prob;       // 1 / keep_prob: kept values are scaled by it
-  uint32_t keep_threshold;   // a 32-bit uniform u keeps the element iff u < keep_threshold
+  uint32_t keep_threshold;   // a uniform byte u keeps its element iff u <= keep_threshold
 };
 
 // The runtime values of a spec's attention variant (variant.cuh applies them; only the parts a

@@ -154,14 +154,11 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSM)
     // Online softmax (common/softmax.cuh): S becomes P, O and the row statistics are rescaled.
     online_softmax_step(acc_s, acc_o, row_max, row_sum, p.scale_log2);
 
-    // Dropout (after the row sums: l normalises the undropped P): P = P * mask / (1 - p).
+    // Dropout (after the row sums: l normalises the undropped P): P = P * mask / keep.
     if constexpr (V::kHasDropout) {
 #pragma unroll
       for (int mt = 0; mt < kMTiles; ++mt)
-#pragma unroll
-        for (int nt = 0; nt < kNTilesS; ++nt)
-          dropout.apply(acc_s[mt][nt], (m0 + warp * Traits::kWarpRows + mt * 16) / 16,
-                        (n0 + nt * 8) / 8, g, t);
+        dropout.apply(acc_s[mt], (m0 + warp * Traits::kWarpRows + mt * 16) / 16, n0 / 8, g, t);
     }
 
     // O += P V: P (kWarpRows x kBlockN) from registers as the A operand, V (kBlockN x kHeadDim).

@@ -17,10 +17,11 @@
 // then split it: by query rows (64 each) when kBlockM = 128, by head-dim columns (64 each) when
 // kBlockM = 64. All tiles are 128-byte swizzled (smem_sw128.cuh).
 // Dropout: the keep mask is the one of dropout.cuh, defined on the mma C layout of the untransposed
-// scores (one Philox call per lane and m16 x n8 tile). Each lane computes, for every tile its warp
-// covers (kBlockM / 16 query tiles x 2 key tiles), the call of the lane with its own index, and
-// then fetches the bits of its transposed elements from the two lanes that hold them (two shuffles
-// per word): the same Philox cost as the untransposed kernels.
+// scores (one Philox call per lane and m16 x n32 group of four n8 tiles). Each lane computes, for
+// every tile its warp covers (kBlockM / 16 query tiles x 2 key tiles, half of a group), the call
+// of the lane with its own index, and then fetches the bits of its transposed elements from the
+// two lanes that hold them (two shuffles per word): twice the Philox cost per element of the
+// untransposed kernels, whose warps use all four tiles of a call.
 #pragma once
 
 #include <type_traits>

@@ -197,12 +197,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSM)
     float alpha[1][2];
     softmax_update(acc_s, row_max, row_sum, p.scale_log2, alpha);
 
-    // Dropout (after the row sums: l normalises the undropped P): P = P * mask / (1 - p).
-    if constexpr (V::kHasDropout) {
-#pragma unroll
-      for (int nt = 0; nt < kNTilesS; ++nt)
-        dropout.apply(acc_s[0][nt], warp_row0 / 16, (n0 + nt * 8) / 8, g, t);
-    }
+    // Dropout (after the row sums: l normalises the undropped P): P = P * mask / keep.
+    if constexpr (V::kHasDropout) dropout.apply(acc_s[0], warp_row0 / 16, n0 / 8, g, t);
 
     // The previous P V is done: now O may be rescaled and p_frag overwritten. (The register
     // fences keep the compiler from moving either above the wait.)

@@ -128,6 +128,11 @@ def test_philox_known_answers_and_keep_rate():
     mask = torch.tensor(_philox.dropout_mask(seed=1234, offset=0, batch=1, heads=2, seqlen_q=40,
                                              seqlen_k=48, dropout_p=0.25), dtype=torch.float32)
     assert abs(mask.mean().item() - 0.75) < 0.03
+    # element by element as dropout_byte draws it, with 48 keys: one whole m16 x n32 group, one
+    # partial
+    for b, h, i, j in [(0, 0, 0, 0), (0, 1, 39, 47), (0, 0, 17, 33), (0, 1, 8, 31)]:
+        byte = _philox.dropout_byte(1234, 0, b, h, i, j, 2, 40, 48)
+        assert mask[b, h, i, j] == float(byte <= _philox.keep_threshold(0.25))
     again = torch.tensor(_philox.dropout_mask(1234, 0, 1, 2, 40, 48, 0.25), dtype=torch.float32)
     other = torch.tensor(_philox.dropout_mask(1234, 10**6, 1, 2, 40, 48, 0.25), dtype=torch.float32)
     assert torch.equal(mask, again) and not torch.equal(mask, other)
@@ -139,6 +144,30 @@ def test_dropout_mask_helper_without_cuda_says_so(device):
     from flashjit import testing
     with pytest.raises(ValueError, match="need a CUDA device, got '(cuda|cpu)'"):
         testing.next_dropout_mask(1, 1, 4, 4, 0.1, device)
+
+
+@pytest.mark.parametrize("p,kept_bytes", [(0.25, 192), (0.1, 230), (0.5, 128), (0.9999, 1),
+                                          (1e-4, 256), (0.001, 256), (0.003, 255)])
+def test_dropout_keeps_a_whole_number_of_byte_values(p, kept_bytes):
+    # round(256 (1 - p)) of the 256 byte values keep an element, at least one: the kept fraction
+    # is 1 - p to 1/256, and the scale its inverse (csrc/binding_utils.h)
+    assert _philox.keep_threshold(p) == kept_bytes - 1
+    assert _philox.keep_probability(p) == kept_bytes / 256
+    assert abs(_philox.keep_probability(p) - (1 - p)) <= 1 / 512 or kept_bytes == 1
+
+
+def test_dropout_mask_draws_sixteen_elements_per_philox_call():
+    # lane (g, t) of group (i16, j32): its 4 words are 4 n8 tiles of keys, its bytes the C layout's
+    # 4 elements of each; so the 16 bytes of one call decide 16 different elements
+    seed, offset, heads, sq, sk = 99, 5, 1, 16, 32
+    words = _philox.philox4x32_10((2 * 4 + 1, 0, offset, 0), (seed, 0))  # lane g 2, t 1
+    for w in range(4):
+        for half in range(2):
+            for e in range(2):
+                i, j = half * 8 + 2, w * 8 + 2 * 1 + e
+                assert _philox.dropout_byte(seed, offset, 0, 0, i, j, heads, sq, sk) == \
+                    (words[w] >> (8 * (half * 2 + e))) & 0xFF
+    assert _philox.philox_counters(2, 3, 17, 33) == 2 * 3 * 2 * 2
 
 
 def _offset_view(shape, offset_elements, dtype=torch.float16):

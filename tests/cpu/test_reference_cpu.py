@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+from flashjit._philox import keep_probability
 from flashjit.interface import sink_grad
 from flashjit.testing import attention_reference
 
@@ -57,7 +58,7 @@ def naive_attention(q, k, v, causal=False, window_size=(-1, -1), softcap=0.0, al
                 for j, z in zip(keys, logits):
                     p = math.exp(z) / total
                     if dropout_mask is not None:
-                        p = p * float(dropout_mask[b, h, i, j]) / (1.0 - dropout_p)
+                        p = p * float(dropout_mask[b, h, i, j]) / keep_probability(dropout_p)
                     out[b, i, h] += p * v[b, j, hk]
     return out, lse
 
