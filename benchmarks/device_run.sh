@@ -8,7 +8,7 @@
 # Usage (on the device): bash benchmarks/device_run.sh [steps...]
 #   steps: build test test80 sanitize profile sweep kernels overhead jit peers original long
 #          variants ab sdpa hf hfbench cp cpbench decode decodebench decodeprof decodesweep
-#          testws wssweep wsdrop wsprof (the sm90ws forward family) dropout dropouterr
+#          testws wssweep wsdrop wsab wsprof (the sm90ws forward family) dropout dropouterr
 #   (default: build test sanitize jit peers)
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -130,8 +130,14 @@ for step in $STEPS; do
     dropouterr)  # dropout gradient errors over many mask draws against the 2x criterion
                  # (benchmarks/dropout_errors.py: d 64, causal shapes with short rows); with a
                  # carried .baseline checkout, its flashjit too (JIT-compiled on first use)
-      pb --jobs 8 --dtype fp16 bf16 --head-dim 64 --causal both --dropout yes 2>&1 | tail -n 1
-      python3 -m flashjit.prebuild --kernel dropout_mask 2>&1 | tail -n 1
+      pb --jobs 8 --dtype fp16 bf16 --head-dim 64 --causal both --dropout yes 2>&1 | tail -n 1 &
+      python3 -m flashjit.prebuild --kernel dropout_mask 2>&1 | tail -n 1 &
+      if [ -d .baseline/flashjit ]; then  # the baseline's specs, in parallel
+        (cd .baseline && export FLASHJIT_CACHE_DIR=/tmp/flashjit-cache-baseline PYTHONPATH=/tmp/site:$PWD/.baseline
+         pb --jobs 8 --dtype fp16 bf16 --head-dim 64 --causal both --dropout yes 2>&1 | tail -n 1
+         python3 -m flashjit.prebuild --kernel dropout_mask 2>&1 | tail -n 1) &
+      fi
+      wait
       timeout ${DROPOUTERR_TIMEOUT:-300} python3 benchmarks/dropout_errors.py ${DROPOUTERR_ARGS:-} 2>&1 \
         | tee "$OUT/dropout_errors.log" | tail -n 60
       if [ -d .baseline/flashjit ]; then  # the same against an older checkout (carry .baseline)
@@ -139,6 +145,22 @@ for step in $STEPS; do
           python3 benchmarks/dropout_errors.py --tree .baseline ${DROPOUTERR_ARGS:-} 2>&1 \
           | tee "$OUT/dropout_errors_baseline.log" | tail -n 60
       fi ;;
+    wsab)  # the sm90ws forward of this tree against .baseline's (carry .baseline): ws_time.py
+           # run from each tree (its own flashjit, csrc and binary cache), alternating, twice
+      rm -rf /tmp/ab_base && mkdir -p /tmp/ab_base && cp -r .baseline/flashjit .baseline/csrc benchmarks /tmp/ab_base/
+      for tree in /tmp/ab_base $PWD; do
+        (cd $tree && export FLASHJIT_CACHE_DIR=/tmp/flashjit-cache-ab-$(basename $tree) PYTHONPATH=/tmp/site:$tree
+         FLASHJIT_KERNEL_FAMILY=sm90ws pb --jobs 8 --kernel fwd --dtype bf16 --head-dim ${WS_DIMS:-64 128} \
+           --causal both 2>&1 | tail -n 1) &
+      done
+      wait
+      for round in 1 2; do
+        for tree in /tmp/ab_base $PWD; do
+          name=$([ $tree = $PWD ] && echo new || echo baseline)
+          (cd $tree && FLASHJIT_CACHE_DIR=/tmp/flashjit-cache-ab-$(basename $tree) PYTHONPATH=/tmp/site:$tree \
+             python3 benchmarks/ws_time.py 2>&1 | sed "s/^/$name round $round: /") | tee -a "$OUT/ws_ab.log"
+        done
+      done ;;
     wsprof)  # ncu of the sm90ws forward (bf16, 8k, d 64 and 128): stall reasons, issue and pipe
              # use, and the hottest SASS instructions by warp-stall samples (profile_ws.py)
       for d in ${WSPROF_DIMS:-64 128}; do
