@@ -55,6 +55,8 @@ struct FwdWsTraits {
   // One consumer: two CTAs per SM, which take turns on the tensor cores by themselves and
   // overlap one's prologue and epilogue with the other's main loop (short sequences).
   static constexpr int kMinBlocks = kConsumers == 1 ? 2 : 1;
+  // Peel the main loop's first key block (the kernel's `step`): measured at d 128 only.
+  static constexpr bool kPeel = kHeadDim_ >= 128;
   // Registers (65536 per SM over kMinBlocks CTAs): the producer keeps 24 (1 or 2 consumers: 40),
   // the consumers take the rest in multiples of 8: 2 x 128 x 232 + 128 x 40 = 64512, 3 x 128 x
   // 160 + 128 x 24 = 64512, one consumer 128 x 216 + 128 x 40 = 32768 per CTA.
@@ -236,28 +238,30 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks)
     if (kConsumers > 1 && cwg == kConsumers - 1)
       named_barrier_arrive(1, kTurnThreads);  // consumer 0 goes first
   }
-  // Block it: S = Q K^T (64 x kBlockN), then behind it (kPv: every block but the first)
-  // O += P[it-1] V[it-1]; the softmax of S; P[it] packed for the next block. The first block is
-  // peeled (kPv a compile-time flag): with a branch on `it` around the P V wgmma, ptxas injects
-  // a warpgroup.arrive (C7519).
+  // Block it: S = Q K^T (64 x kBlockN), then behind it (pv: every block but the first)
+  // O += P[it-1] V[it-1]; the softmax of S; P[it] packed for the next block. pv is a bool, or
+  // with Traits::kPeel a compile-time constant (std::true_type / std::false_type: the first block
+  // peeled), which removes the warpgroup.arrive ptxas injects around a branch on the P V wgmma
+  // (C7519): measured faster at d 128, slower at d 64 (benchmarks/NOTES.md).
+  // (With a runtime pv the fence on p_frag and the wait for P V stay unconditional, as a branch
+  // around them makes ptxas serialise the wgmmas, C7515.)
   auto step = [&](int it, auto pv) {
-    constexpr bool kPv = decltype(pv)::value;
+    constexpr bool kStatic = !std::is_same_v<decltype(pv), bool>;
     const int s = it % kStages, n0 = (n_last - it) * kBlockN;
     if (it == 1) zero_v_tail();  // before P V of block 0
     mbarrier_wait(smem_addr(&bar_k_full[s]), (it / kStages) & 1);
-    if constexpr (kPv)
-      mbarrier_wait(smem_addr(&bar_v_full[(it - 1) % kStages]), ((it - 1) / kStages) & 1);
+    if (pv) mbarrier_wait(smem_addr(&bar_v_full[(it - 1) % kStages]), ((it - 1) / kStages) & 1);
     turn_wait();
     const uint64_t desc_k = desc_advance(desc_k0, s * Traits::kSmemKV);
     fence_registers(acc_o[0]);
-    if constexpr (kPv) fence_registers(p_frag);
+    if (!kStatic || pv) fence_registers(p_frag);
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < kHeadDim / 16; ++kk)
       wgmma_ss<Element, kBlockN>(acc_s[0], desc_advance(desc_q, kstep_offset(kk, kBlockM)),
                                  desc_advance(desc_k, kstep_offset(kk, kBlockN)), kk > 0);
     wgmma_commit();
-    if constexpr (kPv) {
+    if (pv) {
       issue_pv(it - 1);
       turn_pass();
       wgmma_wait<1>();  // S is done; P V may still run
@@ -272,10 +276,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks)
     float alpha[1][2];
     softmax_update(acc_s, row_max, row_sum, p.scale_log2, alpha);
     if constexpr (V::kHasDropout) dropout.apply(acc_s[0], warp_row0 / 16, n0 / 8, g, t);
-    if constexpr (kPv) {
-      wgmma_wait<0>();  // P V of block it - 1 is done: its V buffer goes back to the producer
-      mbarrier_arrive(smem_addr(&bar_v_empty[(it - 1) % kStages]));
-    }
+    if (!kStatic || pv) wgmma_wait<0>();  // P V of block it - 1 is done: its V buffer goes
+    if (pv) mbarrier_arrive(smem_addr(&bar_v_empty[(it - 1) % kStages]));  // back to the producer
     fence_registers(acc_o[0]);
     fence_registers(acc_s[0]);
     rescale_rows(acc_o, alpha);
@@ -287,8 +289,12 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks)
       p_frag[ks][3] = pack2<Element>(acc_s[0][2 * ks + 1][2], acc_s[0][2 * ks + 1][3]);
     }
   };
-  if (n_blocks > 0) step(0, std::false_type{});
-  for (int it = 1; it < n_blocks; ++it) step(it, std::true_type{});
+  if constexpr (Traits::kPeel) {
+    if (n_blocks > 0) step(0, std::false_type{});
+    for (int it = 1; it < n_blocks; ++it) step(it, std::true_type{});
+  } else {
+    for (int it = 0; it < n_blocks; ++it) step(it, it > 0);
+  }
   if (n_blocks > 0) {
     if (n_blocks == 1) zero_v_tail();
     const int last = n_blocks - 1;
