@@ -13,7 +13,13 @@
 // and byte e of word w of philox4x32_10(key, counter) keeps the element iff byte <= threshold,
 // threshold = round(256 (1 - p)) - 1 clamped to [0, 255]: the kept fraction is
 // keep = (threshold + 1) / 256, dropout_p at a resolution of 1/256, and kept values are scaled by
-// 1 / keep, so that the output stays unbiased (binding_utils.h). One attention call consumes
+// 1 / keep, so that the output stays unbiased (binding_utils.h). The forward applies the scale
+// after P V, not to P: P Z (Z the 0/1 mask) goes into P V and the epilogue multiplies O by
+// 1 / (l keep). So a P of 1 (a row that sees one key) stays exact in 16 bits, and the backward's
+// D = rowsum(dO O) differs from its dP Z / keep by the rounding of O alone (rounding P / keep to
+// 16 bits added up to 0.5 ulp of 1 / keep: dq's error on short rows). The backward's dV product
+// takes P Z / keep (moving that scale too costs the sm90 backward registers). One attention call
+// consumes
 //   batch * heads * ceil(max_seqlen_q / 16) * ceil(max_seqlen_k / 32)
 // counters (subseq values): the caller advances the generator's offset by at least that.
 #pragma once
@@ -57,7 +63,6 @@ struct DropoutMask {
   uint64_t offset;      // generator offset, in counters
   uint32_t n32_groups;  // ceil(max_seqlen_k / 32)
   uint32_t thr4;        // the keep threshold (a byte <= it is kept) in each of the 4 bytes
-  float inv_keep_prob;  // kept values are scaled by 1 / keep
 
   DropoutMask() = default;  // unused placeholder in kernels compiled without dropout
   __device__ DropoutMask(const DropoutParams& p, int b, int h, int heads, int max_seqlen_q,
@@ -69,7 +74,6 @@ struct DropoutMask {
                 static_cast<uint64_t>((max_seqlen_q + 15) / 16);
     n32_groups = static_cast<uint32_t>((max_seqlen_k + 31) / 32);
     thr4 = (p.keep_threshold & 0xffu) * 0x01010101u;
-    inv_keep_prob = p.inv_keep_prob;
   }
 
   // Keep bits of lane (g, t) in group (i16, j32): bit 4 w + e set iff element e of n8 tile w of
@@ -91,10 +95,11 @@ struct DropoutMask {
     return (group_bits(i16, j8 / 4, g, t) >> (4 * (j8 % 4))) & 0xfu;
   }
 
-  // acc[e] = kept ? acc[e] / keep : 0 for the 4 bits of `bits` (bit e: element e).
+  // acc[e] = kept ? acc[e] : 0 for the 4 bits of `bits` (bit e: element e): the forward's P Z;
+  // its 1 / keep comes after P V (see the top of this file).
   __device__ __forceinline__ void apply_bits(float (&acc)[4], uint32_t bits) const {
 #pragma unroll
-    for (int e = 0; e < 4; ++e) acc[e] = (bits >> e) & 1u ? acc[e] * inv_keep_prob : 0.f;
+    for (int e = 0; e < 4; ++e) acc[e] = (bits >> e) & 1u ? acc[e] : 0.f;
   }
 
   // Dropout on kNTiles consecutive n8 tiles (j8 .. j8 + kNTiles - 1) of m16 row tile i16, lane

@@ -33,7 +33,8 @@ __device__ __forceinline__ void fwd_epilogue_sw128(
                                            scores.sink_log2)
                               : finish_row(row_max[half], row_sum[half], p.scale_log2);
     const int row = warp_row + half * 8 + g;
-    inv_l[half] = res.inv_l;
+    // O = (P Z) V / (l keep) with dropout (common/dropout.cuh: the 1 / keep is applied here)
+    inv_l[half] = V::kHasDropout ? res.inv_l * p.dropout.inv_keep_prob : res.inv_l;
     if (t == 0 && row < rows_q) lse[row] = res.lse_log2;
   }
 #pragma unroll

@@ -184,8 +184,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
           pz[e] = pe;
           if constexpr (V::kHasDropout) {
             const bool kept = (kept_bits >> e) & 1u;
-            pz[e] = kept ? pe * drop.inv_keep_prob : 0.f;
-            dpe = kept ? dpe * drop.inv_keep_prob : 0.f;
+            pz[e] = kept ? pe * p.dropout.inv_keep_prob : 0.f;
+            dpe = kept ? dpe * p.dropout.inv_keep_prob : 0.f;
           }
           ds[e] = pe * (dpe - dsum_row[mt][e / 2]);
           if constexpr (V::kLogitGrad)  // dS with respect to the raw score: times dx/ds

@@ -136,7 +136,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kNWarps <= 4 ? 2 : 
         for (int e = 0; e < 4; ++e) {
           const float pe = recompute_p(acc_s[mt][nt][e], p.scale_log2, ref[mt][e / 2]);
           float dpe = acc_dp[mt][nt][e];
-          if constexpr (V::kHasDropout) dpe = (kept_bits >> e) & 1u ? dpe * drop.inv_keep_prob : 0.f;
+          if constexpr (V::kHasDropout) dpe = (kept_bits >> e) & 1u ? dpe * p.dropout.inv_keep_prob : 0.f;
           acc_dp[mt][nt][e] = pe * (dpe - dsum_row[mt][e / 2]);
           if constexpr (V::kLogitGrad)  // with respect to the raw score: times dx/ds
             acc_dp[mt][nt][e] *= scores.dlogit(acc_s[mt][nt][e],

@@ -206,10 +206,12 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSM)
                                    scores.sink_log2)
                       : finish_row(row_max[mt][half], row_sum[mt][half], p.scale_log2);
       const int row = warp * Traits::kWarpRows + mt * 16 + half * 8 + g;
+      // O = (P Z) V / (l keep) with dropout (common/dropout.cuh: the 1 / keep is applied here)
+      const float inv_l = V::kHasDropout ? res.inv_l * p.dropout.inv_keep_prob : res.inv_l;
 #pragma unroll
       for (int nt = 0; nt < kNTilesO; ++nt) {
-        const float x = acc_o[mt][nt][2 * half] * res.inv_l;
-        const float y = acc_o[mt][nt][2 * half + 1] * res.inv_l;
+        const float x = acc_o[mt][nt][2 * half] * inv_l;
+        const float y = acc_o[mt][nt][2 * half + 1] * inv_l;
         const int offset = row * kSmemRow + nt * 8 + 2 * t;
         *reinterpret_cast<uint32_t*>(smem_q + offset) = pack_out<Element>(x, y, 0);
         if (residual) *reinterpret_cast<uint32_t*>(smem_r + offset) = pack_out<Element>(x, y, 1);

@@ -174,7 +174,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
       const float pe = recompute_p(x, p.scale_log2, ref[e / 2]);
       float dpe = acc_dp[0][nt][e];
       if constexpr (V::kHasDropout)
-        dpe = (keep.get(0, nt) >> e) & 1u ? dpe * drop.inv_keep_prob : 0.f;
+        dpe = (keep.get(0, nt) >> e) & 1u ? dpe * p.dropout.inv_keep_prob : 0.f;
       float ds = pe * (dpe - dsum_row[e / 2]);
       if constexpr (V::kLogitGrad) ds *= scores.dlogit(x, i, j);
       acc_dp[0][nt][e] = ds;

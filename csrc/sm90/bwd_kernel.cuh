@@ -256,8 +256,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
       float dpe = acc_dp[nt][e];
       if constexpr (V::kHasDropout) {
         const bool kept = keep.get(nt, e);
-        dpe = kept ? dpe * drop.inv_keep_prob : 0.f;
-        acc_s[nt][e] = kept ? pe * drop.inv_keep_prob : 0.f;
+        dpe = kept ? dpe * p.dropout.inv_keep_prob : 0.f;
+        acc_s[nt][e] = kept ? pe * p.dropout.inv_keep_prob : 0.f;
       }
       acc_dp[nt][e] = V::kLogitGrad ? pe * (dpe - dsum) * dx : pe * (dpe - dsum);
     };
