@@ -9,9 +9,13 @@ whether the same row is the worst for PyTorch. Run it on two trees (e.g. main an
 changes the mask) to tell a criterion that fails on some draws anyway from a regression.
 
     python3 benchmarks/dropout_errors.py [--seeds 12] [--p 0.17] [--tree .baseline]
+                                         [--shapes 190,190,1 ...] [--sdpa]
 
 --tree: import flashjit from another checkout (its flashjit/ and csrc/, as ab_trees.py's
-baseline) instead of this one; give it its own FLASHJIT_CACHE_DIR.
+baseline) instead of this one; give it its own FLASHJIT_CACHE_DIR. --shapes: seqlen_q,seqlen_k,
+causal triples (default SHAPES). --sdpa: call through F.scaled_dot_product_attention with flashjit
+as torch's flash provider, (batch, heads, seq, d) inputs and top-left causal, as
+tests/gpu/test_sdpa_provider.py does (square shapes only).
 """
 import argparse
 import os
@@ -37,14 +41,33 @@ def grads(out, inputs, dout):
     return torch.autograd.grad(out, inputs, dout)
 
 
-def one(sq, sk, causal, dtype, seed, p, deterministic):
+def sdpa(q, k, v, p, causal):
+    """F.scaled_dot_product_attention on (batch, seq, heads, d) views of (batch, heads, seq, d)
+    leaves, flash backend (flashjit, once activated)."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                             v.transpose(1, 2), dropout_p=p, is_causal=causal)
+    return out.transpose(1, 2)
+
+
+def one(sq, sk, causal, dtype, seed, p, deterministic, use_sdpa=False):
     b, h, d = 2, 3, 64
     torch.manual_seed(seed)
-    q, k, v = leaf(b, sq, h, d, dtype=dtype), leaf(b, sk, h, d, dtype=dtype), \
-        leaf(b, sk, h, d, dtype=dtype)
+    if use_sdpa:  # leaves (b, h, s, d) as the SDPA test, seen as (b, s, h, d)
+        q, k, v = (leaf(b, h, n, d, dtype=dtype).transpose(1, 2) for n in (sq, sk, sk))
+    else:
+        q, k, v = leaf(b, sq, h, d, dtype=dtype), leaf(b, sk, h, d, dtype=dtype), \
+            leaf(b, sk, h, d, dtype=dtype)
     mask = testing.next_dropout_mask(b, h, sq, sk, p, device=q.device)
-    out = flashjit.flash_attn_func(q, k, v, dropout_p=p, causal=causal,
-                                   deterministic=deterministic)
+    if use_sdpa:
+        q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+        out = sdpa(q, k, v, p, causal)
+    else:
+        out = flashjit.flash_attn_func(q, k, v, dropout_p=p, causal=causal,
+                                       deterministic=deterministic)
     dout = torch.randn_like(out)
     got = (out,) + grads(out, (q, k, v), dout)
     q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
@@ -71,16 +94,27 @@ def main():
     ap.add_argument("--seeds", type=int, default=12)
     ap.add_argument("--p", type=float, default=0.17)
     ap.add_argument("--tree", default=None, help="a checkout whose flashjit to test")
+    ap.add_argument("--shapes", nargs="+", default=None, help="seqlen_q,seqlen_k,causal ...")
+    ap.add_argument("--sdpa", action="store_true", help="through SDPA's flash provider")
     args = ap.parse_args()
-    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, p {args.p}, flashjit "
+    shapes = SHAPES if args.shapes is None else [
+        tuple(int(x) for x in s.split(",")[:2]) + (s.split(",")[2] == "1",) for s in args.shapes]
+    if args.sdpa:
+        from torch.nn.attention import activate_flash_attention_impl
+
+        if any(sq != sk for sq, sk, _ in shapes):
+            raise SystemExit("--sdpa: square shapes only (SDPA's causal is top-left)")
+        activate_flash_attention_impl("flashjit")
+    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, p {args.p}, "
+          f"{'through SDPA, ' if args.sdpa else ''}flashjit "
           f"from {os.path.dirname(os.path.dirname(os.path.abspath(flashjit.__file__)))}")
-    for sq, sk, causal in SHAPES:
+    for sq, sk, causal in shapes:
         for dtype in (torch.float16, torch.bfloat16):
-            for deterministic in (False, True):
+            for deterministic in (False,) if args.sdpa else (False, True):
                 fails, worst = 0, 0.0
                 for seed in range(args.seeds):
                     ratios, over, (i, seen, kept, i_pt) = one(sq, sk, causal, dtype, seed,
-                                                              args.p, deterministic)
+                                                              args.p, deterministic, args.sdpa)
                     fails += any(over)
                     worst = max(worst, ratios[1])
                     if any(over):
