@@ -191,6 +191,10 @@ def _result(out: Tensor, lse_log2: Tensor, return_attn_probs: bool):
 # ------------------------------------------------------------------------------------------------
 _COMMON_DOC = """
     dropout_p: probability of dropping an attention weight (float in [0, 1)); use 0.0 in eval.
+        Applied at a resolution of 1/256: a weight is kept with probability
+        round(256 (1 - dropout_p)) / 256 (at least 1/256; 0.1 keeps 230/256 = 0.898) and kept
+        weights are scaled by its inverse, so the output stays unbiased
+        (flashjit._philox.keep_probability; the mask: csrc/common/dropout.cuh).
     softmax_scale: scale of Q K^T before the softmax (default 1 / sqrt(head_dim)).
     causal: causal mask aligned bottom-right: query i sees key j iff j <= i + seqlen_k - seqlen_q
         (flash-attn >= 2.1).
