@@ -147,11 +147,12 @@ for step in $STEPS; do
       fi ;;
     wsab)  # the sm90ws forward of this tree against .baseline's (carry .baseline): ws_time.py
            # run from each tree (its own flashjit, csrc and binary cache), alternating, twice
+           # (WS_DROPOUT=p: with dropout against without, in each tree)
       rm -rf /tmp/ab_base && mkdir -p /tmp/ab_base && cp -r .baseline/flashjit .baseline/csrc benchmarks /tmp/ab_base/
       for tree in /tmp/ab_base $PWD; do
         (cd $tree && export FLASHJIT_CACHE_DIR=/tmp/flashjit-cache-ab-$(basename $tree) PYTHONPATH=/tmp/site:$tree
          FLASHJIT_KERNEL_FAMILY=sm90ws pb --jobs 8 --kernel fwd --dtype bf16 --head-dim ${WS_DIMS:-64 128} \
-           --causal both 2>&1 | tail -n 1) &
+           --causal both --dropout $([ -n "${WS_DROPOUT:-}" ] && echo both || echo no) 2>&1 | tail -n 1) &
       done
       wait
       for round in 1 2; do
