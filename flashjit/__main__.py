@@ -55,7 +55,7 @@ def _warnings(torch, nvcc) -> list[str]:
         warnings.append("no CUDA GPU is visible: flashjit kernels cannot run here (prebuild "
                         "--arch still compiles them for a GPU elsewhere)")
     if nvcc is None:
-        warnings.append("nvcc not found: set CUDA_HOME to a CUDA toolkit to compile kernels")
+        warnings.append(f"{env.nvcc_missing()} to compile kernels")
     return warnings
 
 
@@ -77,7 +77,7 @@ def info() -> int:
                   f"cxx11 ABI {int(torch._C._GLIBCXX_USE_CXX11_ABI)})"),
         # the nvcc builds will use (CUDA_HOME, else CUDA_PATH, else PATH, else /usr/local/cuda)
         ("nvcc", f"{env.nvcc_version() or 'version unknown'} ({nvcc})" if nvcc
-                 else "not found: set CUDA_HOME to a CUDA toolkit"),
+                 else env.nvcc_missing()),
         ("c++", env.cxx_version() or f"{env.cxx_compiler()} not found"),
     ]
     if torch.cuda.is_available():

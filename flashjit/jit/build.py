@@ -125,7 +125,7 @@ def _check_cuda_toolchain(spec: JitSpec) -> None:
             "nvcc alone)"
         )
     if env.nvcc_path() is None:
-        raise BuildError(f"flashjit: nvcc not found (set CUDA_HOME) to build {spec.name}")
+        raise BuildError(f"flashjit: {env.nvcc_missing()}, to build {spec.name}")
 
 
 def _build(spec: JitSpec, entry: CacheEntry, csrc: Path) -> Path:
@@ -192,7 +192,7 @@ def compile_only(spec: JitSpec, out_dir) -> list[Path]:
     """
     nvcc = env.nvcc_path()
     if nvcc is None:
-        raise BuildError("flashjit: nvcc not found (set CUDA_HOME)")
+        raise BuildError(f"flashjit: {env.nvcc_missing()}")
     csrc = csrc_dir()
     cuda_sources = [s for s in spec.sources(csrc) if s.suffix == ".cu"]
     if not cuda_sources:

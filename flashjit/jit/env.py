@@ -70,6 +70,16 @@ def nvcc_path() -> Path | None:
     return nvcc if nvcc.exists() else None
 
 
+def nvcc_missing() -> str:
+    """Why nvcc_path() found no nvcc, for messages: where it looked, and what to set."""
+    for name in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(name):
+            return (f"nvcc not found: {name}={os.environ[name]} has no bin/nvcc; point {name} at "
+                    "a CUDA toolkit")
+    return ("nvcc not found (not on PATH, not in /usr/local/cuda): set CUDA_HOME to a CUDA "
+            "toolkit")
+
+
 def _version_line(cmd: list[str], contains: str = "") -> str | None:
     """The first output line of ``cmd`` that contains ``contains``; None if it cannot run."""
     try:

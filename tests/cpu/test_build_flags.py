@@ -15,6 +15,7 @@ import torch
 from jithelpers import run_python
 
 from flashjit.jit import JitSpec
+from flashjit.jit import env
 from flashjit.jit.env import nvcc_path
 
 # The -std value of each compile command: -std=c++20, --std=c++20 or --std c++20.
@@ -63,3 +64,17 @@ def test_cuda_build_uses_torchs_standard(tmp_path):
     """A real CUDA spec (host binding and nvcc kernel) built against this torch's headers."""
     commands = build_commands(JitSpec("fwd", "sm80", "fp16", 32), tmp_path / "cache")
     assert_one_standard(commands, ["fwd_binding.cpp", "sm80/fwd.cu"])
+
+
+def test_compile_only_says_where_it_looked_for_nvcc(tmp_path, monkeypatch):
+    """A CUDA_HOME (or CUDA_PATH) without bin/nvcc is named in the error, not "set CUDA_HOME"."""
+    from flashjit.jit import BuildError, compile_only
+
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path / "no-toolkit"))
+    assert env.nvcc_path() is None
+    with pytest.raises(BuildError, match=f"CUDA_HOME={re.escape(str(tmp_path))}/no-toolkit has no "
+                                         "bin/nvcc"):
+        compile_only(JitSpec("fwd", "sm80", "fp16", 64), tmp_path / "obj")
+    monkeypatch.delenv("CUDA_HOME")
+    monkeypatch.setenv("CUDA_PATH", str(tmp_path / "other"))
+    assert env.nvcc_missing().startswith(f"nvcc not found: CUDA_PATH={tmp_path / 'other'}")

@@ -345,9 +345,12 @@ def test_info_shows_the_nvcc_builds_use(tmp_path):
     nvcc.chmod(0o755)
     rows = dict(_info_lines(tmp_path / "cache", CUDA_HOME=str(toolkit)))
     assert rows["nvcc"] == f"Cuda compilation tools, release 99.9, V99.9.1 ({nvcc})"
+    # a CUDA_HOME without nvcc: the message names it (not "set CUDA_HOME")
     lines = _info_lines(tmp_path / "cache", CUDA_HOME=str(tmp_path / "no-toolkit"))
-    assert dict(lines)["nvcc"] == "not found: set CUDA_HOME to a CUDA toolkit"
-    assert ("warning", "nvcc not found: set CUDA_HOME to a CUDA toolkit to compile kernels") in lines
+    why = (f"nvcc not found: CUDA_HOME={tmp_path / 'no-toolkit'} has no bin/nvcc; point CUDA_HOME "
+           "at a CUDA toolkit")
+    assert dict(lines)["nvcc"] == why
+    assert ("warning", f"{why} to compile kernels") in lines
 
 
 def _info_rows(cache, **env) -> dict[str, str]:

@@ -194,7 +194,7 @@ def test_paged_varlen_places_each_sequences_queries_bottom_right(monkeypatch, ca
     monkeypatch.setattr(interface, "flash_attn_with_kvcache", stand_in)
     torch.manual_seed(0)
     heads, heads_k, d, page, pages = 4, 2, 16, 16, 12
-    lens_q, lens_k = [3, 1, 7], [20, 5, 40]
+    lens_k = [20, 5, 40]  # queries per sequence: 3, 1, 7 (cu_q)
     k_cache, v_cache = (_rand(pages, page, heads_k, d) for _ in range(2))
     table = torch.randperm(pages)[:9].view(3, 3).int()
     cu_q = torch.tensor([0, 3, 4, 11], **I32)
