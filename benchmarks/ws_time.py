@@ -2,7 +2,8 @@
 16k tokens x hidden 2048 as bench_peers.py; a first look at the sm90ws family. WS_DIMS: the
 head dims (default "64 128"), WS_SEQLENS the sequence lengths (default "512 1024 8192").
 WS_DROPOUT=p: flashjit with dropout p against flashjit without (the issue's "forward with
-dropout <= 1.2x the plain forward"), no cuDNN."""
+dropout <= 1.2x the plain forward"), no cuDNN. WS_SOFTCAP=c: likewise with softcap c (the variants
+issue's "softcap overhead <= 10%")."""
 import os
 import sys
 
@@ -16,6 +17,7 @@ from common import attention_flops, bench_ms  # noqa: E402
 
 fam = os.environ.get("FLASHJIT_KERNEL_FAMILY", "default")
 dropout_p = float(os.environ.get("WS_DROPOUT", "0"))
+softcap = float(os.environ.get("WS_SOFTCAP", "0"))
 for d in [int(x) for x in os.environ.get("WS_DIMS", "64 128").split()]:
     for s in [int(x) for x in os.environ.get("WS_SEQLENS", "512 1024 8192").split()]:
         for causal in (False, True):
@@ -23,6 +25,13 @@ for d in [int(x) for x in os.environ.get("WS_DIMS", "64 128").split()]:
             q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
             fl = attention_flops(b, h, s, s, d, causal)
             ms = bench_ms(lambda: flashjit.flash_attn_func(q, k, v, causal=causal), 3, 10)
+            if softcap > 0:
+                mv = bench_ms(lambda: flashjit.flash_attn_func(q, k, v, causal=causal,
+                                                               softcap=softcap), 3, 10)
+                print(f"{fam} d{d} s{s} causal={int(causal)}: {fl / ms / 1e9:.0f} TFLOP/s, with "
+                      f"softcap {softcap}: {fl / mv / 1e9:.0f} ({mv / ms:.2f}x the time)",
+                      flush=True)
+                continue
             if dropout_p > 0:
                 md = bench_ms(lambda: flashjit.flash_attn_func(q, k, v, causal=causal,
                                                                dropout_p=dropout_p), 3, 10)

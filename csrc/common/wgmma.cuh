@@ -87,7 +87,7 @@ __device__ __forceinline__ void fence_registers(T (&x)[kRows][4]) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// wgmma.mma_async m64nNk16, fp32 accumulate, N = 64 or 128.
+// wgmma.mma_async m64nNk16, fp32 accumulate, N = 64 or 128 (wgmma_ss also 80, 112, 176).
 //   wgmma_ss: D (+)= A * B, A and B in shared memory, K-major unless kTransA / kTransB (then
 //             MN-major: imm-trans-a / imm-trans-b); D is overwritten when !accumulate.
 //   wgmma_rs: D += A * B, A from registers, B MN-major in shared memory (transposed: imm-trans-b).
@@ -108,6 +108,27 @@ __device__ __forceinline__ void fence_registers(T (&x)[kRows][4]) {
   "%20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, "  \
   "%38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, "  \
   "%56, %57, %58, %59, %60, %61, %62, %63}"
+#define FLASHJIT_D_N80(d) FLASHJIT_D_N64(d), FLASHJIT_D_N8(d, 8), FLASHJIT_D_N8(d, 9)
+#define FLASHJIT_D_N112(d)                                                                     \
+  FLASHJIT_D_N64(d), FLASHJIT_D_N8(d, 8), FLASHJIT_D_N8(d, 9), FLASHJIT_D_N8(d, 10),           \
+      FLASHJIT_D_N8(d, 11), FLASHJIT_D_N8(d, 12), FLASHJIT_D_N8(d, 13)
+#define FLASHJIT_D_N176(d)                                                                     \
+  FLASHJIT_D_N128(d), FLASHJIT_D_N8(d, 16), FLASHJIT_D_N8(d, 17), FLASHJIT_D_N8(d, 18),        \
+      FLASHJIT_D_N8(d, 19), FLASHJIT_D_N8(d, 20), FLASHJIT_D_N8(d, 21)
+#define FLASHJIT_REGS_0_39 \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, " \
+  "%20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, " \
+  "%38, %39}"
+#define FLASHJIT_REGS_0_55 \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, " \
+  "%20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, " \
+  "%38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55}"
+#define FLASHJIT_REGS_0_87 \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, " \
+  "%20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, " \
+  "%38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, " \
+  "%56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, " \
+  "%74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87}"
 // Operands after the D registers: (A descriptor, B descriptor, scale-d, imm-trans-a, imm-trans-b)
 // for SS; (a0..a3, B descriptor, scale-d) for RS. imm-scale-a = imm-scale-b = 1 (no negation).
 #define FLASHJIT_WGMMA_SS(N, TYPE, DREGS, A, B, SCALE, TA, TB)                                  \
@@ -118,31 +139,36 @@ __device__ __forceinline__ void fence_registers(T (&x)[kRows][4]) {
   "k16.f32." TYPE "." TYPE " " DREGS ", {%" A0 ", %" A1 ", %" A2 ", %" A3 "}, %" B             \
   ", p, 1, 1, 1;\n}\n"
 
+// One N of wgmma_ss: the fp16 and bf16 forms (the D registers, then operands A, B, scale-d,
+// trans-a, trans-b numbered after them).
+#define FLASHJIT_WGMMA_SS_CASE(NV, DREGS, DLIST, A, B, S, TA, TB)                                \
+  if constexpr (N == NV && kHalf) {                                                            \
+    asm volatile(FLASHJIT_WGMMA_SS(#NV, "f16", DREGS, A, B, S, TA, TB)                          \
+                 : DLIST(d)                                                                    \
+                 : "l"(desc_a), "l"(desc_b), "r"(scale_d), "n"(int(kTransA)), "n"(int(kTransB))); \
+  } else if constexpr (N == NV) {                                                              \
+    asm volatile(FLASHJIT_WGMMA_SS(#NV, "bf16", DREGS, A, B, S, TA, TB)                         \
+                 : DLIST(d)                                                                    \
+                 : "l"(desc_a), "l"(desc_b), "r"(scale_d), "n"(int(kTransA)), "n"(int(kTransB))); \
+  }
+
+// N = 80, 112, 176 (widths of key blocks for sweeps: FlashAttention-3's published Hopper tiles
+// use them) besides 64 and 128.
 template <typename Element, int N, bool kTransA = false, bool kTransB = false>
 __device__ __forceinline__ void wgmma_ss(float (&d)[N / 8][4], uint64_t desc_a, uint64_t desc_b,
                                          bool accumulate) {
   constexpr bool kHalf = std::is_same_v<Element, __half>;
   static_assert(kHalf || std::is_same_v<Element, __nv_bfloat16>, "wgmma: fp16 or bf16 only");
-  static_assert(N == 64 || N == 128, "wgmma_ss: N = 64 or 128");
+  static_assert(N == 64 || N == 80 || N == 112 || N == 128 || N == 176,
+                "wgmma_ss: N = 64, 80, 112, 128 or 176");
   const int scale_d = accumulate ? 1 : 0;
-  if constexpr (N == 64 && kHalf) {
-    asm volatile(FLASHJIT_WGMMA_SS("64", "f16", FLASHJIT_REGS_0_31, "32", "33", "34", "35", "36")
-                 : FLASHJIT_D_N64(d)
-                 : "l"(desc_a), "l"(desc_b), "r"(scale_d), "n"(int(kTransA)), "n"(int(kTransB)));
-  } else if constexpr (N == 64) {
-    asm volatile(FLASHJIT_WGMMA_SS("64", "bf16", FLASHJIT_REGS_0_31, "32", "33", "34", "35", "36")
-                 : FLASHJIT_D_N64(d)
-                 : "l"(desc_a), "l"(desc_b), "r"(scale_d), "n"(int(kTransA)), "n"(int(kTransB)));
-  } else if constexpr (kHalf) {
-    asm volatile(FLASHJIT_WGMMA_SS("128", "f16", FLASHJIT_REGS_0_63, "64", "65", "66", "67", "68")
-                 : FLASHJIT_D_N128(d)
-                 : "l"(desc_a), "l"(desc_b), "r"(scale_d), "n"(int(kTransA)), "n"(int(kTransB)));
-  } else {
-    asm volatile(FLASHJIT_WGMMA_SS("128", "bf16", FLASHJIT_REGS_0_63, "64", "65", "66", "67", "68")
-                 : FLASHJIT_D_N128(d)
-                 : "l"(desc_a), "l"(desc_b), "r"(scale_d), "n"(int(kTransA)), "n"(int(kTransB)));
-  }
+  FLASHJIT_WGMMA_SS_CASE(64, FLASHJIT_REGS_0_31, FLASHJIT_D_N64, "32", "33", "34", "35", "36")
+  FLASHJIT_WGMMA_SS_CASE(80, FLASHJIT_REGS_0_39, FLASHJIT_D_N80, "40", "41", "42", "43", "44")
+  FLASHJIT_WGMMA_SS_CASE(112, FLASHJIT_REGS_0_55, FLASHJIT_D_N112, "56", "57", "58", "59", "60")
+  FLASHJIT_WGMMA_SS_CASE(128, FLASHJIT_REGS_0_63, FLASHJIT_D_N128, "64", "65", "66", "67", "68")
+  FLASHJIT_WGMMA_SS_CASE(176, FLASHJIT_REGS_0_87, FLASHJIT_D_N176, "88", "89", "90", "91", "92")
 }
+#undef FLASHJIT_WGMMA_SS_CASE
 
 template <typename Element, int N>
 __device__ __forceinline__ void wgmma_rs(float (&d)[N / 8][4], const uint32_t (&a)[4],
@@ -188,8 +214,14 @@ __device__ __forceinline__ void wgmma_rs_panels(float (&d)[N / 8][4], const uint
 #undef FLASHJIT_D_N8
 #undef FLASHJIT_D_N64
 #undef FLASHJIT_D_N128
+#undef FLASHJIT_D_N80
+#undef FLASHJIT_D_N112
+#undef FLASHJIT_D_N176
 #undef FLASHJIT_REGS_0_31
 #undef FLASHJIT_REGS_0_63
+#undef FLASHJIT_REGS_0_39
+#undef FLASHJIT_REGS_0_55
+#undef FLASHJIT_REGS_0_87
 #undef FLASHJIT_WGMMA_SS
 #undef FLASHJIT_WGMMA_RS
 

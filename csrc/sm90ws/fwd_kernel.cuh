@@ -20,8 +20,11 @@
 //     warpgroup's softmax overlaps the others' GEMMs. A consumer releases a K buffer (arrives on
 //     its empty barrier) once its S has completed, a V buffer once its P V has.
 // Tiles in shared memory are in the 128-byte swizzled layout wgmma reads (common/wgmma.cuh), which
-// is the layout TMA writes with CU_TENSOR_MAP_SWIZZLE_128B: a tile of R rows x kHeadDim is
-// kHeadDim / 64 panels of (R rows x 128 bytes), one TMA box each.
+// is the layout TMA writes with CU_TENSOR_MAP_SWIZZLE_128B: a tile of R rows x kHeadDimPad is
+// kHeadDimPad / 64 panels of (R rows x 128 bytes), one TMA box each. Buckets that are not whole
+// panels (96, 160, 224) are padded: TMA zero-fills the columns past the tensor's head dim, S =
+// Q K^T reads only the bucket's columns (k-steps of 16), P V writes the padded width of O (its
+// padded columns are 0 and not stored).
 // TMA reads whole boxes: key rows past a sequence's keys (seqused_k, varlen) are real memory, so
 // their scores are masked (variant.cuh) and the V rows of the one partial block are zeroed
 // before P V reads them (a masked P of 0 times a NaN would still be NaN).
@@ -41,12 +44,24 @@
 #include "common/wgmma.cuh"
 #include "sm90ws/tma.cuh"
 
+// With softcap (two MUFU ops per score, tanh and exp2; the MUFU unit's 16 ops per clock per SM then
+// take about as long as the d-128 GEMMs and twice the d-64 ones), this many quarters of the
+// softmax's exponentials run on the FMA pipe (softmax_update, exp2_fma.cuh). A define so that a
+// sweep (device_run.sh softcapq) can build copies of the sources with other values.
+#ifndef FLASHJIT_SOFTCAP_FMA_QUARTERS
+#define FLASHJIT_SOFTCAP_FMA_QUARTERS 2
+#endif
+
 namespace flashjit {
 
 template <typename Element_, int kHeadDim_, int kBlockN_, int kStages_, int kConsumers_>
 struct FwdWsTraits {
   using Element = Element_;
+  // The head-dim bucket (S = Q K^T runs over its columns) and its width in whole 64-column
+  // panels (the tiles, P V and O): buckets 96, 160 and 224 are padded to 128, 192 and 256, the
+  // columns past the tensor's head dim zero-filled by TMA (out-of-bounds box elements).
   static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kHeadDimPad = (kHeadDim_ + 63) / 64 * 64;
   static constexpr int kBlockN = kBlockN_;
   static constexpr int kStages = kStages_;
   static constexpr int kConsumers = kConsumers_;  // consumer warpgroups, 64 query rows each
@@ -56,24 +71,28 @@ struct FwdWsTraits {
   // overlap one's prologue and epilogue with the other's main loop (short sequences).
   static constexpr int kMinBlocks = kConsumers == 1 ? 2 : 1;
   // Peel the main loop's first key block (the kernel's `step`): measured at d 128 only.
-  static constexpr bool kPeel = kHeadDim_ >= 128;
+  static constexpr bool kPeel = kHeadDimPad >= 128;
+
   // Registers (65536 per SM over kMinBlocks CTAs): the producer keeps 24 (1 or 2 consumers: 40),
   // the consumers take the rest in multiples of 8: 2 x 128 x 232 + 128 x 40 = 64512, 3 x 128 x
   // 160 + 128 x 24 = 64512, one consumer 128 x 216 + 128 x 40 = 32768 per CTA.
   static constexpr int kProducerRegs = kConsumers <= 2 ? 40 : 24;
   static constexpr int kConsumerRegs =
       (65536 / kMinBlocks - 128 * kProducerRegs) / (128 * kConsumers) / 8 * 8;
-  static constexpr int kNTilesS = kBlockN / 8, kNTilesO = kHeadDim / 8;
+  static constexpr int kNTilesS = kBlockN / 8, kNTilesO = kHeadDimPad / 8;
+  // 16-byte chunks of a row that hold the bucket's columns (the epilogue's stores, the V tail)
   static constexpr int kChunksPerRow = kHeadDim / 8;
-  static constexpr int kPanels = kHeadDim / 64;
-  static constexpr int kSmemQ = kBlockM * kHeadDim * 2;
-  static constexpr int kSmemKV = kBlockN * kHeadDim * 2;  // one K or V buffer
+  static constexpr int kPanels = kHeadDimPad / 64;
+  static constexpr int kSmemQ = kBlockM * kHeadDimPad * 2;
+  static constexpr int kSmemKV = kBlockN * kHeadDimPad * 2;  // one K or V buffer
   static constexpr int kSmemAlign = 1024;
   static constexpr size_t kSmemBytes = size_t(kSmemQ + 2 * kStages * kSmemKV + kSmemAlign);
   static_assert(sizeof(Element) == 2, "16-bit elements");
-  static_assert(kHeadDim % 64 == 0 && kHeadDim <= 256, "head dim: whole 64-column panels");
+  static_assert(kHeadDim % 32 == 0 && kHeadDim <= 256, "head dim: a multiple of 32, <= 256");
   static_assert(kSmemBytes <= 227 * 1024, "shared memory: at most 227 KB per block");
-  static_assert(kBlockN == 64 || kBlockN == 128, "wgmma N of Q K^T: 64 or 128");
+  static_assert(kBlockN == 64 || kBlockN == 80 || kBlockN == 112 || kBlockN == 128 ||
+                    kBlockN == 176,
+                "wgmma N of Q K^T: 64, 80, 112, 128 or 176 (wgmma_ss)");
   static_assert(kConsumers >= 1 && kConsumers <= 3, "1 to 3 consumer warpgroups");
   // two CTAs per SM: each at most 113 KB, counting the 1 KB of static shared memory (the
   // barriers, aligned as the dynamic tile) that ptxas reports next to kSmemBytes
@@ -96,6 +115,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks)
   using Element = typename Traits::Element;
   constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN;
   constexpr int kHeadDim = Traits::kHeadDim, kStages = Traits::kStages;
+  constexpr int kHeadDimPad = Traits::kHeadDimPad;
   constexpr int kNTilesS = Traits::kNTilesS, kNTilesO = Traits::kNTilesO;
   const FwdParams& p = args.p;
 
@@ -210,7 +230,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks)
     const uint64_t desc_v = desc_advance(desc_v0, (it % kStages) * Traits::kSmemKV);
 #pragma unroll
     for (int ks = 0; ks < kBlockN / 16; ++ks)
-      wgmma_rs_panels<Element, kHeadDim>(acc_o[0], p_frag[ks], desc_advance(desc_v, ks * 16 * 128),
+      wgmma_rs_panels<Element, kHeadDimPad>(acc_o[0], p_frag[ks], desc_advance(desc_v, ks * 16 * 128),
                                          kBlockN * 128);
     wgmma_commit();
   };
@@ -257,7 +277,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks)
     if (!kStatic || pv) fence_registers(p_frag);
     wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < kHeadDim / 16; ++kk)
+    for (int kk = 0; kk < kHeadDim / 16; ++kk)  // the bucket's columns, not the padding
       wgmma_ss<Element, kBlockN>(acc_s[0], desc_advance(desc_q, kstep_offset(kk, kBlockM)),
                                  desc_advance(desc_k, kstep_offset(kk, kBlockN)), kk > 0);
     wgmma_commit();
@@ -274,7 +294,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks)
 
     scores.apply(acc_s, warp_row0, n0, g, t, scores.mask_needed(m0, n0, kBlockM, kBlockN));
     float alpha[1][2];
-    softmax_update(acc_s, row_max, row_sum, p.scale_log2, alpha);
+    softmax_update<V::kHasSoftcap ? FLASHJIT_SOFTCAP_FMA_QUARTERS : 0>(acc_s, row_max, row_sum,
+                                                                      p.scale_log2, alpha);
     if constexpr (V::kHasDropout) dropout.apply(acc_s[0], warp_row0 / 16, n0 / 8, g, t);
     if (!kStatic || pv) wgmma_wait<0>();  // P V of block it - 1 is done: its V buffer goes
     if (pv) mbarrier_arrive(smem_addr(&bar_v_empty[(it - 1) % kStages]));  // back to the producer

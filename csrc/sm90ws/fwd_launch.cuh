@@ -19,10 +19,12 @@ namespace flashjit {
 // at 1024, 268 against 248 non-causal at 512), both compiled into the spec. d 128: two
 // consumers (kBlockM 128; 32 + 6 x 32 KB = 224 KB of the 227 KB a block may take). d 192 / 256:
 // 64-key blocks, so that Q and 3 / 2 K/V stages fit (48 + 6 x 24 KB, 64 + 4 x 32 KB), two
-// consumers. A spec tile (FLASHJIT_FWD_TILE=block_n,stages,consumers) sweeps other choices and
-// compiles only itself.
-template <int kHeadDim, typename V>
+// consumers. Buckets 96, 160 and 224 take the tile of their padded width (128, 192, 256;
+// fwd_kernel.cuh). A spec tile (FLASHJIT_FWD_TILE=block_n,stages,consumers) sweeps other
+// choices and compiles only itself.
+template <int kBucket, typename V>
 struct WsTile {
+  static constexpr int kHeadDim = (kBucket + 63) / 64 * 64;  // the padded width
 #ifdef FLASHJIT_TILE  // a spec's tile (JitSpec.tile: block_n, stages, consumers), for sweeps
   static constexpr int kBlockN = FLASHJIT_TILE_BLOCK_N;
   static constexpr int kStages = FLASHJIT_TILE_STAGES;

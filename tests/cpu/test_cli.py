@@ -96,22 +96,23 @@ def test_prebuild_dropout_mask_kernel():
 
 
 def test_prebuild_list_kernel_families(tmp_path):
-    """On sm90a at head dims 64 and 128 the forward is the warp-specialised family (sm90ws) and
-    the backward the wgmma family (sm90), with and without dropout, unless told otherwise;
-    --family sm90 (or FLASHJIT_KERNEL_FAMILY=sm90) picks the wgmma forward."""
+    """On sm90a at head dims 64 and 96 the forward is the warp-specialised family (sm90ws), the
+    backward the wgmma family (sm90) at 64 and mma.sync at 96, with and without dropout, unless
+    told otherwise; --family sm90 (or FLASHJIT_KERNEL_FAMILY=sm90) picks the wgmma forward where
+    it serves (64; at 96 the default stays)."""
     args = ["-m", "flashjit.prebuild", "--kernel", "fwd", "bwd", "--arch", "sm90a",
             "--dtype", "bf16", "--head-dim", "64", "96", "--causal", "no", "--dropout", "both",
             "--list"]
     result = run_python(args, tmp_path / "cache")
     assert result.returncode == 0, result.stderr
     default_names = [
-        "fwd_sm90a_bf16_hd64_ws", "fwd_sm90a_bf16_hd64_dropout_ws", "fwd_sm90a_bf16_hd96",
-        "fwd_sm90a_bf16_hd96_dropout", "bwd_sm90a_bf16_hd64_wgmma",
+        "fwd_sm90a_bf16_hd64_ws", "fwd_sm90a_bf16_hd64_dropout_ws", "fwd_sm90a_bf16_hd96_ws",
+        "fwd_sm90a_bf16_hd96_dropout_ws", "bwd_sm90a_bf16_hd64_wgmma",
         "bwd_sm90a_bf16_hd64_dropout_wgmma", "bwd_sm90a_bf16_hd96", "bwd_sm90a_bf16_hd96_dropout"]
     assert result.stdout.split() == default_names
     sm90_names = [
-        "fwd_sm90a_bf16_hd64_wgmma", "fwd_sm90a_bf16_hd64_dropout_wgmma", "fwd_sm90a_bf16_hd96",
-        "fwd_sm90a_bf16_hd96_dropout", "bwd_sm90a_bf16_hd64_wgmma",
+        "fwd_sm90a_bf16_hd64_wgmma", "fwd_sm90a_bf16_hd64_dropout_wgmma", "fwd_sm90a_bf16_hd96_ws",
+        "fwd_sm90a_bf16_hd96_dropout_ws", "bwd_sm90a_bf16_hd64_wgmma",
         "bwd_sm90a_bf16_hd64_dropout_wgmma", "bwd_sm90a_bf16_hd96", "bwd_sm90a_bf16_hd96_dropout"]
     for extra_args, env in (([], {"FLASHJIT_KERNEL_FAMILY": "sm90"}), (["--family", "sm90"], {})):
         result = run_python(args + extra_args, tmp_path / "cache", **env)
@@ -290,16 +291,15 @@ def test_info(cache_copy):
         assert any(line.startswith(label) for line in out.splitlines()), label
     assert str(cache_copy) in out and "1 entries" in out
     rows = _info_rows(cache_copy, FLASHJIT_CUDA_ARCH_LIST="9.0")
-    # four buckets each: no family is "otherwise"
-    assert rows["forward family"] == ("sm80 (mma.sync) at head dims 32, 96, 160, 224; sm90ws "
-                                      "(wgmma+tma) at head dims 64, 128, 192, 256")
+    # the family with the most buckets is "otherwise"
+    assert rows["forward family"] == "sm80 (mma.sync) at head dims 32; sm90ws (wgmma+tma) otherwise"
     # a block table takes the wgmma forward (sm90ws reads none)
     assert rows["paged forward family"] == \
         "sm90 (wgmma) at head dims 64, 128; sm80 (mma.sync) otherwise"
     assert rows["backward family"] == "sm90 (wgmma) at head dims 64, 128; sm80 (mma.sync) otherwise"
     rows = _info_rows(cache_copy, FLASHJIT_CUDA_ARCH_LIST="9.0", FLASHJIT_KERNEL_FAMILY="sm90")
-    assert rows["forward family"] == ("sm90 (wgmma) at head dims 64, 128; sm90ws (wgmma+tma) at "
-                                      "head dims 192, 256; sm80 (mma.sync) otherwise")
+    assert rows["forward family"] == ("sm80 (mma.sync) at head dims 32; sm90 (wgmma) at head dims "
+                                      "64, 128; sm90ws (wgmma+tma) otherwise")
     assert rows["backward family"] == "sm90 (wgmma) at head dims 64, 128; sm80 (mma.sync) otherwise"
     rows = _info_rows(cache_copy, FLASHJIT_CUDA_ARCH_LIST="9.0", FLASHJIT_KERNEL_FAMILY="sm80")
     assert rows["forward family"] == rows["backward family"] == "sm80 (mma.sync)"

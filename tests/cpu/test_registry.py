@@ -24,7 +24,8 @@ def test_each_family_has_its_own_sources():
 
 @pytest.mark.parametrize("arch, bucket, fwd, bwd", [
     ("sm90a", 64, "sm90ws", "sm90"), ("sm90a", 128, "sm90ws", "sm90"),  # no sm90ws backward
-    ("sm90a", 96, "sm80", "sm80"), ("sm90a", 160, "sm80", "sm80"),
+    ("sm90a", 96, "sm90ws", "sm80"), ("sm90a", 160, "sm90ws", "sm80"),  # padded to 128, 192
+    ("sm90a", 32, "sm80", "sm80"),  # a padded 64 would double the work
     ("sm90a", 192, "sm90ws", "sm80"), ("sm90a", 256, "sm90ws", "sm80"),
     ("sm80", 128, "sm80", "sm80"),
     ("sm80-sm90a", 128, "sm80", "sm80"),  # a row must serve every arch of a multi-arch binary
@@ -69,7 +70,7 @@ def test_paged_default_needs_a_paged_row(monkeypatch):
 def test_describe_and_lookup():
     assert registry.describe(registry.row("fwd", "sm90")) == "wgmma, on sm90a at head dims 64, 128"
     assert registry.describe(registry.row("fwd", "sm90ws")) == \
-        "wgmma+tma, on sm90a at head dims 64, 128, 192, 256"
+        "wgmma+tma, on sm90a at head dims 64, 96, 128, 160, 192, 224, 256"
     with pytest.raises(KeyError, match="no kernel 'bwd' in family 'sm90ws'"):
         registry.row("bwd", "sm90ws")
     assert registry.describe(registry.row("bwd", "sm80")) == "mma.sync, everywhere"
@@ -99,6 +100,6 @@ def test_a_new_family_is_one_row(monkeypatch):
 def test_preferred_family_falls_back_to_the_default():
     assert registry.preferred_family("fwd", "sm90a", 128, "sm80") == "sm80"  # serves everywhere
     assert registry.preferred_family("fwd", "sm90a", 128, "sm90") == "sm90"
-    assert registry.preferred_family("fwd", "sm90a", 96, "sm90ws") == "sm80"  # no ws d 96
+    assert registry.preferred_family("fwd", "sm90a", 32, "sm90ws") == "sm80"  # no ws d 32
     assert registry.preferred_family("bwd", "sm90a", 96, "sm90") == "sm80"  # no wgmma d 96 yet
     assert registry.preferred_family("fwd", "sm80", 64, "sm90") == "sm80"

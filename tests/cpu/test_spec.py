@@ -24,7 +24,7 @@ from flashjit.prebuild import _parser, specs_from_args
          "fwd_sm90a_bf16_hd128_causal"),
         (JitSpec("fwd", "sm90a", "fp16", 64, dropout=True, family="sm90"),
          "fwd_sm90a_fp16_hd64_dropout_wgmma"),
-        (JitSpec("fwd", "sm90a", "fp16", 96), "fwd_sm90a_fp16_hd96"),
+        (JitSpec("fwd", "sm90a", "fp16", 96), "fwd_sm90a_fp16_hd96_ws"),
         (JitSpec("fwd", "sm90a", "bf16", 128, causal=True, family="sm90ws"),
          "fwd_sm90a_bf16_hd128_causal_ws"),
         (JitSpec("fwd", "sm90a", "fp16", 64, dropout=True, family="sm90ws"),
@@ -53,7 +53,7 @@ from flashjit.prebuild import _parser, specs_from_args
                  family="sm90"), "fwd_sm90a_bf16_hd128_causal_window_softcap_wgmma"),
         (JitSpec("bwd", "sm80", "fp16", 64, window=True, softcap=True, alibi=True, sink=True,
                  dropout=True), "bwd_sm80_fp16_hd64_window_softcap_alibi_sink_dropout"),
-        (JitSpec("fwd", "sm90a", "bf16", 96, sink=True), "fwd_sm90a_bf16_hd96_sink"),
+        (JitSpec("fwd", "sm90a", "bf16", 96, sink=True), "fwd_sm90a_bf16_hd96_sink_ws"),
         (JitSpec("fwd", "sm90a", "bf16", 64, alibi=True, family="sm90", tile="128,2,1"),
          "fwd_sm90a_bf16_hd64_alibi_wgmma_t128x2x1"),
     ],
@@ -111,11 +111,11 @@ def test_spec_rejects_bad_fields(kwargs):
         ("fwd", "sm90a", 64, True, "sm90ws"),  # the warp-specialised forward has dropout
         ("fwd", "sm90a", 128, True, "sm90ws"),
         ("fwd", "sm90a", 32, False, "sm80"),
-        ("fwd", "sm90a", 96, False, "sm80"),
+        ("fwd", "sm90a", 96, False, "sm90ws"),  # padded to 128 columns
         ("fwd", "sm90a", 192, False, "sm90ws"),  # 64-key blocks at d 192/256
         ("fwd", "sm90a", 256, False, "sm90ws"),
-        ("fwd", "sm90a", 160, False, "sm80"),  # not whole 64-column panels
-        ("fwd", "sm90a", 224, False, "sm80"),
+        ("fwd", "sm90a", 160, False, "sm90ws"),  # padded to 192 and 256 columns
+        ("fwd", "sm90a", 224, False, "sm90ws"),
         ("bwd", "sm90a", 64, False, "sm90"),
         ("bwd", "sm90a", 128, False, "sm90"),
         ("bwd", "sm90a", 64, True, "sm90"),  # the wgmma backward has dropout too
@@ -174,7 +174,7 @@ def test_kernel_family_env(monkeypatch):
     assert JitSpec(**hopper, dropout=True).family == "sm90ws"
     assert JitSpec(**hopper, paged=True).family == "sm90"  # sm90ws reads no block table
     assert JitSpec(**hopper_bwd).family == "sm90"
-    assert JitSpec("fwd", "sm90a", "bf16", 96).family == "sm80"
+    assert JitSpec("fwd", "sm90a", "bf16", 32).family == "sm80"
     assert JitSpec(**hopper, family="sm90").family == "sm90"  # an explicit family wins
     monkeypatch.setenv("FLASHJIT_KERNEL_FAMILY", "")  # empty: unset
     assert JitSpec(**hopper).family == "sm90ws"
@@ -564,17 +564,17 @@ def test_prebuild_paged_flag():
     assert names(*base, "--kernel", "fwd", "bwd", "decode") == names(
         *base, "--kernel", "fwd", "bwd", "decode", "--paged", "no")
     assert names(*base, "--kernel", "fwd", "bwd", "decode", "--paged", "both") == [
-        "fwd_sm90a_bf16_hd96_causal", "fwd_sm90a_bf16_hd96_causal_paged",
+        "fwd_sm90a_bf16_hd96_causal_ws", "fwd_sm90a_bf16_hd96_causal_paged",
         "fwd_sm90a_bf16_hd128_causal_ws", "fwd_sm90a_bf16_hd128_causal_paged_wgmma",
         "bwd_sm90a_bf16_hd96_causal", "bwd_sm90a_bf16_hd128_causal_wgmma",
         "decode_sm90a_bf16_hd96_causal", "decode_sm90a_bf16_hd128_causal"]
     # --family sm90ws: where it serves (not the paged forward, not the backward)
     assert names(*base, "--kernel", "fwd", "bwd", "--paged", "both", "--family", "sm90ws") == [
-        "fwd_sm90a_bf16_hd96_causal", "fwd_sm90a_bf16_hd96_causal_paged",
+        "fwd_sm90a_bf16_hd96_causal_ws", "fwd_sm90a_bf16_hd96_causal_paged",
         "fwd_sm90a_bf16_hd128_causal_ws", "fwd_sm90a_bf16_hd128_causal_paged_wgmma",
         "bwd_sm90a_bf16_hd96_causal", "bwd_sm90a_bf16_hd128_causal_wgmma"]
     assert names(*base, "--kernel", "fwd", "--paged", "both", "--family", "sm90") == [
-        "fwd_sm90a_bf16_hd96_causal", "fwd_sm90a_bf16_hd96_causal_paged",
+        "fwd_sm90a_bf16_hd96_causal_ws", "fwd_sm90a_bf16_hd96_causal_paged",
         "fwd_sm90a_bf16_hd128_causal_wgmma", "fwd_sm90a_bf16_hd128_causal_paged_wgmma"]
     assert names(*base, "--kernel", "fwd", "bwd", "--paged", "yes", "--family", "sm80") == [
         "fwd_sm90a_bf16_hd96_causal_paged", "fwd_sm90a_bf16_hd128_causal_paged"]

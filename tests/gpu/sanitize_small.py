@@ -16,7 +16,11 @@ for dtype, d, causal, deterministic, dropout_p in [(torch.float16, 64, False, Fa
                                                    (torch.bfloat16, 128, False, True, 0.0),
                                                    (torch.float16, 64, True, False, 0.2),
                                                    (torch.bfloat16, 256, True, False, 0.0),
-                                                   (torch.float16, 192, False, False, 0.0)]:
+                                                   (torch.float16, 192, False, False, 0.0),
+                                                   # padded buckets (sm90ws: 160 -> 192 and
+                                                   # 224 -> 256 columns), the second with dropout
+                                                   (torch.float16, 160, True, False, 0.0),
+                                                   (torch.bfloat16, 224, False, False, 0.2)]:
     q = torch.randn(1, 130, 2, d, device="cuda", dtype=dtype, requires_grad=True)
     k = torch.randn(1, 77, 1, d, device="cuda", dtype=dtype, requires_grad=True)
     v = torch.randn(1, 77, 1, d, device="cuda", dtype=dtype, requires_grad=True)
@@ -27,8 +31,9 @@ for dtype, d, causal, deterministic, dropout_p in [(torch.float16, 64, False, Fa
 # kernel, whose round-robin turns the short calls above never reach
 q, k, v = (torch.randn(1, 640, 2, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
 flashjit.flash_attn_func(q, k, v)
-# varlen with rows past the last sequence (the tail-zeroing kernel), at a head dim of the sm80
-# family, and a head dim that is padded (59 -> 64)
+# varlen with rows past the last sequence (the tail-zeroing kernel), at a bucket the sm90ws
+# forward pads to whole panels (96 -> 128 columns; the backward: sm80), and a head dim that is
+# padded (59 -> 64)
 for d in (96, 59):
     q = torch.randn(150, 2, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     k = torch.randn(120, 1, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)

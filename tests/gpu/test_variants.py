@@ -10,8 +10,9 @@ Every check also asserts which specs served the call (the spec name lists the va
 the kernel family), so a variant served by the wrong kernel fails even where the numbers agree.
 
 Shapes: batch 2, seqlen_q != seqlen_k both ways (173 x 521 and 521 x 173: several key blocks, so
-windows skip whole blocks), GQA in the model combinations. Head dims 64 and 128 run the wgmma
-family on sm90a (the mma.sync one elsewhere), 32/96/256 the mma.sync family everywhere;
+windows skip whole blocks), GQA in the model combinations. On sm90a the forward runs the
+warp-specialised family at every head dim but 32 (96: tiles padded to 128 columns), the backward
+the wgmma family at 64 and 128; everything else, and every kernel on other GPUs, is mma.sync.
 test_mma_sync_family_at_wgmma_head_dims forces mma.sync at 64/128 (FLASHJIT_KERNEL_FAMILY=sm80).
 
 The specs used here are prebuilt by benchmarks/device_run.sh's build step (variant_specs_a/b);
