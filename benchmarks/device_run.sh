@@ -8,7 +8,7 @@
 # Usage (on the device): bash benchmarks/device_run.sh [steps...]
 #   steps: build test test80 sanitize profile sweep kernels overhead jit peers original long
 #          variants ab sdpa hf hfbench cp cpbench decode decodebench decodeprof decodesweep
-#          testws wssweep wsdrop wsab wsprof softcapq (the sm90ws forward family) dropout dropouterr
+#          testws wssweep wsdrop wsab wsprof (the sm90ws forward family) dropout dropouterr
 #   (default: build test sanitize jit peers)
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -72,11 +72,11 @@ for step in $STEPS; do
     testws)  # the warp-specialised Hopper forward alone (csrc/sm90ws, the default forward on sm90a
              # at d 64-256): its specs, the forward tests through it, racecheck/synccheck on a
              # small config (quicker than build + test when only that kernel changed)
-      FLASHJIT_KERNEL_FAMILY=sm90ws python3 -m flashjit.prebuild --kernel fwd --dtype fp16 bf16 --head-dim 64 128 192 256 \
-        --causal both --jobs 16 2>&1 | tail -n 1
+      FLASHJIT_KERNEL_FAMILY=sm90ws python3 -m flashjit.prebuild --kernel fwd --dtype fp16 bf16 \
+        --head-dim ${WS_DIMS:-64 96 128 160 192 224 256} --causal both --dropout ${WS_DROPOUT_SPECS:-no} --jobs 16 2>&1 | tail -n 1
       FLASHJIT_KERNEL_FAMILY=sm90ws timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -x -p no:cacheprovider \
         tests/gpu/test_fwd.py -k "grid or random or varlen or gqa or lengths" 2>&1 | tee "$OUT/pytest_ws.log" | tail -n 15
-      for tool in racecheck synccheck; do
+      for tool in ${WS_SANITIZERS:-racecheck synccheck}; do
         FLASHJIT_KERNEL_FAMILY=sm90ws timeout 200 compute-sanitizer --tool $tool --error-exitcode 1 \
           python3 tests/gpu/sanitize_small.py 2>&1 | tail -n 4 | tee "$OUT/sanitizer_ws_$tool.log"
       done ;;
@@ -145,23 +145,6 @@ for step in $STEPS; do
           python3 benchmarks/dropout_errors.py --tree .baseline ${DROPOUTERR_ARGS:-} 2>&1 \
           | tee "$OUT/dropout_errors_baseline.log" | tail -n 60
       fi ;;
-    softcapq)  # the softcapped sm90ws forward's exponentials on the FMA pipe: for each count of
-               # quarters (FLASHJIT_SOFTCAP_FMA_QUARTERS, sm90ws/fwd_kernel.cuh), a copy of csrc with
-               # that default and its own cache, ws_time.py with softcap 30 against plain (bf16)
-      for qq in ${SOFTCAP_QS:-0 1 2 3}; do
-        rm -rf /tmp/csrc_q$qq; cp -r csrc /tmp/csrc_q$qq
-        sed -i "s/^#define FLASHJIT_SOFTCAP_FMA_QUARTERS 2$/#define FLASHJIT_SOFTCAP_FMA_QUARTERS $qq/" \
-          /tmp/csrc_q$qq/sm90ws/fwd_kernel.cuh
-        grep -q "^#define FLASHJIT_SOFTCAP_FMA_QUARTERS $qq$" /tmp/csrc_q$qq/sm90ws/fwd_kernel.cuh || echo "softcapq: no define"
-        FLASHJIT_CSRC_DIR=/tmp/csrc_q$qq FLASHJIT_CACHE_DIR=/tmp/fjc_q$qq python3 -m flashjit.prebuild --kernel fwd \
-          --dtype bf16 --head-dim ${SOFTCAP_DIMS:-64 128} --causal both --softcap both --jobs 4 2>&1 | tail -n 1 &
-      done
-      wait
-      for qq in ${SOFTCAP_QS:-0 1 2 3}; do
-        WS_DIMS="${SOFTCAP_DIMS:-64 128}" WS_SEQLENS="${WS_SEQLENS:-1024 8192}" WS_SOFTCAP=30 \
-          FLASHJIT_CSRC_DIR=/tmp/csrc_q$qq FLASHJIT_CACHE_DIR=/tmp/fjc_q$qq python3 benchmarks/ws_time.py 2>&1 \
-          | sed "s/^/quarters $qq: /" | tee -a "$OUT/softcap_quarters.log"
-      done ;;
     wsab)  # the sm90ws forward of this tree against .baseline's (carry .baseline): ws_time.py
            # run from each tree (its own flashjit, csrc and binary cache), alternating, twice
            # (WS_DROPOUT=p: with dropout against without, in each tree)

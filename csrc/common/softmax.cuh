@@ -6,7 +6,6 @@
 #include <cmath>
 #include <cstdint>
 
-#include "exp2_fma.cuh"
 #include "ptx.cuh"
 
 namespace flashjit {
@@ -23,15 +22,11 @@ namespace flashjit {
 // holds rows g and g + 8 of each m16 tile, and l is this thread's partial sum over its columns
 // (quad_sum completes it at the end). A row with no key yet keeps m' = -inf and uses 0 as its
 // reference, so every exp2 argument is -inf (-> 0), never NaN.
-// kFmaQuarters (0-4): of every 4 n8 tiles of scores, this many take their exponentials on the FMA
-// pipe (exp2_fma.cuh) instead of the MUFU unit, for kernels whose MUFU unit is the bottleneck
-// (softcap's tanh is a second MUFU op per score). alpha stays on the MUFU unit.
-template <int kFmaQuarters = 0, int kMTiles, int kNTilesS>
+template <int kMTiles, int kNTilesS>
 __device__ __forceinline__ void softmax_update(float (&acc_s)[kMTiles][kNTilesS][4],
                                                float (&row_max)[kMTiles][2],
                                                float (&row_sum)[kMTiles][2], float scale_log2,
                                                float (&alpha)[kMTiles][2]) {
-  static_assert(kFmaQuarters >= 0 && kFmaQuarters <= 4, "kFmaQuarters: 0 to 4");
 #pragma unroll
   for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
@@ -49,8 +44,7 @@ __device__ __forceinline__ void softmax_update(float (&acc_s)[kMTiles][kNTilesS]
       for (int nt = 0; nt < kNTilesS; ++nt)
 #pragma unroll
         for (int e = 2 * half; e < 2 * half + 2; ++e) {
-          const float x = __fmul_rn(acc_s[mt][nt][e], scale_log2) - ref;
-          acc_s[mt][nt][e] = nt % 4 < kFmaQuarters ? exp2_fma(x) : fast_exp2(x);  // P
+          acc_s[mt][nt][e] = fast_exp2(__fmul_rn(acc_s[mt][nt][e], scale_log2) - ref);  // P
           sum += acc_s[mt][nt][e];
         }
       row_sum[mt][half] = row_sum[mt][half] * alpha[mt][half] + sum;

@@ -44,14 +44,6 @@
 #include "common/wgmma.cuh"
 #include "sm90ws/tma.cuh"
 
-// With softcap (two MUFU ops per score, tanh and exp2; the MUFU unit's 16 ops per clock per SM then
-// take about as long as the d-128 GEMMs and twice the d-64 ones), this many quarters of the
-// softmax's exponentials run on the FMA pipe (softmax_update, exp2_fma.cuh). A define so that a
-// sweep (device_run.sh softcapq) can build copies of the sources with other values.
-#ifndef FLASHJIT_SOFTCAP_FMA_QUARTERS
-#define FLASHJIT_SOFTCAP_FMA_QUARTERS 2
-#endif
-
 namespace flashjit {
 
 template <typename Element_, int kHeadDim_, int kBlockN_, int kStages_, int kConsumers_>
@@ -294,8 +286,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks)
 
     scores.apply(acc_s, warp_row0, n0, g, t, scores.mask_needed(m0, n0, kBlockM, kBlockN));
     float alpha[1][2];
-    softmax_update<V::kHasSoftcap ? FLASHJIT_SOFTCAP_FMA_QUARTERS : 0>(acc_s, row_max, row_sum,
-                                                                      p.scale_log2, alpha);
+    softmax_update(acc_s, row_max, row_sum, p.scale_log2, alpha);
     if constexpr (V::kHasDropout) dropout.apply(acc_s[0], warp_row0 / 16, n0 / 8, g, t);
     if (!kStatic || pv) wgmma_wait<0>();  // P V of block it - 1 is done: its V buffer goes
     if (pv) mbarrier_arrive(smem_addr(&bar_v_empty[(it - 1) % kStages]));  // back to the producer

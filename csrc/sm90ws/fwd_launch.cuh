@@ -18,8 +18,7 @@ namespace flashjit {
 // epilogue overlap the other's main loop; 172 against 145 TFLOP/s causal at 512, 250 against 222
 // at 1024, 268 against 248 non-causal at 512), both compiled into the spec. d 128: two
 // consumers (kBlockM 128; 32 + 6 x 32 KB = 224 KB of the 227 KB a block may take). d 192 / 256:
-// 64-key blocks, so that Q and 3 / 2 K/V stages fit (48 + 6 x 24 KB, 64 + 4 x 32 KB), two
-// consumers. Buckets 96, 160 and 224 take the tile of their padded width (128, 192, 256;
+// two consumers, the key blocks below. Buckets 96, 160 and 224 take the tile of their padded width (128, 192, 256;
 // fwd_kernel.cuh). A spec tile (FLASHJIT_FWD_TILE=block_n,stages,consumers) sweeps other
 // choices and compiles only itself.
 template <int kBucket, typename V>
@@ -31,8 +30,13 @@ struct WsTile {
   static constexpr int kConsumers = FLASHJIT_TILE_CONSUMERS;
   static constexpr int kShortConsumers = 0, kShortRows = 0;
 #else
-  static constexpr int kBlockN = kHeadDim <= 128 ? 128 : 64;
-  static constexpr int kStages = kHeadDim <= 192 ? 3 : 2;
+  // d 192: 112-key blocks, 2 stages (48 + 4 x 42 KB); d 256: 80 keys, 2 stages (64 + 4 x 40 KB):
+  // 3-14% faster than 64-key blocks at 1k-8k (logs/ws_sweep_padded_wide.log; FlashAttention-3 publishes
+  // the same widths). With dropout 64 keys, 3 / 2 stages: 112 and 80 keys are not whole m16 x
+  // n32 groups of the mask (one Philox call per n8 tile instead of per 4) and spill 28-84 bytes.
+  static constexpr int kBlockN =
+      kHeadDim <= 128 ? 128 : V::kHasDropout ? 64 : kHeadDim <= 192 ? 112 : 80;
+  static constexpr int kStages = kHeadDim <= 128 || (kHeadDim <= 192 && V::kHasDropout) ? 3 : 2;
   // d 64 with dropout: two consumers (232 registers each); three (160) spill 264 bytes in the
   // main loop there (ptxas -v; the Philox draws), two 16-24. Not yet measured against each other.
   static constexpr int kConsumers = kHeadDim <= 64 && !V::kHasDropout ? 3 : 2;
