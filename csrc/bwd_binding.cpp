@@ -42,8 +42,9 @@ void bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const
               "flashjit: dq_accum and dsum must be contiguous CUDA tensors");
   TORCH_CHECK(dq_accum.dim() == (varlen ? 3 : 4) && dsum.dim() == (varlen ? 2 : 3),
               "flashjit: dq_accum / dsum have the wrong rank");
-  TORCH_CHECK(dq_accum.size(-1) == FLASHJIT_HEAD_DIM,
-              "flashjit: dq_accum's last dim must be the head-dim bucket ", FLASHJIT_HEAD_DIM);
+  TORCH_CHECK(dq_accum.size(-1) == bwd_dq_accum_width(),
+              "flashjit: dq_accum's last dim must be the kernel's (padded) head dim ",
+              bwd_dq_accum_width());
   TORCH_CHECK(q.size(-1) <= FLASHJIT_HEAD_DIM && q.size(-1) % 8 == 0,
               "flashjit: head_dim must be a multiple of 8 and at most ", FLASHJIT_HEAD_DIM);
   BwdParams p{};

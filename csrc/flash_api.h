@@ -11,6 +11,10 @@ namespace flashjit {
 // Each returns nullptr on success, else a static error string (from cudaGetErrorString).
 const char* fwd_run(const FwdParams& params, void* stream);
 const char* bwd_run(const BwdParams& params, void* stream);
+// The row width (floats) of the backward's fp32 dQ scratch (dq_accum): the head-dim bucket, or
+// the width of the family's padded tiles (sm90: whole 64-column panels). The binding checks the
+// caller's dq_accum against it (flashjit/ops.py allocates it from the registry's head_dim_panel).
+int bwd_dq_accum_width();
 // Decoding against a KV cache (splitkv/): the append (and rotary) if any, then attention.
 const char* decode_run(const DecodeParams& params, const AppendParams& append, void* stream);
 

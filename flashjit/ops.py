@@ -69,17 +69,21 @@ def window_bounds(causal: bool, window_left: int, window_right: int) -> Tuple[in
 _resolved: dict = {}
 
 
-def _spec_op(kernel: str, q: Tensor, flags: Tuple[bool, ...], paged: bool = False):
-    """The op of the spec serving `kernel` for q and the variant_flags() `flags`; paged: the
+def _spec_and_op(kernel: str, q: Tensor, flags: Tuple[bool, ...], paged: bool = False):
+    """(spec, op) of the spec serving `kernel` for q and the variant_flags() `flags`; paged: the
     forward's spec that reads K/V through a block table."""
     key = (kernel, q.device.index, q.dtype, q.shape[-1], *flags, paged)
-    op = _resolved.get(key)
-    if op is None:
+    resolved = _resolved.get(key)
+    if resolved is None:
         causal, window, softcap, alibi, sink, dropout = flags
         spec = attention_spec(kernel, q, causal, dropout, window, softcap, alibi, sink, paged)
-        op = getattr(load_spec(spec), kernel).default
-        _resolved[key] = op
-    return op
+        resolved = _resolved[key] = (spec, getattr(load_spec(spec), kernel).default)
+    return resolved
+
+
+def _spec_op(kernel: str, q: Tensor, flags: Tuple[bool, ...], paged: bool = False):
+    """The op of _spec_and_op."""
+    return _spec_and_op(kernel, q, flags, paged)[1]
 
 
 def _launch(op, device: torch.device, *args) -> None:
@@ -191,17 +195,18 @@ def _fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table, max_s
     return out, lse, residual
 
 
-def _bwd_scratch(q: Tensor, varlen: bool, batch: int, max_seqlen_q: int, bucket: int):
-    """fp32 scratch of the backward: dq_accum and dsum (D = rowsum(dO * O)), rows padded."""
+def _bwd_scratch(q: Tensor, varlen: bool, batch: int, max_seqlen_q: int, width: int):
+    """fp32 scratch of the backward: dq_accum (rows of `width` floats: the kernels' padded head
+    dim, JitSpec.padded_head_dim) and dsum (D = rowsum(dO * O)), rows padded."""
     if varlen:
         rows = q.shape[0] + BWD_ROW_PAD * batch
         heads = q.shape[1]
-        dq_accum = torch.empty((heads, rows, bucket), dtype=torch.float32, device=q.device)
+        dq_accum = torch.empty((heads, rows, width), dtype=torch.float32, device=q.device)
         dsum = torch.empty((heads, rows), dtype=torch.float32, device=q.device)
     else:
         rows = -(-max_seqlen_q // BWD_ROW_PAD) * BWD_ROW_PAD
         b, _, heads, _ = q.shape
-        dq_accum = torch.empty((b, heads, rows, bucket), dtype=torch.float32, device=q.device)
+        dq_accum = torch.empty((b, heads, rows, width), dtype=torch.float32, device=q.device)
         dsum = torch.empty((b, heads, rows), dtype=torch.float32, device=q.device)
     return dq_accum, dsum
 
@@ -257,15 +262,15 @@ def _bwd_impl(
     varlen = cu_seqlens_q is not None
     dout, q, k, v = _aligned(dout), _aligned(q), _aligned(k), _aligned(v)
     batch = cu_seqlens_q.shape[0] - 1 if varlen else q.shape[0]
-    bucket = head_dim_bucket(q.shape[-1])
+    flags = variant_flags(causal, window_left, window_right, softcap, alibi_slopes, sink,
+                          dropout_p)
+    spec, op = _spec_and_op("bwd", q, flags)
     dq = _empty(q.shape, q.dtype, q.device)
     dk = _empty(_expanded_kv_shape(q, k, varlen), k.dtype, k.device)
     dv = _empty(_expanded_kv_shape(q, v, varlen), v.dtype, v.device)
-    dq_accum, dsum = _bwd_scratch(q, varlen, batch, max_seqlen_q, bucket)
-    flags = variant_flags(causal, window_left, window_right, softcap, alibi_slopes, sink,
-                          dropout_p)
+    dq_accum, dsum = _bwd_scratch(q, varlen, batch, max_seqlen_q, spec.padded_head_dim)
     window_left, window_right = window_bounds(causal, window_left, window_right)
-    _launch(_spec_op("bwd", q, flags), q.device,
+    _launch(op, q.device,
             dout, q, k, v, out, out_residual, lse, dq, dk, dv, dq_accum, dsum, cu_seqlens_q,
             cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k, softmax_scale,
             causal_bottom_right, window_left, window_right, softcap, alibi_slopes, sink,

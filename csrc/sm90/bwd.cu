@@ -12,6 +12,8 @@
 
 namespace flashjit {
 
+int bwd_dq_accum_width() { return kPaddedHeadDim<spec::kHeadDim>; }
+
 const char* bwd_run(const BwdParams& params, void* stream) {
   const cudaError_t err = run_bwd<spec::Element, spec::kHeadDim, spec::Variant>(
       params, static_cast<cudaStream_t>(stream));

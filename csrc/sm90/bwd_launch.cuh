@@ -29,8 +29,15 @@ struct BwdSm90Tile {
 
 // The whole backward: preprocess (D, zero dq_accum); the wgmma dK/dV kernel (+ atomic dQ) and the
 // dQ postprocess; or, with p.deterministic, the dK/dV kernel then the wgmma dQ kernel.
-template <typename Element, int kHeadDim, typename V>
+// The head dim the kernels are compiled at: the bucket, in whole 64-column panels (bucket 96 runs
+// the 128-column kernels: every load zero-fills the columns past p.head_dim and every store
+// skips them, so the padding only costs the work on zeros; dq_accum rows are this wide).
+template <int kBucket>
+inline constexpr int kPaddedHeadDim = (kBucket + 63) / 64 * 64;
+
+template <typename Element, int kBucket, typename V>
 cudaError_t run_bwd(const BwdParams& p, cudaStream_t stream) {
+  constexpr int kHeadDim = kPaddedHeadDim<kBucket>;
   using Traits = BwdSm90Traits<Element, kHeadDim, BwdSm90Tile<kHeadDim>::kBlockM>;
   cudaError_t err = launch_bwd_preprocess<Element, kHeadDim>(p, stream);
   if (err != cudaSuccess) return err;

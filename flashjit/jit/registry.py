@@ -29,7 +29,9 @@ class FamilyRow:
     takes no tile. dropout: whether its kernels implement dropout (decoding does not). paged:
     whether its kernels can read K/V through a block table (JitSpec.paged: the forward, for
     chunked prefill on a paged KV cache; the decode family pages through its own cache
-    arguments, not this flag)."""
+    arguments, not this flag). head_dim_panel: the kernels' tiles are whole panels of this many
+    columns, buckets that are not are padded to them (zero-filled; 0: every tile is the bucket's
+    width); the backward's fp32 dQ scratch has the padded width (padded_head_dim)."""
 
     kernel: str
     family: str
@@ -41,6 +43,12 @@ class FamilyRow:
     tile_params: Optional[tuple[str, ...]] = None
     dropout: bool = True
     paged: bool = False
+    head_dim_panel: int = 0
+
+    def padded_head_dim(self, head_dim_bucket: int) -> int:
+        """The head dim this row's kernels run ``head_dim_bucket`` at (head_dim_panel)."""
+        panel = self.head_dim_panel or head_dim_bucket
+        return -(-head_dim_bucket // panel) * panel
 
     def serves(self, arch: str, head_dim_bucket: int, paged: bool = False) -> bool:
         """Whether this row can build a binary for ``arch`` (normal form, possibly several archs
@@ -58,14 +66,15 @@ REGISTRY: tuple[FamilyRow, ...] = (
     # stays mma.sync (a padded 64 would double its work)
     FamilyRow("fwd", "sm90ws", "wgmma+tma", ("fwd_binding.cpp", "sm90ws/fwd.cu"),
               archs=("sm90a",), head_dims=(64, 96, 128, 160, 192, 224, 256), suffix="_ws",
-              tile_params=("block_n", "stages", "consumers")),  # the sm90ws forward's launch
+              tile_params=("block_n", "stages", "consumers"), head_dim_panel=64),  # the sm90ws forward's launch
     FamilyRow("fwd", "sm90", "wgmma", ("fwd_binding.cpp", "sm90/fwd.cu"), archs=("sm90a",),
               head_dims=(64, 128), suffix="_wgmma",
               tile_params=("block_n", "warpgroups", "min_blocks"),  # the sm90 forward's launch
               paged=True),
+    # the wgmma backward; bucket 96 runs its 128-column kernels (sm90/bwd_launch.cuh)
     FamilyRow("bwd", "sm90", "wgmma", ("bwd_binding.cpp", "sm90/bwd.cu"), archs=("sm90a",),
-              head_dims=(64, 128), suffix="_wgmma",
-              tile_params=("block_m",)),  # the sm90 backward's launch
+              head_dims=(64, 96, 128), suffix="_wgmma",
+              tile_params=("block_m",), head_dim_panel=64),  # the sm90 backward's launch
     FamilyRow("fwd", "sm80", "mma.sync", ("fwd_binding.cpp", "sm80/fwd.cu"),
               tile_params=("block_m", "block_n", "warps", "min_blocks"),  # the sm80 forward's
               paged=True),

@@ -232,6 +232,13 @@ class JitSpec:
         return registry.row(self.kernel, self.family)
 
     @property
+    def padded_head_dim(self) -> int:
+        """The head dim the family's kernels run this spec's bucket at (the bucket, or whole
+        64-column panels where the registry row says head_dim_panel): the backward's fp32
+        dq_accum scratch is this wide (csrc/flash_api.h, bwd_dq_accum_width)."""
+        return self._row.padded_head_dim(self.head_dim)
+
+    @property
     def name(self) -> str:
         """Readable unique name, e.g. ``fwd_sm80_bf16_hd128_causal``, ``selftest_cpu``,
         ``dropout_mask_sm90a``: the variants in the order causal, window, softcap, alibi, sink,

@@ -97,7 +97,7 @@ def test_prebuild_dropout_mask_kernel():
 
 def test_prebuild_list_kernel_families(tmp_path):
     """On sm90a at head dims 64 and 96 the forward is the warp-specialised family (sm90ws), the
-    backward the wgmma family (sm90) at 64 and mma.sync at 96, with and without dropout, unless
+    backward the wgmma family (sm90, at 96 its 128-column kernels), with and without dropout, unless
     told otherwise; --family sm90 (or FLASHJIT_KERNEL_FAMILY=sm90) picks the wgmma forward where
     it serves (64; at 96 the default stays)."""
     args = ["-m", "flashjit.prebuild", "--kernel", "fwd", "bwd", "--arch", "sm90a",
@@ -108,12 +108,14 @@ def test_prebuild_list_kernel_families(tmp_path):
     default_names = [
         "fwd_sm90a_bf16_hd64_ws", "fwd_sm90a_bf16_hd64_dropout_ws", "fwd_sm90a_bf16_hd96_ws",
         "fwd_sm90a_bf16_hd96_dropout_ws", "bwd_sm90a_bf16_hd64_wgmma",
-        "bwd_sm90a_bf16_hd64_dropout_wgmma", "bwd_sm90a_bf16_hd96", "bwd_sm90a_bf16_hd96_dropout"]
+        "bwd_sm90a_bf16_hd64_dropout_wgmma", "bwd_sm90a_bf16_hd96_wgmma",
+        "bwd_sm90a_bf16_hd96_dropout_wgmma"]
     assert result.stdout.split() == default_names
     sm90_names = [
         "fwd_sm90a_bf16_hd64_wgmma", "fwd_sm90a_bf16_hd64_dropout_wgmma", "fwd_sm90a_bf16_hd96_ws",
         "fwd_sm90a_bf16_hd96_dropout_ws", "bwd_sm90a_bf16_hd64_wgmma",
-        "bwd_sm90a_bf16_hd64_dropout_wgmma", "bwd_sm90a_bf16_hd96", "bwd_sm90a_bf16_hd96_dropout"]
+        "bwd_sm90a_bf16_hd64_dropout_wgmma", "bwd_sm90a_bf16_hd96_wgmma",
+        "bwd_sm90a_bf16_hd96_dropout_wgmma"]
     for extra_args, env in (([], {"FLASHJIT_KERNEL_FAMILY": "sm90"}), (["--family", "sm90"], {})):
         result = run_python(args + extra_args, tmp_path / "cache", **env)
         assert result.returncode == 0, result.stderr
@@ -296,11 +298,13 @@ def test_info(cache_copy):
     # a block table takes the wgmma forward (sm90ws reads none)
     assert rows["paged forward family"] == \
         "sm90 (wgmma) at head dims 64, 128; sm80 (mma.sync) otherwise"
-    assert rows["backward family"] == "sm90 (wgmma) at head dims 64, 128; sm80 (mma.sync) otherwise"
+    assert rows["backward family"] == \
+        "sm90 (wgmma) at head dims 64, 96, 128; sm80 (mma.sync) otherwise"
     rows = _info_rows(cache_copy, FLASHJIT_CUDA_ARCH_LIST="9.0", FLASHJIT_KERNEL_FAMILY="sm90")
     assert rows["forward family"] == ("sm80 (mma.sync) at head dims 32; sm90 (wgmma) at head dims "
                                       "64, 128; sm90ws (wgmma+tma) otherwise")
-    assert rows["backward family"] == "sm90 (wgmma) at head dims 64, 128; sm80 (mma.sync) otherwise"
+    assert rows["backward family"] == \
+        "sm90 (wgmma) at head dims 64, 96, 128; sm80 (mma.sync) otherwise"
     rows = _info_rows(cache_copy, FLASHJIT_CUDA_ARCH_LIST="9.0", FLASHJIT_KERNEL_FAMILY="sm80")
     assert rows["forward family"] == rows["backward family"] == "sm80 (mma.sync)"
     assert "paged forward family" not in rows  # the same as the forward's: not repeated

@@ -38,7 +38,7 @@ from flashjit.prebuild import _parser, specs_from_args
          "bwd_sm90a_fp16_hd64_dropout_wgmma"),
         (JitSpec("bwd", "sm90a", "fp16", 64, dropout=True, family="sm80"),
          "bwd_sm90a_fp16_hd64_dropout"),
-        (JitSpec("bwd", "sm90a", "bf16", 96), "bwd_sm90a_bf16_hd96"),
+        (JitSpec("bwd", "sm90a", "bf16", 96), "bwd_sm90a_bf16_hd96_wgmma"),
         (JitSpec("fwd", "sm80", "fp16", 64), "fwd_sm80_fp16_hd64"),
         (JitSpec("bwd", "sm86", "bf16", 256, causal=True, dropout=True),
          "bwd_sm86_bf16_hd256_causal_dropout"),
@@ -120,7 +120,8 @@ def test_spec_rejects_bad_fields(kwargs):
         ("bwd", "sm90a", 128, False, "sm90"),
         ("bwd", "sm90a", 64, True, "sm90"),  # the wgmma backward has dropout too
         ("bwd", "sm90a", 128, True, "sm90"),
-        ("bwd", "sm90a", 96, False, "sm80"),
+        ("bwd", "sm90a", 96, False, "sm90"),  # the 128-column kernels
+        ("bwd", "sm90a", 160, False, "sm80"),
         ("bwd", "sm90a", 256, False, "sm80"),
         ("bwd", "sm80", 128, False, "sm80"),
         ("bwd", "sm80-sm90a", 64, False, "sm80"),
@@ -166,7 +167,7 @@ def test_kernel_family_env(monkeypatch):
     assert JitSpec(**hopper).family == "sm90"
     assert JitSpec(**hopper_bwd).family == "sm90"
     assert JitSpec(**hopper_bwd, dropout=True).family == "sm90"
-    assert JitSpec("bwd", "sm90a", "bf16", 96).family == "sm80"
+    assert JitSpec("bwd", "sm90a", "bf16", 160).family == "sm80"
     assert JitSpec("fwd", "sm80", "bf16", 128).family == "sm80"
     assert JitSpec(**hopper, paged=True).family == "sm90"
     monkeypatch.setenv("FLASHJIT_KERNEL_FAMILY", "sm90ws")  # the forward only: no ws backward
@@ -188,13 +189,14 @@ def test_kernel_family_env(monkeypatch):
 
 @pytest.mark.parametrize(
     "kernel, arch, head_dim, dropout",
-    [("bwd", "sm90a", 160, True), ("bwd", "sm90a", 96, False), ("bwd", "sm80", 128, False),
+    [("bwd", "sm90a", 160, True), ("bwd", "sm90a", 32, False), ("bwd", "sm80", 128, False),
      ("bwd", "sm80-sm90a", 64, False), ("fwd", "sm80", 128, False),
      ("fwd", "sm80-sm90a", 64, False), ("fwd", "sm90a", 96, False), ("fwd", "sm90a", 256, False)],
 )
 def test_explicit_sm90_family_must_exist(kernel, arch, head_dim, dropout):
     # the message states where the family serves (its registry row) and what was asked
-    with pytest.raises(ValueError, match=r"family 'sm90' \(wgmma, on sm90a at head dims 64, 128\) "
+    dims = "64, 96, 128" if kernel == "bwd" else "64, 128"  # the backward pads 96 to 128
+    with pytest.raises(ValueError, match=rf"family 'sm90' \(wgmma, on sm90a at head dims {dims}\) "
                                          rf"does not serve kernel '{kernel}' on arch"):
         JitSpec(kernel, arch, "bf16", head_dim, dropout=dropout, family="sm90")
 
@@ -566,13 +568,13 @@ def test_prebuild_paged_flag():
     assert names(*base, "--kernel", "fwd", "bwd", "decode", "--paged", "both") == [
         "fwd_sm90a_bf16_hd96_causal_ws", "fwd_sm90a_bf16_hd96_causal_paged",
         "fwd_sm90a_bf16_hd128_causal_ws", "fwd_sm90a_bf16_hd128_causal_paged_wgmma",
-        "bwd_sm90a_bf16_hd96_causal", "bwd_sm90a_bf16_hd128_causal_wgmma",
+        "bwd_sm90a_bf16_hd96_causal_wgmma", "bwd_sm90a_bf16_hd128_causal_wgmma",
         "decode_sm90a_bf16_hd96_causal", "decode_sm90a_bf16_hd128_causal"]
     # --family sm90ws: where it serves (not the paged forward, not the backward)
     assert names(*base, "--kernel", "fwd", "bwd", "--paged", "both", "--family", "sm90ws") == [
         "fwd_sm90a_bf16_hd96_causal_ws", "fwd_sm90a_bf16_hd96_causal_paged",
         "fwd_sm90a_bf16_hd128_causal_ws", "fwd_sm90a_bf16_hd128_causal_paged_wgmma",
-        "bwd_sm90a_bf16_hd96_causal", "bwd_sm90a_bf16_hd128_causal_wgmma"]
+        "bwd_sm90a_bf16_hd96_causal_wgmma", "bwd_sm90a_bf16_hd128_causal_wgmma"]
     assert names(*base, "--kernel", "fwd", "--paged", "both", "--family", "sm90") == [
         "fwd_sm90a_bf16_hd96_causal_ws", "fwd_sm90a_bf16_hd96_causal_paged",
         "fwd_sm90a_bf16_hd128_causal_wgmma", "fwd_sm90a_bf16_hd128_causal_paged_wgmma"]

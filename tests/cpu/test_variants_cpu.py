@@ -322,6 +322,36 @@ def test_the_spec_ops_get_the_contracts_arguments(monkeypatch):
     assert keys[-1][4:] == (True, False, False, False, False, False, True)
 
 
+@pytest.mark.parametrize("family, head_dim, spec_name, width", [
+    (None, 96, "bwd_sm90a_bf16_hd96_wgmma", 128),  # the 128-column kernels, padded scratch
+    (None, 80, "bwd_sm90a_bf16_hd96_wgmma", 128),
+    (None, 64, "bwd_sm90a_bf16_hd64_wgmma", 64),
+    ("sm80", 96, "bwd_sm90a_bf16_hd96", 96),  # mma.sync: the bucket's own width
+    (None, 160, "bwd_sm90a_bf16_hd160", 160),
+])
+def test_bwd_scratch_has_the_kernels_padded_width(family, head_dim, spec_name, width,
+                                                  monkeypatch):
+    """The backward's fp32 dq_accum rows are as wide as the kernels the spec runs (JitSpec.
+    padded_head_dim; the binding checks it against bwd_dq_accum_width())."""
+    monkeypatch.setenv("FLASHJIT_CUDA_ARCH_LIST", "9.0")
+    if family:
+        monkeypatch.setenv("FLASHJIT_KERNEL_FAMILY", family)
+    monkeypatch.setattr(ops, "_resolved", {})
+    launched = []
+    monkeypatch.setattr(ops, "load_spec", lambda spec: SimpleNamespace(
+        bwd=SimpleNamespace(default=spec.name)))
+    monkeypatch.setattr(ops, "_launch", lambda op, device, *args: launched.append((op, args)))
+    q = torch.zeros(2, 8, 4, head_dim, dtype=torch.bfloat16)
+    lse = torch.zeros(2, 4, 8)
+    ops._bwd_impl(q, q, q, q, q, None, lse, None, None, None, 8, 8, 0.125, False, True, -1, -1,
+                  0.0, None, None, 0.0, None, False)
+    op, args = launched[-1]
+    dq_accum, dsum = args[10], args[11]
+    assert op == spec_name
+    assert dq_accum.shape == (2, 4, dq_accum.shape[2], width) and dq_accum.shape[2] >= 8
+    assert dsum.shape == dq_accum.shape[:3]
+
+
 def test_testing_dropout_mask_loads_the_dropout_mask_spec(monkeypatch):
     from flashjit import testing
 

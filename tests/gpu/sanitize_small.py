@@ -1,13 +1,24 @@
 """A small run of every kernel for compute-sanitizer (memcheck, racecheck); see device_run.sh.
 
-    compute-sanitizer --tool racecheck python3 tests/gpu/sanitize_small.py
+    compute-sanitizer --tool racecheck python3 tests/gpu/sanitize_small.py [head dims...]
+
+Head dims given: only the calls at those head dims (a quicker check of one bucket's kernels).
 """
+
+import sys
 
 import torch
 
 import flashjit
 
 torch.manual_seed(0)
+ONLY = {int(a) for a in sys.argv[1:]}
+
+
+def wanted(d: int) -> bool:
+    return not ONLY or d in ONLY
+
+
 # On sm90a the forwards run the sm90ws family (d 64/128 with 2-3 consumer warpgroups, d 192/256
 # with P V in 64-column panels) and the backwards the sm90 one at d 64/128 (the deterministic call
 # adds its dQ kernel) and sm80 at d 192/256; the fourth call has dropout.
@@ -20,7 +31,13 @@ for dtype, d, causal, deterministic, dropout_p in [(torch.float16, 64, False, Fa
                                                    # padded buckets (sm90ws: 160 -> 192 and
                                                    # 224 -> 256 columns), the second with dropout
                                                    (torch.float16, 160, True, False, 0.0),
-                                                   (torch.bfloat16, 224, False, False, 0.2)]:
+                                                   (torch.bfloat16, 224, False, False, 0.2),
+                                                   # the wgmma backward's 128-column kernels at
+                                                   # bucket 96: deterministic dQ, dropout
+                                                   (torch.bfloat16, 96, True, True, 0.0),
+                                                   (torch.float16, 96, False, False, 0.2)]:
+    if not wanted(d):
+        continue
     q = torch.randn(1, 130, 2, d, device="cuda", dtype=dtype, requires_grad=True)
     k = torch.randn(1, 77, 1, d, device="cuda", dtype=dtype, requires_grad=True)
     v = torch.randn(1, 77, 1, d, device="cuda", dtype=dtype, requires_grad=True)
@@ -29,12 +46,13 @@ for dtype, d, causal, deterministic, dropout_p in [(torch.float16, 64, False, Fa
     out.sum().backward()
 # d 64 past the short-sequence switch (640 query and key rows): the sm90ws forward's three-consumer
 # kernel, whose round-robin turns the short calls above never reach
-q, k, v = (torch.randn(1, 640, 2, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-flashjit.flash_attn_func(q, k, v)
+if wanted(64):
+    q, k, v = (torch.randn(1, 640, 2, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    flashjit.flash_attn_func(q, k, v)
 # varlen with rows past the last sequence (the tail-zeroing kernel), at a bucket the sm90ws
 # forward pads to whole panels (96 -> 128 columns; the backward: sm80), and a head dim that is
 # padded (59 -> 64)
-for d in (96, 59):
+for d in [d for d in (96, 59) if wanted(d) or (d == 59 and wanted(64))]:
     q = torch.randn(150, 2, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     k = torch.randn(120, 1, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     v = torch.randn(120, 1, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -47,6 +65,8 @@ for d in (96, 59):
 for dtype, d, deterministic, dropout_p in [(torch.float16, 128, False, 0.0),
                                            (torch.float16, 128, True, 0.0),
                                            (torch.bfloat16, 64, False, 0.2)]:
+    if not wanted(d):
+        continue
     q = torch.randn(2, 130, 2, d, device="cuda", dtype=dtype, requires_grad=True)
     k = torch.randn(2, 150, 1, d, device="cuda", dtype=dtype, requires_grad=True)
     v = torch.randn(2, 150, 1, d, device="cuda", dtype=dtype, requires_grad=True)

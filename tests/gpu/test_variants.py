@@ -134,7 +134,7 @@ def _served_by(q: torch.Tensor, flags: dict, dropout: bool, kernels=("fwd", "bwd
     if family is not None:
         assert all(spec.family == family for spec in specs), [spec.name for spec in specs]
     expected = {spec.op_namespace for spec in specs}
-    used = {name for op in flashjit.ops._resolved.values()
+    used = {name for _, op in flashjit.ops._resolved.values()
             for name in re.findall(r"flashjit_\w+", str(op))}
     assert used == expected, f"served by {sorted(used)}, expected {sorted(expected)}"
 
