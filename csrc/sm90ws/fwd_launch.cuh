@@ -37,8 +37,9 @@ struct WsTile {
   static constexpr int kBlockN =
       kHeadDim <= 128 ? 128 : V::kHasDropout ? 64 : kHeadDim <= 192 ? 112 : 80;
   static constexpr int kStages = kHeadDim <= 128 || (kHeadDim <= 192 && V::kHasDropout) ? 3 : 2;
-  // d 64 with dropout: two consumers (232 registers each); three (160) spill 264 bytes in the
-  // main loop there (ptxas -v; the Philox draws), two 16-24. Not yet measured against each other.
+  // d 64 with dropout: two consumers (232 registers each). Three (160 each; no spills
+  // non-causal, 96 bytes causal) measured 5-29% slower with dropout at 1k-8k, bf16
+  // (logs/ws_dropout_d64.log): the Philox draws then share the issue slots of three softmaxes.
   static constexpr int kConsumers = kHeadDim <= 64 && !V::kHasDropout ? 3 : 2;
   // Short sequences (seqlen_q and seqlen_k, for varlen their maxima, both <= kShortRows: the
   // lengths measured, sq = sk; with many keys the main loop outweighs what the second CTA
