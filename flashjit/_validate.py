@@ -484,8 +484,15 @@ def check_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqle
     rotary_interleaved = check_flag("rotary_interleaved", rotary_interleaved)
     return_softmax_lse = check_flag("return_softmax_lse", return_softmax_lse)
     num_splits = check_int("num_splits", num_splits, max_num_splits)
-    if isinstance(alibi_slopes, Tensor) and alibi_slopes.requires_grad:
-        alibi_slopes = alibi_slopes.detach()  # inference: no gradient to refuse
+    if torch.is_grad_enabled():  # no backward: a gradient asked for would silently be missing
+        for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("k", k), ("v", v),
+                        ("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin),
+                        ("alibi_slopes", alibi_slopes), ("sink", sink)):
+            if isinstance(t, Tensor) and t.requires_grad:
+                raise NotImplementedError(
+                    f"flash_attn_with_kvcache has no backward (inference only), but {name} "
+                    "requires grad: call it under torch.no_grad() or torch.inference_mode(), or "
+                    "pass tensors that do not require grad")
     alibi_slopes, sink = check_variant_tensors(alibi_slopes, sink, q.device, batch, heads, "q")
     if not capturing():
         per_row = causal or (window_left, window_right) != (-1, -1)

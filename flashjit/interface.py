@@ -446,7 +446,8 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Opti
     first appended to the cache IN PLACE (rotated, with rotary_cos/rotary_sin), and the
     attention covers the old keys and the new ones, in one call.
 
-    Inference only: no autograd (the outputs carry no gradient, whatever requires grad).
+    Inference only, no backward: with gradients enabled, an input that requires grad raises
+    NotImplementedError (call it under torch.no_grad() or torch.inference_mode()).
 
     q: (batch, seqlen_q, heads, d), fp16 or bf16, on a CUDA device; d a multiple of 8 from 8 to
         256 (other head dims raise: the cache is written in place, so it cannot be zero-padded

@@ -158,6 +158,15 @@ def _bad_inputs():
          r"alibi_slopes must have shape \(heads,\) = \(8,\) or \(batch, heads\) = \(2, 8\)"),
         (c, dict(sink=_cuda(HK, **F32)), ValueError, r"sink must have shape \(heads,\) = \(8,\)"),
         (c, dict(sink=torch.zeros(H)), ValueError, r"sink must be on the device of q"),
+        # no backward: a gradient asked for raises instead of silently missing
+        (c, dict(q=_cuda(B, SQ, H, D).requires_grad_()), NotImplementedError,
+         r"flash_attn_with_kvcache has no backward \(inference only\), but q requires grad"),
+        (c, {**kv, "v": _cuda(B, 1, HK, D).requires_grad_()}, NotImplementedError,
+         r"but v requires grad"),
+        (c, dict(alibi_slopes=_cuda(H, **F32).requires_grad_()), NotImplementedError,
+         r"but alibi_slopes requires grad"),
+        (c, dict(sink=_cuda(H, **F32).requires_grad_()), NotImplementedError,
+         r"but sink requires grad"),
     ]
 
 
