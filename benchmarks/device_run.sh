@@ -36,7 +36,8 @@ variant_specs_b() {
   pb --jobs $1 --dtype fp16 --head-dim 32 64 96 128 $EVERY_VARIANT
   pb --jobs $1 --dtype bf16 --head-dim 32 96 --causal no --window yes
   pb --jobs $1 --dtype bf16 --head-dim 128 256 --causal yes --window yes --softcap yes
-  pb --jobs $1 --dtype bf16 --head-dim 256 $EVERY_VARIANT
+  pb --jobs $1 --dtype bf16 --head-dim 160 256 $EVERY_VARIANT
+  pb --jobs $1 --dtype fp16 --head-dim 224 $EVERY_VARIANT
   pb --jobs $1 --dtype fp16 bf16 --head-dim 64 --causal yes --window yes --sink yes
   pb --jobs $1 --dtype bf16 --head-dim 64 128 $EVERY_VARIANT --dropout yes
   pb --jobs $1 --family sm80 --dtype bf16 --head-dim 64 $EVERY_VARIANT --dropout yes

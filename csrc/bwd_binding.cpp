@@ -21,7 +21,8 @@ namespace {
 // dout, q, out, dq: (batch, seqlen_q, heads, d); k, v: (batch, seqlen_k, heads_k, d); dk, dv:
 // (batch, seqlen_k, heads, d); varlen: (total, heads, d) each. lse float32 (batch, heads,
 // seqlen_q) or (heads, total_q). Scratch (float32, contiguous): dq_accum (batch, heads,
-// round_up(seqlen_q, 128), d_bucket) or (heads, total_q + 128 batch, d_bucket); dsum likewise
+// round_up(seqlen_q, 128), d_pad) or (heads, total_q + 128 batch, d_pad), d_pad =
+// bwd_dq_accum_width() (the bucket, or the family's padded width); dsum likewise
 // without the last dim. out_residual (optional): the forward's O - round(O), with out's strides.
 void bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
          const at::Tensor& out, const std::optional<at::Tensor>& out_residual,

@@ -109,11 +109,12 @@ struct FwdParams {
 // dk and dv are per QUERY head, (.., seqlen_k, heads, d): for MQA/GQA the caller sums them over
 // each group of heads / heads_k query heads. The fp32 scratch (contiguous, allocated uninitialised:
 // the kernels zero what they accumulate into) has rows padded per sequence:
-//   fixed length: dq_accum (batch, heads, round_up(seqlen_q, 128), d_bucket), dsum (batch, heads,
+//   fixed length: dq_accum (batch, heads, round_up(seqlen_q, 128), d_pad), dsum (batch, heads,
 //                 round_up(seqlen_q, 128));
-//   varlen:       dq_accum (heads, total_q + 128 * batch, d_bucket), dsum (heads, total_q + 128 *
+//   varlen:       dq_accum (heads, total_q + 128 * batch, d_pad), dsum (heads, total_q + 128 *
 //                 batch), sequence b's rows starting at cu_seqlens_q[b] + 128 * b;
-// so that a block of up to 128 query rows never reaches into the next sequence's rows.
+// so that a block of up to 128 query rows never reaches into the next sequence's rows. d_pad: the
+// width the family's kernels run the head-dim bucket at (flash_api.h, bwd_dq_accum_width).
 struct BwdParams {
   const void* q;     // (.., seqlen_q, heads, d)
   const void* k;     // (.., seqlen_k, heads_k, d)
@@ -139,7 +140,7 @@ struct BwdParams {
   int64_t dk_batch_stride, dk_row_stride, dk_head_stride;
   int64_t dv_batch_stride, dv_row_stride, dv_head_stride;
   int64_t lse_batch_stride, lse_head_stride;  // lse rows are contiguous
-  int64_t dq_accum_batch_stride, dq_accum_head_stride;  // rows: d_bucket contiguous floats
+  int64_t dq_accum_batch_stride, dq_accum_head_stride;  // rows: d_pad contiguous floats
   int64_t dsum_batch_stride, dsum_head_stride;  // dsum rows are contiguous
 
   const int* cu_seqlens_q;  // (batch + 1) int32 offsets, or nullptr for fixed length

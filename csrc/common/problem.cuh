@@ -200,7 +200,7 @@ struct BwdKeyBlock {
   const Element *q, *dout, *k, *v;
   Element *dk, *dv;
   const float *lse, *dsum;
-  float* dq_accum;  // rows of d_bucket floats
+  float* dq_accum;  // rows of d_bucket floats (the kernels' padded width, bwd_dq_accum_width)
 
   __device__ BwdKeyBlock(const BwdParams& p, int n_block, int h, int b, int block_m, int block_n,
                          int d_bucket)

@@ -30,8 +30,9 @@ struct WsTile {
   static constexpr int kConsumers = FLASHJIT_TILE_CONSUMERS;
   static constexpr int kShortConsumers = 0, kShortRows = 0;
 #else
-  // d 192: 112-key blocks, 2 stages (48 + 4 x 42 KB); d 256: 80 keys, 2 stages (64 + 4 x 40 KB):
-  // 3-14% faster than 64-key blocks at 1k-8k (logs/ws_sweep_padded_wide.log; FlashAttention-3 publishes
+  // d 192: 112-key blocks, 2 stages (48 + 4 x 42 KB); d 256: 80 keys, 2 stages (64 + 4 x 40 KB).
+  // Against 64-key blocks at 1k-8k (logs/ws_sweep_padded_wide.log): d 160 +11-14%, d 192 +3-12%,
+  // d 224 -1 to +6%, d 256 0-10% (FlashAttention-3 publishes
   // the same widths). With dropout 64 keys, 3 / 2 stages: 112 and 80 keys are not whole m16 x
   // n32 groups of the mask (one Philox call per n8 tile instead of per 4) and spill 28-84 bytes.
   static constexpr int kBlockN =

@@ -8,9 +8,9 @@ and the cache folder, e.g. ``fwd_sm80_bf16_hd128_causal`` or
 ``fwd_sm90a_bf16_hd128_causal_window_softcap_wgmma``.
 
 Kernel families, their sources and where each serves come from the registry (registry.py): on
-sm90a at head dims 64 and 128 the forward is ``sm90ws`` (TMA, warp specialisation, ping-pong;
-paged forwards: ``sm90``) and the backward ``sm90`` (wgmma); ``sm80`` (mma.sync) serves every
-CUDA spec. Every family serves every variant.
+sm90a at head-dim buckets 64-256 the forward is ``sm90ws`` (TMA, warp specialisation, ping-pong;
+paged forwards: ``sm90`` at 64/128) and at 64-128 the backward ``sm90`` (wgmma); ``sm80``
+(mma.sync) serves every CUDA spec. Every family serves every variant.
 """
 
 from __future__ import annotations

@@ -67,6 +67,7 @@ def test_compile_only_real_kernels(kernel, dtype, head_dim, causal, tmp_path):
         # test_compile_only_default_paged_forward and with every variant below
         JitSpec("bwd", "sm90a", "bf16", 128, causal=True, family="sm90"),
         JitSpec("bwd", "sm90a", "fp16", 64, dropout=True, family="sm90"),
+        JitSpec("bwd", "sm90a", "bf16", 96, family="sm90"),  # bucket 96: the 128-column kernels
     ],
     ids=lambda spec: spec.name,
 )
@@ -84,11 +85,12 @@ def test_compile_only_sm90_family(spec, tmp_path):
         JitSpec("fwd", "sm90a", "fp16", 64, dropout=True, family="sm90ws"),
         JitSpec("fwd", "sm90a", "bf16", 192, family="sm90ws"),
         JitSpec("fwd", "sm90a", "bf16", 256, family="sm90ws"),
+        JitSpec("fwd", "sm90a", "fp16", 224, dropout=True, family="sm90ws"),  # padded panels
     ],
     ids=lambda spec: spec.name,
 )
 def test_compile_only_sm90ws_family(spec, tmp_path):
-    """The warp-specialised forward (the sm90a default at d 64-256), built for sm_90a from its
+    """The warp-specialised forward (the sm90a default at d 33-256), built for sm_90a from its
     own sources (csrc/sm90ws): d 64 without dropout holds two kernels (one and three consumer
     warpgroups, by sequence length), with dropout one (two consumers); d 192 and 256 issue P V
     in 64-column panels (d 192's last one a 64-column wgmma; d 128 compiles in

@@ -19,9 +19,9 @@ def wanted(d: int) -> bool:
     return not ONLY or d in ONLY
 
 
-# On sm90a the forwards run the sm90ws family (d 64/128 with 2-3 consumer warpgroups, d 192/256
-# with P V in 64-column panels) and the backwards the sm90 one at d 64/128 (the deterministic call
-# adds its dQ kernel) and sm80 at d 192/256; the fourth call has dropout.
+# On sm90a the forwards run the sm90ws family (d 64/128 with 2-3 consumer warpgroups, d 160-256
+# with P V in 64-column panels) and the backwards the sm90 one at d 64-128 (the deterministic call
+# adds its dQ kernel) and sm80 at d 160-256; the fourth call has dropout.
 for dtype, d, causal, deterministic, dropout_p in [(torch.float16, 64, False, False, 0.0),
                                                    (torch.bfloat16, 128, True, False, 0.0),
                                                    (torch.bfloat16, 128, False, True, 0.0),
@@ -50,7 +50,7 @@ if wanted(64):
     q, k, v = (torch.randn(1, 640, 2, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     flashjit.flash_attn_func(q, k, v)
 # varlen with rows past the last sequence (the tail-zeroing kernel), at a bucket the sm90ws
-# forward pads to whole panels (96 -> 128 columns; the backward: sm80), and a head dim that is
+# forward and the sm90 backward pad to whole panels (96 -> 128 columns), and a head dim that is
 # padded (59 -> 64)
 for d in [d for d in (96, 59) if wanted(d) or (d == 59 and wanted(64))]:
     q = torch.randn(150, 2, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)

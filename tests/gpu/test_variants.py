@@ -11,8 +11,9 @@ the kernel family), so a variant served by the wrong kernel fails even where the
 
 Shapes: batch 2, seqlen_q != seqlen_k both ways (173 x 521 and 521 x 173: several key blocks, so
 windows skip whole blocks), GQA in the model combinations. On sm90a the forward runs the
-warp-specialised family at every head dim but 32 (96: tiles padded to 128 columns), the backward
-the wgmma family at 64 and 128; everything else, and every kernel on other GPUs, is mma.sync.
+warp-specialised family at every head dim but 32 (96, 160, 224: tiles padded to whole 64-column
+panels), the backward the wgmma family at 64, 96 (its 128-column kernels) and 128; everything
+else, and every kernel on other GPUs, is mma.sync.
 test_mma_sync_family_at_wgmma_head_dims forces mma.sync at 64/128 (FLASHJIT_KERNEL_FAMILY=sm80).
 
 The specs used here are prebuilt by benchmarks/device_run.sh's build step (variant_specs_a/b);
@@ -213,9 +214,10 @@ CASES = [
     *[(n, dt, d) for n in ("window", "causal_window") for dt in (F16, BF16) for d in (64, 128)],
     *[(n, BF16, d) for n in ("softcap", "causal_softcap", "alibi", "alibi_batch", "causal_alibi",
                              "sink", "causal_sink") for d in (64, 128)],
-    # the mma.sync family's head dims
+    # d 32 (mma.sync), d 96 (padded panels in both directions), d 160-256 (the forward's 112- and
+    # 80-key blocks, the mma.sync backward)
     ("window", BF16, 32), ("window", BF16, 96), ("all", F16, 32), ("all", F16, 96),
-    ("all", BF16, 256), ("gemma2", BF16, 256),
+    ("all", BF16, 160), ("all", F16, 224), ("all", BF16, 256), ("gemma2", BF16, 256),
     # model combinations and everything at once (fp16 here: the alone cases above are bf16)
     ("gemma2", BF16, 128), ("gpt_oss", F16, 64), ("gpt_oss", BF16, 64), ("all", F16, 64),
     ("all", F16, 128),
