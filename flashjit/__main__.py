@@ -25,12 +25,9 @@ def _families(kernel: str, arch: str, paged: bool = False) -> str:
     from .jit.spec import HEAD_DIM_BUCKETS, JitSpec
 
     by_family: dict[str, list[int]] = {}
-    try:
-        for d in HEAD_DIM_BUCKETS:
-            family = JitSpec(kernel, arch, "bf16", d, paged=paged).family
-            by_family.setdefault(family, []).append(d)
-    except ValueError as err:  # a bad FLASHJIT_KERNEL_FAMILY
-        return f"unknown: {err}"
+    for d in HEAD_DIM_BUCKETS:  # FLASHJIT_KERNEL_FAMILY is checked before (info's warning)
+        family = JitSpec(kernel, arch, "bf16", d, paged=paged).family
+        by_family.setdefault(family, []).append(d)
     # the most used family (the fallback) last, as "otherwise" when it is the only one that size
     order = sorted(by_family, key=lambda family: len(by_family[family]))
     sizes = [len(by_family[family]) for family in order]
@@ -87,13 +84,22 @@ def info() -> int:
                                      f"{major}.{minor})"))
     else:
         rows.append(("gpu", "none visible"))
+    family_error = None
+    try:
+        env.kernel_family_preference()
+    except ValueError as err:  # every kernel call would raise it: say so once, as a warning
+        family_error = str(err)
     try:
         arch = current_arch()
-        rows += [("arch", arch), ("forward family", _families("fwd", arch))]
-        paged = _families("fwd", arch, paged=True)
-        if paged != rows[-1][1]:  # a block table (paged KV) takes another family somewhere
-            rows.append(("paged forward family", paged))
-        rows.append(("backward family", _families("bwd", arch)))
+        rows.append(("arch", arch))
+        if family_error is None:
+            rows.append(("forward family", _families("fwd", arch)))
+            paged = _families("fwd", arch, paged=True)
+            if paged != rows[-1][1]:  # a block table (paged KV) takes another family somewhere
+                rows.append(("paged forward family", paged))
+            rows.append(("backward family", _families("bwd", arch)))
+        else:
+            rows.append(("kernel family", "unknown (see the warning below)"))
     except RuntimeError as err:  # the reason, once: "arch  no CUDA GPU is visible, ..."
         rows.append(("arch", str(err).removeprefix("flashjit: ")))
     rows += [
@@ -104,7 +110,10 @@ def info() -> int:
     ]
     rows += [(name, value) for name, value in sorted(os.environ.items())
              if name.startswith("FLASHJIT_") or name in ("TORCH_CUDA_ARCH_LIST", "CUDA_HOME")]
-    rows += [("warning", text) for text in _warnings(torch, nvcc)]
+    warnings = _warnings(torch, nvcc)
+    if family_error is not None:
+        warnings.append(f"{family_error}; until then every kernel call raises this ValueError")
+    rows += [("warning", text) for text in warnings]
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value}")

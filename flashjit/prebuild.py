@@ -290,6 +290,11 @@ def failure_summary(worker_log: Path) -> tuple[str | None, Path]:
     return (line.strip() if line else None), worker_log
 
 
+def _count(n: int, noun: str) -> str:
+    """'1 spec', '2 specs', '0 specs'."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def _worker_env(jobs: int) -> dict:
     env = dict(os.environ)
     env.pop("FLASHJIT_DISABLE_JIT", None)
@@ -322,15 +327,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         for spec, entry, hit in zip(specs, entries, cached):
             print(f"{spec.name:40s} {'cached ' if hit else 'missing'} {entry.path}")
-        print(f"{len(specs)} specs, {sum(cached)} cached, {len(specs) - sum(cached)} to build; "
-              f"cache {root}")
+        print(f"{_count(len(specs), 'spec')}, {sum(cached)} cached, "
+              f"{len(specs) - sum(cached)} to build; cache {root}")
         return 0
 
     todo = [spec for spec, hit in zip(specs, cached) if not hit]
     cuda_todo = [spec for spec in todo if spec.with_cuda]
     missing = missing_cuda_toolchain() if cuda_todo else []
     if missing:  # every worker would fail the same way; say it once, before spawning any
-        count = f"{len(cuda_todo)} CUDA spec{'s' if len(cuda_todo) > 1 else ''}"
+        count = _count(len(cuda_todo), "CUDA spec")
         print(f"error: cannot build {count} here: building CUDA specs needs "
               f"{' and '.join(missing)}, not a GPU; --kernel selftest alone needs neither",
               file=sys.stderr)
@@ -348,8 +353,8 @@ def main(argv: list[str] | None = None) -> int:
     jobs = max(1, args.jobs or default_jobs())
     env = _worker_env(jobs)
     total = len(specs)
-    print(f"flashjit prebuild: {total} specs, {total - len(todo)} cached, {len(todo)} to build "
-          f"with {jobs} jobs; cache {root}", flush=True)
+    print(f"flashjit prebuild: {_count(total, 'spec')}, {total - len(todo)} cached, "
+          f"{len(todo)} to build with {_count(jobs, 'job')}; cache {root}", flush=True)
     done = 0
     for spec, hit in zip(specs, cached):
         if hit:

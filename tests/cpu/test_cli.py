@@ -208,6 +208,7 @@ def test_prebuild_warm_run_reports_cached(cache_copy):
     result = run_python(["-m", "flashjit.prebuild", "--kernel", "selftest"], cache_copy)
     assert result.returncode == 0, result.stderr
     assert "[1/1] selftest_cpu ... cached" in result.stdout
+    assert "flashjit prebuild: 1 spec, 1 cached, 0 to build with " in result.stdout
     assert "built 0, cached 1, failed 0" in result.stdout
     assert "logs in" not in result.stdout
     assert not (cache_copy / "logs").exists()  # nothing built: no empty prebuild-* folder
@@ -222,6 +223,7 @@ def test_prebuild_failure_exits_nonzero_with_the_log(tmp_path):
     result = run_python(["-m", "flashjit.prebuild", "--kernel", "selftest", "--jobs", "1"], cache,
                         FLASHJIT_CSRC_DIR=str(csrc))
     assert result.returncode == 1
+    assert "flashjit prebuild: 1 spec, 0 cached, 1 to build with 1 job;" in result.stdout
     assert "[1/1] selftest_cpu ... FAILED" in result.stdout
     assert "built 0, cached 0, failed 1" in result.stdout
     log = next((cache / "logs").glob("prebuild-*/selftest_cpu.log"))
@@ -316,6 +318,20 @@ def _info_lines(cache, **env) -> list[tuple[str, str]]:
     assert result.returncode == 0, result.stderr
     return [(name, value.strip()) for name, value in
             (line.split("  ", 1) for line in result.stdout.splitlines() if "  " in line)]
+
+
+def test_info_warns_about_a_bad_kernel_family(tmp_path):
+    """FLASHJIT_KERNEL_FAMILY that names no family: one warning saying why every kernel call will
+    fail, no family rows that would contradict it."""
+    lines = _info_lines(tmp_path / "cache", FLASHJIT_CUDA_ARCH_LIST="9.0",
+                        FLASHJIT_KERNEL_FAMILY="mma")
+    rows = dict(lines)
+    assert rows["kernel family"] == "unknown (see the warning below)"
+    assert not [n for n in rows if n.endswith(" family") and n != "kernel family"], rows
+    warnings = [v for n, v in lines if n == "warning"]
+    assert any(w.startswith("FLASHJIT_KERNEL_FAMILY='mma' is not a kernel family: use one of")
+               and w.endswith("every kernel call raises this ValueError") for w in warnings), \
+        warnings
 
 
 def test_info_warns_when_kernels_cannot_run(tmp_path):
