@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .jit import JitSpec, current_arch, head_dim_bucket, load_spec
-from .jit.env import tile_override
+from .jit.spec import with_tile_override
 
 _DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16"}
 
@@ -35,11 +35,7 @@ def attention_spec(kernel: str, q: Tensor, causal: bool, dropout: bool, window: 
     fields = dict(kernel=kernel, arch=current_arch(q.device), dtype=_DTYPE_NAMES[q.dtype],
                   head_dim=head_dim_bucket(q.shape[-1]), causal=causal, window=window,
                   softcap=softcap, alibi=alibi, sink=sink, dropout=dropout)
-    tile = tile_override(kernel)
-    if tile is not None and paged and (JitSpec(**fields, paged=True).family
-                                       != JitSpec(**fields).family):
-        tile = None
-    return JitSpec(**fields, tile=tile, paged=paged)
+    return with_tile_override(JitSpec(**fields, paged=paged))
 
 
 def variant_flags(causal: bool, window_left: int, window_right: int, softcap: float,

@@ -33,7 +33,7 @@ from .jit import registry
 from .jit.arch import NoGpuError, current_arch, parse_arch_list
 from .jit.env import KERNEL_FAMILIES, nvcc_path
 from .jit.spec import (ATTENTION_KERNELS, DTYPES, HEAD_DIM_BUCKETS, KERNELS, VARIANTS, JitSpec,
-                       head_dim_bucket)
+                       head_dim_bucket, with_tile_override)
 
 _GIB = 1 << 30
 _MEMORY_PER_JOB = 4 * _GIB  # nvcc on one attention kernel peaks at a few GB
@@ -184,9 +184,12 @@ def specs_from_args(args: argparse.Namespace) -> list[JitSpec]:
             continue  # --dropout yes/both: only for the kernels that have dropout (not decode)
         if paged and not _takes_paged(kernel):
             continue  # --paged yes/both: only for the kernels that take it (the forward)
-        specs.append(JitSpec(kernel, arch, dtype, head_dim, *variant,
-                             family=_family(args.family, kernel, arch, head_dim, paged), tile=args.tile,
-                             paged=paged))
+        if paged and variant[-1]:
+            continue  # paged K/V is inference only: no call takes dropout with a block table
+        spec = JitSpec(kernel, arch, dtype, head_dim, *variant,
+                       family=_family(args.family, kernel, arch, head_dim, paged), tile=args.tile,
+                       paged=paged)
+        specs.append(with_tile_override(spec))  # FLASHJIT_*_TILE where --tile is not given
     specs += [JitSpec(k, arch) for k in arch_only for arch in arches]
     specs += [JitSpec(k) for k in args.kernel if KERNELS[k].cpu_only]
     return list(dict.fromkeys(specs))
@@ -213,6 +216,9 @@ def _empty_selection(args: argparse.Namespace) -> str:
     if args.paged == "yes" and no_paged:
         why.append(f"--paged yes: {', '.join(no_paged)} takes no block table (paged K/V is a "
                    "forward spec; decoding pages through its own cache arguments)")
+    if args.paged == "yes" and args.dropout == "yes":
+        why.append("--paged yes with --dropout yes: paged K/V is forward-only inference, no "
+                   "call takes dropout with a block table")
     return "nothing to build or list" + (" (" + "; ".join(why) + ")" if why else "")
 
 

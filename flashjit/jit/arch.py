@@ -95,31 +95,83 @@ class NoGpuError(RuntimeError):
     an arch (prebuild's --arch) catch it to say so."""
 
 
-def current_arch(device=None) -> str:
-    """The arch to build for: FLASHJIT_CUDA_ARCH_LIST, else TORCH_CUDA_ARCH_LIST, else the GPU's.
+def runs_on(built: str, gpu: str) -> bool:
+    """Whether SASS built for ``built`` (one arch, e.g. ``sm80``) runs on a GPU of arch ``gpu``
+    (e.g. ``sm86``): the same major version and a minor no newer than the GPU's; an arch-specific
+    build (``sm90a``) runs on its own arch only (CUDA C++ Programming Guide, "Binary
+    Compatibility" and "Feature Set Compiler Targets")."""
+    built_cc, gpu_cc = _capability(built), _capability(gpu)
+    if built.endswith("a"):
+        return built_cc == gpu_cc
+    return built_cc[0] == gpu_cc[0] and built_cc[1] <= gpu_cc[1]
 
-    A list of several archs gives one name for a binary holding them all (``sm80-sm90a``).
-    Raises RuntimeError when the GPU is older than sm80 or a list is invalid, NoGpuError (a
-    RuntimeError) when there is no list and no GPU.
-    """
-    for var in ARCH_ENV_VARS:
-        value = os.environ.get(var, "").strip()
-        if value and value.lower() != "native":
-            try:
-                return "-".join(parse_arch_list(value, drop_old=(var == "TORCH_CUDA_ARCH_LIST")))
-            except ValueError as err:
-                raise RuntimeError(f"flashjit: cannot use {var}={value!r}: {err}") from None
+
+@functools.lru_cache(maxsize=None)
+def _env_archs(var: str, value: str) -> tuple[str, ...]:
+    """An arch-list variable's archs, parsed once per value; RuntimeError naming it if invalid."""
+    try:
+        return tuple(parse_arch_list(value, drop_old=(var == "TORCH_CUDA_ARCH_LIST")))
+    except ValueError as err:
+        raise RuntimeError(f"flashjit: cannot use {var}={value!r}: {err}") from None
+
+
+@functools.lru_cache(maxsize=None)
+def _gpu_arch(index: int | None) -> tuple[str, str] | None:
+    """(arch, name) of CUDA device ``index`` (None: the current one), looked up once; None when
+    torch sees no GPU (a CPU build, or fake CUDA tensors in tests)."""
     import torch
 
     if not torch.cuda.is_available():
+        return None
+    if index is None:
+        index = torch.cuda.current_device()
+    major, minor = torch.cuda.get_device_capability(index)
+    name = torch.cuda.get_device_name(index)
+    if (major, minor) < MIN_CAPABILITY:
+        raise RuntimeError(
+            f"flashjit: {name} has compute capability {major}.{minor}; flashjit needs 8.0 "
+            "(Ampere) or newer"
+        )
+    return _arch_name(major, minor), name
+
+
+def current_arch(device=None) -> str:
+    """The arch to build for: FLASHJIT_CUDA_ARCH_LIST, else TORCH_CUDA_ARCH_LIST, else the GPU's.
+
+    FLASHJIT_CUDA_ARCH_LIST is taken whole: a list of several archs gives one name for a binary
+    holding them all (``sm80-sm90a``; such a binary takes the family that every arch of it runs,
+    mma.sync). TORCH_CUDA_ARCH_LIST is shared with other extensions (containers list every arch
+    in it): with a GPU visible only the newest arch of it that runs there is built (``9.0`` of
+    ``8.0 8.6 9.0`` on a Hopper GPU), so the GPU keeps its own kernel family; with none visible
+    (prebuild on a login node) the whole list. With a GPU visible (``device``'s, else the current
+    one) a list holding no arch that runs on it raises RuntimeError naming the variable.
+
+    Also raises RuntimeError when the GPU is older than sm80 or a list is invalid, NoGpuError (a
+    RuntimeError) when there is no list and no GPU.
+    """
+    index = getattr(device, "index", None)
+    for var in ARCH_ENV_VARS:
+        value = os.environ.get(var, "").strip()
+        if not value or value.lower() == "native":
+            continue
+        archs = _env_archs(var, value)
+        try:
+            gpu = _gpu_arch(index)
+        except RuntimeError:  # an old GPU: the list is for others (its calls fail elsewhere)
+            gpu = None
+        if gpu is None:
+            return "-".join(archs)
+        runnable = [arch for arch in archs if runs_on(arch, gpu[0])]
+        if not runnable:
+            raise RuntimeError(
+                f"flashjit: {var}={value!r} holds no arch that runs on {gpu[1]} ({gpu[0]}): add "
+                f"{gpu[0]} to it, or unset it to build for the visible GPU"
+            )
+        return runnable[-1] if var == "TORCH_CUDA_ARCH_LIST" else "-".join(archs)
+    gpu = _gpu_arch(index)
+    if gpu is None:
         raise NoGpuError(
             "flashjit: no CUDA GPU is visible, so the arch to compile for is unknown. Set "
             "FLASHJIT_CUDA_ARCH_LIST (e.g. '8.0;9.0' or 'sm90a') to build without a GPU"
         )
-    major, minor = torch.cuda.get_device_capability(device)
-    if (major, minor) < MIN_CAPABILITY:
-        raise RuntimeError(
-            f"flashjit: {torch.cuda.get_device_name(device)} has compute capability "
-            f"{major}.{minor}; flashjit needs 8.0 (Ampere) or newer"
-        )
-    return _arch_name(major, minor)
+    return gpu[0]

@@ -16,12 +16,12 @@ paged forwards: ``sm90`` at 64/128) and at 64-128 the backward ``sm90`` (wgmma);
 from __future__ import annotations
 
 import shlex
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .arch import gencode_flags, normalize_arch
 from . import registry
-from .env import kernel_family_preference, verbose_enabled
+from .env import kernel_family_preference, tile_override, verbose_enabled
 from .paths import csrc_dir
 from .registry import ATTENTION_KERNELS, KERNEL_FAMILIES, default_family  # noqa: F401 (re-export)
 
@@ -342,3 +342,17 @@ class JitSpec:
         if self.tile is not None:
             fields["tile"] = list(self.tile)
         return fields
+
+
+def with_tile_override(spec: JitSpec) -> JitSpec:
+    """``spec`` with the tile of FLASHJIT_FWD_TILE / FLASHJIT_BWD_TILE / FLASHJIT_DECODE_TILE
+    (env.tile_override) for its kernel where it has no tile of its own: how calls and prebuild
+    take a tuning sweep's tile, so both name the same spec. A paged spec takes it only where its
+    family is the non-paged spec's (on sm90a the paged forward is another family, whose tile
+    parameters differ). ValueError, naming the variable, when the tile does not fit the family."""
+    tile = tile_override(spec.kernel)
+    if tile is None or spec.tile is not None or not KERNELS[spec.kernel].attention:
+        return spec
+    if spec.paged and replace(spec, paged=False, family=None).family != spec.family:
+        return spec
+    return replace(spec, tile=tile)

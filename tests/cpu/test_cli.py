@@ -81,6 +81,41 @@ def test_prebuild_variant_flags_are_a_cross_product():
             _parser().parse_args([flag, "maybe"])
 
 
+def test_prebuild_paged_specs_have_no_dropout(tmp_path):
+    """A block table is forward-only inference (dropout with it raises NotImplementedError), so
+    --paged with --dropout lists no spec no call could use."""
+    from flashjit.prebuild import specs_from_args
+
+    args = _parser().parse_args(["--kernel", "fwd", "--arch", "sm90a", "--dtype", "bf16",
+                                 "--head-dim", "64", "--causal", "no", "--paged", "both",
+                                 "--dropout", "both"])
+    assert [s.name for s in specs_from_args(args)] == [
+        "fwd_sm90a_bf16_hd64_ws", "fwd_sm90a_bf16_hd64_paged_wgmma", "fwd_sm90a_bf16_hd64_dropout_ws"]
+    result = run_python(["-m", "flashjit.prebuild", "--arch", "sm90a", "--kernel", "fwd",
+                         "--paged", "yes", "--dropout", "yes", "--list"], tmp_path / "cache")
+    assert result.returncode == 0 and result.stdout == ""
+    assert "--paged yes with --dropout yes: paged K/V is forward-only inference" in result.stderr
+
+
+def test_prebuild_takes_the_tile_variables_as_calls_do(monkeypatch):
+    """FLASHJIT_FWD_TILE / FLASHJIT_BWD_TILE name the same specs in prebuild as in a call
+    (ops.attention_spec); --tile wins; a paged forward of another family keeps its own tile."""
+    from flashjit.prebuild import specs_from_args
+
+    def names(*argv):
+        return [s.name for s in specs_from_args(_parser().parse_args(
+            ["--arch", "sm90a", "--dtype", "bf16", "--head-dim", "64", "--causal", "no", *argv]))]
+
+    monkeypatch.setenv("FLASHJIT_FWD_TILE", "128,3,2")
+    assert names("--kernel", "fwd", "bwd", "--paged", "both") == [
+        "fwd_sm90a_bf16_hd64_ws_t128x3x2", "fwd_sm90a_bf16_hd64_paged_wgmma",
+        "bwd_sm90a_bf16_hd64_wgmma"]
+    assert names("--kernel", "fwd", "--tile", "64,2,2") == ["fwd_sm90a_bf16_hd64_ws_t64x2x2"]
+    monkeypatch.setenv("FLASHJIT_FWD_TILE", "1,2")
+    with pytest.raises(ValueError, match="FLASHJIT_FWD_TILE"):
+        names("--kernel", "fwd")
+
+
 def test_prebuild_dropout_mask_kernel():
     """The test-only mask kernel: one spec per arch, only when asked for."""
     from flashjit.prebuild import specs_from_args

@@ -438,6 +438,63 @@ def test_current_arch_from_env(monkeypatch):
         current_arch()
 
 
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """Makes torch report one visible GPU of the capability passed to the returned function."""
+    import torch
+
+    from flashjit.jit import arch
+
+    def set_capability(major: int, minor: int):
+        arch._gpu_arch.cache_clear()
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (major, minor))
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: "Fake GPU")
+
+    yield set_capability
+    arch._gpu_arch.cache_clear()
+
+
+def test_runs_on():
+    from flashjit.jit.arch import runs_on
+
+    assert runs_on("sm80", "sm86") and runs_on("sm86", "sm89") and runs_on("sm90a", "sm90a")
+    assert not runs_on("sm86", "sm80") and not runs_on("sm80", "sm90a")
+    assert not runs_on("sm90a", "sm100") and not runs_on("sm100a", "sm103")
+
+
+def test_current_arch_lists_with_a_gpu_visible(monkeypatch, fake_gpu):
+    """TORCH_CUDA_ARCH_LIST (set for every extension, e.g. by containers) builds only the newest
+    arch of it that the visible GPU runs, so a Hopper GPU keeps its wgmma families;
+    FLASHJIT_CUDA_ARCH_LIST is taken whole; a list with nothing the GPU runs raises, naming it."""
+    monkeypatch.delenv("FLASHJIT_CUDA_ARCH_LIST", raising=False)
+    fake_gpu(9, 0)
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "5.2 6.0 7.0 7.5 8.0 8.6 8.7 9.0+PTX")
+    assert current_arch() == "sm90a"
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0")
+    with pytest.raises(RuntimeError, match=r"TORCH_CUDA_ARCH_LIST='8.0' holds no arch that runs "
+                                           r"on Fake GPU \(sm90a\): add sm90a to it"):
+        current_arch()
+    monkeypatch.setenv("FLASHJIT_CUDA_ARCH_LIST", "8.0;9.0")
+    assert current_arch() == "sm80-sm90a"  # asked for by name: one binary for both
+    monkeypatch.setenv("FLASHJIT_CUDA_ARCH_LIST", "8.6")
+    with pytest.raises(RuntimeError, match="FLASHJIT_CUDA_ARCH_LIST='8.6' holds no arch"):
+        current_arch()
+    monkeypatch.delenv("FLASHJIT_CUDA_ARCH_LIST")
+    fake_gpu(8, 9)  # sm80 and sm86 SASS run on sm89; the newer is taken
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0;8.6;9.0")
+    assert current_arch() == "sm86"
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST")
+    assert current_arch() == "sm89"
+    fake_gpu(7, 5)  # too old to run flashjit: a list is for other GPUs, without a list it raises
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    assert current_arch() == "sm80-sm90a"
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST")
+    with pytest.raises(RuntimeError, match="compute capability 7.5; flashjit needs 8.0"):
+        current_arch()
+
+
 def test_current_arch_without_gpu_or_list(monkeypatch):
     import torch
 
