@@ -359,7 +359,7 @@ def test_info_warns_about_a_bad_kernel_family(tmp_path):
     """FLASHJIT_KERNEL_FAMILY that names no family: one warning saying why every kernel call will
     fail, no family rows that would contradict it."""
     lines = _info_lines(tmp_path / "cache", FLASHJIT_CUDA_ARCH_LIST="9.0",
-                        FLASHJIT_KERNEL_FAMILY="mma")
+                        FLASHJIT_KERNEL_FAMILY="mma", CUDA_VISIBLE_DEVICES="")
     rows = dict(lines)
     assert rows["kernel family"] == "unknown (see the warning below)"
     assert not [n for n in rows if n.endswith(" family") and n != "kernel family"], rows
@@ -409,7 +409,9 @@ def test_info_shows_the_nvcc_builds_use(tmp_path):
 
 
 def _info_rows(cache, **env) -> dict[str, str]:
-    """``python -m flashjit info``'s rows, name -> value (names are padded with spaces)."""
+    """``python -m flashjit info``'s rows, name -> value (names are padded with spaces); no GPU
+    visible unless ``env`` says otherwise (an arch list must hold the visible GPU's arch)."""
+    env.setdefault("CUDA_VISIBLE_DEVICES", "")
     result = run_python(["-m", "flashjit", "info"], cache, **env)
     assert result.returncode == 0, result.stderr
     return {name: value.strip() for name, value in

@@ -420,6 +420,10 @@ def test_parse_arch_list_drop_old():
 
 
 def test_current_arch_from_env(monkeypatch):
+    """Without a GPU visible (test_current_arch_lists_with_a_gpu_visible: with one)."""
+    from flashjit.jit import arch
+
+    monkeypatch.setattr(arch, "_gpu_arch", lambda index: None)
     monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
     monkeypatch.setenv("FLASHJIT_CUDA_ARCH_LIST", "9.0")
     assert current_arch() == "sm90a"
