@@ -1,6 +1,6 @@
 """Public API of flashjit: autograd and the flash_attn_* / SDPA entry points.
 
-Every argument is checked (_validate.py) before anything is compiled: TypeError, ValueError, or
+Every argument is checked (_validate.py) before anything is compiled: TypeError, ValueError
 or NotImplementedError, naming the caller's own argument.
 
 Conventions (flash-attn 2.x for causal, window_size, softcap and alibi_slopes; gpt-oss for sink):
@@ -24,9 +24,9 @@ from torch import Tensor
 
 from . import ops
 from ._paged_varlen import paged_varlen as _paged_varlen
-from ._validate import (check_cu_seqlens, check_flag, check_int, check_kvcache, check_options,
-                        check_qkv, check_scalars, check_variant_tensors, key_padding_lengths,
-                        resolve_window)
+from ._validate import (check_cu_seqlens, check_flag, check_int, check_options, check_qkv,
+                        check_scalars, check_variant_tensors, key_padding_lengths, resolve_window)
+from ._validate_kvcache import check_kvcache
 
 _LN2 = math.log(2.0)
 
@@ -194,7 +194,8 @@ _COMMON_DOC = """
         Applied at a resolution of 1/256: a weight is kept with probability
         round(256 (1 - dropout_p)) / 256 (at least 1/256; 0.1 keeps 230/256 = 0.898) and kept
         weights are scaled by its inverse, so the output stays unbiased
-        (flashjit._philox.keep_probability; the mask: csrc/common/dropout.cuh).
+        (flashjit._philox.keep_probability; the mask: csrc/common/dropout.cuh). A dropout_p > 0
+        that drops nothing at that resolution (up to 1/512) raises ValueError.
     softmax_scale: scale of Q K^T before the softmax (default 1 / sqrt(head_dim)).
     causal: causal mask aligned bottom-right: query i sees key j iff j <= i + seqlen_k - seqlen_q
         (flash-attn >= 2.1).
@@ -224,8 +225,10 @@ _COMMON_DOC = """
     aligned (or whose last dim is not contiguous) are copied once to an aligned buffer.
     Errors, before anything compiles, naming the argument: TypeError for a wrong type (and a q,
     k, v dtype other than fp16/bf16, a window_size not a pair of ints, a softcap not a real);
-    ValueError for wrong shapes, devices and values (window bounds < -1, softcap < 0 or not
-    finite, alibi_slopes/sink not float32 or of another shape or device)."""
+    ValueError for wrong shapes, devices and values (dropout_p outside [0, 1) or in (0, 1/512]:
+    it would drop nothing; softmax_scale not in [1e-30, 1e30]; window bounds < -1; softcap
+    neither 0 nor in [1e-6, 1e4]; alibi_slopes/sink not float32 or of another shape or
+    device)."""
 
 
 def _flash_attn(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
@@ -397,10 +400,21 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor,
                                  is_causal: bool = False, *, scale: Optional[float] = None,
                                  enable_gqa: bool = False) -> Tensor:
     """torch.nn.functional.scaled_dot_product_attention's signature and (batch, heads, seq, d)
-    layout. attn_mask: only a boolean right-padding key mask broadcastable to
-    (batch, 1, 1, seqlen_k). Causal masking is aligned top-left, as in torch. No window, softcap,
-    ALiBi or sink here: flash_attn_func has them. Anything else raises rather than falling back to
-    a slower path."""
+    layout: query (batch, heads, seqlen_q, d); key, value (batch, heads_k, seqlen_k, d), heads_k
+    == heads unless enable_gqa (then heads % heads_k == 0); fp16 or bf16 on one CUDA device.
+    attn_mask: only a boolean right-padding key mask broadcastable to (batch, 1, 1, seqlen_k).
+    Causal masking is aligned top-left, as in torch. dropout_p and scale as flash_attn_func's
+    dropout_p and softmax_scale. No window, softcap, ALiBi or sink here: flash_attn_func has
+    them. Anything else raises rather than falling back to a slower path.
+
+    Returns out (batch, heads, seqlen_q, d) in query's dtype.
+
+    Errors, before anything compiles, naming the argument (query, key, value, attn_mask,
+    dropout_p, is_causal, scale, enable_gqa), with shapes as passed: TypeError for a wrong type
+    (and a query/key/value dtype other than fp16/bf16, an attn_mask not bool); ValueError for
+    wrong shapes, devices and values (heads that differ without enable_gqa, attn_mask with
+    is_causal or not a right-padding mask, dropout_p outside [0, 1) or in (0, 1/512]: it would
+    drop nothing, scale not in [1e-30, 1e30])."""
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -414,9 +428,10 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor,
                          "enable_gqa=True for grouped-query attention")
     if attn_mask is not None and is_causal:
         raise ValueError("attn_mask and is_causal cannot both be set (as in torch)")
+    # checked as passed (heads in dim 1), so that messages show the caller's shapes
+    check_qkv(query, key, value, varlen=False, names=("query", "key", "value"), heads_dim=1)
+    softmax_scale = check_scalars(dropout_p, scale, query.shape[-1], scale_name="scale")
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # views: (batch, seq, heads, d)
-    check_qkv(q, k, v, varlen=False, names=("query", "key", "value"))
-    softmax_scale = check_scalars(dropout_p, scale, q.shape[-1])
     seqused_k = None
     if attn_mask is not None:
         seqused_k = key_padding_lengths(attn_mask, q.shape[0], k.shape[1], q.device)
@@ -505,15 +520,16 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Opti
 
     Errors, before anything compiles, naming the argument: TypeError for wrong types and dtypes
     (q, caches, k, v and the rotary tables not of q's dtype, index tensors not int32);
-    ValueError for wrong shapes, devices, layouts and values. The values in the index tensors
-    (lengths past the capacity, cache_leftpad > cache_seqlens, block_table entries outside
-    [0, num_blocks) among the pages in use, cache_batch_idx outside [0, batch_cache) or repeated
-    while appending, rotary tables too short) are checked with one device-to-host copy, only
-    when no CUDA graph is being captured (torch.cuda.is_current_stream_capturing()) and
-    torch.compile is not tracing; under capture they are the caller's to get right. That copy
-    synchronises each eager call that passes index tensors; decoding loops that care capture the
-    step in a CUDA graph (static tensors, cache_seqlens a tensor) and replay it after copying the
-    new inputs in."""
+    ValueError for wrong shapes (k and v longer than the cache's capacity too, checked always),
+    devices, layouts and values (softmax_scale not in [1e-30, 1e30], softcap neither 0 nor in
+    [1e-6, 1e4]). The values in the index tensors (lengths past the capacity, cache_leftpad >
+    cache_seqlens, block_table entries outside [0, num_blocks) among the pages in use,
+    cache_batch_idx outside [0, batch_cache) or repeated while appending, rotary tables too
+    short) are checked with one device-to-host copy, only when no CUDA graph is being captured
+    (torch.cuda.is_current_stream_capturing()) and torch.compile is not tracing; under capture
+    they are the caller's to get right. That copy synchronises each eager call that passes index
+    tensors; decoding loops that care capture the step in a CUDA graph (static tensors,
+    cache_seqlens a tensor) and replay it after copying the new inputs in."""
     a = check_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens,
                       cache_batch_idx, cache_leftpad, block_table, softmax_scale, causal,
                       window_size, softcap, rotary_interleaved, alibi_slopes, num_splits,

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import flashjit
-from flashjit import _validate, ops
+from flashjit import _validate, _validate_kvcache, ops
 from flashjit.jit.registry import ATTENTION_KERNELS
 
 B, SQ, H, HK, D, CAP = 2, 1, 8, 2, 64, 64  # fake calls: contiguous cache (B, CAP, HK, D)
@@ -267,7 +267,7 @@ def test_lse_is_returned_in_natural_log(monkeypatch):
     from flashjit import interface
 
     lse2 = torch.tensor([[[1.0, float("-inf")]]])
-    monkeypatch.setattr(interface, "check_kvcache", lambda *a: _validate.KvCacheArgs(
+    monkeypatch.setattr(interface, "check_kvcache", lambda *a: _validate_kvcache.KvCacheArgs(
         *(None,) * 4, True, *(None,) * 4, 0.125, False, -1, -1, 0.0, None, None, 0, True))
     monkeypatch.setattr(ops, "call_decode", lambda *a: (torch.zeros(1, 2, 1, 8), lse2))
     q = torch.zeros(1, 2, 1, 8, dtype=torch.float16)
@@ -412,8 +412,8 @@ def _values(cache_seqlens=None, cache_leftpad=None, cache_batch_idx=None, block_
     sizes = dict(batch=2, seqlen_q=1, seqlen_new=1, capacity=16, page_size=16, num_slots=2,
                  seqlen_ro=None, rotary_per_row=False)
     tensor = lambda x: x if x is None or isinstance(x, int) else torch.tensor(x, **I32)  # noqa
-    _validate.check_kvcache_values(*map(tensor, (cache_seqlens, cache_leftpad, cache_batch_idx,
-                                                 block_table)), **{**sizes, **kw})
+    args = map(tensor, (cache_seqlens, cache_leftpad, cache_batch_idx, block_table))
+    _validate_kvcache.check_kvcache_values(*args, **{**sizes, **kw})
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -488,7 +488,8 @@ def test_values_that_pass_and_the_single_transfer(monkeypatch):
 
 def test_value_checks_run_only_outside_capture(fake_cuda, monkeypatch):
     seen = []
-    monkeypatch.setattr(_validate, "check_kvcache_values", lambda *a, **kw: seen.append(kw))
+    monkeypatch.setattr(_validate_kvcache, "check_kvcache_values",
+                        lambda *a, **kw: seen.append(kw))
     monkeypatch.setattr(ops, "call_decode", ops._decode_fake)
     _call(cache_seqlens=_cuda(B, **I32))  # fake_cuda: capturing() is True
     assert seen == []
@@ -524,10 +525,11 @@ def test_decode_shared_memory_mirror_and_refusal(monkeypatch):
 
 
 def test_caches_overlap():
-    """k_cache and v_cache must share no element when appending (_validate._caches_overlap):
-    slices of one buffer that overlap at an offset are caught, a packed (.., 2, heads_k, d)
-    buffer split into k and v is not (found by a new user: only equal pointers were caught)."""
-    f = _validate._caches_overlap
+    """k_cache and v_cache must share no element when appending
+    (_validate_kvcache._caches_overlap): slices of one buffer that overlap at an offset are
+    caught, a packed (.., 2, heads_k, d) buffer split into k and v is not (found by a new user:
+    only equal pointers were caught)."""
+    f = _validate_kvcache._caches_overlap
     buf = torch.zeros(2, 80, 2, 64)
     assert f(buf[:, :64], buf[:, 16:80]) and f(buf, buf)
     assert not f(buf[:, :40], buf[:, 40:80])

@@ -1,0 +1,235 @@
+"""Argument checks that cut across the entry points (flashjit._validate, _validate_kvcache):
+a dropout_p too small for the mask's 1/256 resolution, the SDPA entry's own names and layout,
+numpy bools as flags, an append longer than the KV cache (a shape check, so also under capture),
+and the docstrings' account of the numeric limits.
+
+The public functions need CUDA tensors: these tests use fake CUDA tensors (conftest.fake_cuda:
+FakeTensorMode, no data; capturing() is True there, as under CUDA-graph capture)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import flashjit
+from flashjit import _philox, _validate, _validate_kvcache, ops
+
+B, SQ, SK, H, HK, D = 2, 16, 24, 4, 2, 64  # fixed-length calls
+TOTAL, BATCH = 40, 3  # varlen: packed rows, sequences
+CAP, NB, PAGE, MAXB = 64, 9, 16, 4  # KV cache: contiguous (B, CAP, HK, D); paged
+I32 = dict(dtype=torch.int32)
+
+
+def _cuda(*shape, dtype=torch.float16):
+    return torch.empty(shape, dtype=dtype, device="cuda")
+
+
+@pytest.fixture
+def recorded_fwd(fake_cuda, monkeypatch):
+    """As fake_cuda, with ops.call_fwd recording its arguments (then the fake forward), and the
+    decode op unreachable."""
+    calls = []
+
+    def record(*args):
+        calls.append(args)
+        return ops._fwd_fake(*args)
+
+    def unreachable(*args):
+        raise AssertionError("validation let a bad input through to the decode op")
+
+    monkeypatch.setattr(ops, "call_fwd", record)
+    monkeypatch.setattr(ops, "call_decode", unreachable)
+    return calls
+
+
+def _call(entry: str, **kwargs):
+    """Every public entry point that takes dropout_p, on fake CUDA inputs."""
+    fixed_q, fixed_kv = _cuda(B, SQ, H, D), _cuda(B, SK, HK, D)
+    varlen_q, varlen_kv = _cuda(TOTAL, H, D), _cuda(TOTAL, HK, D)
+    cu = _cuda(BATCH + 1, **I32)
+    f = flashjit
+    if entry == "func":
+        return f.flash_attn_func(fixed_q, fixed_kv, fixed_kv, **kwargs)
+    if entry == "qkvpacked":
+        return f.flash_attn_qkvpacked_func(_cuda(B, SQ, 3, H, D), **kwargs)
+    if entry == "kvpacked":
+        return f.flash_attn_kvpacked_func(fixed_q, _cuda(B, SK, 2, HK, D), **kwargs)
+    if entry == "varlen":
+        return f.flash_attn_varlen_func(varlen_q, varlen_kv, varlen_kv, cu, cu, 20, 20, **kwargs)
+    if entry == "varlen_qkvpacked":
+        return f.flash_attn_varlen_qkvpacked_func(_cuda(TOTAL, 3, H, D), cu, 20, **kwargs)
+    if entry == "varlen_kvpacked":
+        return f.flash_attn_varlen_kvpacked_func(varlen_q, _cuda(TOTAL, 2, HK, D), cu, cu, 20, 20,
+                                                 **kwargs)
+    if entry == "varlen_paged":
+        pages = _cuda(NB, PAGE, HK, D)
+        return f.flash_attn_varlen_func(varlen_q, pages, pages, cu, cu, 20, 20,
+                                        block_table=_cuda(BATCH, MAXB, **I32), **kwargs)
+    if entry == "sdpa":
+        return f.scaled_dot_product_attention(_cuda(B, H, SQ, D), _cuda(B, H, SK, D),
+                                              _cuda(B, H, SK, D), **kwargs)
+    raise ValueError(entry)
+
+
+ENTRIES = ["func", "qkvpacked", "kvpacked", "varlen", "varlen_qkvpacked", "varlen_kvpacked",
+           "varlen_paged", "sdpa"]
+TOO_SMALL = r"dropout_p = {} would drop nothing: dropout applies at a resolution of 1/256"
+
+
+def re_float(x: float) -> str:
+    return str(x).replace(".", r"\.").replace("+", r"\+")
+
+
+# ---------------------------------------------------------------------------------------------
+# dropout_p and its 1/256 resolution
+# ---------------------------------------------------------------------------------------------
+def test_dropout_min_is_the_smallest_dropout_p_that_drops_anything():
+    assert _philox.keep_threshold(_validate.DROPOUT_MIN) == 254  # drops 1/256
+    below = math.nextafter(_validate.DROPOUT_MIN, 0.0)
+    assert _philox.keep_probability(below) == 1.0 and below > 1 / 512
+    assert _validate.check_dropout(_validate.DROPOUT_MIN) == _validate.DROPOUT_MIN
+    for p in (0, 0.0, 0.002, 0.1, 0.5, 0.999):  # 0.999 keeps 1/256, as documented
+        assert _validate.check_dropout(p) == p
+    for p in (1e-300, 1e-6, 0.001, 1 / 512, below):
+        with pytest.raises(ValueError, match=TOO_SMALL.format(re_float(p))) as err:
+            _validate.check_dropout(p)
+        message = str(err.value)
+        assert "keep every weight; pass 0.0 for no dropout, or a value above 1/512 (e.g. " \
+            "0.002" in message and "1/512 = 0.001953125" in message
+    with pytest.raises(ValueError, match=r"dropout_p must be in \[0, 1\)"):
+        _validate.check_dropout(-1e-3)
+    with pytest.raises(TypeError, match="dropout_p must be a number"):
+        _validate.check_dropout("0.001")
+
+
+@pytest.mark.parametrize("entry", ENTRIES)
+def test_every_entry_refuses_a_dropout_p_that_would_drop_nothing(entry, recorded_fwd):
+    for p in (0.001, 1 / 512):
+        with pytest.raises(ValueError, match=TOO_SMALL.format(re_float(p))):
+            _call(entry, dropout_p=p)
+    assert recorded_fwd == []
+    if entry == "varlen_paged":  # forward-only: any dropout is refused, as before
+        with pytest.raises(NotImplementedError, match="dropout_p must be 0 with block_table"):
+            _call(entry, dropout_p=0.002)
+        return
+    for p in (_validate.DROPOUT_MIN, 0.002):  # takes effect: accepted and passed on
+        _call(entry, dropout_p=p)
+        assert recorded_fwd[-1][17] == p  # call_fwd's dropout_p
+
+
+# ---------------------------------------------------------------------------------------------
+# scaled_dot_product_attention: its own argument names, shapes as passed
+# ---------------------------------------------------------------------------------------------
+def _sdpa(q_shape, kv_shape, v_shape=None, **kwargs):
+    return flashjit.scaled_dot_product_attention(_cuda(*q_shape), _cuda(*kv_shape),
+                                                 _cuda(*(v_shape or kv_shape)), **kwargs)
+
+
+def test_sdpa_errors_name_its_arguments_and_shapes_as_passed(recorded_fwd):
+    shape = (2, 4, 16, 64)  # (batch, heads, seq, d)
+    for bad in (-1.0, 0.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match=r"^scale must be a positive finite number"):
+            _sdpa(shape, shape, scale=bad)
+    for bad in (1e39, 1e-50):
+        with pytest.raises(ValueError, match=r"^scale must be between 1e-30 and 1e\+30"):
+            _sdpa(shape, shape, scale=bad)
+    for bad in ("0.1", True):
+        with pytest.raises(TypeError, match=r"^scale must be a number"):
+            _sdpa(shape, shape, scale=bad)
+    with pytest.raises(ValueError, match=r"key and value must have the same shape, got "
+                                         r"\(2, 4, 16, 64\) and \(2, 2, 16, 64\)"):
+        _sdpa(shape, shape, (2, 2, 16, 64), enable_gqa=True)
+    with pytest.raises(ValueError, match=r"query heads of query \(4\) must be a multiple of the "
+                                         r"number of key/value heads of key \(3\)"):
+        _sdpa(shape, (2, 3, 16, 64), enable_gqa=True)
+    with pytest.raises(ValueError, match=r"query and key must have the same batch size, got 2 "
+                                         r"and 3"):
+        _sdpa(shape, (3, 4, 16, 64))
+    with pytest.raises(ValueError, match=r"query, key, value must have the same head_dim, got "
+                                         r"64, 32, 32"):
+        _sdpa(shape, (2, 4, 16, 32))
+    assert recorded_fwd == []
+    # GQA and a seqlen_k of its own: out is (batch, heads, seqlen_q, d), as query
+    out = _sdpa(shape, (2, 2, 24, 64), enable_gqa=True, scale=0.5)
+    assert out.shape == shape and out.dtype == torch.float16
+    q, k = recorded_fwd[-1][:2]  # the kernels' (batch, seq, heads, d)
+    assert q.shape == (2, 16, 4, 64) and k.shape == (2, 24, 2, 64)
+    assert recorded_fwd[-1][9] == 0.5  # call_fwd's softmax_scale
+
+
+# ---------------------------------------------------------------------------------------------
+# numpy bools are bools
+# ---------------------------------------------------------------------------------------------
+def test_numpy_bools_are_flags(recorded_fwd, monkeypatch):
+    np = pytest.importorskip("numpy")
+    assert _validate.check_flag("causal", np.True_) is True
+    assert _validate.check_flag("causal", np.bool_(False)) is False
+    for bad in (np.array([True]), np.int64(1), "True"):
+        with pytest.raises(TypeError, match="causal must be a bool"):
+            _validate.check_flag("causal", bad)
+    _call("func", causal=np.True_, deterministic=np.False_, return_attn_probs=np.False_)
+    assert recorded_fwd[-1][10] is True  # call_fwd's causal
+    _call("sdpa", is_causal=np.True_, enable_gqa=np.False_)
+    assert recorded_fwd[-1][10] is True
+    monkeypatch.setattr(_validate, "_numpy_bool", ())  # as without numpy: Python's bools only
+    assert _validate.check_flag("causal", True) is True
+    with pytest.raises(TypeError, match="causal must be a bool"):
+        _validate.check_flag("causal", np.True_)
+
+
+# ---------------------------------------------------------------------------------------------
+# flash_attn_with_kvcache: an append longer than the cache is a shape error, checked always
+# ---------------------------------------------------------------------------------------------
+def _kvcache(seqlen_new, paged=False, **kwargs):
+    args = dict(q=_cuda(B, 1, H, D), k_cache=_cuda(B, CAP, HK, D), v_cache=_cuda(B, CAP, HK, D),
+                k=_cuda(B, seqlen_new, HK, D), v=_cuda(B, seqlen_new, HK, D),
+                cache_seqlens=_cuda(B, **I32))
+    if paged:
+        args.update(k_cache=_cuda(NB, PAGE, HK, D), v_cache=_cuda(NB, PAGE, HK, D),
+                    block_table=_cuda(B, MAXB, **I32))
+    return flashjit.flash_attn_with_kvcache(**{**args, **kwargs})
+
+
+@pytest.mark.parametrize("capturing", [True, False])
+def test_an_append_longer_than_the_cache_is_refused(capturing, fake_cuda, monkeypatch):
+    value_checks = []
+    monkeypatch.setattr(_validate_kvcache, "check_kvcache_values",
+                        lambda *a, **kw: value_checks.append(kw))
+    monkeypatch.setattr(_validate, "capturing", lambda: capturing)
+    decoded = []
+    monkeypatch.setattr(ops, "call_decode", lambda *a: decoded.append(a) or ops._decode_fake(*a))
+    with pytest.raises(ValueError, match=r"k and v have 65 new keys \(seqlen_new, dim 1\) but "
+                                         r"the cache holds 64 rows per sequence \(k_cache's "
+                                         r"seqlen_cache \(dim 1\)\): the append cannot fit"):
+        _kvcache(CAP + 1)
+    with pytest.raises(ValueError, match=r"k and v have 65 new keys .* holds 64 rows per "
+                                         r"sequence \(block_table's max_blocks \(4\) x "
+                                         r"k_cache's page size \(16\)\)"):
+        _kvcache(MAXB * PAGE + 1, paged=True)
+    with pytest.raises(ValueError, match=r"k and v have 65 new keys"):  # an int cache_seqlens
+        _kvcache(CAP + 1, cache_seqlens=0)
+    assert decoded == [] and value_checks == []
+    # an append that fills the cache exactly passes the shape checks
+    _kvcache(CAP)
+    _kvcache(MAXB * PAGE, paged=True)
+    assert len(decoded) == 2 and len(value_checks) == (0 if capturing else 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Docstrings: the numeric limits the checks apply
+# ---------------------------------------------------------------------------------------------
+def test_docstrings_give_the_limits_of_softmax_scale_and_softcap():
+    assert (_validate.SCALE_MIN, _validate.SCALE_MAX) == (1e-30, 1e30)
+    assert (_validate.SOFTCAP_MIN, _validate.SOFTCAP_MAX) == (1e-6, 1e4)
+    for f in (flashjit.flash_attn_func, flashjit.flash_attn_varlen_func,
+              flashjit.flash_attn_with_kvcache):
+        doc = " ".join(f.__doc__.split())
+        assert "softmax_scale not in [1e-30, 1e30]" in doc, f.__name__
+        assert "softcap neither 0 nor in [1e-6, 1e4]" in doc, f.__name__
+    for f in (flashjit.flash_attn_func, flashjit.flash_attn_varlen_func):
+        assert "dropout_p outside [0, 1) or in (0, 1/512]" in " ".join(f.__doc__.split())
+    doc = " ".join(flashjit.scaled_dot_product_attention.__doc__.split())
+    assert "Returns out (batch, heads, seqlen_q, d)" in doc and "Errors, before" in doc
+    assert "scale not in [1e-30, 1e30]" in doc
