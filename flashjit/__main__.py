@@ -56,6 +56,25 @@ def _warnings(torch, nvcc) -> list[str]:
     return warnings
 
 
+# the switches info() checks besides FLASHJIT_KERNEL_FAMILY, and what a bad value of each breaks
+_ENV_CHECKS = (
+    (env.verbose_enabled, "every kernel call raises this ValueError (it is part of the cache key)"),
+    (env.jit_disabled, "every compile raises this ValueError"),
+    (env.lock_timeout, "every compile raises this ValueError"),
+)
+
+
+def _env_warnings() -> list[str]:
+    """One warning per FLASHJIT_* switch whose value its parser (flashjit.jit.env) refuses."""
+    warnings = []
+    for check, consequence in _ENV_CHECKS:
+        try:
+            check()
+        except ValueError as err:
+            warnings.append(f"{err}; until then {consequence}")
+    return warnings
+
+
 def info() -> int:
     """Versions, GPU and arch, cache location and size: what a bug report needs."""
     import platform
@@ -65,7 +84,7 @@ def info() -> int:
     from .jit.arch import current_arch
 
     root = cache_dir()
-    entries = jit_cache.list_entries(root)
+    found = jit_cache.scan(root)
     nvcc = env.nvcc_path()
     rows = [
         ("flashjit", __version__),
@@ -105,14 +124,15 @@ def info() -> int:
     rows += [
         ("csrc", str(csrc_dir())),
         ("cache", str(root)),
-        ("cache size", f"{_mib(jit_cache.dir_size(root)) if root.is_dir() else '0.0 MiB'}, "
-                       f"{len(entries)} entries"),
+        ("cache size", f"{_mib(found.bytes())}, {len(found.entries)} entries"
+                       + (f" ({len(found.foreign)} other items ignored)" if found.foreign else "")),
     ]
     rows += [(name, value) for name, value in sorted(os.environ.items())
              if name.startswith("FLASHJIT_") or name in ("TORCH_CUDA_ARCH_LIST", "CUDA_HOME")]
     warnings = _warnings(torch, nvcc)
     if family_error is not None:
         warnings.append(f"{family_error}; until then every kernel call raises this ValueError")
+    warnings += _env_warnings()
     rows += [("warning", text) for text in warnings]
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
@@ -121,14 +141,17 @@ def info() -> int:
 
 
 def cache_list() -> int:
+    """flashjit's entries in the cache dir; other files there are only counted."""
     root = cache_dir()
     entries = jit_cache.list_entries(root)
-    print(f"cache {root}: {len(entries)} entries")
+    foreign = len(jit_cache.scan(root).foreign)
+    ignored = f" ({foreign} other items, not flashjit's, ignored)" if foreign else ""
+    print(f"cache {root}: {len(entries)} entries{ignored}")
     for e in entries:
         if e["ok"]:
             detail = f"built {e['date']} in {e['build_seconds']:.1f} s"
         else:
-            detail = "DAMAGED (rebuilt on next use)"
+            detail = f"DAMAGED (rebuilt on next use): {e['reason']}"
         print(f"  {e['dirname']:56s} {_mib(e['bytes']):>10s}  {detail}")
     return 0
 

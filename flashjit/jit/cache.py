@@ -2,14 +2,21 @@
 
 Layout under cache_dir()::
 
-    <spec.name>-<key12>/            one published entry: the library and manifest.json
+    <spec.name>-<key12>/            one published entry: the library, manifest.json, .flashjit-entry
     <spec.name>-<key12>.lock        its build lock (filelock), and .owner: who holds it
-    .tmp-<spec.name>-<key12>@<host>@<pid>@<rand>/   a build in progress (or a dead one)
-    logs/                           compile-failure and prebuild logs
+    .tmp-<spec.name>-<key12>@<host>@<pid>@<rand8>/  a build in progress (or a dead one)
+    logs/                           compile-failure logs (<spec.name>-<date>-<time>.log) and
+                                    prebuild-<date>-<time>-<pid>/ folders of per-spec logs
 
 An entry is built in a temp folder beside it (same filesystem), its manifest written last, and
 the folder renamed into place, so a reader sees either nothing or a complete entry. The key
 digests everything that changes the binary; the folder name carries its first 12 hex digits.
+
+The cache dir may be shared with other files (FLASHJIT_CACHE_DIR set to a folder in use), so
+listing and clearing go by what a file holds, not by its name alone (scan()): the first file a
+build writes into its temp folder is the marker ``.flashjit-entry``, and publish writes it again
+before the manifest, so even a damaged entry is recognisably flashjit's. Entries published
+before the marker existed are recognised by a manifest that names their folder.
 """
 
 from __future__ import annotations
@@ -33,10 +40,22 @@ from .paths import cache_dir, csrc_dir
 from .spec import JitSpec
 
 MANIFEST = "manifest.json"
+MARKER = ".flashjit-entry"  # written first in every build folder: "flashjit made this folder"
 FORMAT = 1  # bump when the entry layout or key fields change meaning
 LOGS = "logs"
 _TMP_PREFIX = ".tmp-"
-_ENTRY_NAME = re.compile(r"^[A-Za-z0-9_\-]+-[0-9a-f]{12}$")
+_NAME = r"[A-Za-z0-9_\-]+"  # a spec name
+_ENTRY_NAME = re.compile(rf"^{_NAME}-[0-9a-f]{{12}}$")
+_TMP_NAME = re.compile(rf"^\.tmp-(?P<entry>{_NAME}-[0-9a-f]{{12}})@(?P<host>[^@]+)@(?P<pid>\d+)"
+                       r"@[0-9a-f]{8}$")
+# what torch.utils.cpp_extension leaves in a build folder (ninja files, its baton, objects, the
+# library): a temp folder holding only these is a build's even without the marker
+_BUILD_FILES = re.compile(r"^(build\.ninja|\.ninja_log|\.ninja_deps|lock|.+\.o|.+\.so)$")
+_OWNER_TEXT = re.compile(r"^\S+ pid \d+ since \S+\n?$")  # what BuildLock writes
+_BUILD_LOG = re.compile(rf"^(?P<spec>{_NAME})-\d{{8}}-\d{{6}}\.log$")  # build.py's failure log
+_PREBUILD_LOGS = re.compile(r"^prebuild-\d{8}-\d{6}-\d+$")  # prebuild's folder, one per run
+_SPEC_LOG = re.compile(rf"^{_NAME}\.log$")  # in it, one log per spec
+_SMALL = 4096  # bytes: a lock or owner file is far smaller
 
 
 class CacheDirError(RuntimeError):
@@ -181,28 +200,34 @@ class CacheEntry:
         shutil.rmtree(self.path)
 
     def new_temp_dir(self) -> Path:
-        """A fresh build folder beside the entry; removes dead builders' folders first.
+        """A fresh build folder beside the entry, holding the marker; removes dead builders'
+        folders first.
 
         Call it holding the entry's lock: then any temp folder of this key belongs to a builder
         that died. Temp folders of other keys are removed when made on this host by a process
-        that no longer runs.
+        that no longer runs. Only folders scan() counts as flashjit's temp folders are touched.
         """
-        own_prefix = f"{_TMP_PREFIX}{self.dirname}@"
         host = socket.gethostname()
         for old in self.root.glob(_TMP_PREFIX + "*"):
-            parts = old.name.split("@")
-            dead_here = (
-                len(parts) == 4 and parts[1] == host and parts[2].isdigit()
-                and not _pid_alive(int(parts[2]))
-            )
-            if old.name.startswith(own_prefix) or dead_here:
+            match = _TMP_NAME.match(old.name)
+            if match is None or not _is_temp_dir(old):
+                continue
+            dead_here = match["host"] == host and not _pid_alive(int(match["pid"]))
+            if match["entry"] == self.dirname or dead_here:
                 shutil.rmtree(old, ignore_errors=True)
-        tmp = self.root / f"{own_prefix}{host}@{os.getpid()}@{uuid.uuid4().hex[:8]}"
+        tmp = self.root / f"{_TMP_PREFIX}{self.dirname}@{host}@{os.getpid()}@{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
+        self._write_marker(tmp)  # first, so that a build that dies at any point is known as ours
         return tmp
 
+    def _write_marker(self, folder: Path) -> None:
+        marker = {"format": FORMAT, "name": self.spec_name, "key": self.key, "flashjit": __version__}
+        with open(folder / MARKER, "w") as f:
+            json.dump(marker, f, sort_keys=True)
+            f.write("\n")
+
     def publish(self, tmp: Path, library_name: str, build_seconds: float) -> Path:
-        """Write the manifest into ``tmp`` (last), then rename ``tmp`` into place."""
+        """Write the marker and the manifest into ``tmp`` (last), then rename ``tmp`` into place."""
         library = tmp / library_name
         manifest = {
             "format": FORMAT,
@@ -218,6 +243,7 @@ class CacheEntry:
             "pid": os.getpid(),
         }
         _fsync(library)
+        self._write_marker(tmp)  # again: the build's clean-up keeps the library alone
         manifest_path = tmp / MANIFEST
         with open(manifest_path, "w") as f:
             json.dump(manifest, f, indent=1, sort_keys=True)
@@ -249,23 +275,168 @@ def logs_dir(root: Path) -> Path:
     return path
 
 
-def list_entries(root: Path) -> list[dict]:
-    """Published entries (and damaged ones) in ``root``, sorted by name."""
-    entries = []
-    if not root.is_dir():
-        return entries
-    for path in sorted(root.iterdir()):
-        if not path.is_dir() or not _ENTRY_NAME.match(path.name):
-            continue
-        info = {"dirname": path.name, "path": str(path), "bytes": dir_size(path)}
+def _is_dir(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink()
+
+
+def _is_file(path: Path) -> bool:
+    return path.is_file() and not path.is_symlink()
+
+
+def _read_json(path: Path):
+    """The JSON in ``path``; None if it cannot be read or parsed."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _is_entry(path: Path) -> bool:
+    """A folder named like an entry that holds the marker, or (entries published before the
+    marker) a manifest naming this folder: flashjit's, damaged or not."""
+    if not _ENTRY_NAME.match(path.name) or not _is_dir(path):
+        return False
+    if _is_file(path / MARKER):
+        return True
+    manifest = _read_json(path / MANIFEST)
+    try:
+        return f"{manifest['name']}-{manifest['key'][:12]}" == path.name
+    except (KeyError, TypeError):
+        return False
+
+
+def _is_temp_dir(path: Path) -> bool:
+    """A folder named like new_temp_dir's that holds the marker, or only what a build makes
+    (nothing yet, ninja's files, objects, the library): a live or dead build."""
+    if not _TMP_NAME.match(path.name) or not _is_dir(path):
+        return False
+    if _is_file(path / MARKER):
+        return True
+    try:
+        return all(_BUILD_FILES.match(p.name) and _is_file(p) for p in path.iterdir())
+    except OSError:
+        return False
+
+
+def _small_text(path: Path) -> str | None:
+    """The text of a small regular file; None for anything else."""
+    try:
+        if not _is_file(path) or path.stat().st_size > _SMALL:
+            return None
+        return path.read_text(errors="replace")
+    except OSError:
+        return None
+
+
+def _is_lock_file(path: Path, ours: set[str]) -> bool:
+    """``<entry>.lock`` (filelock's: empty, or a few bytes on file systems without flock) or
+    ``<entry>.owner`` (BuildLock's "host pid N since date"). A non-empty lock file counts only
+    beside an entry, temp folder or owner file of its name (``ours``: their entry names)."""
+    stem, dot, suffix = path.name.rpartition(".")
+    if not dot or suffix not in ("lock", "owner") or not _ENTRY_NAME.match(stem):
+        return False
+    text = _small_text(path)
+    if text is None:
+        return False
+    if suffix == "owner":
+        return text == "" or bool(_OWNER_TEXT.match(text))
+    return text == "" or stem in ours
+
+
+def _is_log(path: Path) -> bool:
+    """In logs/: a compile-failure log build.py wrote (``<spec>-<date>-<time>.log`` starting
+    with the spec's name and its key fields), or a prebuild folder holding only per-spec logs."""
+    match = _BUILD_LOG.match(path.name)
+    if match:
+        head = f"{match['spec']}\nkey fields: "
+        if not _is_file(path):
+            return False
         try:
-            manifest = json.loads((path / MANIFEST).read_text())
-            info.update(name=manifest["name"], date=manifest["date"],
-                        build_seconds=manifest["build_seconds"], ok=True)
-        except (OSError, ValueError, KeyError, TypeError):
-            info.update(name=path.name.rsplit("-", 1)[0], date=None, build_seconds=None, ok=False)
-        entries.append(info)
-    return entries
+            with open(path, errors="replace") as f:
+                return f.read(len(head)) == head
+        except OSError:
+            return False
+    if _PREBUILD_LOGS.match(path.name) and _is_dir(path):
+        try:
+            return all(_SPEC_LOG.match(p.name) and _is_file(p) for p in path.iterdir())
+        except OSError:
+            return False
+    return False
+
+
+@dataclass(frozen=True)
+class CacheScan:
+    """What scan() found in a cache dir: flashjit's items by kind, and the rest (``foreign``:
+    files and folders flashjit did not make, which it neither lists nor removes)."""
+
+    entries: list[Path]
+    temp_dirs: list[Path]
+    lock_files: list[Path]
+    logs: list[Path]  # flashjit's log files and prebuild folders inside logs/
+    foreign: list[Path]
+
+    @property
+    def ours(self) -> list[Path]:
+        return self.entries + self.temp_dirs + self.lock_files + self.logs
+
+    def bytes(self) -> int:
+        """The size of flashjit's items."""
+        return sum(dir_size(p) if _is_dir(p) else p.stat().st_size for p in self.ours
+                   if p.exists())
+
+
+def scan(root: Path) -> CacheScan:
+    """Sort what ``root`` holds (its top level, and logs/) into flashjit's items and foreign ones,
+    by their content (see _is_entry, _is_temp_dir, _is_lock_file, _is_log); symbolic links are
+    always foreign. A missing ``root`` is an empty scan. Reads only, raises nothing for odd
+    files."""
+    found = CacheScan([], [], [], [], [])
+    if not root.is_dir():
+        return found
+    children = sorted(root.iterdir())
+    for path in children:
+        if _is_entry(path):
+            found.entries.append(path)
+        elif _is_temp_dir(path):
+            found.temp_dirs.append(path)
+    ours = {p.name for p in found.entries} | {_TMP_NAME.match(p.name)["entry"]
+                                              for p in found.temp_dirs}
+    ours |= {p.name[:-len(".owner")] for p in children if p.name.endswith(".owner")
+             and _is_lock_file(p, set())}
+    for path in children:
+        if path in found.entries or path in found.temp_dirs:
+            continue
+        if _is_lock_file(path, ours):
+            found.lock_files.append(path)
+        elif path.name == LOGS and _is_dir(path):
+            for log in sorted(path.iterdir()):
+                (found.logs if _is_log(log) else found.foreign).append(log)
+        else:
+            found.foreign.append(path)
+    return found
+
+
+def _entry_info(path: Path) -> dict:
+    """list_entries()'s row for the entry folder ``path``: ok when CacheEntry.check() finds it
+    complete (library of the manifest's size), else the reason it is damaged."""
+    spec_name, short_key = path.name.rsplit("-", 1)
+    manifest = _read_json(path / MANIFEST)
+    manifest = manifest if isinstance(manifest, dict) else {}
+    key = manifest.get("key")
+    key = key if isinstance(key, str) and key[:12] == short_key else short_key
+    state = CacheEntry(path.parent, spec_name, key, {}).check()
+    return {"dirname": path.name, "path": str(path), "bytes": dir_size(path),
+            "name": manifest.get("name", spec_name) if state.ok else spec_name,
+            "date": manifest.get("date") if state.ok else None,
+            "build_seconds": manifest.get("build_seconds") if state.ok else None,
+            "ok": state.ok, "reason": state.reason}
+
+
+def list_entries(root: Path) -> list[dict]:
+    """Published entries (and damaged ones) in ``root``, sorted by name: the entries of scan(),
+    each a dict with dirname, path, bytes, name, date, build_seconds, ok and reason (None when
+    ok)."""
+    return [_entry_info(path) for path in scan(root).entries]
 
 
 def dir_size(path: Path) -> int:
@@ -273,22 +444,21 @@ def dir_size(path: Path) -> int:
 
 
 def clear(root: Path) -> int:
-    """Remove what flashjit put in ``root`` (entries, locks, temp folders, logs); returns a count.
+    """Remove what flashjit put in ``root`` (entries, locks, temp folders, its logs); returns a
+    count.
 
-    Only names flashjit makes are touched, so a mistaken FLASHJIT_CACHE_DIR (say $HOME) loses
-    nothing else. Do not run it while builds are in progress.
+    Only what scan() finds to be flashjit's is touched, so a mistaken FLASHJIT_CACHE_DIR (say
+    $HOME) loses nothing else; logs/ itself goes only once nothing else is left in it. Do not
+    run it while builds are in progress.
     """
     removed = 0
-    if not root.is_dir():
-        return removed
-    for path in root.iterdir():
-        name = path.name
-        stem = name.rsplit(".", 1)[0] if name.endswith((".lock", ".owner")) else None
-        if path.is_dir() and (_ENTRY_NAME.match(name) or name.startswith(_TMP_PREFIX) or name == LOGS):
+    for path in scan(root).ours:
+        if _is_dir(path):
             shutil.rmtree(path, ignore_errors=True)
-        elif stem is not None and _ENTRY_NAME.match(stem):
-            path.unlink(missing_ok=True)
         else:
-            continue
-        removed += 1
+            path.unlink(missing_ok=True)
+        removed += not os.path.lexists(path)
+    logs = root / LOGS
+    if _is_dir(logs) and not any(logs.iterdir()):
+        logs.rmdir()
     return removed

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import os
 import shutil
 import subprocess
@@ -11,18 +12,38 @@ from pathlib import Path
 from .registry import KERNEL_FAMILIES
 
 DEFAULT_LOCK_TIMEOUT_S = 900.0
+FLAG_OFF = ("", "0", "false", "no", "off")
+FLAG_ON = ("1", "true", "yes", "on")
+
+
+def flag(name: str) -> bool:
+    """The on/off environment variable ``name``: unset or one of FLAG_OFF is False, one of
+    FLAG_ON True, in any case and with surrounding blanks ignored. Anything else raises a
+    ValueError naming the variable, its value and the accepted spellings (so a typo such as
+    ``FLASHJIT_VERBOSE=flase`` is an error, not a silent "on")."""
+    value = os.environ.get(name, "")
+    word = value.strip().lower()
+    if word in FLAG_OFF:
+        return False
+    if word in FLAG_ON:
+        return True
+    raise ValueError(
+        f"{name}={value!r} is not an on/off value: use one of "
+        f"{', '.join(repr(w) for w in FLAG_ON)} for on, "
+        f"{', '.join(repr(w) for w in FLAG_OFF if w)} or empty/unset for off (any case)"
+    )
 
 
 def verbose_enabled() -> bool:
-    """FLASHJIT_VERBOSE=1: show compiler commands and ptxas resource usage."""
-    return os.environ.get("FLASHJIT_VERBOSE", "") not in ("", "0")
+    """FLASHJIT_VERBOSE=1: show compiler commands and ptxas resource usage. Parsed by flag():
+    a value it does not accept raises ValueError."""
+    return flag("FLASHJIT_VERBOSE")
 
 
 def jit_disabled() -> bool:
-    """FLASHJIT_DISABLE_JIT=1: never compile; a spec missing from the cache is an error."""
-    return os.environ.get("FLASHJIT_DISABLE_JIT", "") not in ("", "0")
-
-
+    """FLASHJIT_DISABLE_JIT=1: never compile; a spec missing from the cache is an error. Parsed
+    by flag(): a value it does not accept raises ValueError."""
+    return flag("FLASHJIT_DISABLE_JIT")
 
 
 def kernel_family_preference() -> str | None:
@@ -49,14 +70,27 @@ def tile_override(kernel: str) -> str | None:
 
 
 def lock_timeout() -> float:
-    """Seconds to wait for another process's build of the same spec (FLASHJIT_LOCK_TIMEOUT)."""
+    """Seconds to wait for another process's build of the same spec (FLASHJIT_LOCK_TIMEOUT).
+
+    Unset or empty (blanks only): DEFAULT_LOCK_TIMEOUT_S. Otherwise a finite number >= 0 (what
+    ``float`` reads, e.g. ``60``, ``2.5``, ``1e3``); ``0`` does not wait: a build whose lock
+    another process holds gives up at once. Anything else (``abc``, ``-5``, ``nan``, ``inf``)
+    raises a ValueError naming the variable.
+    """
     value = os.environ.get("FLASHJIT_LOCK_TIMEOUT", "")
-    if not value:
+    if not value.strip():
         return DEFAULT_LOCK_TIMEOUT_S
     try:
-        return float(value)
+        seconds = float(value)
     except ValueError:
-        raise ValueError(f"FLASHJIT_LOCK_TIMEOUT must be a number of seconds, got {value!r}") from None
+        seconds = math.nan
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(
+            f"FLASHJIT_LOCK_TIMEOUT={value!r} is not a number of seconds: use a finite number "
+            f">= 0 (0: do not wait for another process's build), or leave it unset for "
+            f"{DEFAULT_LOCK_TIMEOUT_S:.0f}"
+        )
+    return seconds
 
 
 def nvcc_path() -> Path | None:

@@ -8,6 +8,7 @@ whom they wait for; waiting is bounded by FLASHJIT_LOCK_TIMEOUT.
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import socket
 import time
@@ -26,11 +27,16 @@ class LockTimeoutError(TimeoutError):
 
 
 class BuildLock:
-    """``with BuildLock(entry):`` holds the entry's build lock."""
+    """``with BuildLock(entry):`` holds the entry's build lock, waiting at most ``timeout``
+    seconds for another holder (default: env.lock_timeout(), which raises ValueError for a bad
+    FLASHJIT_LOCK_TIMEOUT); 0 does not wait. A ``timeout`` that is not a finite number >= 0
+    raises ValueError; waiting longer raises LockTimeoutError."""
 
     def __init__(self, entry: CacheEntry, timeout: float | None = None) -> None:
         self.entry = entry
-        self.timeout = env.lock_timeout() if timeout is None else timeout
+        self.timeout = env.lock_timeout() if timeout is None else float(timeout)
+        if not math.isfinite(self.timeout) or self.timeout < 0:
+            raise ValueError(f"BuildLock: timeout must be a finite number >= 0, got {timeout!r}")
         self._lock = filelock.FileLock(str(entry.lock_path))
 
     def holder(self) -> str:
@@ -56,7 +62,7 @@ class BuildLock:
                     self.holder(), self.entry.spec_name, self.entry.lock_path)
         while True:
             left = self.timeout - (time.monotonic() - start)
-            if left <= 0:
+            if not left > 0:  # also ends the wait if the arithmetic ever gives nan
                 raise LockTimeoutError(
                     f"flashjit: gave up after {self.timeout:.0f} s waiting for the build lock "
                     f"{self.entry.lock_path} (held by {self.holder()}). If no build of "

@@ -1,9 +1,13 @@
-"""The cache: loading the real selftest op, keys, damaged entries, and the error paths."""
+"""The cache: loading the real selftest op, keys, damaged entries, the error paths, and listing
+and clearing only what flashjit made."""
 
 from __future__ import annotations
 
 import json
 import shutil
+import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -13,7 +17,9 @@ from jithelpers import SELFTEST_CHILD, entries, run_python
 from flashjit.jit import (
     CacheDirError, JitDisabledError, JitSpec, cache_dir, csrc_dir, ensure_built, load_spec,
 )
-from flashjit.jit.cache import CacheEntry, digest_key, key_fields, sources_digest
+from flashjit.jit.cache import (
+    CacheEntry, clear, digest_key, key_fields, list_entries, scan, sources_digest,
+)
 
 SELFTEST = JitSpec("selftest")
 
@@ -152,3 +158,148 @@ def test_unwritable_cache_dir_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("FLASHJIT_CACHE_DIR", str(blocker / "cache"))
     with pytest.raises(CacheDirError, match="FLASHJIT_CACHE_DIR"):
         ensure_built(SELFTEST)
+
+
+# ---- listing and clearing: only what flashjit made (FLASHJIT_CACHE_DIR may be a folder in use)
+
+def _user_data(root):
+    """Files and folders a user might keep in a folder used as FLASHJIT_CACHE_DIR by mistake,
+    named like flashjit's own; returns their paths and contents."""
+    files = {
+        "logs/important.txt": "keep me",
+        "logs/prebuild-notes.txt": "keep me too",
+        "logs/selftest_cpu-20240101-120000.log": "a log of my own, named like a build log",
+        "logs/prebuild-20240101-120000-7/results.csv": "1,2,3",
+        "project-0123456789ab/manifest.json": "{}",
+        "project-0123456789ab/main.py": "print('hi')",
+        "my_notes-abcdef012345/todo.txt": "buy milk",
+        ".tmp-foo/scratch.txt": "scratch",
+        f".tmp-x-0123456789ab@{socket.gethostname()}@999999999@deadbeef/notes.txt": "mine",
+        "backup-0123456789ab.lock": "a lock file of another program",
+        "backup-0123456789ab.owner": "not who holds a build lock",
+        "unrelated.txt": "not ours",
+    }
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    return {root / name: text for name, text in files.items()}
+
+
+def _assert_intact(files):
+    for path, text in files.items():
+        assert path.read_text() == text, path
+
+
+def test_user_data_named_like_entries_is_neither_listed_nor_cleared(cache_copy):
+    user = _user_data(cache_copy)
+    (entry,) = [e for e in entries(cache_copy) if e.name.startswith("selftest_cpu-")]
+    listed = list_entries(cache_copy)
+    assert [e["dirname"] for e in listed] == [entry.name] and listed[0]["ok"]
+    found = scan(cache_copy)
+    assert found.entries == [entry]
+    assert set(found.foreign) == {cache_copy / "logs" / p for p in (
+        "important.txt", "prebuild-notes.txt", "selftest_cpu-20240101-120000.log",
+        "prebuild-20240101-120000-7")} | {cache_copy / p for p in (
+        "project-0123456789ab", "my_notes-abcdef012345", ".tmp-foo",
+        f".tmp-x-0123456789ab@{socket.gethostname()}@999999999@deadbeef",
+        "backup-0123456789ab.lock", "backup-0123456789ab.owner", "unrelated.txt")}
+    locks = list(cache_copy.glob("selftest_cpu-*.lock"))  # the warm cache's build lock
+    assert clear(cache_copy) == 1 + len(locks)
+    assert not entry.exists()
+    _assert_intact(user)
+    assert list_entries(cache_copy) == []
+
+
+def _flashjit_litter(root):
+    """What builds leave beside entries: a dead build's temp folder, a failed build's log, a
+    prebuild folder of logs, a lock and an owner file; returns their paths."""
+    entry = CacheEntry.for_spec(SELFTEST, root)
+    tmp = entry.new_temp_dir()
+    (tmp / "build.ninja").write_text("rule cxx\n")
+    (tmp / "selftest_op.o").write_bytes(b"\x7fELF")
+    logs = root / "logs"
+    logs.mkdir(exist_ok=True)
+    failed = logs / "selftest_cpu-20240102-120000.log"
+    failed.write_text(f"selftest_cpu\nkey fields: {entry.fields}\n\nerror: boom\n")
+    prebuild = logs / "prebuild-20240102-120000-4242"
+    prebuild.mkdir()
+    (prebuild / "selftest_cpu.log").write_text("compiling selftest_cpu\n")
+    other = CacheEntry(root, "fwd_sm80_bf16_hd64", "0" * 64, {})
+    other.lock_path.write_text("")
+    other.owner_path.write_text("somehost pid 12 since 2024-01-01T12:00:00\n")
+    return [tmp, failed, prebuild, other.lock_path, other.owner_path]
+
+
+def test_clear_removes_entries_temp_folders_locks_and_logs_only(cache_copy):
+    user = _user_data(cache_copy)
+    litter = _flashjit_litter(cache_copy)
+    (entry,) = [e for e in entries(cache_copy) if e.name.startswith("selftest_cpu-")]
+    found = scan(cache_copy)
+    assert found.entries == [entry]
+    assert set(found.ours) == {entry, *litter} | set(cache_copy.glob("selftest_cpu-*.lock"))
+    assert clear(cache_copy) == len(found.ours)
+    assert not entry.exists() and not any(p.exists() for p in litter)
+    _assert_intact(user)  # logs/ keeps the user's files, so it stays
+    assert scan(cache_copy).ours == []
+
+
+def test_clear_removes_logs_when_only_flashjit_logs_were_in_it(cache_copy):
+    _flashjit_litter(cache_copy)
+    clear(cache_copy)
+    assert sorted(p.name for p in cache_copy.iterdir()) == []
+
+
+def _no_manifest(entry):
+    (entry / "manifest.json").unlink()
+
+
+@pytest.mark.parametrize("damage", [_truncate_library, _garbage_manifest, _missing_library,
+                                    _no_manifest])
+def test_damaged_entry_is_listed_as_damaged_and_cleared(cache_copy, damage):
+    (entry,) = entries(cache_copy)
+    damage(entry)
+    (listed,) = list_entries(cache_copy)
+    assert listed["dirname"] == entry.name and not listed["ok"] and listed["reason"]
+    result = run_python(["-m", "flashjit", "cache", "list"], cache_copy)
+    assert result.returncode == 0, result.stderr
+    assert "1 entries" in result.stdout and "DAMAGED" in result.stdout
+    assert clear(cache_copy) >= 1 and not entry.exists()
+
+
+def test_entries_from_before_the_marker(cache_copy):
+    """An entry published before builds wrote the marker is flashjit's by its manifest (so it
+    stays valid, is listed and cleared); one whose manifest is unreadable too cannot be told
+    from a user's folder and is left alone."""
+    (entry,) = entries(cache_copy)
+    (entry / ".flashjit-entry").unlink()
+    assert CacheEntry.for_spec(SELFTEST).check(verify=True).ok
+    assert [e["ok"] for e in list_entries(cache_copy)] == [True]
+    _garbage_manifest(entry)
+    assert list_entries(cache_copy) == [] and entry in scan(cache_copy).foreign
+    clear(cache_copy)
+    assert entry.exists()
+
+
+def test_a_build_folder_is_marked_from_the_start(tmp_path):
+    """The marker is the first file of a build folder, so a build that dies at once is known as
+    flashjit's; a folder named like a build folder holding a user's file is not."""
+    root = tmp_path / "cache"
+    root.mkdir()
+    entry = CacheEntry.for_spec(SELFTEST, root)
+    tmp = entry.new_temp_dir()
+    assert [p.name for p in tmp.iterdir()] == [".flashjit-entry"]
+    marker = json.loads((tmp / ".flashjit-entry").read_text())
+    assert marker["key"] == entry.key and marker["name"] == "selftest_cpu"
+    dead = subprocess.Popen([sys.executable, "-c", ""])
+    dead.wait()  # a pid of this host that no longer runs
+    host = socket.gethostname()
+    foreign = root / f".tmp-fwd_sm80_bf16_hd64-0123456789ab@{host}@{dead.pid}@deadbeef"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    unmarked = root / f".tmp-fwd_sm80_bf16_hd64-0123456789ac@{host}@{dead.pid}@deadbeef"
+    unmarked.mkdir()
+    (unmarked / "build.ninja").write_text("")  # what a build makes: flashjit's even unmarked
+    entry.new_temp_dir()  # cleans up this key's dead folder and dead builders' of this host
+    assert not tmp.exists() and not unmarked.exists()
+    assert (foreign / "notes.txt").read_text() == "mine"
+    assert scan(root).temp_dirs == list(root.glob(f".tmp-{entry.dirname}@*"))
