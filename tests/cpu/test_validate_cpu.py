@@ -16,14 +16,12 @@ import torch
 import flashjit
 from flashjit import _philox, _validate, _validate_kvcache, ops
 
-B, SQ, SK, H, HK, D = 2, 16, 24, 4, 2, 64  # fixed-length calls
-TOTAL, BATCH = 40, 3  # varlen: packed rows, sequences
+from test_variants_cpu import ENTRIES as FLASH_ENTRIES
+from test_variants_cpu import BATCH, TOTAL, B, D, H, HK, SK, SQ, _cuda
+from test_variants_cpu import _call as _call_flash
+
 CAP, NB, PAGE, MAXB = 64, 9, 16, 4  # KV cache: contiguous (B, CAP, HK, D); paged
 I32 = dict(dtype=torch.int32)
-
-
-def _cuda(*shape, dtype=torch.float16):
-    return torch.empty(shape, dtype=dtype, device="cuda")
 
 
 @pytest.fixture
@@ -45,36 +43,19 @@ def recorded_fwd(fake_cuda, monkeypatch):
 
 
 def _call(entry: str, **kwargs):
-    """Every public entry point that takes dropout_p, on fake CUDA inputs."""
-    fixed_q, fixed_kv = _cuda(B, SQ, H, D), _cuda(B, SK, HK, D)
-    varlen_q, varlen_kv = _cuda(TOTAL, H, D), _cuda(TOTAL, HK, D)
-    cu = _cuda(BATCH + 1, **I32)
-    f = flashjit
-    if entry == "func":
-        return f.flash_attn_func(fixed_q, fixed_kv, fixed_kv, **kwargs)
-    if entry == "qkvpacked":
-        return f.flash_attn_qkvpacked_func(_cuda(B, SQ, 3, H, D), **kwargs)
-    if entry == "kvpacked":
-        return f.flash_attn_kvpacked_func(fixed_q, _cuda(B, SK, 2, HK, D), **kwargs)
-    if entry == "varlen":
-        return f.flash_attn_varlen_func(varlen_q, varlen_kv, varlen_kv, cu, cu, 20, 20, **kwargs)
-    if entry == "varlen_qkvpacked":
-        return f.flash_attn_varlen_qkvpacked_func(_cuda(TOTAL, 3, H, D), cu, 20, **kwargs)
-    if entry == "varlen_kvpacked":
-        return f.flash_attn_varlen_kvpacked_func(varlen_q, _cuda(TOTAL, 2, HK, D), cu, cu, 20, 20,
-                                                 **kwargs)
+    """Every public entry point that takes dropout_p, on fake CUDA inputs: test_variants_cpu's
+    six flash_attn_* calls, the paged varlen forward and the SDPA entry."""
     if entry == "varlen_paged":
-        pages = _cuda(NB, PAGE, HK, D)
-        return f.flash_attn_varlen_func(varlen_q, pages, pages, cu, cu, 20, 20,
-                                        block_table=_cuda(BATCH, MAXB, **I32), **kwargs)
+        varlen_q, pages, cu = _cuda(TOTAL, H, D), _cuda(NB, PAGE, HK, D), _cuda(BATCH + 1, **I32)
+        return flashjit.flash_attn_varlen_func(varlen_q, pages, pages, cu, cu, 20, 20,
+                                               block_table=_cuda(BATCH, MAXB, **I32), **kwargs)
     if entry == "sdpa":
-        return f.scaled_dot_product_attention(_cuda(B, H, SQ, D), _cuda(B, H, SK, D),
-                                              _cuda(B, H, SK, D), **kwargs)
-    raise ValueError(entry)
+        return flashjit.scaled_dot_product_attention(_cuda(B, H, SQ, D), _cuda(B, H, SK, D),
+                                                     _cuda(B, H, SK, D), **kwargs)
+    return _call_flash(entry, **kwargs)
 
 
-ENTRIES = ["func", "qkvpacked", "kvpacked", "varlen", "varlen_qkvpacked", "varlen_kvpacked",
-           "varlen_paged", "sdpa"]
+ENTRIES = FLASH_ENTRIES + ["varlen_paged", "sdpa"]
 TOO_SMALL = r"dropout_p = {} would drop nothing: dropout applies at a resolution of 1/256"
 
 
