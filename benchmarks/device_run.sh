@@ -8,7 +8,7 @@
 # Usage (on the device): bash benchmarks/device_run.sh [steps...]
 #   steps: build test test80 sanitize profile sweep kernels overhead jit peers original long
 #          variants ab sdpa hf hfbench cp cpbench decode decodebench decodeprof decodesweep
-#          testws wssweep wsdrop wsab wsprof (the sm90ws forward family) dropout dropouterr
+#          testws wssweep wsdrop wsab wsprof (the sm90ws forward family) dropout dropouterr softcap
 #   (default: build test sanitize jit peers)
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -18,7 +18,7 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 export FLASHJIT_CACHE_DIR=${FLASHJIT_CACHE_DIR:-/tmp/flashjit-cache}
 STEPS=${*:-build test sanitize jit peers}
 # Variant specs (window, softcap, ALiBi, sink; prebuild's --window/--softcap/--alibi/--sink take
-# yes/no/both, default no), 76 in all. variant_specs_a: softcap, ALiBi, sink alone and the
+# yes/no/both, default no), 80 in all. variant_specs_a: softcap, ALiBi, sink alone and the
 # sliding windows (also what benchmarks/bench_variants.py runs), every variant at once in the
 # mma.sync family at d 64/128, the dropout-mask probe; variant_specs_b: the combinations
 # tests/gpu/test_variants.py uses (Gemma 2, gpt-oss, every variant at once, with dropout) and
@@ -39,6 +39,8 @@ variant_specs_b() {
   pb --jobs $1 --dtype bf16 --head-dim 160 256 $EVERY_VARIANT
   pb --jobs $1 --dtype fp16 --head-dim 224 $EVERY_VARIANT
   pb --jobs $1 --dtype fp16 bf16 --head-dim 64 --causal yes --window yes --sink yes
+  pb --jobs $1 --dtype bf16 --head-dim 128 --causal yes --softcap yes --sink yes
+  pb --jobs $1 --dtype fp16 --head-dim 64 --causal no --softcap yes
   pb --jobs $1 --dtype bf16 --head-dim 64 128 $EVERY_VARIANT --dropout yes
   pb --jobs $1 --family sm80 --dtype bf16 --head-dim 64 $EVERY_VARIANT --dropout yes
 }
@@ -98,6 +100,20 @@ for step in $STEPS; do
       for dt in $WS_TILES; do
         WS_DIMS=${dt%%:*} FLASHJIT_KERNEL_FAMILY=sm90ws FLASHJIT_FWD_TILE=${dt#*:} python3 benchmarks/ws_time.py \
           2>&1 | sed "s/^/tile ${dt#*:}: /" | tee -a "$OUT/ws_sweep.log"
+      done ;;
+    softcap)  # the variant specs and tests (quicker than build + test when only the variants'
+              # code changed), then softcap's forward overhead (ws_time.py, bf16, SOFTCAPS)
+      variant_specs_a 8 > "$OUT/prebuild_variants_a.log" 2>&1 &
+      variant_specs_b 8 > "$OUT/prebuild_variants_b.log" 2>&1
+      wait
+      grep -h "^built \|^FAILED\|^error" "$OUT"/prebuild_variants_[ab].log
+      rm -f "$OUT"/prebuild_variants_[ab].log
+      pb --jobs 16 --dtype bf16 --head-dim ${WS_DIMS:-64 128 256} --causal both --softcap both 2>&1 | tail -n 1
+      timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -p no:cacheprovider tests/gpu/test_variants.py \
+        ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/pytest_variants.log" | tail -n 8
+      for c in ${SOFTCAPS:-30 50}; do
+        WS_DIMS="${WS_DIMS:-64 128 256}" WS_SEQLENS="${WS_SEQLENS:-1024 8192}" WS_SOFTCAP=$c \
+          python3 benchmarks/ws_time.py 2>&1 | tee -a "$OUT/ws_softcap.log"
       done ;;
     wsdrop)  # the sm90ws forward with dropout against without (bf16; d 64: its two consumers and
              # the three-consumer tile, which spills), and forward + backward at d 192/256

@@ -90,6 +90,7 @@ inline VariantParams make_variant_params(int64_t window_left, int64_t window_rig
   v.window_left = int(window_left);
   v.window_right = int(window_right);
   v.softcap = float(softcap);
+  v.softcap_log2 = float(softcap * kLog2e);
   v.alibi_slopes = nullptr;
   v.alibi_batch_stride = 0;
   v.sink = nullptr;

@@ -29,9 +29,9 @@ __device__ __forceinline__ void fwd_epilogue_sw128(
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     const RowResult res = V::kHasSink
-                              ? finish_row(row_max[half], row_sum[half], p.scale_log2,
+                              ? finish_row(row_max[half], row_sum[half], scores.scale_log2(p),
                                            scores.sink_log2)
-                              : finish_row(row_max[half], row_sum[half], p.scale_log2);
+                              : finish_row(row_max[half], row_sum[half], scores.scale_log2(p));
     const int row = warp_row + half * 8 + g;
     // O = (P Z) V / (l keep) with dropout (common/dropout.cuh: the 1 / keep is applied here)
     inv_l[half] = V::kHasDropout ? res.inv_l * p.dropout.inv_keep_prob : res.inv_l;

@@ -41,6 +41,7 @@ struct DropoutParams {
 struct VariantParams {
   int window_left, window_right;
   float softcap;
+  float softcap_log2;  // softcap * log2(e): the exp2 scale of softcapped logits (variant.cuh)
   const float* alibi_slopes;
   int64_t alibi_batch_stride;
   const float* sink;

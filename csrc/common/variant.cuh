@@ -7,12 +7,18 @@
 //   - whether a (query block, key block) pair holds any masked score;
 //   - the logit of each score: masks, softcap and ALiBi, and its derivative for the backward;
 //   - the sink's logit for the end of each row's softmax.
-// Scores stay in raw units s = q.k inside the kernels (softmax_scale is applied in the exp2 of the
-// softmax): the logit z = scale * s becomes z' = scale * x with
-//   x = (c / scale) tanh(s scale / c)          softcap c        dx/ds = 1 - tanh^2
-//   x += -(slope / scale) |i + offset - j|     ALiBi            dx/ds unchanged
+// Scores stay in raw units s = q.k inside the kernels (the scale is applied in the exp2 of the
+// softmax): the logit z = scale * s becomes z' = u * x, with x in units u (VariantScores::
+// scale_log2 = u log2(e)):
+//   x = s,  u = scale                          no softcap       dx/ds = 1
+//   x = tanh(s scale / c),  u = c              softcap c        z' = c tanh(z / c), and
+//                                                               u dx/ds = scale (1 - tanh^2)
+//   x += -(slope / u) |i + offset - j|         ALiBi            dx/ds unchanged
 //   x = -inf                                   masked           (P = 0)
-// so that P = exp2(rn(x scale log2(e)) - lse) is formed exactly as without a variant.
+// so that P = exp2(rn(x u log2(e)) - lse) is formed as without a variant; under softcap the c of
+// c tanh is folded into that product (one multiply fewer per score, both directions).
+// Softcap alone bounds the logits (kBoundedLogits: |x| <= 1), so the backward's recomputed P
+// takes one fma (softmax.cuh: recompute_p).
 // Query i sees key j iff j < seqlen_k, j <= i + hi (causal or window right edge) and
 // j >= i + lo (window left edge), where hi = offset (causal) or offset + window_right, lo =
 // offset - window_left and offset = seqlen_k - seqlen_q (bottom-right alignment) or 0.
@@ -47,6 +53,8 @@ struct Variant {
   // dx/ds is not 1 (VariantScores::dlogit): the backward multiplies dS by it. A new score
   // transform with a derivative joins here and in logit/dlogit, and no kernel changes.
   static constexpr bool kLogitGrad = kHasSoftcap;
+  // Every logit x is -inf or in [-1, 1] (tanh units): recompute_p takes one fma.
+  static constexpr bool kBoundedLogits = kHasSoftcap && !kHasAlibi;
 };
 
 // The variant of one (sequence, head): ranges, masks, logits. Built once per CTA.
@@ -56,8 +64,8 @@ struct VariantScores {
   int seqlen_k;
   int offset;    // seqlen_k - seqlen_q (bottom-right alignment) or 0
   int lo, hi;    // key j is visible from query i iff i + lo <= j <= i + hi
-  float softcap_in, softcap_out;  // x = softcap_out tanh(softcap_in s), in raw-score units
-  float alibi_slope;              // slope / softmax_scale: raw-score units
+  float softcap_in;   // softmax_scale / softcap: x = tanh(softcap_in s)
+  float alibi_slope;  // slope / u: the logits' units
   float sink_log2;                // the sink's logit in log2 units
 
   template <typename Params>
@@ -72,13 +80,19 @@ struct VariantScores {
       if (vp.window_right >= 0) hi = offset + vp.window_right;
     if constexpr (V::kHasWindow)
       if (vp.window_left >= 0) lo = offset - vp.window_left;
-    if constexpr (V::kHasSoftcap) {
-      softcap_in = p.softmax_scale / vp.softcap;  // tanh argument per raw-score unit
-      softcap_out = vp.softcap / p.softmax_scale;
-    }
+    if constexpr (V::kHasSoftcap) softcap_in = p.softmax_scale / vp.softcap;  // per raw-score unit
     if constexpr (V::kHasAlibi)
-      alibi_slope = vp.alibi_slopes[b * vp.alibi_batch_stride + h] / p.softmax_scale;
+      alibi_slope = vp.alibi_slopes[b * vp.alibi_batch_stride + h] /
+                    (V::kHasSoftcap ? vp.softcap : p.softmax_scale);
     if constexpr (V::kHasSink) sink_log2 = vp.sink[h] * float(M_LOG2E);
+  }
+
+  // u log2(e), the exp2 scale of the logits x: softmax_scale log2(e), or softcap log2(e) (z' =
+  // softcap x) under softcap. Read from the kernel parameters at each use (no register held).
+  template <typename Params>
+  __device__ __forceinline__ static float scale_log2(const Params& p) {
+    if constexpr (V::kHasSoftcap) return p.variant.softcap_log2;
+    return p.scale_log2;
   }
 
   // Keys [key_begin, key_end) are those some query of [m0, m0 + block_m) sees (key_end may be
@@ -114,20 +128,19 @@ struct VariantScores {
     return {i0, j0, V::kHasAlibi ? float(i0 + offset - j0) : 0.f};
   }
   __device__ __forceinline__ float alibi_bias(int i, int j, const LaneOrigin& o) const {
-    return -alibi_slope * fabsf(o.dist0 + float((i - o.i0) - (j - o.j0)));  // raw-score units
+    return -alibi_slope * fabsf(o.dist0 + float((i - o.i0) - (j - o.j0)));  // logit units
   }
   __device__ __forceinline__ float alibi_bias(int i, int j) const {
     return alibi_bias(i, j, origin(i, j));
   }
-  // c tanh(s / c) in raw units: one MUFU op (tanh.approx.f32, relative error ~2^-11), beside the
-  // softmax's exp2: 2 MUFU ops per score, not the 3 of 1 - 2 / (exp2(2 y log2 e) + 1). The
-  // error test (2x PyTorch's same-dtype error) covers it: tests/gpu/test_variants.py.
-  __device__ __forceinline__ float softcapped(float s) const {
-    return softcap_out * fast_tanh(s * softcap_in);
-  }
+  // tanh(z / c) (the logit in softcap units): one MUFU op (tanh.approx.f32, relative error
+  // ~2^-11), beside the softmax's exp2: 2 MUFU ops per score, not the 3 of
+  // 1 - 2 / (exp2(2 y log2 e) + 1). The error test (2x PyTorch's same-dtype error) covers it:
+  // tests/gpu/test_variants.py.
+  __device__ __forceinline__ float softcapped(float s) const { return fast_tanh(s * softcap_in); }
 
-  // The logit x of raw score s at (query i, key j) in raw units; -inf where masked (kMask: this
-  // block may hold masked scores).
+  // The logit x of raw score s at (query i, key j) in the logits' units (scale_log2); -inf where
+  // masked (kMask: this block may hold masked scores).
   template <bool kMask>
   __device__ __forceinline__ float logit(float s, int i, int j, const LaneOrigin& o) const {
     float x = s;
@@ -136,12 +149,13 @@ struct VariantScores {
     if constexpr (kMask) x = visible(i, j) ? x : -INFINITY;
     return x;
   }
-  // dx/ds from the logit x = logit(s, i, j) (1 without softcap; 0 where masked); the kernels
-  // call it where kLogitGrad.
+  // The derivative of the logit z' = u x(s) over softmax_scale s, from x = logit(s, i, j): 1
+  // without softcap, 1 - tanh^2 with it (0 where masked); the kernels call it where kLogitGrad
+  // and apply softmax_scale as without a variant.
   __device__ __forceinline__ float dlogit(float x, int i, int j) const {
     if constexpr (V::kHasSoftcap) {
       if constexpr (V::kHasAlibi) x -= alibi_bias(i, j);
-      const float th = fminf(fmaxf(x * (1.f / softcap_out), -1.f), 1.f);  // -inf -> -1 -> 0
+      const float th = fminf(fmaxf(x, -1.f), 1.f);  // -inf -> -1 -> 0
       return 1.f - th * th;
     } else {
       return 1.f;

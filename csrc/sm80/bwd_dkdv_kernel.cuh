@@ -179,7 +179,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
         float pz[4], ds[4];
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const float pe = recompute_p(acc_s[mt][nt][e], p.scale_log2, ref[mt][e / 2]);
+          const float pe = recompute_p<V::kBoundedLogits>(acc_s[mt][nt][e], scores.scale_log2(p),
+                                                           ref[mt][e / 2]);
           float dpe = acc_dp[mt][nt][e];
           pz[e] = pe;
           if constexpr (V::kHasDropout) {

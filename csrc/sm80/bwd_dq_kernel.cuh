@@ -134,7 +134,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kNWarps <= 4 ? 2 : 
         const uint32_t kept_bits = V::kHasDropout ? keep.get(mt, nt) : 0xfu;
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const float pe = recompute_p(acc_s[mt][nt][e], p.scale_log2, ref[mt][e / 2]);
+          const float pe = recompute_p<V::kBoundedLogits>(acc_s[mt][nt][e], scores.scale_log2(p),
+                                                           ref[mt][e / 2]);
           float dpe = acc_dp[mt][nt][e];
           if constexpr (V::kHasDropout) dpe = (kept_bits >> e) & 1u ? dpe * p.dropout.inv_keep_prob : 0.f;
           acc_dp[mt][nt][e] = pe * (dpe - dsum_row[mt][e / 2]);

@@ -152,7 +152,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSM)
                  scores.mask_needed(m0, n0, kBlockM, kBlockN));
 
     // Online softmax (common/softmax.cuh): S becomes P, O and the row statistics are rescaled.
-    online_softmax_step(acc_s, acc_o, row_max, row_sum, p.scale_log2);
+    online_softmax_step(acc_s, acc_o, row_max, row_sum, scores.scale_log2(p));
 
     // Dropout (after the row sums: l normalises the undropped P): P = P * mask / keep.
     if constexpr (V::kHasDropout) {
@@ -202,9 +202,9 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSM)
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       const RowResult res =
-          V::kHasSink ? finish_row(row_max[mt][half], row_sum[mt][half], p.scale_log2,
+          V::kHasSink ? finish_row(row_max[mt][half], row_sum[mt][half], scores.scale_log2(p),
                                    scores.sink_log2)
-                      : finish_row(row_max[mt][half], row_sum[mt][half], p.scale_log2);
+                      : finish_row(row_max[mt][half], row_sum[mt][half], scores.scale_log2(p));
       const int row = warp * Traits::kWarpRows + mt * 16 + half * 8 + g;
       // O = (P Z) V / (l keep) with dropout (common/dropout.cuh: the 1 / keep is applied here)
       const float inv_l = V::kHasDropout ? res.inv_l * p.dropout.inv_keep_prob : res.inv_l;

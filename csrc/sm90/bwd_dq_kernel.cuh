@@ -171,7 +171,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
     scores.apply(acc_s, m0 + warp_row, n0, g, t, scores.mask_needed(m0, n0, kBlockM, kBlockN));
     for_each_score<1, kNTilesS>(m0 + warp_row, n0, g, t, [&](int, int nt, int e, int i, int j) {
       const float x = acc_s[0][nt][e];
-      const float pe = recompute_p(x, p.scale_log2, ref[e / 2]);
+      const float pe = recompute_p<V::kBoundedLogits>(x, scores.scale_log2(p), ref[e / 2]);
       float dpe = acc_dp[0][nt][e];
       if constexpr (V::kHasDropout)
         dpe = (keep.get(0, nt) >> e) & 1u ? dpe * p.dropout.inv_keep_prob : 0.f;

@@ -268,7 +268,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
         column_refs(nt, ref);
 #pragma unroll
         for (int e = 0; e < 4; ++e)
-          acc_s[nt][e] = recompute_p(acc_s[nt][e], p.scale_log2, ref[e % 2]);
+          acc_s[nt][e] = recompute_p<V::kBoundedLogits>(acc_s[nt][e], scores.scale_log2(p),
+                                                        ref[e % 2]);
       }
       wgmma_wait<0>();  // dP^T is done
       fence_registers(acc_dp);
@@ -286,7 +287,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
             float ref[2];
             column_refs(nt, ref);
             const float x = acc_s[nt][e];
-            acc_s[nt][e] = recompute_p(x, p.scale_log2, ref[e % 2]);
+            acc_s[nt][e] = recompute_p<V::kBoundedLogits>(x, scores.scale_log2(p), ref[e % 2]);
             ds_element(nt, e, acc_s[nt][e], scores.dlogit(x, query, key), column_dsum(nt));
           });
     }

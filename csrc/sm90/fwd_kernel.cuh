@@ -195,7 +195,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSM)
 
     // Online softmax (common/softmax.cuh): S becomes P; alpha rescales O below.
     float alpha[1][2];
-    softmax_update(acc_s, row_max, row_sum, p.scale_log2, alpha);
+    softmax_update(acc_s, row_max, row_sum, scores.scale_log2(p), alpha);
 
     // Dropout (after the row sums: l normalises the undropped P): P = P * mask / keep.
     if constexpr (V::kHasDropout) dropout.apply(acc_s[0], warp_row0 / 16, n0 / 8, g, t);

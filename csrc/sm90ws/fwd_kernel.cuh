@@ -286,7 +286,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks)
 
     scores.apply(acc_s, warp_row0, n0, g, t, scores.mask_needed(m0, n0, kBlockM, kBlockN));
     float alpha[1][2];
-    softmax_update(acc_s, row_max, row_sum, p.scale_log2, alpha);
+    softmax_update(acc_s, row_max, row_sum, scores.scale_log2(p), alpha);
     if constexpr (V::kHasDropout) dropout.apply(acc_s[0], warp_row0 / 16, n0 / 8, g, t);
     if (!kStatic || pv) wgmma_wait<0>();  // P V of block it - 1 is done: its V buffer goes
     if (pv) mbarrier_arrive(smem_addr(&bar_v_empty[(it - 1) % kStages]));  // back to the producer

@@ -295,7 +295,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSM)
         acc_s[0][nt][e] = mask ? vs[half].template logit<true>(acc_s[0][nt][e], i, j, o)
                                : vs[half].template logit<false>(acc_s[0][nt][e], i, j, o);
       }
-    online_softmax_step(acc_s, acc_o, row_max, row_sum, p.scale_log2);
+    online_softmax_step(acc_s, acc_o, row_max, row_sum, range.scale_log2(p));
     // O += P V: P (16 x kWarpN) from registers as the A operand (the C layout of two n8 tiles
     // is the A layout of one k16 step), V (kWarpN keys x kHeadDim).
 #pragma unroll
@@ -325,8 +325,9 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSM)
     const float l = quad_sum(row_sum[0][half]);
     if (t == 0) {
       const int row = 16 * wm + g + 8 * half;
-      red_max[wn][row] =
-          row_max[0][half] == -INFINITY ? -INFINITY : __fmul_rn(row_max[0][half], p.scale_log2);
+      red_max[wn][row] = row_max[0][half] == -INFINITY
+                             ? -INFINITY
+                             : __fmul_rn(row_max[0][half], range.scale_log2(p));
       red_sum[wn][row] = l;
     }
   }

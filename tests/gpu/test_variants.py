@@ -82,6 +82,10 @@ VARIANTS = {
                       heads=(8, 2)),
     # gpt-oss's local layers: causal sliding window, a sink per head, GQA 8:1
     "gpt_oss": Variant(causal=True, window=(64, 0), sink=True, heads=(8, 1)),
+    # softcaps in use (Gemma 2: 50) with logits up to and past the cap; with a sink, whose
+    # gradient sums over every row, so that a bias in the softcapped logits would show there
+    "softcap_50_sink": Variant(causal=True, softcap=50.0, q_scale=40.0, sink=True),
+    "softcap_60": Variant(softcap=60.0, q_scale=40.0),
     # everything at once (softcap before ALiBi, the sink in every row's denominator)
     "all": Variant(causal=True, window=(90, 0), softcap=3.0, q_scale=2.0, alibi="batch",
                    sink=True, heads=(6, 2)),
@@ -221,6 +225,8 @@ CASES = [
     # model combinations and everything at once (fp16 here: the alone cases above are bf16)
     ("gemma2", BF16, 128), ("gpt_oss", F16, 64), ("gpt_oss", BF16, 64), ("all", F16, 64),
     ("all", F16, 128),
+    # large softcaps (bf16), and softcap in fp16
+    ("softcap_50_sink", BF16, 128), ("softcap_60", BF16, 64), ("softcap", F16, 64),
 ]
 
 
