@@ -20,7 +20,6 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ._philox import keep_threshold
 
 try:  # numpy's bools count as bools (check_flag); numpy is optional, as it is for torch
     from numpy import bool_ as _numpy_bool
@@ -43,6 +42,10 @@ def _no_cuda_hint() -> str:
 def check_tensor(name: str, t, rank: int) -> None:
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.device.type == "meta":
+        raise ValueError(f"{name} must be a CUDA tensor, got device meta: flashjit's kernels have "
+                         "no meta-device implementation (its ops infer shapes from fake CUDA "
+                         "tensors, under torch.compile or FakeTensorMode)")
     if t.device.type != "cuda":
         raise ValueError(f"{name} must be a CUDA tensor, got device {t.device}{_no_cuda_hint()}")
     if t.dtype not in SUPPORTED_DTYPES:
@@ -116,19 +119,36 @@ def check_flag(name: str, x) -> bool:
     raise TypeError(f"{name} must be a bool, got {x!r}")
 
 
+def dropout_resolution_reason(dropout_p: float) -> Optional[str]:
+    """Why a dropout_p in (0, 1) cannot be applied at dropout's 1/256 resolution (a weight is
+    kept with probability round(256 (1 - p)) / 256, _philox.keep_probability), or None: up to
+    1/512 it would keep every weight; from 1 - 1/512 on it would keep none, and the kernels
+    keep 1/256 instead, more than twice the weights asked for."""
+    kept = round((1.0 - dropout_p) * 256.0)  # half to even, as the kernels' nearbyint
+    if dropout_p > 0.0 and kept >= 256:
+        return (f"dropout_p = {dropout_p} would drop nothing: dropout applies at a resolution "
+                "of 1/256 (a weight is kept with probability round(256 (1 - dropout_p)) / "
+                "256), so values up to 1/512 = 0.001953125 keep every weight; pass 0.0 for no "
+                "dropout, or a value above 1/512 (e.g. 0.002, which drops 1/256 of the weights)")
+    if kept <= 0:
+        return (f"dropout_p = {dropout_p} would keep less than 1/512 of the weights: dropout "
+                "applies at a resolution of 1/256 (a weight is kept with probability "
+                "round(256 (1 - dropout_p)) / 256, at least 1/256), so values from 1 - 1/512 = "
+                f"{DROPOUT_MAX} on cannot be applied; the largest that can keeps 1/256 "
+                "(e.g. 0.998)")
+    return None
+
+
 def check_dropout(dropout_p) -> float:
-    """dropout_p, a real in [0, 1) that is 0 or takes effect: dropout keeps a weight with
-    probability round(256 (1 - p)) / 256 (_philox.keep_probability), so a p up to 1/512 would
-    silently keep every weight (ValueError)."""
+    """dropout_p, a real in [0, 1) that dropout can apply at its 1/256 resolution: ValueError
+    for a p up to 1/512 (it would silently keep every weight) or from 1 - 1/512 on (it would
+    keep 1/256, not 1 - p): dropout_resolution_reason."""
     dropout_p = check_real("dropout_p", dropout_p)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    if dropout_p > 0.0 and keep_threshold(dropout_p) == 255:
-        raise ValueError(
-            f"dropout_p = {dropout_p} would drop nothing: dropout applies at a resolution of "
-            "1/256 (a weight is kept with probability round(256 (1 - dropout_p)) / 256), so "
-            "values up to 1/512 = 0.001953125 keep every weight; pass 0.0 for no dropout, or a "
-            "value above 1/512 (e.g. 0.002, which drops 1/256 of the weights)")
+    reason = dropout_resolution_reason(dropout_p)
+    if reason is not None:
+        raise ValueError(reason)
     return dropout_p
 
 
@@ -185,6 +205,9 @@ SCALE_MIN, SCALE_MAX = 1e-30, 1e30
 # The smallest dropout_p that drops anything (the float just above 1/512 whose keep_threshold is
 # 254, dropping 1/256; below it round(256 (1 - p)) is 256, no drop).
 DROPOUT_MIN = 0.001953125000000056
+# The smallest dropout_p that keeps less than 1/512 of the weights (round(256 (1 - p)) is 0):
+# 1 - 1/512, exact in binary; dropout_p must stay below it.
+DROPOUT_MAX = 0.998046875
 
 
 def check_softcap(softcap) -> float:
@@ -212,8 +235,9 @@ def check_float32_vector(name: str, t, shapes: dict, device: torch.device,
         raise TypeError(f"{name} must be None or a float32 tensor of shape {wanted}, got "
                         f"{type(t).__name__}")
     if t.dtype != torch.float32:
+        keeps = ", which keeps its gradient" if name == "sink" else ""
         raise ValueError(f"{name} must be float32, got {t.dtype} (convert it with "
-                         f"{name}.float(), which keeps its gradient)")
+                         f"{name}.float(){keeps})")
     if t.device != device:
         raise ValueError(f"{name} must be on the device of {q_name} ({device}), got {t.device}")
     if tuple(t.shape) not in [tuple(s) for s in shapes.values()]:

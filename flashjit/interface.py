@@ -36,9 +36,12 @@ _LN2 = math.log(2.0)
 # ------------------------------------------------------------------------------------------------
 def _strides_aligned(t: Tensor) -> bool:
     """The strides the kernels' 16-byte loads need: a contiguous last dim and every other stride a
-    multiple of 8 elements (16 bytes in fp16/bf16). The data pointer's alignment is fixed where
-    it is known, in the op itself (ops._aligned): torch.compile traces this function without one."""
-    return t.stride(-1) == 1 and all(s % 8 == 0 for s in t.stride()[:-1])
+    multiple of 8 elements (16 bytes in fp16/bf16), and no zero stride in a dim of more than one
+    element (an expanded view, e.g. MQA's k expanded to every query head: the Hopper forward's
+    TMA tensor maps take no zero stride). The data pointer's alignment is fixed where it is
+    known, in the op itself (ops._aligned): torch.compile traces this function without one."""
+    return t.stride(-1) == 1 and all(
+        s % 8 == 0 and (s != 0 or n == 1) for s, n in zip(t.stride()[:-1], t.shape[:-1]))
 
 
 def _kernel_layout(t: Tensor, head_dim: int) -> Tensor:
@@ -195,7 +198,8 @@ _COMMON_DOC = """
         round(256 (1 - dropout_p)) / 256 (at least 1/256; 0.1 keeps 230/256 = 0.898) and kept
         weights are scaled by its inverse, so the output stays unbiased
         (flashjit._philox.keep_probability; the mask: csrc/common/dropout.cuh). A dropout_p > 0
-        that drops nothing at that resolution (up to 1/512) raises ValueError.
+        that drops nothing at that resolution (up to 1/512), or that would keep less than 1/512
+        of the weights (from 1 - 1/512 = 0.998046875 on), raises ValueError.
     softmax_scale: scale of Q K^T before the softmax (default 1 / sqrt(head_dim)).
     causal: causal mask aligned bottom-right: query i sees key j iff j <= i + seqlen_k - seqlen_q
         (flash-attn >= 2.1).
@@ -225,8 +229,8 @@ _COMMON_DOC = """
     aligned (or whose last dim is not contiguous) are copied once to an aligned buffer.
     Errors, before anything compiles, naming the argument: TypeError for a wrong type (and a q,
     k, v dtype other than fp16/bf16, a window_size not a pair of ints, a softcap not a real);
-    ValueError for wrong shapes, devices and values (dropout_p outside [0, 1) or in (0, 1/512]:
-    it would drop nothing; softmax_scale not in [1e-30, 1e30]; window bounds < -1; softcap
+    ValueError for wrong shapes, devices and values (dropout_p outside [0, 1), in (0, 1/512]
+    (it would drop nothing) or in [1 - 1/512, 1) (keep less than 1/512); softmax_scale not in [1e-30, 1e30]; window bounds < -1; softcap
     neither 0 nor in [1e-6, 1e4]; alibi_slopes/sink not float32 or of another shape or
     device)."""
 
@@ -413,8 +417,8 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor,
     dropout_p, is_causal, scale, enable_gqa), with shapes as passed: TypeError for a wrong type
     (and a query/key/value dtype other than fp16/bf16, an attn_mask not bool); ValueError for
     wrong shapes, devices and values (heads that differ without enable_gqa, attn_mask with
-    is_causal or not a right-padding mask, dropout_p outside [0, 1) or in (0, 1/512]: it would
-    drop nothing, scale not in [1e-30, 1e30])."""
+    is_causal or not a right-padding mask, dropout_p outside [0, 1), in (0, 1/512] (it would
+    drop nothing) or in [1 - 1/512, 1) (keep less than 1/512), scale not in [1e-30, 1e30])."""
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")

@@ -184,9 +184,9 @@ def common_reason(query: Tensor, key: Tensor, value: Tensor, cum_seq_q: Optional
             return "cum_seq_q and cum_seq_k have different lengths"
     if not 0.0 <= dropout_p < 1.0:
         return f"dropout_p {dropout_p} outside [0, 1)"
-    if 0.0 < dropout_p < _validate.DROPOUT_MIN:  # flashjit would keep every weight
-        return (f"dropout_p {dropout_p} is below flashjit's dropout resolution (1/256: it "
-                "takes effect above 1/512)")
+    if _validate.dropout_resolution_reason(dropout_p) is not None:
+        return (f"dropout_p {dropout_p} is outside flashjit's dropout resolution (1/256: it "
+                "takes effect above 1/512 and below 1 - 1/512)")
     if scale is not None and not (
             math.isfinite(scale) and _validate.SCALE_MIN <= scale <= _validate.SCALE_MAX):
         return (f"scale {scale} outside flashjit's [{_validate.SCALE_MIN:g}, "

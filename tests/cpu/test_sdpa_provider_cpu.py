@@ -498,7 +498,8 @@ def test_cpu_tensors_and_old_gpus_fall_back(originals, monkeypatch):
     (dict(scale=-1.0), "scale"),
     (dict(scale=float("inf")), "scale"),
     (dict(dropout_p=1.0), "dropout_p"),
-    (dict(dropout_p=0.001), "dropout_p 0.001 is below flashjit's dropout resolution"),
+    (dict(dropout_p=0.001), "dropout_p 0.001 is outside flashjit's dropout resolution"),
+    (dict(dropout_p=0.999), "dropout_p 0.999 is outside flashjit's dropout resolution"),
 ])
 def test_scalar_reasons(stubbed, bad, reason):
     q, k, v = _sdpa_inputs()

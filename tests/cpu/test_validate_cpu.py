@@ -71,7 +71,7 @@ def test_dropout_min_is_the_smallest_dropout_p_that_drops_anything():
     below = math.nextafter(_validate.DROPOUT_MIN, 0.0)
     assert _philox.keep_probability(below) == 1.0 and below > 1 / 512
     assert _validate.check_dropout(_validate.DROPOUT_MIN) == _validate.DROPOUT_MIN
-    for p in (0, 0.0, 0.002, 0.1, 0.5, 0.999):  # 0.999 keeps 1/256, as documented
+    for p in (0, 0.0, 0.002, 0.1, 0.5, 0.998):  # 0.998 keeps 1/256 (it asks for 0.002)
         assert _validate.check_dropout(p) == p
     for p in (1e-300, 1e-6, 0.001, 1 / 512, below):
         with pytest.raises(ValueError, match=TOO_SMALL.format(re_float(p))) as err:
@@ -83,6 +83,32 @@ def test_dropout_min_is_the_smallest_dropout_p_that_drops_anything():
         _validate.check_dropout(-1e-3)
     with pytest.raises(TypeError, match="dropout_p must be a number"):
         _validate.check_dropout("0.001")
+
+
+TOO_LARGE = r"dropout_p = {} would keep less than 1/512 of the weights"
+
+
+def test_dropout_max_is_the_smallest_dropout_p_that_would_keep_less_than_1_512():
+    below = math.nextafter(_validate.DROPOUT_MAX, 0.0)
+    assert _validate.DROPOUT_MAX == 1 - 1 / 512
+    assert round((1 - below) * 256) == 1 and _philox.keep_probability(below) == 1 / 256
+    assert round((1 - _validate.DROPOUT_MAX) * 256) == 0  # half to even: nothing kept
+    assert _validate.check_dropout(below) == below
+    for p in (_validate.DROPOUT_MAX, 0.999, 0.9999, math.nextafter(1.0, 0.0)):
+        with pytest.raises(ValueError, match=TOO_LARGE.format(re_float(p))) as err:
+            _validate.check_dropout(p)
+        assert "values from 1 - 1/512 = 0.998046875 on cannot be applied" in str(err.value)
+        assert _validate.dropout_resolution_reason(p) == str(err.value)
+    for p in (0.0, 0.002, 0.5, below):
+        assert _validate.dropout_resolution_reason(p) is None
+
+
+@pytest.mark.parametrize("entry", ENTRIES)
+def test_every_entry_refuses_a_dropout_p_that_would_keep_too_little(entry, recorded_fwd):
+    for p in (0.999, _validate.DROPOUT_MAX):
+        with pytest.raises(ValueError, match=TOO_LARGE.format(re_float(p))):
+            _call(entry, dropout_p=p)
+    assert recorded_fwd == []
 
 
 @pytest.mark.parametrize("entry", ENTRIES)
@@ -210,7 +236,51 @@ def test_docstrings_give_the_limits_of_softmax_scale_and_softcap():
         assert "softmax_scale not in [1e-30, 1e30]" in doc, f.__name__
         assert "softcap neither 0 nor in [1e-6, 1e4]" in doc, f.__name__
     for f in (flashjit.flash_attn_func, flashjit.flash_attn_varlen_func):
-        assert "dropout_p outside [0, 1) or in (0, 1/512]" in " ".join(f.__doc__.split())
+        assert "dropout_p outside [0, 1), in (0, 1/512] (it would drop nothing) or in " \
+            "[1 - 1/512, 1) (keep less than 1/512)" in " ".join(f.__doc__.split())
     doc = " ".join(flashjit.scaled_dot_product_attention.__doc__.split())
     assert "Returns out (batch, heads, seqlen_q, d)" in doc and "Errors, before" in doc
     assert "scale not in [1e-30, 1e30]" in doc
+    assert "dropout_p outside [0, 1), in (0, 1/512] (it would drop nothing) or in " \
+        "[1 - 1/512, 1) (keep less than 1/512)" in doc
+
+
+# ---------------------------------------------------------------------------------------------
+# Expanded (zero-stride) inputs, meta tensors, messages
+# ---------------------------------------------------------------------------------------------
+def test_kernel_layout_copies_expanded_views():
+    from flashjit.interface import _kernel_layout
+    k1 = torch.randn(2, 16, 1, 64, dtype=torch.bfloat16)
+    for view in (k1.expand(2, 16, 8, 64), k1[:1].expand(3, 16, 1, 64)):  # heads, batch
+        out = _kernel_layout(view, 64)
+        assert 0 not in out.stride() and out.is_contiguous() and torch.equal(out, view)
+    one = torch.randn(2, 16, 8, 64, dtype=torch.bfloat16)
+    assert _kernel_layout(one, 64) is one  # aligned: no copy
+    single = one[:, :, :1]  # a dim of one element: its stride does not matter
+    assert _kernel_layout(single.as_strided(single.shape, (8192, 512, 0, 1)), 64).stride()[2] == 0
+
+
+def test_expanded_mqa_keys_reach_the_op_without_a_zero_stride(recorded_fwd):
+    q = _cuda(B, SQ, H, D)
+    k, v = (_cuda(B, SK, 1, D).expand(B, SK, H, D) for _ in range(2))
+    flashjit.flash_attn_func(q, k, v)
+    for t in recorded_fwd[-1][:3]:
+        assert 0 not in t.stride(), t.stride()
+
+
+def test_meta_tensors_get_their_own_message():
+    m = torch.empty(2, 16, 4, 64, dtype=torch.bfloat16, device="meta")
+    with pytest.raises(ValueError, match="q must be a CUDA tensor, got device meta: flashjit's "
+                       "kernels have no meta-device implementation") as err:
+        flashjit.flash_attn_func(m, m, m)
+    assert "install" not in str(err.value)
+
+
+def test_alibi_dtype_message_does_not_promise_a_gradient(fake_cuda):
+    q = _cuda(B, SQ, H, D)
+    with pytest.raises(ValueError, match=r"alibi_slopes must be float32, got torch.float16 "
+                       r"\(convert it with alibi_slopes.float\(\)\)$"):
+        flashjit.flash_attn_func(q, q, q, alibi_slopes=_cuda(H, dtype=torch.float16))
+    with pytest.raises(ValueError, match=r"sink.float\(\), which keeps its gradient"):
+        flashjit.flash_attn_func(q, q, q, sink=_cuda(H, dtype=torch.float16))
+
