@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 
 from ._version import __version__
 from .jit import cache as jit_cache
 from .jit import env
-from .jit.paths import cache_dir, csrc_dir
+from .jit.paths import cache_dir, cache_dir_problem, csrc_dir, csrc_override_problem
+from .jit.registry import ATTENTION_KERNELS
 
 
 def _mib(n: int) -> str:
@@ -61,18 +63,33 @@ _ENV_CHECKS = (
     (env.verbose_enabled, "every kernel call raises this ValueError (it is part of the cache key)"),
     (env.jit_disabled, "every compile raises this ValueError"),
     (env.lock_timeout, "every compile raises this ValueError"),
+    *((functools.partial(env.check_tile_override, kernel),
+       f"every {kernel} kernel call raises a ValueError") for kernel in ATTENTION_KERNELS),
 )
 
 
 def _env_warnings() -> list[str]:
-    """One warning per FLASHJIT_* switch whose value its parser (flashjit.jit.env) refuses."""
+    """One warning per FLASHJIT_* switch whose value its parser (flashjit.jit.env) refuses, and
+    for a FLASHJIT_CSRC_DIR that is no folder."""
     warnings = []
     for check, consequence in _ENV_CHECKS:
         try:
             check()
         except ValueError as err:
             warnings.append(f"{err}; until then {consequence}")
+    csrc = csrc_override_problem()
+    if csrc:
+        warnings.append(f"{csrc}; until then every compile fails (no sources)")
     return warnings
+
+
+def _cache_dir_warning(root) -> str | None:
+    """What is wrong with the cache dir (paths.cache_dir_problem), with what it breaks."""
+    problem = cache_dir_problem(root)
+    if problem is None:
+        return None
+    return (f"{problem}: nothing can be cached, listed or cleared there (set FLASHJIT_CACHE_DIR "
+            "to a folder)")
 
 
 def info() -> int:
@@ -133,6 +150,9 @@ def info() -> int:
     if family_error is not None:
         warnings.append(f"{family_error}; until then every kernel call raises this ValueError")
     warnings += _env_warnings()
+    cache_warning = _cache_dir_warning(root)
+    if cache_warning:
+        warnings.append(cache_warning)
     rows += [("warning", text) for text in warnings]
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
@@ -140,9 +160,17 @@ def info() -> int:
     return 0
 
 
+def _warn_about_cache_dir(root) -> None:
+    warning = _cache_dir_warning(root)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
+
+
 def cache_list() -> int:
-    """flashjit's entries in the cache dir; other files there are only counted."""
+    """flashjit's entries in the cache dir; other files there are only counted. A cache dir that
+    is no usable folder gets a warning line (stderr)."""
     root = cache_dir()
+    _warn_about_cache_dir(root)
     entries = jit_cache.list_entries(root)
     foreign = len(jit_cache.scan(root).foreign)
     ignored = f" ({foreign} other items, not flashjit's, ignored)" if foreign else ""
@@ -157,10 +185,23 @@ def cache_list() -> int:
 
 
 def cache_clear() -> int:
+    """Remove flashjit's items from the cache dir (jit.cache.clear): one line with the counts,
+    one per item left in use ("in use, skipped"), one per item that could not be removed (stderr,
+    with the reason). 1 when something could not be removed, else 0."""
     root = cache_dir()
-    removed = jit_cache.clear(root)
-    print(f"removed {removed} items from {root}")
-    return 0
+    _warn_about_cache_dir(root)
+    result = jit_cache.clear(root)
+    summary = f"removed {result.removed} items from {root}"
+    if result.in_use:
+        summary += f"; {len(result.in_use)} in use, skipped"
+    if result.failed:
+        summary += f"; {len(result.failed)} could not be removed"
+    print(summary)
+    for path, why in result.in_use:
+        print(f"  in use, skipped: {path} ({why})")
+    for path, why in result.failed:
+        print(f"error: could not remove {path}: {why}", file=sys.stderr)
+    return 1 if result.failed else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -175,5 +216,19 @@ def main(argv: list[str] | None = None) -> int:
     return cache_list() if args.action == "list" else cache_clear()
 
 
+def run_quietly_on_broken_pipe(main_function) -> int:
+    """``main_function()``'s exit status, flushing stdout; when stdout's reader has gone (``| head``)
+    141, as for a program SIGPIPE ends, with no traceback (stdout goes to /dev/null so that the
+    interpreter's own flush at exit says nothing either)."""
+    try:
+        status = main_function()
+        sys.stdout.flush()
+        return status
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_quietly_on_broken_pipe(main))

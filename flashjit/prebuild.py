@@ -12,7 +12,10 @@ Each ``--arch`` argument is one binary: ``--arch 8.0 9.0`` builds an sm80 and an
 per spec, ``--arch '8.0;9.0'`` one sm80-sm90a binary (what FLASHJIT_CUDA_ARCH_LIST='8.0;9.0'
 loads). Without ``--arch``: FLASHJIT_CUDA_ARCH_LIST, else TORCH_CUDA_ARCH_LIST, else the GPU's.
 Each build runs in its own process through the same cache and lock as first use, with its
-output kept in a log file under the cache's logs/ folder.
+output kept in a log file under the cache's logs/ folder. List options may be repeated
+(``--arch 9.0 --arch 8.0`` is ``--arch 9.0 8.0``). Ctrl-C, SIGTERM or SIGHUP stop every build
+(each worker, its ninja and compilers) and exit with 128 + the signal's number after one line,
+``prebuild: interrupted``; the cache stays consistent (a stopped build publishes nothing).
 """
 
 from __future__ import annotations
@@ -24,16 +27,19 @@ import itertools
 import json
 import os
 import re
-import subprocess
+import signal
 import sys
 import time
 from pathlib import Path
 
+from .jit import env as jit_env
 from .jit import registry
 from .jit.arch import NoGpuError, current_arch, parse_arch_list
 from .jit.env import KERNEL_FAMILIES, nvcc_path
+from .jit.paths import csrc_override_problem
 from .jit.spec import (ATTENTION_KERNELS, DTYPES, HEAD_DIM_BUCKETS, KERNELS, VARIANTS, JitSpec,
                        head_dim_bucket, with_tile_override)
+from .jit.workers import StopSignals, Workers
 
 _GIB = 1 << 30
 _MEMORY_PER_JOB = 4 * _GIB  # nvcc on one attention kernel peaks at a few GB
@@ -98,22 +104,38 @@ examples:
 """
 
 
+class _Extend(argparse.Action):
+    """The parser's "extend" action: a list option that may be repeated, each use adding to the
+    list (``--arch 9.0 --arch 8.0`` is ``--arch 9.0 8.0``), the first one replacing the default
+    list (argparse's own "extend" would add to the default)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        current = getattr(namespace, self.dest, None)
+        if current is None or current is self.default:
+            current = []
+        setattr(namespace, self.dest, [*current, *values])
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m flashjit.prebuild",
-        description="Compile flashjit specs into the cache (FLASHJIT_CACHE_DIR) ahead of use.",
+        description="Compile flashjit specs into the cache (FLASHJIT_CACHE_DIR) ahead of use. "
+                    "List options may be repeated: --arch 9.0 --arch 8.0 is --arch 9.0 8.0.",
         epilog=_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--kernel", nargs="+", choices=list(KERNELS), default=list(ATTENTION_KERNELS),
+    p.register("action", "extend", _Extend)
+    p.add_argument("--kernel", nargs="+", action="extend", choices=list(KERNELS),
+                   default=list(ATTENTION_KERNELS),
                    help=f"kernels to build (default: {' '.join(ATTENTION_KERNELS)}; dropout_mask "
                         "is the test-only mask kernel, selftest the CPU-only test op)")
-    p.add_argument("--arch", nargs="+", metavar="ARCH",
+    p.add_argument("--arch", nargs="+", action="extend", metavar="ARCH",
                    help="one binary per argument: 8.0, 9.0, sm80, sm90a, or '8.0;9.0' for one "
                         "binary holding both (default: FLASHJIT_CUDA_ARCH_LIST, else "
                         "TORCH_CUDA_ARCH_LIST, else the visible GPU's arch)")
-    p.add_argument("--dtype", nargs="+", choices=DTYPES, default=list(DTYPES),
+    p.add_argument("--dtype", nargs="+", action="extend", choices=DTYPES, default=list(DTYPES),
                    help=f"data types (default: {' '.join(DTYPES)})")
-    p.add_argument("--head-dim", nargs="+", type=int, default=list(HEAD_DIM_BUCKETS),
+    p.add_argument("--head-dim", nargs="+", action="extend", type=int,
+                   default=list(HEAD_DIM_BUCKETS),
                    metavar="D", help="head dims, mapped to their buckets (default: all buckets, "
                                      f"{' '.join(map(str, HEAD_DIM_BUCKETS))})")
     p.add_argument("--causal", choices=list(_CHOICES), default="both",
@@ -135,7 +157,7 @@ def _parser() -> argparse.ArgumentParser:
                         + ", ".join(k for k in ATTENTION_KERNELS
                                     if any(r.paged for r in registry.rows(k)))
                         + "): yes, no or both (default: no)")
-    p.add_argument("--family", choices=KERNEL_FAMILIES,
+    p.add_argument("--family", choices=KERNEL_FAMILIES, type=str.lower,
                    help="the kernel family to prefer wherever it serves, the default elsewhere: "
                         + "; ".join(f"{r.family} {r.kernel}: {registry.describe(r)}"
                                     for r in registry.REGISTRY)
@@ -187,9 +209,10 @@ def specs_from_args(args: argparse.Namespace) -> list[JitSpec]:
         if paged and variant[-1]:
             continue  # paged K/V is inference only: no call takes dropout with a block table
         spec = JitSpec(kernel, arch, dtype, head_dim, *variant,
-                       family=_family(args.family, kernel, arch, head_dim, paged), tile=args.tile,
-                       paged=paged)
-        specs.append(with_tile_override(spec))  # FLASHJIT_*_TILE where --tile is not given
+                       family=_family(args.family, kernel, arch, head_dim, paged), paged=paged)
+        # --tile, else FLASHJIT_*_TILE, under one rule (a paged spec of another family than the
+        # plain one keeps its own tile)
+        specs.append(with_tile_override(spec, args.tile, args.family))
     specs += [JitSpec(k, arch) for k in arch_only for arch in arches]
     specs += [JitSpec(k) for k in args.kernel if KERNELS[k].cpu_only]
     return list(dict.fromkeys(specs))
@@ -232,22 +255,43 @@ def _family(choice: str | None, kernel: str, arch: str, head_dim: int,
     return registry.preferred_family(kernel, arch, head_dim, choice, paged)
 
 
-def _run_worker(fields_json: str) -> int:
-    from .jit.build import ensure_built
+_WORKER_INTERRUPTED = 130  # a worker's exit status when a signal stopped its build
 
-    library = ensure_built(JitSpec(**json.loads(fields_json)))
+
+def _run_worker(fields_json: str) -> int:
+    """Build one spec (``--worker``). SIGTERM and SIGHUP stop it as Ctrl-C does, so the build's
+    clean-up runs (temp folder, owner file, lock) while ninja, which gets the same signal from
+    the parent, stops its compilers; a stopped build exits with _WORKER_INTERRUPTED."""
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.default_int_handler)
+    try:
+        from .jit.build import ensure_built
+
+        library = ensure_built(JitSpec(**json.loads(fields_json)))
+    except KeyboardInterrupt as err:
+        print(f"interrupted{': ' + str(err) if str(err) else ''}", flush=True)
+        return _WORKER_INTERRUPTED
     print(f"library: {library}")
     return 0
 
 
-def _build_one(spec: JitSpec, log: Path, env: dict) -> tuple[bool, float]:
+def _build_one(spec: JitSpec, log: Path, env: dict,
+               workers: Workers) -> tuple[int | None, float, str | None]:
+    """Build ``spec`` in a worker process writing to ``log``: (exit status, None if stopped
+    before it started; seconds; why the log could not be written, else None). The log folder is
+    made again if it went (a worker then still runs, its output is dropped if it cannot be)."""
     start = time.perf_counter()
-    with open(log, "w") as out:
-        result = subprocess.run(
-            [sys.executable, "-m", "flashjit.prebuild", "--worker", json.dumps(spec.fields())],
-            stdout=out, stderr=subprocess.STDOUT, env=env,
-        )
-    return result.returncode == 0, time.perf_counter() - start
+    args = [sys.executable, "-m", "flashjit.prebuild", "--worker", json.dumps(spec.fields())]
+    try:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        out = open(log, "w")
+        log_problem = None
+    except OSError as err:
+        out = open(os.devnull, "w")
+        log_problem = f"its log {log} could not be written ({err.strerror or err})"
+    with out:
+        status = workers.run(args, out, env)
+    return status, time.perf_counter() - start, log_problem
 
 
 def missing_cuda_toolchain() -> list[str]:
@@ -301,18 +345,49 @@ def _count(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
-def _worker_env(jobs: int) -> dict:
+def _worker_env(jobs: int, root: Path) -> dict:
+    """The workers' environment: FLASHJIT_DISABLE_JIT dropped (building is their job), the cache
+    dir as an absolute path, MAX_JOBS (ninja's -j) a share of the CPUs unless set."""
     env = dict(os.environ)
     env.pop("FLASHJIT_DISABLE_JIT", None)
+    env["FLASHJIT_CACHE_DIR"] = str(root)
     env.setdefault("MAX_JOBS", str(max(1, _cpu_count() // jobs)))  # ninja's -j in each build
     return env
 
 
+def check_environment() -> None:
+    """The FLASHJIT_* variables prebuild and its workers read, checked before anything runs:
+    FLASHJIT_VERBOSE, FLASHJIT_LOCK_TIMEOUT, FLASHJIT_KERNEL_FAMILY, the tile variables (each
+    of every attention kernel, selected or not) and FLASHJIT_CSRC_DIR. ValueError naming the
+    first bad one. (FLASHJIT_DISABLE_JIT is not read: prebuild builds whatever it says.)"""
+    jit_env.verbose_enabled()
+    jit_env.lock_timeout()
+    jit_env.kernel_family_preference()
+    for kernel in ATTENTION_KERNELS:
+        jit_env.check_tile_override(kernel)
+    problem = csrc_override_problem()
+    if problem:
+        raise ValueError(problem)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The command line (see the module doc): 0 when every spec is built or cached, 1 when a build
+    failed or the cache cannot be written, 2 for bad arguments or environment variables (one
+    ``error:`` line), 128 + the signal's number when interrupted."""
     args = _parser().parse_args(argv)
     if args.worker:
         return _run_worker(args.worker)
+    with StopSignals():
+        try:
+            return _main(args)
+        except KeyboardInterrupt as err:
+            print("prebuild: interrupted", file=sys.stderr, flush=True)
+            return 128 + getattr(err, "signum", signal.SIGINT)
+
+
+def _main(args: argparse.Namespace) -> int:
     try:
+        check_environment()
         specs = specs_from_args(args)
     except (ValueError, RuntimeError) as err:
         print(f"error: {str(err).removeprefix('flashjit: ')}", file=sys.stderr)
@@ -325,12 +400,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from .jit.cache import CacheDirError, CacheEntry, ensure_writable, logs_dir
-    from .jit.paths import cache_dir
+    from .jit.paths import cache_dir, cache_dir_problem
 
     root = cache_dir()
     entries = [CacheEntry.for_spec(spec, root) for spec in specs]
     cached = [entry.check().ok for entry in entries]
     if args.dry_run:
+        problem = cache_dir_problem(root)
+        if problem:
+            print(f"warning: {problem}: nothing can be built there", file=sys.stderr)
         for spec, entry, hit in zip(specs, entries, cached):
             print(f"{spec.name:40s} {'cached ' if hit else 'missing'} {entry.path}")
         print(f"{_count(len(specs), 'spec')}, {sum(cached)} cached, "
@@ -357,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {err}", file=sys.stderr)
             return 1
     jobs = max(1, args.jobs or default_jobs())
-    env = _worker_env(jobs)
+    env = _worker_env(jobs, root)
     total = len(specs)
     print(f"flashjit prebuild: {_count(total, 'spec')}, {total - len(todo)} cached, "
           f"{len(todo)} to build with {_count(jobs, 'job')}; cache {root}", flush=True)
@@ -368,38 +446,72 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{done}/{total}] {spec.name} ... cached", flush=True)
 
     start = time.perf_counter()
-    failed: list[tuple[JitSpec, Path, str | None, Path]] = []
+    failed: list[tuple[JitSpec, Path, str, Path]] = []
+    workers = Workers()
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=jobs)
     try:
-        with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
-            futures = {pool.submit(_build_one, spec, log_dir / f"{spec.name}.log", env): spec
-                       for spec in todo}
-            for future in concurrent.futures.as_completed(futures):
-                spec = futures[future]
-                ok, seconds = future.result()
-                done += 1
-                log = log_dir / f"{spec.name}.log"
-                status = f"{seconds:.1f} s" if ok else f"FAILED after {seconds:.1f} s, log: {log}"
-                print(f"[{done}/{total}] {spec.name} ... {status}", flush=True)
-                if not ok:
-                    error, error_log = failure_summary(log)
-                    print(f"    {error or 'no error line found'}", flush=True)
-                    failed.append((spec, log, error, error_log))
-    finally:  # interrupted before any worker started: leave no empty log folder
-        if log_dir and not any(log_dir.iterdir()):
-            log_dir.rmdir()
-            log_dir = None
+        futures = {pool.submit(_build_one, spec, log_dir / f"{spec.name}.log", env, workers): spec
+                   for spec in todo}
+        for future in concurrent.futures.as_completed(futures):
+            spec = futures[future]
+            status, seconds, log_problem = future.result()
+            done += 1
+            log = log_dir / f"{spec.name}.log"
+            ok = status == 0
+            where = f"log: {log}" if log_problem is None else log_problem
+            print(f"[{done}/{total}] {spec.name} ... "
+                  + (f"{seconds:.1f} s" if ok else f"FAILED after {seconds:.1f} s, {where}"),
+                  flush=True)
+            if not ok:
+                error, error_log = failure_summary(log)
+                error = error or _no_error_line(status)
+                print(f"    {error}", flush=True)
+                failed.append((spec, log, error, error_log))
+    except BaseException:  # interrupted (or stdout closed): stop every build before leaving
+        workers.stop()
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        log_dir = _drop_if_empty(log_dir)  # interrupted before any worker started
 
     built = len(todo) - len(failed)
     logs = f"; logs in {log_dir}" if log_dir else ""
     print(f"built {built}, cached {total - len(todo)}, failed {len(failed)} in "
           f"{time.perf_counter() - start:.1f} s{logs}", flush=True)
     for spec, log, error, error_log in failed:
-        print(f"FAILED {spec.name}: {error or 'no error line found'}", file=sys.stderr)
+        print(f"FAILED {spec.name}: {error}", file=sys.stderr)
         if error_log != log:
             print(f"  compiler output: {error_log}", file=sys.stderr)
         print(f"  build log: {log}", file=sys.stderr)
     return 1 if failed else 0
 
 
+def _no_error_line(status: int | None) -> str:
+    """What a failed worker's exit status says when its log names no error."""
+    if status == _WORKER_INTERRUPTED:
+        return "interrupted: a signal stopped its worker or ninja"
+    if status is not None and status < 0:
+        try:
+            name = signal.Signals(-status).name
+        except ValueError:
+            name = f"signal {-status}"
+        return f"its worker was killed by {name}" + (" (out of memory?)" if name == "SIGKILL"
+                                                      else "")
+    return "no error line found"
+
+
+def _drop_if_empty(log_dir: Path | None) -> Path | None:
+    """``log_dir``, or None once it is removed (empty) or gone."""
+    try:
+        if log_dir is not None and not any(log_dir.iterdir()):
+            log_dir.rmdir()
+            return None
+    except OSError:
+        return None
+    return log_dir
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    from .__main__ import run_quietly_on_broken_pipe
+
+    sys.exit(run_quietly_on_broken_pipe(main))

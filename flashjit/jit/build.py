@@ -58,7 +58,9 @@ def ensure_built(spec: JitSpec, load: bool = False) -> Path:
     """The path of the spec's published library, building it if needed.
 
     With ``load``, the library is also loaded into this process (a fresh build always is:
-    cpp_extension.load loads what it builds).
+    cpp_extension.load loads what it builds). A failed compile raises BuildError (its compiler
+    output in a log under logs/), one stopped by a signal (Ctrl-C) KeyboardInterrupt; neither
+    publishes anything or leaves its temp folder.
     """
     csrc = csrc_dir()
     entry = CacheEntry.for_spec(spec, csrc=csrc)
@@ -128,8 +130,16 @@ def _check_cuda_toolchain(spec: JitSpec) -> None:
         raise BuildError(f"flashjit: {env.nvcc_missing()}, to build {spec.name}")
 
 
+# what ninja prints when SIGINT, SIGTERM or SIGHUP stopped it (it stops its compilers too)
+_NINJA_INTERRUPTED = "build stopped: interrupted by user"
+
+
 def _build(spec: JitSpec, entry: CacheEntry, csrc: Path) -> Path:
-    """Compile and load ``spec`` in a temp folder, then publish it as ``entry``. Hold the lock."""
+    """Compile and load ``spec`` in a temp folder, then publish it as ``entry``. Hold the lock.
+
+    A failed compile raises BuildError naming a log of the compiler output; one that a signal
+    stopped (ninja: "interrupted by user", e.g. Ctrl-C reaching ninja before Python) raises
+    KeyboardInterrupt instead, writing no log. Either way the temp folder is removed."""
     from torch.utils import cpp_extension
 
     sources = _existing(spec, spec.sources(csrc))
@@ -156,6 +166,10 @@ def _build(spec: JitSpec, entry: CacheEntry, csrc: Path) -> Path:
                 is_python_module=False,
             )
         except Exception as err:
+            if _NINJA_INTERRUPTED in str(err):  # a signal stopped ninja: no compile error
+                raise KeyboardInterrupt(
+                    f"flashjit: compiling {spec.name} was interrupted ({_NINJA_INTERRUPTED}); "
+                    "nothing was cached, the next use compiles it again") from err
             log = logs_dir(entry.root) / f"{spec.name}-{_timestamp()}.log"
             log.write_text(f"{spec.name}\nkey fields: {entry.fields}\n\n{err}\n")
             raise BuildError(

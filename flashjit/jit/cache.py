@@ -31,7 +31,7 @@ import shutil
 import socket
 import sys
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .._version import __version__
@@ -53,7 +53,7 @@ _TMP_NAME = re.compile(rf"^\.tmp-(?P<entry>{_NAME}-[0-9a-f]{{12}})@(?P<host>[^@]
 _BUILD_FILES = re.compile(r"^(build\.ninja|\.ninja_log|\.ninja_deps|lock|.+\.o|.+\.so)$")
 _OWNER_TEXT = re.compile(r"^\S+ pid \d+ since \S+\n?$")  # what BuildLock writes
 _BUILD_LOG = re.compile(rf"^(?P<spec>{_NAME})-\d{{8}}-\d{{6}}\.log$")  # build.py's failure log
-_PREBUILD_LOGS = re.compile(r"^prebuild-\d{8}-\d{6}-\d+$")  # prebuild's folder, one per run
+_PREBUILD_LOGS = re.compile(r"^prebuild-\d{8}-\d{6}-(?P<pid>\d+)$")  # prebuild's folder, one per run
 _SPEC_LOG = re.compile(rf"^{_NAME}\.log$")  # in it, one log per spec
 _SMALL = 4096  # bytes: a lock or owner file is far smaller
 
@@ -391,9 +391,10 @@ def scan(root: Path) -> CacheScan:
     always foreign. A missing ``root`` is an empty scan. Reads only, raises nothing for odd
     files."""
     found = CacheScan([], [], [], [], [])
-    if not root.is_dir():
+    try:
+        children = sorted(root.iterdir()) if root.is_dir() else []
+    except OSError:  # unreadable: nothing is known (paths.cache_dir_problem)
         return found
-    children = sorted(root.iterdir())
     for path in children:
         if _is_entry(path):
             found.entries.append(path)
@@ -409,7 +410,11 @@ def scan(root: Path) -> CacheScan:
         if _is_lock_file(path, ours):
             found.lock_files.append(path)
         elif path.name == LOGS and _is_dir(path):
-            for log in sorted(path.iterdir()):
+            try:
+                logs = sorted(path.iterdir())
+            except OSError:
+                logs = []
+            for log in logs:
                 (found.logs if _is_log(log) else found.foreign).append(log)
         else:
             found.foreign.append(path)
@@ -443,22 +448,130 @@ def dir_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
 
 
-def clear(root: Path) -> int:
-    """Remove what flashjit put in ``root`` (entries, locks, temp folders, its logs); returns a
-    count.
+@dataclass
+class ClearResult:
+    """What clear() did: the number of items it removed, the items it left because a running
+    build or prebuild uses them (``in_use``), and those it could not remove (``failed``); both
+    lists of (path, why)."""
+
+    removed: int = 0
+    in_use: list[tuple[Path, str]] = field(default_factory=list)
+    failed: list[tuple[Path, str]] = field(default_factory=list)
+
+
+def _stem(path: Path) -> str:
+    """The entry name (``<spec.name>-<key12>``) an entry, temp folder, lock or owner file is of."""
+    match = _TMP_NAME.match(path.name)
+    if match:
+        return match["entry"]
+    return path.name.rsplit(".", 1)[0] if path.suffix in (".lock", ".owner") else path.name
+
+
+def _build_in_use(root: Path, stem: str, paths: list[Path], free: bool | None) -> str | None:
+    """Why the items ``paths`` of entry ``stem`` are in use, None if they are not: its build lock
+    is held (``free`` False, lock.try_hold), or, where the lock could not be tried (None) or had
+    no file (a build's lock removed under it), a live process of this host that its owner file
+    or a temp folder names."""
+    owner = (_small_text(root / f"{stem}.owner") or "").strip()
+    spec_name = stem.rsplit("-", 1)[0]
+    if free is False:
+        return f"a build of {spec_name} holds its lock" + (f": {owner}" if owner else "")
+    if free and any(p.suffix == ".lock" for p in paths):
+        return None
+    host = socket.gethostname()
+    pids = [int(owner.split()[2])] if _OWNER_TEXT.match(owner) and owner.split()[0] == host \
+        else []
+    pids += [int(m["pid"]) for m in map(_TMP_NAME.match, (p.name for p in paths))
+             if m and m["host"] == host]
+    live = [pid for pid in pids if _pid_alive(pid)]
+    return f"a build of {spec_name} is running (pid {live[0]})" if live else None
+
+
+def _prebuild_running(pid: int) -> bool:
+    """Whether ``pid`` is a running ``python -m flashjit.prebuild`` here (where /proc cannot
+    tell the command, whether it runs at all)."""
+    if not _pid_alive(pid):
+        return False
+    try:
+        return b"flashjit.prebuild" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return True
+
+
+def _remove(path: Path) -> str | None:
+    """Remove the file or folder ``path`` (links not followed), as much of it as can be; None
+    once it is gone, else why not (the first error, e.g. 'Read-only file system')."""
+    errors: list[str] = []
+
+    def note(where, err: BaseException) -> None:
+        if not isinstance(err, FileNotFoundError):  # gone meanwhile is fine
+            text = getattr(err, "strerror", None) or str(err)
+            errors.append(text + (f" ({where})" if str(where) != str(path) else ""))
+
+    if _is_dir(path):
+        if sys.version_info >= (3, 12):
+            shutil.rmtree(path, onexc=lambda _f, where, err: note(where, err))
+        else:
+            shutil.rmtree(path, onerror=lambda _f, where, info: note(where, info[1]))
+    else:
+        try:
+            path.unlink()
+        except OSError as err:
+            note(path, err)
+    if not os.path.lexists(path):
+        return None
+    return errors[0] if errors else "it is still there"
+
+
+def clear(root: Path) -> ClearResult:
+    """Remove what flashjit put in ``root`` (entries, locks, temp folders, its logs) and can be
+    removed now; never raises for an item it cannot remove.
 
     Only what scan() finds to be flashjit's is touched, so a mistaken FLASHJIT_CACHE_DIR (say
-    $HOME) loses nothing else; logs/ itself goes only once nothing else is left in it. Do not
-    run it while builds are in progress.
+    $HOME) loses nothing else; logs/ itself goes only once nothing else is left in it. Items in
+    use are left and listed in ``in_use``: an entry's items (folder, temp folders, lock and owner
+    file) while a build holds its lock (tried without waiting, and held while they are removed,
+    so no build of it starts meanwhile), that spec's compile-failure logs with them, and the
+    log folder of a prebuild that is still running. What cannot be removed (a read-only file
+    system, no permission) is listed in ``failed`` with the reason; the rest is still removed.
     """
-    removed = 0
-    for path in scan(root).ours:
-        if _is_dir(path):
-            shutil.rmtree(path, ignore_errors=True)
+    from .lock import try_hold  # lock imports this module
+
+    result = ClearResult()
+    found = scan(root)
+    by_entry: dict[str, list[Path]] = {}
+    for path in found.entries + found.temp_dirs + found.lock_files:
+        by_entry.setdefault(_stem(path), []).append(path)
+    busy_specs = set()
+    for stem, paths in by_entry.items():
+        with try_hold(root / f"{stem}.lock") as free:
+            why = _build_in_use(root, stem, paths, free)
+            if why:
+                result.in_use += [(path, why) for path in paths]
+                busy_specs.add(stem.rsplit("-", 1)[0])
+                continue
+            for path in sorted(paths, key=lambda p: p.suffix == ".lock"):  # the held lock last
+                _record(result, path, _remove(path))
+    for path in found.logs:
+        prebuild = _PREBUILD_LOGS.match(path.name)
+        build = _BUILD_LOG.match(path.name)
+        if prebuild and _prebuild_running(int(prebuild["pid"])):
+            result.in_use.append((path, f"prebuild pid {prebuild['pid']} is running"))
+        elif build and build["spec"] in busy_specs:
+            result.in_use.append((path, f"a build of {build['spec']} is running"))
         else:
-            path.unlink(missing_ok=True)
-        removed += not os.path.lexists(path)
+            _record(result, path, _remove(path))
     logs = root / LOGS
-    if _is_dir(logs) and not any(logs.iterdir()):
-        logs.rmdir()
-    return removed
+    try:
+        if _is_dir(logs) and not any(logs.iterdir()):
+            logs.rmdir()
+    except OSError as err:
+        result.failed.append((logs, err.strerror or str(err)))
+    return result
+
+
+def _record(result: ClearResult, path: Path, why_not: str | None) -> None:
+    if why_not is None:
+        result.removed += 1
+    else:
+        result.failed.append((path, why_not))

@@ -9,7 +9,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from .registry import KERNEL_FAMILIES
+from .registry import KERNEL_FAMILIES, rows
 
 DEFAULT_LOCK_TIMEOUT_S = 900.0
 FLAG_OFF = ("", "0", "false", "no", "off")
@@ -49,17 +49,20 @@ def jit_disabled() -> bool:
 def kernel_family_preference() -> str | None:
     """FLASHJIT_KERNEL_FAMILY: a family of the registry, preferred wherever it serves (``sm80``,
     which serves everything, forces mma.sync; ``sm90`` the wgmma forward without warp
-    specialisation instead of the default ``sm90ws``); None when unset or empty."""
+    specialisation instead of the default ``sm90ws``); None when unset or empty. Read in any
+    case and with surrounding blanks ignored (``SM80`` is ``sm80``); a value naming no family
+    raises ValueError naming the variable and the families."""
     value = os.environ.get("FLASHJIT_KERNEL_FAMILY", "")
-    if not value:
+    family = value.strip().lower()
+    if not family:
         return None
-    if value not in KERNEL_FAMILIES:
+    if family not in KERNEL_FAMILIES:
         raise ValueError(
             f"FLASHJIT_KERNEL_FAMILY={value!r} is not a kernel family: use one of "
             f"{', '.join(repr(f) for f in KERNEL_FAMILIES)} (sm80: mma.sync everywhere; sm90, "
-            "sm90ws: Hopper, where they exist), or leave it unset"
+            "sm90ws: Hopper, where they exist; any case), or leave it unset"
         )
-    return value
+    return family
 
 
 def tile_override(kernel: str) -> str | None:
@@ -67,6 +70,31 @@ def tile_override(kernel: str) -> str | None:
     kernel (JitSpec.tile, e.g. '128,64,4,2' for the sm80 forward, '64,3,2' for decoding), for tuning
     sweeps; None when unset or empty. JitSpec checks it against the family's tile parameters."""
     return os.environ.get(f"FLASHJIT_{kernel.upper()}_TILE") or None
+
+
+def check_tile_override(kernel: str) -> None:
+    """Raise ValueError, naming the variable, when FLASHJIT_<KERNEL>_TILE (tile_override) is set
+    but is no tile any family of the attention kernel ``kernel`` takes: comma-separated whole
+    numbers > 0, as many as one family's tile parameters. Whether it fits the family a spec
+    gets is JitSpec's check, when the tile is applied; this one needs no spec (prebuild and
+    ``info`` run it up front)."""
+    value = tile_override(kernel)
+    if value is None:
+        return
+    families = [r for r in rows(kernel) if r.tile_params]
+    try:
+        tile = [int(t) for t in value.split(",")]
+    except ValueError:
+        tile = []
+    if tile and all(t > 0 for t in tile) and any(len(r.tile_params) == len(tile)
+                                                 for r in families):
+        return
+    shapes = "; ".join(f"{r.family}: {','.join(r.tile_params)}" for r in families)
+    raise ValueError(
+        f"FLASHJIT_{kernel.upper()}_TILE={value!r} is not a tile of the {kernel} kernel: use "
+        f"comma-separated whole numbers > 0, one per parameter of its family ({shapes}), or "
+        "leave it unset"
+    )
 
 
 def lock_timeout() -> float:

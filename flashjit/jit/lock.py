@@ -2,22 +2,31 @@
 
 A ``filelock.FileLock`` (flock on Linux) next to the entry; the OS releases it when its holder
 dies, however it dies. The holder writes who it is into a side file so that waiters can say
-whom they wait for; waiting is bounded by FLASHJIT_LOCK_TIMEOUT.
+whom they wait for; waiting is bounded by FLASHJIT_LOCK_TIMEOUT. ``cache clear`` tries the same
+lock without waiting (try_hold) and leaves an entry alone while a build holds it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import math
 import os
 import socket
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import filelock
 
 from . import env
 from .cache import CacheEntry
 from .log import logger
+
+try:
+    import fcntl
+except ImportError:  # not a POSIX system: try_hold cannot tell
+    fcntl = None
 
 _REMIND_EVERY_S = 60.0
 
@@ -81,3 +90,43 @@ class BuildLock:
             self.entry.owner_path.unlink(missing_ok=True)
         finally:
             self._lock.release()
+
+
+@contextlib.contextmanager
+def try_hold(lock_path: Path) -> Iterator[bool | None]:
+    """``with try_hold(entry.lock_path) as free:`` takes a build lock without waiting (flock, as
+    filelock does), for ``cache clear``. ``free`` is True while this holds it: no build of that
+    entry runs, and none starts until the block ends (a lock file this made is removed again on
+    exit; one removed inside the block is fine: filelock's waiters then retry on a new file).
+    It is also True when there is no lock file and none can be made (a cache that cannot be
+    written, where no build can run either). False: another process holds it, a build is running.
+    None: it cannot be told (the file cannot be opened, or the file system has no flock)."""
+    fd, made, free = None, False, None
+    try:
+        fd, made = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644), True
+    except OSError:  # it exists, or it cannot be made here (read-only, no permission)
+        for flags in (os.O_RDWR, os.O_RDONLY):  # flock needs no write access
+            try:
+                fd = os.open(lock_path, flags)
+                break
+            except FileNotFoundError:
+                free = True
+                break
+            except OSError:
+                continue
+    if fd is not None and fcntl is not None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            free = True
+        except BlockingIOError:
+            free = False
+        except OSError:
+            free = None
+    try:
+        yield free
+    finally:
+        if fd is not None:
+            if made and free:
+                with contextlib.suppress(OSError):
+                    os.unlink(lock_path)
+            os.close(fd)

@@ -344,15 +344,24 @@ class JitSpec:
         return fields
 
 
-def with_tile_override(spec: JitSpec) -> JitSpec:
+def with_tile_override(spec: JitSpec, tile: str | tuple[int, ...] | None = None,
+                       family: str | None = None) -> JitSpec:
     """``spec`` with the tile of FLASHJIT_FWD_TILE / FLASHJIT_BWD_TILE / FLASHJIT_DECODE_TILE
-    (env.tile_override) for its kernel where it has no tile of its own: how calls and prebuild
-    take a tuning sweep's tile, so both name the same spec. A paged spec takes it only where its
-    family is the non-paged spec's (on sm90a the paged forward is another family, whose tile
-    parameters differ). ValueError, naming the variable, when the tile does not fit the family."""
-    tile = tile_override(spec.kernel)
+    (env.tile_override) for its kernel, or ``tile`` when given instead (prebuild --tile), where it
+    has no tile of its own: how calls and prebuild take a tuning sweep's tile, so both name the
+    same spec. A paged spec takes it only where its family is the non-paged spec's (on sm90a the
+    paged forward is another family, whose tile parameters mean other things), the non-paged
+    spec's family being the one ``family`` (a preference: prebuild --family) or else
+    FLASHJIT_KERNEL_FAMILY and the defaults give it. ValueError, naming the variable, when the
+    tile does not fit the family."""
+    tile = tile_override(spec.kernel) if tile is None else tile
     if tile is None or spec.tile is not None or not KERNELS[spec.kernel].attention:
         return spec
-    if spec.paged and replace(spec, paged=False, family=None).family != spec.family:
-        return spec
+    if spec.paged:
+        if family is None:
+            plain_family = replace(spec, paged=False, family=None).family
+        else:
+            plain_family = registry.preferred_family(spec.kernel, spec.arch, spec.head_dim, family)
+        if plain_family != spec.family:
+            return spec
     return replace(spec, tile=tile)

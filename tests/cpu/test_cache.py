@@ -20,6 +20,7 @@ from flashjit.jit import (
 from flashjit.jit.cache import (
     CacheEntry, clear, digest_key, key_fields, list_entries, scan, sources_digest,
 )
+from flashjit.jit.lock import BuildLock
 
 SELFTEST = JitSpec("selftest")
 
@@ -204,7 +205,7 @@ def test_user_data_named_like_entries_is_neither_listed_nor_cleared(cache_copy):
         f".tmp-x-0123456789ab@{socket.gethostname()}@999999999@deadbeef",
         "backup-0123456789ab.lock", "backup-0123456789ab.owner", "unrelated.txt")}
     locks = list(cache_copy.glob("selftest_cpu-*.lock"))  # the warm cache's build lock
-    assert clear(cache_copy) == 1 + len(locks)
+    assert clear(cache_copy).removed == 1 + len(locks)
     assert not entry.exists()
     _assert_intact(user)
     assert list_entries(cache_copy) == []
@@ -237,7 +238,7 @@ def test_clear_removes_entries_temp_folders_locks_and_logs_only(cache_copy):
     found = scan(cache_copy)
     assert found.entries == [entry]
     assert set(found.ours) == {entry, *litter} | set(cache_copy.glob("selftest_cpu-*.lock"))
-    assert clear(cache_copy) == len(found.ours)
+    assert clear(cache_copy).removed == len(found.ours)
     assert not entry.exists() and not any(p.exists() for p in litter)
     _assert_intact(user)  # logs/ keeps the user's files, so it stays
     assert scan(cache_copy).ours == []
@@ -263,7 +264,7 @@ def test_damaged_entry_is_listed_as_damaged_and_cleared(cache_copy, damage):
     result = run_python(["-m", "flashjit", "cache", "list"], cache_copy)
     assert result.returncode == 0, result.stderr
     assert "1 entries" in result.stdout and "DAMAGED" in result.stdout
-    assert clear(cache_copy) >= 1 and not entry.exists()
+    assert clear(cache_copy).removed >= 1 and not entry.exists()
 
 
 def test_entries_from_before_the_marker(cache_copy):
@@ -303,3 +304,89 @@ def test_a_build_folder_is_marked_from_the_start(tmp_path):
     assert not tmp.exists() and not unmarked.exists()
     assert (foreign / "notes.txt").read_text() == "mine"
     assert scan(root).temp_dirs == list(root.glob(f".tmp-{entry.dirname}@*"))
+
+
+def test_clear_leaves_what_a_running_build_or_prebuild_uses(cache_copy):
+    """While a build holds an entry's lock, clear leaves that entry's items (its temp folder,
+    lock and owner file) and its compile-failure logs, naming them as in use; also the log folder
+    of a running prebuild. Once they are free, clear removes them."""
+    entry = CacheEntry.for_spec(SELFTEST, cache_copy)
+    other = CacheEntry(cache_copy, "fwd_sm80_bf16_hd64", "0" * 64, {})
+    other.lock_path.write_text("")  # a free lock: cleared
+    logs = cache_copy / "logs"
+    logs.mkdir()
+    failed_log = logs / "selftest_cpu-20240102-120000.log"
+    failed_log.write_text(f"selftest_cpu\nkey fields: {entry.fields}\n\nerror: boom\n")
+    prebuild = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
+                                 "flashjit.prebuild"])  # a running prebuild, by its command line
+    try:
+        running = logs / f"prebuild-20240102-120000-{prebuild.pid}"
+        running.mkdir()
+        (running / "selftest_cpu.log").write_text("compiling\n")
+        with BuildLock(entry):
+            tmp = entry.new_temp_dir()
+            result = clear(cache_copy)
+            busy = {tmp, entry.path, entry.lock_path, entry.owner_path, failed_log, running}
+            assert {path for path, _ in result.in_use} == busy
+            assert all(path.exists() for path in busy)
+            why = dict(result.in_use)
+            assert why[tmp].startswith("a build of selftest_cpu holds its lock: ")
+            assert why[running] == f"prebuild pid {prebuild.pid} is running"
+            assert result.removed == 1 and not other.lock_path.exists() and result.failed == []
+            shutil.rmtree(tmp)  # as the build does
+    finally:
+        prebuild.kill()
+        prebuild.wait()
+    result = clear(cache_copy)
+    assert result.in_use == [] and result.failed == [] and result.removed == 4
+    assert scan(cache_copy).ours == [] and not logs.exists()
+
+
+def test_clear_reports_what_it_cannot_remove(cache_copy, monkeypatch, capsys):
+    """A read-only file system (here: the entry's library and folder): cache clear removes the
+    rest, names each item it could not remove and why, and exits 1, without a traceback."""
+    import errno
+    import os
+
+    from flashjit.__main__ import main
+
+    (entry,) = entries(cache_copy)
+    (cache_copy / "logs").mkdir()
+    log = cache_copy / "logs" / "selftest_cpu-20240102-120000.log"
+    log.write_text("selftest_cpu\nkey fields: {}\n\nerror: boom\n")
+    real_unlink, real_rmdir = os.unlink, os.rmdir
+
+    def read_only(real, fails):
+        def call(path, *args, **kwargs):
+            if fails(str(path)):
+                raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+            return real(path, *args, **kwargs)
+        return call
+
+    monkeypatch.setattr(os, "unlink", read_only(real_unlink, lambda p: p.endswith(".so")))
+    monkeypatch.setattr(os, "rmdir", read_only(real_rmdir, lambda p: entry.name in p))
+    assert main(["cache", "clear"]) == 1
+    out, err = capsys.readouterr()
+    assert out.startswith(f"removed 2 items from {cache_copy}; 1 could not be removed\n"), out
+    assert err == (f"error: could not remove {entry}: Read-only file system "
+                   f"({entry / 'selftest_cpu.so'})\n")
+    assert entry.exists() and not log.exists() and not list(cache_copy.glob("*.lock"))
+
+
+def test_an_interrupted_compile_is_no_compile_failure(monkeypatch):
+    """ninja stopped by a signal (Ctrl-C reaching it first) raises KeyboardInterrupt, not a
+    BuildError asking for a bug report; no failure log, no temp folder, the lock is free."""
+    from torch.utils import cpp_extension
+
+    def interrupted(**kwargs):
+        raise RuntimeError("Error building extension 'x': [1/2] c++ -c selftest_op.cpp\n"
+                           "ninja: build stopped: interrupted by user.\n")
+
+    monkeypatch.setattr(cpp_extension, "load", interrupted)
+    with pytest.raises(KeyboardInterrupt, match="compiling selftest_cpu was interrupted") as err:
+        ensure_built(SELFTEST)
+    assert "report" not in str(err.value)
+    root = cache_dir()
+    assert not (root / "logs").exists() and not list(root.glob(".tmp-*"))
+    with BuildLock(CacheEntry.for_spec(SELFTEST), timeout=0):
+        pass

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
-from jithelpers import entries, run_python
+from jithelpers import REPO, child_env, entries, run_python
 
 import flashjit
 from flashjit.jit import csrc_dir
@@ -438,3 +441,118 @@ def test_import_is_cheap(tmp_path):
     assert result.returncode == 0, result.stderr
     assert not (tmp_path / "cache").exists()
 
+
+
+def test_prebuild_list_options_accumulate():
+    """A repeated list option adds to the list (it used to keep the last use); the first use
+    replaces the default."""
+    from flashjit.prebuild import specs_from_args
+
+    args = _parser().parse_args(["--arch", "9.0", "--arch", "8.0", "--kernel", "bwd", "--kernel",
+                                 "fwd", "--head-dim", "64", "--head-dim", "128", "--dtype",
+                                 "bf16", "--dtype", "fp16"])
+    assert (args.arch, args.kernel, args.head_dim, args.dtype) == (
+        ["9.0", "8.0"], ["bwd", "fwd"], [64, 128], ["bf16", "fp16"])
+    args = _parser().parse_args(["--kernel", "fwd", "--dtype", "bf16", "--head-dim", "64"])
+    assert (args.kernel, args.dtype, args.head_dim) == (["fwd"], ["bf16"], [64])
+    assert _parser().parse_args([]).kernel == ["fwd", "bwd", "decode"]
+    args = _parser().parse_args(["--arch", "9.0", "--arch", "8.0", "--kernel", "fwd", "--kernel",
+                                 "selftest", "--dtype", "bf16", "--head-dim", "64",
+                                 "--causal", "no"])
+    assert [s.name for s in specs_from_args(args)] == [
+        "fwd_sm90a_bf16_hd64_ws", "fwd_sm80_bf16_hd64", "selftest_cpu"]
+
+
+def test_prebuild_tile_flag_follows_the_tile_variables_rule(monkeypatch):
+    """--tile, like FLASHJIT_FWD_TILE, leaves a paged spec of another family than the plain one
+    (sm90 beside sm90ws on sm90a) its own tile instead of reading the numbers as its own; where
+    --family makes both the same family, both take it."""
+    from flashjit.prebuild import specs_from_args
+
+    def names(*argv):
+        return [s.name for s in specs_from_args(_parser().parse_args(
+            ["--arch", "9.0", "--kernel", "fwd", "--dtype", "bf16", "--head-dim", "64",
+             "--causal", "no", "--paged", "both", *argv]))]
+
+    by_flag = names("--tile", "128,3,2")
+    monkeypatch.setenv("FLASHJIT_FWD_TILE", "128,3,2")
+    assert by_flag == names() == ["fwd_sm90a_bf16_hd64_ws_t128x3x2",
+                                  "fwd_sm90a_bf16_hd64_paged_wgmma"]
+    monkeypatch.delenv("FLASHJIT_FWD_TILE")
+    assert names("--family", "sm80", "--tile", "128,64,4,2") == [
+        "fwd_sm90a_bf16_hd64_t128x64x4x2", "fwd_sm90a_bf16_hd64_paged_t128x64x4x2"]
+    assert names("--family", "SM90", "--tile", "64,2,1") == [  # --family in any case
+        "fwd_sm90a_bf16_hd64_wgmma_t64x2x1", "fwd_sm90a_bf16_hd64_paged_wgmma_t64x2x1"]
+
+
+@pytest.mark.parametrize("name,value", [
+    ("FLASHJIT_VERBOSE", "2"), ("FLASHJIT_LOCK_TIMEOUT", "-5"), ("FLASHJIT_KERNEL_FAMILY", "mma"),
+    ("FLASHJIT_FWD_TILE", "128,x,2"), ("FLASHJIT_BWD_TILE", "1,2"), ("FLASHJIT_DECODE_TILE", "0"),
+    ("FLASHJIT_CSRC_DIR", "/nonexistent"),
+])
+@pytest.mark.parametrize("mode", ["--list", "--dry-run", None])
+def test_prebuild_checks_the_environment_up_front(monkeypatch, capsys, tmp_path, name, value,
+                                                  mode):
+    """A bad FLASHJIT_* value is one error line naming it (exit 2) before anything runs, whatever
+    the mode and whether or not a selected kernel reads it."""
+    from flashjit.prebuild import main
+
+    monkeypatch.setenv(name, value)
+    assert main(["--kernel", "selftest", *([mode] if mode else [])]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith(f"error: {name}=") and err.count("\n") == 1, err
+    assert value in err
+    assert not (tmp_path / "cache").exists()
+
+
+def test_prebuild_passes_the_absolute_cache_dir_to_its_workers(tmp_path):
+    from flashjit.prebuild import _worker_env
+
+    assert _worker_env(1, tmp_path / "c")["FLASHJIT_CACHE_DIR"] == str(tmp_path / "c")
+
+
+def test_relative_cache_dir_is_resolved_once(tmp_path, monkeypatch):
+    """A relative FLASHJIT_CACHE_DIR is made absolute where it is first read; a later chdir does
+    not move the cache."""
+    from flashjit.jit import cache_dir
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    monkeypatch.setenv("FLASHJIT_CACHE_DIR", f"rel-cache-{tmp_path.name}")
+    assert cache_dir() == tmp_path / "a" / f"rel-cache-{tmp_path.name}"
+    monkeypatch.chdir(tmp_path / "b")
+    assert cache_dir() == tmp_path / "a" / f"rel-cache-{tmp_path.name}"
+
+
+@pytest.mark.parametrize("args", [["-m", "flashjit", "cache", "list"],
+                                  ["-m", "flashjit.prebuild", "--kernel", "selftest",
+                                   "--dry-run"]])
+def test_a_closed_stdout_ends_quietly(tmp_path, args):
+    """``| head -0``: the reader is gone before anything is written; exit 141 (as SIGPIPE would
+    end a program), no traceback."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        result = subprocess.run([sys.executable, *args], cwd=REPO, env=child_env(tmp_path / "c"),
+                                stdout=write, stderr=subprocess.PIPE, text=True, timeout=300)
+    finally:
+        os.close(write)
+    assert result.returncode == 141 and result.stderr == "", result.stderr
+
+
+@pytest.mark.parametrize("make,why", [
+    (lambda tmp: tmp / "a_file", "is a file, not a folder"),
+    (lambda tmp: tmp / "a_file" / "cache", "cannot be made ({tmp}/a_file is not a folder)"),
+])
+@pytest.mark.parametrize("command", ["list", "clear"])
+def test_cache_commands_warn_about_a_cache_dir_that_is_no_folder(tmp_path, monkeypatch, capsys,
+                                                                 make, why, command):
+    from flashjit.__main__ import main
+
+    (tmp_path / "a_file").write_text("not a folder")
+    monkeypatch.setenv("FLASHJIT_CACHE_DIR", str(make(tmp_path)))
+    assert main(["cache", command]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith(f"warning: FLASHJIT_CACHE_DIR={make(tmp_path)} "
+                          + why.format(tmp=tmp_path)), err

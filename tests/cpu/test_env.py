@@ -107,3 +107,36 @@ def test_info_warns_about_bad_switches_and_exits_zero(tmp_path):
     lines = _info_lines(tmp_path / "cache", FLASHJIT_VERBOSE="off", FLASHJIT_DISABLE_JIT="No",
                         FLASHJIT_LOCK_TIMEOUT="0")
     assert not [v for n, v in lines if n == "warning" and v.startswith("FLASHJIT_")], lines
+
+
+@pytest.mark.parametrize("value,family", [("SM80", "sm80"), (" Sm90 ", "sm90"),
+                                          ("SM90WS", "sm90ws"), (" ", None)])
+def test_kernel_family_in_any_case(monkeypatch, value, family):
+    monkeypatch.setenv("FLASHJIT_KERNEL_FAMILY", value)
+    assert env.kernel_family_preference() == family
+
+
+def test_tile_variables_are_checked_without_a_spec(monkeypatch):
+    """check_tile_override: whole numbers > 0, as many as some family of the kernel takes."""
+    for kernel, good in (("fwd", ["128,3,2", "128, 64, 4, 2"]), ("bwd", ["64"]),
+                         ("decode", ["64,3,2"])):
+        for value in good:
+            monkeypatch.setenv(f"FLASHJIT_{kernel.upper()}_TILE", value)
+            env.check_tile_override(kernel)
+    for kernel, value in (("fwd", "1,2"), ("fwd", "0,3,2"), ("fwd", "a,b,c"), ("bwd", "128,3,2"),
+                          ("decode", "64,3,-2")):
+        monkeypatch.setenv(f"FLASHJIT_{kernel.upper()}_TILE", value)
+        with pytest.raises(ValueError, match=f"^FLASHJIT_{kernel.upper()}_TILE={value!r} is not "
+                                             f"a tile of the {kernel} kernel"):
+            env.check_tile_override(kernel)
+
+
+def test_info_warns_about_bad_tiles_csrc_and_cache_dir(tmp_path):
+    (tmp_path / "a_file").write_text("not a folder")
+    lines = _info_lines(tmp_path / "a_file", FLASHJIT_FWD_TILE="1,2", FLASHJIT_CSRC_DIR="/nonexistent",
+                        CUDA_VISIBLE_DEVICES="")
+    warnings = [value for name, value in lines if name == "warning"]
+    for start in ("FLASHJIT_FWD_TILE='1,2' is not a tile of the fwd kernel",
+                  "FLASHJIT_CSRC_DIR=/nonexistent does not exist",
+                  f"FLASHJIT_CACHE_DIR={tmp_path / 'a_file'} is a file, not a folder"):
+        assert len([w for w in warnings if w.startswith(start)]) == 1, (start, warnings)
