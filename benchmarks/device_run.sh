@@ -44,6 +44,16 @@ variant_specs_b() {
   pb --jobs $1 --dtype bf16 --head-dim 64 128 $EVERY_VARIANT --dropout yes
   pb --jobs $1 --family sm80 --dtype bf16 --head-dim 64 $EVERY_VARIANT --dropout yes
 }
+# Both lists in two streams of 8 jobs (most lines hold only 2-8 specs); their logs are appended
+# to $1 and removed ($OUT returns only a few files), their summary lines printed.
+variant_specs() {
+  variant_specs_a 8 > "$OUT/prebuild_variants_a.log" 2>&1 &
+  variant_specs_b 8 > "$OUT/prebuild_variants_b.log" 2>&1
+  wait
+  cat "$OUT"/prebuild_variants_[ab].log >> "$1"
+  grep -h "^built \|^FAILED\|^error" "$OUT"/prebuild_variants_[ab].log
+  rm -f "$OUT"/prebuild_variants_[ab].log
+}
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,power.limit,temperature.gpu --format=csv | tee "$OUT/gpu.txt"
 for step in $STEPS; do
   echo "=== $step $(date +%T)"
@@ -58,14 +68,7 @@ for step in $STEPS; do
       # on sm90a the forward and backward at d 64/128 are the sm90 family: the sm80 one too, for test80
       FLASHJIT_KERNEL_FAMILY=sm80 python3 -m flashjit.prebuild --kernel fwd bwd --dtype fp16 bf16 --head-dim 64 128 \
         --causal both --dropout both --jobs 16 2>&1 | tee -a "$OUT/prebuild.log" | tail -n 3
-      # variant specs in two streams of 8 jobs (most lines hold only 2-8 specs); their logs are
-      # appended to prebuild.log and removed ($OUT returns only a few files)
-      variant_specs_a 8 > "$OUT/prebuild_variants_a.log" 2>&1 &
-      variant_specs_b 8 > "$OUT/prebuild_variants_b.log" 2>&1
-      wait
-      cat "$OUT"/prebuild_variants_[ab].log >> "$OUT/prebuild.log"
-      grep -h "^built \|^FAILED\|^error" "$OUT"/prebuild_variants_[ab].log
-      rm -f "$OUT"/prebuild_variants_[ab].log ;;
+      variant_specs "$OUT/prebuild.log" ;;
     test)
       timeout ${TEST_TIMEOUT:-400} python3 -m pytest -q --maxfail=25 -p no:cacheprovider tests/gpu ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/pytest_gpu.log" | tail -n 30 ;;
     test80)  # the sm80 (mma.sync) forward and backward where the sm90 family would serve (d 64/128 on sm90a)
@@ -103,11 +106,7 @@ for step in $STEPS; do
       done ;;
     softcap)  # the variant specs and tests (quicker than build + test when only the variants'
               # code changed), then softcap's forward overhead (ws_time.py, bf16, SOFTCAPS)
-      variant_specs_a 8 > "$OUT/prebuild_variants_a.log" 2>&1 &
-      variant_specs_b 8 > "$OUT/prebuild_variants_b.log" 2>&1
-      wait
-      grep -h "^built \|^FAILED\|^error" "$OUT"/prebuild_variants_[ab].log
-      rm -f "$OUT"/prebuild_variants_[ab].log
+      variant_specs "$OUT/prebuild.log"
       pb --jobs 16 --dtype bf16 --head-dim ${WS_DIMS:-64 128 256} --causal both --softcap both 2>&1 | tail -n 1
       timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -p no:cacheprovider tests/gpu/test_variants.py \
         ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/pytest_variants.log" | tail -n 8

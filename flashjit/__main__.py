@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import sys
 
 from ._version import __version__
 from .jit import cache as jit_cache
 from .jit import env
-from .jit.paths import cache_dir, cache_dir_problem, csrc_dir, csrc_override_problem
-from .jit.registry import ATTENTION_KERNELS
+from .jit.paths import cache_dir, cache_dir_problem, csrc_dir
 
 
 def _mib(n: int) -> str:
@@ -58,31 +56,6 @@ def _warnings(torch, nvcc) -> list[str]:
     return warnings
 
 
-# the switches info() checks besides FLASHJIT_KERNEL_FAMILY, and what a bad value of each breaks
-_ENV_CHECKS = (
-    (env.verbose_enabled, "every kernel call raises this ValueError (it is part of the cache key)"),
-    (env.jit_disabled, "every compile raises this ValueError"),
-    (env.lock_timeout, "every compile raises this ValueError"),
-    *((functools.partial(env.check_tile_override, kernel),
-       f"every {kernel} kernel call raises a ValueError") for kernel in ATTENTION_KERNELS),
-)
-
-
-def _env_warnings() -> list[str]:
-    """One warning per FLASHJIT_* switch whose value its parser (flashjit.jit.env) refuses, and
-    for a FLASHJIT_CSRC_DIR that is no folder."""
-    warnings = []
-    for check, consequence in _ENV_CHECKS:
-        try:
-            check()
-        except ValueError as err:
-            warnings.append(f"{err}; until then {consequence}")
-    csrc = csrc_override_problem()
-    if csrc:
-        warnings.append(f"{csrc}; until then every compile fails (no sources)")
-    return warnings
-
-
 def _cache_dir_warning(root) -> str | None:
     """What is wrong with the cache dir (paths.cache_dir_problem), with what it breaks."""
     problem = cache_dir_problem(root)
@@ -120,15 +93,15 @@ def info() -> int:
                                      f"{major}.{minor})"))
     else:
         rows.append(("gpu", "none visible"))
-    family_error = None
     try:
         env.kernel_family_preference()
-    except ValueError as err:  # every kernel call would raise it: say so once, as a warning
-        family_error = str(err)
+        family_ok = True
+    except ValueError:  # every kernel call would raise it: a warning below (setting_problems)
+        family_ok = False
     try:
         arch = current_arch()
         rows.append(("arch", arch))
-        if family_error is None:
+        if family_ok:
             rows.append(("forward family", _families("fwd", arch)))
             paged = _families("fwd", arch, paged=True)
             if paged != rows[-1][1]:  # a block table (paged KV) takes another family somewhere
@@ -147,9 +120,8 @@ def info() -> int:
     rows += [(name, value) for name, value in sorted(os.environ.items())
              if name.startswith("FLASHJIT_") or name in ("TORCH_CUDA_ARCH_LIST", "CUDA_HOME")]
     warnings = _warnings(torch, nvcc)
-    if family_error is not None:
-        warnings.append(f"{family_error}; until then every kernel call raises this ValueError")
-    warnings += _env_warnings()
+    warnings += [f"{problem}; until then {consequence}"
+                 for _, problem, consequence in env.setting_problems()]
     cache_warning = _cache_dir_warning(root)
     if cache_warning:
         warnings.append(cache_warning)
@@ -171,8 +143,9 @@ def cache_list() -> int:
     is no usable folder gets a warning line (stderr)."""
     root = cache_dir()
     _warn_about_cache_dir(root)
-    entries = jit_cache.list_entries(root)
-    foreign = len(jit_cache.scan(root).foreign)
+    found = jit_cache.scan(root)
+    entries = jit_cache.list_entries(root, found)
+    foreign = len(found.foreign)
     ignored = f" ({foreign} other items, not flashjit's, ignored)" if foreign else ""
     print(f"cache {root}: {len(entries)} entries{ignored}")
     for e in entries:

@@ -36,7 +36,6 @@ from .jit import env as jit_env
 from .jit import registry
 from .jit.arch import NoGpuError, current_arch, parse_arch_list
 from .jit.env import KERNEL_FAMILIES, nvcc_path
-from .jit.paths import csrc_override_problem
 from .jit.spec import (ATTENTION_KERNELS, DTYPES, HEAD_DIM_BUCKETS, KERNELS, VARIANTS, JitSpec,
                        head_dim_bucket, with_tile_override)
 from .jit.workers import StopSignals, Workers
@@ -356,18 +355,12 @@ def _worker_env(jobs: int, root: Path) -> dict:
 
 
 def check_environment() -> None:
-    """The FLASHJIT_* variables prebuild and its workers read, checked before anything runs:
-    FLASHJIT_VERBOSE, FLASHJIT_LOCK_TIMEOUT, FLASHJIT_KERNEL_FAMILY, the tile variables (each
-    of every attention kernel, selected or not) and FLASHJIT_CSRC_DIR. ValueError naming the
-    first bad one. (FLASHJIT_DISABLE_JIT is not read: prebuild builds whatever it says.)"""
-    jit_env.verbose_enabled()
-    jit_env.lock_timeout()
-    jit_env.kernel_family_preference()
-    for kernel in ATTENTION_KERNELS:
-        jit_env.check_tile_override(kernel)
-    problem = csrc_override_problem()
-    if problem:
-        raise ValueError(problem)
+    """The FLASHJIT_* variables prebuild and its workers read, checked before anything runs
+    (env.setting_problems): ValueError naming the first bad one. (FLASHJIT_DISABLE_JIT is not
+    read: prebuild builds whatever it says.)"""
+    for name, problem, _ in jit_env.setting_problems():
+        if name != "FLASHJIT_DISABLE_JIT":
+            raise ValueError(problem)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -404,8 +404,9 @@ def scan(root: Path) -> CacheScan:
                                               for p in found.temp_dirs}
     ours |= {p.name[:-len(".owner")] for p in children if p.name.endswith(".owner")
              and _is_lock_file(p, set())}
+    sorted_already = set(found.entries) | set(found.temp_dirs)
     for path in children:
-        if path in found.entries or path in found.temp_dirs:
+        if path in sorted_already:
             continue
         if _is_lock_file(path, ours):
             found.lock_files.append(path)
@@ -437,11 +438,11 @@ def _entry_info(path: Path) -> dict:
             "ok": state.ok, "reason": state.reason}
 
 
-def list_entries(root: Path) -> list[dict]:
-    """Published entries (and damaged ones) in ``root``, sorted by name: the entries of scan(),
-    each a dict with dirname, path, bytes, name, date, build_seconds, ok and reason (None when
-    ok)."""
-    return [_entry_info(path) for path in scan(root).entries]
+def list_entries(root: Path, found: CacheScan | None = None) -> list[dict]:
+    """Published entries (and damaged ones) in ``root``, sorted by name: the entries of scan()
+    (``found``, when the caller has it already), each a dict with dirname, path, bytes, name,
+    date, build_seconds, ok and reason (None when ok)."""
+    return [_entry_info(path) for path in (scan(root) if found is None else found).entries]
 
 
 def dir_size(path: Path) -> int:

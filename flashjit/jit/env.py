@@ -9,7 +9,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from .registry import KERNEL_FAMILIES, rows
+from .paths import csrc_override_problem
+from .registry import ATTENTION_KERNELS, KERNEL_FAMILIES, rows
 
 DEFAULT_LOCK_TIMEOUT_S = 900.0
 FLAG_OFF = ("", "0", "false", "no", "off")
@@ -82,10 +83,7 @@ def check_tile_override(kernel: str) -> None:
     if value is None:
         return
     families = [r for r in rows(kernel) if r.tile_params]
-    try:
-        tile = [int(t) for t in value.split(",")]
-    except ValueError:
-        tile = []
+    tile = parse_tile(value)
     if tile and all(t > 0 for t in tile) and any(len(r.tile_params) == len(tile)
                                                  for r in families):
         return
@@ -95,6 +93,17 @@ def check_tile_override(kernel: str) -> None:
         f"comma-separated whole numbers > 0, one per parameter of its family ({shapes}), or "
         "leave it unset"
     )
+
+
+def parse_tile(value) -> tuple[int, ...]:
+    """A tile as a tuple of ints: from "128,3,2" (blanks around the numbers ignored) or a sequence;
+    () when it is not whole numbers (JitSpec and check_tile_override check length and sign)."""
+    if isinstance(value, str):
+        value = value.split(",")
+    try:
+        return tuple(int(t) for t in value)
+    except (TypeError, ValueError):
+        return ()
 
 
 def lock_timeout() -> float:
@@ -175,3 +184,31 @@ def _cxx_version(compiler: str) -> str | None:
 def cxx_version() -> str | None:
     """First line of ``$CXX --version``, e.g. 'c++ (Debian 12.2.0-14) 12.2.0'. Once per process."""
     return _cxx_version(cxx_compiler())
+
+
+def setting_problems() -> list[tuple[str, str, str]]:
+    """(variable, problem, consequence) for each FLASHJIT_* setting whose value flashjit refuses:
+    FLASHJIT_VERBOSE, FLASHJIT_DISABLE_JIT, FLASHJIT_LOCK_TIMEOUT, FLASHJIT_KERNEL_FAMILY, the
+    tile variables of every attention kernel (their parsers raise ValueError) and
+    FLASHJIT_CSRC_DIR (csrc_override_problem). ``info`` warns about each, with what it breaks;
+    prebuild refuses to start on the first of those it reads."""
+    checks = [
+        ("FLASHJIT_VERBOSE", verbose_enabled,
+         "every kernel call raises this ValueError (it is part of the cache key)"),
+        ("FLASHJIT_DISABLE_JIT", jit_disabled, "every compile raises this ValueError"),
+        ("FLASHJIT_LOCK_TIMEOUT", lock_timeout, "every compile raises this ValueError"),
+        ("FLASHJIT_KERNEL_FAMILY", kernel_family_preference,
+         "every kernel call raises this ValueError"),
+        *((f"FLASHJIT_{kernel.upper()}_TILE", functools.partial(check_tile_override, kernel),
+           f"every {kernel} kernel call raises a ValueError") for kernel in ATTENTION_KERNELS),
+    ]
+    problems = []
+    for name, check, consequence in checks:
+        try:
+            check()
+        except ValueError as err:
+            problems.append((name, str(err), consequence))
+    csrc = csrc_override_problem()
+    if csrc:
+        problems.append(("FLASHJIT_CSRC_DIR", csrc, "every compile fails (no sources)"))
+    return problems

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from .arch import gencode_flags, normalize_arch
 from . import registry
-from .env import kernel_family_preference, tile_override, verbose_enabled
+from .env import kernel_family_preference, parse_tile, tile_override, verbose_enabled
 from .paths import csrc_dir
 from .registry import ATTENTION_KERNELS, KERNEL_FAMILIES, default_family  # noqa: F401 (re-export)
 
@@ -193,13 +193,7 @@ class JitSpec:
         params = self._row.tile_params
         if params is None:
             raise ValueError(f"kernel {self.kernel!r} of family {self.family!r} takes no tile")
-        tile = self.tile
-        if isinstance(tile, str):
-            tile = tuple(t.strip() for t in tile.split(","))
-        try:
-            tile = tuple(int(t) for t in tile)
-        except (TypeError, ValueError):
-            tile = ()
+        tile = parse_tile(self.tile)
         if len(tile) != len(params) or any(t <= 0 for t in tile):
             raise ValueError(f"tile of kernel {self.kernel!r}, family {self.family!r} (also "
                              f"FLASHJIT_{self.kernel.upper()}_TILE): {len(params)} positive ints "
