@@ -18,11 +18,11 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 export FLASHJIT_CACHE_DIR=${FLASHJIT_CACHE_DIR:-/tmp/flashjit-cache}
 STEPS=${*:-build test sanitize jit peers}
 # Variant specs (window, softcap, ALiBi, sink; prebuild's --window/--softcap/--alibi/--sink take
-# yes/no/both, default no), 80 in all. variant_specs_a: softcap, ALiBi, sink alone and the
+# yes/no/both, default no), 84 in all. variant_specs_a: softcap, ALiBi, sink alone and the
 # sliding windows (also what benchmarks/bench_variants.py runs), every variant at once in the
 # mma.sync family at d 64/128, the dropout-mask probe; variant_specs_b: the combinations
 # tests/gpu/test_variants.py uses (Gemma 2, gpt-oss, every variant at once, with dropout) and
-# the mma.sync family's own head dims. $1: prebuild --jobs.
+# the mma.sync family's own head dims, the persistent grid's variant cases. $1: prebuild --jobs.
 pb() { python3 -m flashjit.prebuild --kernel fwd bwd "$@"; }
 EVERY_VARIANT="--causal yes --window yes --softcap yes --alibi yes --sink yes"
 variant_specs_a() {
@@ -40,6 +40,8 @@ variant_specs_b() {
   pb --jobs $1 --dtype fp16 --head-dim 224 $EVERY_VARIANT
   pb --jobs $1 --dtype fp16 bf16 --head-dim 64 --causal yes --window yes --sink yes
   pb --jobs $1 --dtype bf16 --head-dim 128 --causal yes --softcap yes --sink yes
+  pb --jobs $1 --dtype bf16 --head-dim 128 --causal no --window yes --sink yes
+  pb --jobs $1 --dtype bf16 --head-dim 128 --causal no --softcap yes --alibi yes
   pb --jobs $1 --dtype fp16 --head-dim 64 --causal no --softcap yes
   pb --jobs $1 --dtype bf16 --head-dim 64 128 $EVERY_VARIANT --dropout yes
   pb --jobs $1 --family sm80 --dtype bf16 --head-dim 64 $EVERY_VARIANT --dropout yes

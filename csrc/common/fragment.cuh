@@ -33,4 +33,15 @@ __device__ __forceinline__ void for_each_score_transposed(int key0, int query0, 
       f(nt, e, query0 + nt * 8 + 2 * t + (e % 2), key0 + (e / 2) * 8 + g);
 }
 
+// Every element of a warp's accumulator fragments (kM x kN tiles of 4) set to 0.
+template <int kM, int kN>
+__device__ __forceinline__ void zero_fragments(float (&acc)[kM][kN][4]) {
+#pragma unroll
+  for (int mt = 0; mt < kM; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < kN; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[mt][nt][e] = 0.f;
+}
+
 }  // namespace flashjit

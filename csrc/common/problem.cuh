@@ -3,6 +3,7 @@
 // (contiguous K/V, paged K/V: PageRows, and the KV cache's rows, contiguous or paged:
 // CacheRows). Family-agnostic: no tile code.
 //   PageRows:      the page-row addressing of paged K/V, shared by the forward and CacheRows.
+//   FwdTileOrder:  the forward's query blocks of every (head, batch) pair in one order.
 //   FwdQueryBlock: a query block of the forward, against its range of key blocks.
 //   BwdQueryBlock: a query block of the backward's dQ kernels (deterministic path).
 //   BwdKeyBlock:   a key block of the backward's dK/dV kernels, against its range of query blocks.
@@ -91,6 +92,16 @@ struct PagedRows {
   }
 };
 
+// The forward's tiles (query blocks of block_m rows of every (head, batch) pair) in one order, for
+// a grid with a CTA per tile or a persistent one whose CTAs take every gridDim.x-th tile: tile
+// t = pair * m_blocks + r is query block m_blocks - 1 - r (heavier, later blocks first) of pair
+// = h + heads * b. Consecutive tiles share a head, so the CTAs running side by side read the same
+// K/V (from L2).
+struct FwdTileOrder {
+  int m_blocks, heads;
+  int count;  // m_blocks * heads * batch (< 2^31: fwd launch code)
+};
+
 // Query rows [m0, m0 + block_m) of head h of sequence b, against key blocks [n_begin, n_end) of
 // block_n keys (the variant's band; none when n_end <= n_begin), and where Q (at row m0), K, V
 // (at row 0), O and lse live. Paged K/V (V::kPagedKV: fixed length, p.pages): k and v are the
@@ -137,6 +148,11 @@ struct FwdQueryBlock {
   // blocks first, since with causal masking they have the most keys.
   __device__ FwdQueryBlock(const FwdParams& p, const GridHeadBatch& hb, int block_m, int block_n)
       : FwdQueryBlock(p, gridDim.x - 1 - blockIdx.x, hb.h, hb.b, block_m, block_n) {}
+  // Tile t of a FwdTileOrder.
+  __device__ FwdQueryBlock(const FwdParams& p, const FwdTileOrder& order, int t, int block_m,
+                           int block_n)
+      : FwdQueryBlock(p, order.m_blocks - 1 - t % order.m_blocks, (t / order.m_blocks) % order.heads,
+                      t / order.m_blocks / order.heads, block_m, block_n) {}
   __device__ bool empty() const { return m0 >= seq.seqlen_q; }  // past this sequence's end
   // O at row m0, and lse at row m0 (computed late: registers are scarce in the main loop).
   __device__ Element* out(const FwdParams& p) const {

@@ -15,6 +15,7 @@
 #include <cmath>
 
 #include "common/dropout.cuh"
+#include "common/fragment.cuh"
 #include "common/fwd_epilogue_sw128.cuh"
 #include "common/params.h"
 #include "common/problem.cuh"
@@ -93,14 +94,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSM)
   float acc_s[1][kNTilesS][4];  // S, then P (64 x kBlockN per warpgroup)
   float row_max[1][2] = {{-INFINITY, -INFINITY}};
   float row_sum[1][2] = {{0.f, 0.f}};
-#pragma unroll
-  for (int nt = 0; nt < kNTilesO; ++nt)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) acc_o[0][nt][e] = 0.f;
-#pragma unroll
-  for (int nt = 0; nt < kNTilesS; ++nt)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) acc_s[0][nt][e] = 0.f;
+  zero_fragments(acc_o);
+  zero_fragments(acc_s);
 
   DropoutMask dropout = V::kHasDropout
                             ? DropoutMask(p.dropout, tile.b, tile.h, p.heads, p.seqlen_q, p.seqlen_k)

@@ -2,12 +2,17 @@
 // TMA, mbarrier pipelines, setmaxnreg, wgmma, ping-pong). Device code only; fwd_launch.cuh has
 // the tensor maps, the grid and the tile choice, fwd.cu the instantiation of a spec.
 //
-// One CTA = one (query block of kBlockM = 64 kConsumers rows, head, batch), 1 + kConsumers
-// warpgroups:
-//   * warpgroup 0, the producer (setmaxnreg.dec): one thread issues the TMA loads of Q (once)
-//     and of K, another those of V (kStages buffers each, from the last key block of the band to
-//     the first, as the consumers take them), each completing on its "full" mbarrier; each waits
-//     on its buffer's "empty" mbarrier before it refills it. K and V have their own empty
+// A tile = one (query block of kBlockM = 64 kConsumers rows, head, batch). A CTA takes tiles t =
+// blockIdx.x, + gridDim.x, ... of FwdTileOrder (common/problem.cuh): one each when the grid has a
+// CTA per tile, several when it is persistent (fwd_launch.cuh). Across a CTA's tiles the K/V
+// buffers, their barriers and the consumers' ping-pong turn continue, so the producer loads the
+// next tile's K/V (and Q, once the tile's last S = Q K^T has completed) while the consumers finish
+// the current one. 1 + kConsumers warpgroups:
+//   * warpgroup 0, the producer (setmaxnreg.dec): one thread issues the TMA loads of Q (once
+//     per tile, after the previous tile's last S has released the Q tile) and of K, another those
+//     of V (kStages buffers each, from the last key block of the band to the first, as the
+//     consumers take them), each completing on its "full" mbarrier; each waits on its buffer's
+//     "empty" mbarrier before it refills it. K and V have their own empty
 //     barriers: a K buffer comes back as soon as S = Q K^T of its block has completed, a V buffer
 //     only after P V (issued one block later), so K runs up to kStages blocks ahead of the
 //     consumers whatever V's wait;
@@ -28,12 +33,17 @@
 // TMA reads whole boxes: key rows past a sequence's keys (seqused_k, varlen) are real memory, so
 // their scores are masked (variant.cuh) and the V rows of the one partial block are zeroed
 // before P V reads them (a masked P of 0 times a NaN would still be NaN).
+// The epilogue of a tile that the CTA follows with another stores O from registers
+// (common/fwd_epilogue_sw128.cuh: fwd_epilogue_regs), so the Q tile is free for the next tile's Q
+// as soon as the last S has completed; after the CTA's last tile (with a CTA per tile: its only
+// one) O is staged in the Q tile for 16-byte stores.
 #pragma once
 
 #include <cmath>
 #include <type_traits>
 
 #include "common/dropout.cuh"
+#include "common/fragment.cuh"
 #include "common/fwd_epilogue_sw128.cuh"
 #include "common/params.h"
 #include "common/problem.cuh"
@@ -93,11 +103,22 @@ struct FwdWsTraits {
 };
 
 // The kernel's parameters: the tensor maps of Q, K and V (4-D: head dim, heads, rows, batch;
-// varlen: batch 1, rows = total) and the common forward parameters.
+// varlen: batch 1, rows = total), the tiles (FwdTileOrder over query blocks of kBlockM rows) and
+// the common forward parameters.
 struct FwdWsParams {  // CUtensorMap: 64-byte aligned itself
   CUtensorMap tm_q, tm_k, tm_v;
+  FwdTileOrder tiles;
   FwdParams p;
 };
+
+// Whether the kernel loops over tiles (a persistent grid may launch it: fwd_launch.cuh's
+// persistent_grid) or runs one tile per CTA, compiled without the loop: the loop at d <= 128 and
+// not causal, where the persistent grid gains (with the loop compiled in, d 256 non-causal lost
+// 4-6% even with a CTA per tile: benchmarks/NOTES.md).
+template <typename Traits, typename V>
+constexpr bool ws_tile_loop() {
+  return Traits::kHeadDimPad <= 128 && !V::kIsCausal;
+}
 
 template <typename Traits, typename V>
 __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks)
@@ -110,25 +131,23 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks)
   constexpr int kHeadDimPad = Traits::kHeadDimPad;
   constexpr int kNTilesS = Traits::kNTilesS, kNTilesO = Traits::kNTilesO;
   const FwdParams& p = args.p;
+  const FwdTileOrder& tiles = args.tiles;
+  // Without the loop (ws_tile_loop) every path out of a tile's body leaves the for loop, so the
+  // compiler sees one pass (the counters below stay 0).
+  constexpr bool kLoop = ws_tile_loop<Traits, V>();
 
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   const uint32_t smem_raw_addr = smem_addr(smem_raw);
   const uint32_t smem_q = (smem_raw_addr + Traits::kSmemAlign - 1) & ~uint32_t(Traits::kSmemAlign - 1);
   const uint32_t smem_k = smem_q + Traits::kSmemQ;              // kStages K buffers
   const uint32_t smem_v = smem_k + kStages * Traits::kSmemKV;   // kStages V buffers
-  __shared__ alignas(8) uint64_t bar_q, bar_k_full[kStages], bar_v_full[kStages],
+  __shared__ alignas(8) uint64_t bar_q, bar_q_empty, bar_k_full[kStages], bar_v_full[kStages],
       bar_k_empty[kStages], bar_v_empty[kStages];
 
   const int tid = threadIdx.x, wg = tid / 128;
-  const GridHeadBatch hb(p.heads, p.batch);
-  if (!hb.valid) return;
-  const FwdQueryBlock<Element, V> tile(p, hb, kBlockM, kBlockN);
-  if (tile.empty()) return;
-  const SeqInfo& seq = tile.seq;
-  const int m0 = tile.m0;
-  const int n_last = tile.n_end - 1, n_blocks = max(tile.n_end - tile.n_begin, 0);
   if (tid == 0) {
     mbarrier_init(smem_addr(&bar_q), 1);
+    mbarrier_init(smem_addr(&bar_q_empty), 128 * Traits::kConsumers);  // every consumer thread
     for (int s = 0; s < kStages; ++s) {
       mbarrier_init(smem_addr(&bar_k_full[s]), 1);
       mbarrier_init(smem_addr(&bar_v_full[s]), 1);
@@ -139,37 +158,52 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks)
   }
   __syncthreads();
 
+  // Producer and consumers walk the same tiles and skip the same ones (past a sequence's end, or
+  // no key block), so they agree on every barrier phase: kv counts the K/V blocks of the CTA's
+  // tiles so far (buffer kv % kStages, phase kv / kStages), q_tiles the Q tiles loaded.
   if (wg == 0) {
     // ------------------------------ producer ------------------------------
     setmaxnreg_dec<Traits::kProducerRegs>();
-    if ((tid == 0 || tid == 32) && n_blocks > 0) {  // lane 0 of warps 0 (Q, K) and 1 (V)
-      const bool varlen = p.cu_seqlens_q != nullptr;
-      const int hk = tile.h / (p.heads / p.heads_k);
-      const int bq = varlen ? 0 : tile.b;                       // the maps' batch coordinate
-      const int q_row = (varlen ? seq.q_start : 0) + m0;        // their row coordinate
-      const int k_row0 = varlen ? seq.k_start : 0;
+    if (tid == 0 || tid == 32) {  // lane 0 of warps 0 (Q, K) and 1 (V)
       const bool loads_v = tid == 32;
-      if (!loads_v) {
-        mbarrier_arrive_expect_tx(smem_addr(&bar_q), Traits::kSmemQ);
-#pragma unroll
-        for (int c = 0; c < Traits::kPanels; ++c)
-          tma_load_4d(smem_q + c * kBlockM * 128, &args.tm_q, smem_addr(&bar_q), 64 * c, tile.h,
-                      q_row, bq);
-      }
       const CUtensorMap* map = loads_v ? &args.tm_v : &args.tm_k;
       const uint32_t base = loads_v ? smem_v : smem_k;
       uint64_t* full = loads_v ? bar_v_full : bar_k_full;
       uint64_t* empty = loads_v ? bar_v_empty : bar_k_empty;
-      for (int it = 0; it < n_blocks; ++it) {
-        const int s = it % kStages, n0 = (n_last - it) * kBlockN;
-        // the buffer's previous use (block it - kStages) released by both consumers; the first
-        // round waits on the phase before the first, which counts as completed
-        mbarrier_wait(smem_addr(&empty[s]), ((it / kStages) & 1) ^ 1);
-        mbarrier_arrive_expect_tx(smem_addr(&full[s]), Traits::kSmemKV);
+      const bool varlen = p.cu_seqlens_q != nullptr;
+      int kv = 0, q_tiles = 0;
+      for (int t = blockIdx.x; t < tiles.count; t += gridDim.x) {
+        const FwdQueryBlock<Element, V> tile(p, tiles, t, kBlockM, kBlockN);
+        const int n_last = tile.n_end - 1, n_blocks = max(tile.n_end - tile.n_begin, 0);
+        if (tile.empty() || n_blocks == 0) {
+          if constexpr (kLoop) continue; else break;
+        }
+        const int hk = tile.h / (p.heads / p.heads_k);
+        const int bq = varlen ? 0 : tile.b;                            // the maps' batch coordinate
+        const int k_row0 = varlen ? tile.seq.k_start : 0;             // their row coordinate
+        if (!loads_v) {
+          // the previous Q tile's last S = Q K^T completed in every consumer
+          if (q_tiles > 0) mbarrier_wait(smem_addr(&bar_q_empty), (q_tiles - 1) & 1);
+          const int q_row = (varlen ? tile.seq.q_start : 0) + tile.m0;
+          mbarrier_arrive_expect_tx(smem_addr(&bar_q), Traits::kSmemQ);
 #pragma unroll
-        for (int c = 0; c < Traits::kPanels; ++c)
-          tma_load_4d(base + s * Traits::kSmemKV + c * kBlockN * 128, map, smem_addr(&full[s]),
-                      64 * c, hk, k_row0 + n0, bq);
+          for (int c = 0; c < Traits::kPanels; ++c)
+            tma_load_4d(smem_q + c * kBlockM * 128, &args.tm_q, smem_addr(&bar_q), 64 * c, tile.h,
+                        q_row, bq);
+          ++q_tiles;
+        }
+        for (int it = 0; it < n_blocks; ++it, ++kv) {
+          const int s = kv % kStages, n0 = (n_last - it) * kBlockN;
+          // the buffer's previous use (block kv - kStages) released by every consumer; the first
+          // round waits on the phase before the first, which counts as completed
+          mbarrier_wait(smem_addr(&empty[s]), ((kv / kStages) & 1) ^ 1);
+          mbarrier_arrive_expect_tx(smem_addr(&full[s]), Traits::kSmemKV);
+#pragma unroll
+          for (int c = 0; c < Traits::kPanels; ++c)
+            tma_load_4d(base + s * Traits::kSmemKV + c * kBlockN * 128, map, smem_addr(&full[s]),
+                        64 * c, hk, k_row0 + n0, bq);
+        }
+        if constexpr (!kLoop) break;
       }
     }
     return;
@@ -179,12 +213,12 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks)
   setmaxnreg_inc<Traits::kConsumerRegs>();
   const int cwg = wg - 1;  // query rows [64 cwg, 64 cwg + 64) of the tile
   const int ctid = tid - 128, warp = ctid / 32, lane = tid % 32;
-  const int g = lane / 4, t = lane % 4;
-  const VariantScores<V> scores(p, seq, tile.b, tile.h);
-  const int warp_row0 = m0 + cwg * 64 + (warp % 4) * 16;  // first query row of this warp
+  const int g = lane / 4, t4 = lane % 4;
   // Ping-pong (round robin over the consumers): consumer c issues its GEMMs after waiting on
   // barrier 1 + c and then lets the next one go (barrier 1 + (c + 1) % kConsumers); 256 threads
-  // each: one warpgroup syncs, the one before it arrives. Barrier kTailBarrier: the V tail.
+  // each: one warpgroup syncs, the one before it arrives. The turn goes on from tile to tile:
+  // consumer 0 takes the first (the last consumer's arrive below) and consumes the last consumer's
+  // final pass after the CTA's last tile. Barrier kTailBarrier: the V tail.
   constexpr int kConsumers = Traits::kConsumers, kTurnThreads = 256;
   constexpr int kTailBarrier = 1 + kConsumers;
   const int my_turn = 1 + cwg, other_turn = 1 + (cwg + 1) % kConsumers;
@@ -194,22 +228,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks)
   auto turn_pass = [&] {
     if constexpr (kConsumers > 1) named_barrier_arrive(other_turn, kTurnThreads);
   };
-
-  float acc_o[1][kNTilesO][4];
-  float acc_s[1][kNTilesS][4];
-  float row_max[1][2] = {{-INFINITY, -INFINITY}};
-  float row_sum[1][2] = {{0.f, 0.f}};
-#pragma unroll
-  for (int nt = 0; nt < kNTilesO; ++nt)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) acc_o[0][nt][e] = 0.f;
-#pragma unroll
-  for (int nt = 0; nt < kNTilesS; ++nt)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) acc_s[0][nt][e] = 0.f;
-  DropoutMask dropout = V::kHasDropout
-                            ? DropoutMask(p.dropout, tile.b, tile.h, p.heads, p.seqlen_q, p.seqlen_k)
-                            : DropoutMask();
+  if (kConsumers > 1 && cwg == kConsumers - 1)
+    named_barrier_arrive(1, kTurnThreads);  // consumer 0 goes first
 
   // Descriptors as in sm90/fwd_kernel.cuh: Q (this warpgroup's 64 rows) and K K-major, V
   // MN-major (8 keys per 1024-byte group, the next 64 head-dim columns one panel further).
@@ -217,116 +237,163 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks)
   const uint64_t desc_k0 = smem_desc_sw128(smem_k, 16, 1024);
   const uint64_t desc_v0 = smem_desc_sw128(smem_v, kBlockN * 128, 1024);
   auto kstep_offset = [](int kk, int rows) { return (kk / 4) * rows * 128 + (kk % 4) * 32; };
-  uint32_t p_frag[kBlockN / 16][4];  // P of the previous block (wgmma A layout)
-  auto issue_pv = [&](int it) {
-    const uint64_t desc_v = desc_advance(desc_v0, (it % kStages) * Traits::kSmemKV);
-#pragma unroll
-    for (int ks = 0; ks < kBlockN / 16; ++ks)
-      wgmma_rs_panels<Element, kHeadDimPad>(acc_o[0], p_frag[ks], desc_advance(desc_v, ks * 16 * 128),
-                                         kBlockN * 128);
-    wgmma_commit();
-  };
-  // V rows past the sequence's keys in the band's last block (the first one taken): zero, by
-  // consumer 0 (its 128 threads), before any consumer's P V of it (named barrier kTailBarrier).
-  const int tail = seq.seqlen_k - n_last * kBlockN;  // keys of the last block that exist
-  auto zero_v_tail = [&] {
-    if (tail < kBlockN) {
-      mbarrier_wait(smem_addr(&bar_v_full[0]), 0);
-      if (cwg == 0) {
-        unsigned char* v0 = smem_raw + (smem_v - smem_raw_addr);
-        for (int idx = ctid; idx < (kBlockN - max(tail, 0)) * Traits::kChunksPerRow; idx += 128) {
-          const int row = max(tail, 0) + idx / Traits::kChunksPerRow;
-          const int col = (idx % Traits::kChunksPerRow) * 8;
-          *reinterpret_cast<uint4*>(v0 + sw128_offset<kBlockN>(row, col)) = make_uint4(0, 0, 0, 0);
-        }
-        fence_proxy_async_shared();  // these writes, before the wgmma reads of the buffer
-      }
-      named_barrier_sync(kTailBarrier, 128 * kConsumers);
-    }
-  };
 
-  if (n_blocks > 0) {
-    mbarrier_wait(smem_addr(&bar_q), 0);
-    if (kConsumers > 1 && cwg == kConsumers - 1)
-      named_barrier_arrive(1, kTurnThreads);  // consumer 0 goes first
-  }
-  // Block it: S = Q K^T (64 x kBlockN), then behind it (pv: every block but the first)
-  // O += P[it-1] V[it-1]; the softmax of S; P[it] packed for the next block. pv is a bool, or
-  // with Traits::kPeel a compile-time constant (std::true_type / std::false_type: the first block
-  // peeled), which removes the warpgroup.arrive ptxas injects around a branch on the P V wgmma
-  // (C7519): measured faster at d 128, slower at d 64 (benchmarks/NOTES.md).
-  // (With a runtime pv the fence on p_frag and the wait for P V stay unconditional, as a branch
-  // around them makes ptxas serialise the wgmmas, C7515.)
-  auto step = [&](int it, auto pv) {
-    constexpr bool kStatic = !std::is_same_v<decltype(pv), bool>;
-    const int s = it % kStages, n0 = (n_last - it) * kBlockN;
-    if (it == 1) zero_v_tail();  // before P V of block 0
-    mbarrier_wait(smem_addr(&bar_k_full[s]), (it / kStages) & 1);
-    if (pv) mbarrier_wait(smem_addr(&bar_v_full[(it - 1) % kStages]), ((it - 1) / kStages) & 1);
-    turn_wait();
-    const uint64_t desc_k = desc_advance(desc_k0, s * Traits::kSmemKV);
-    fence_registers(acc_o[0]);
-    if (!kStatic || pv) fence_registers(p_frag);
-    wgmma_fence();
+  float acc_o[1][kNTilesO][4];
+  float acc_s[1][kNTilesS][4];
+  uint32_t p_frag[kBlockN / 16][4];  // P of the previous block (wgmma A layout)
+  float row_max[1][2], row_sum[1][2];
+  int kv = 0, q_tiles = 0, last_t = -1;
+  for (int t = blockIdx.x; t < tiles.count; t += gridDim.x) {
+    const FwdQueryBlock<Element, V> tile(p, tiles, t, kBlockM, kBlockN);
+    if (tile.empty()) {
+      if constexpr (kLoop) continue; else break;
+    }
+    const SeqInfo& seq = tile.seq;
+    const int m0 = tile.m0;
+    const int n_last = tile.n_end - 1, n_blocks = max(tile.n_end - tile.n_begin, 0);
+    const VariantScores<V> scores(p, seq, tile.b, tile.h);
+    const int warp_row0 = m0 + cwg * 64 + (warp % 4) * 16;  // first query row of this warp
+    row_max[0][0] = row_max[0][1] = -INFINITY;
+    row_sum[0][0] = row_sum[0][1] = 0.f;
+    zero_fragments(acc_o);
+    zero_fragments(acc_s);
+    DropoutMask dropout = V::kHasDropout ? DropoutMask(p.dropout, tile.b, tile.h, p.heads,
+                                                       p.seqlen_q, p.seqlen_k)
+                                         : DropoutMask();
+
+    // Block it of the tile is the CTA's block kv + it: buffer (kv + it) % kStages.
+    auto stage_of = [&](int it) { return (kv + it) % kStages; };
+    auto phase_of = [&](int it) { return ((kv + it) / kStages) & 1; };
+    auto issue_pv = [&](int it) {
+      const uint64_t desc_v = desc_advance(desc_v0, stage_of(it) * Traits::kSmemKV);
 #pragma unroll
-    for (int kk = 0; kk < kHeadDim / 16; ++kk)  // the bucket's columns, not the padding
-      wgmma_ss<Element, kBlockN>(acc_s[0], desc_advance(desc_q, kstep_offset(kk, kBlockM)),
-                                 desc_advance(desc_k, kstep_offset(kk, kBlockN)), kk > 0);
-    wgmma_commit();
-    if (pv) {
-      issue_pv(it - 1);
-      turn_pass();
-      wgmma_wait<1>();  // S is done; P V may still run
+      for (int ks = 0; ks < kBlockN / 16; ++ks)
+        wgmma_rs_panels<Element, kHeadDimPad>(acc_o[0], p_frag[ks],
+                                              desc_advance(desc_v, ks * 16 * 128), kBlockN * 128);
+      wgmma_commit();
+    };
+    // V rows past the sequence's keys in the band's last block (the tile's first one taken): zero,
+    // by consumer 0 (its 128 threads), before any consumer's P V of it (named barrier
+    // kTailBarrier).
+    const int tail = seq.seqlen_k - n_last * kBlockN;  // keys of the last block that exist
+    auto zero_v_tail = [&] {
+      if (tail < kBlockN) {
+        mbarrier_wait(smem_addr(&bar_v_full[stage_of(0)]), phase_of(0));
+        if (cwg == 0) {
+          unsigned char* v0 =
+              smem_raw + (smem_v - smem_raw_addr) + stage_of(0) * Traits::kSmemKV;
+          for (int idx = ctid; idx < (kBlockN - max(tail, 0)) * Traits::kChunksPerRow;
+               idx += 128) {
+            const int row = max(tail, 0) + idx / Traits::kChunksPerRow;
+            const int col = (idx % Traits::kChunksPerRow) * 8;
+            *reinterpret_cast<uint4*>(v0 + sw128_offset<kBlockN>(row, col)) =
+                make_uint4(0, 0, 0, 0);
+          }
+          fence_proxy_async_shared();  // these writes, before the wgmma reads of the buffer
+        }
+        named_barrier_sync(kTailBarrier, 128 * kConsumers);
+      }
+    };
+
+    if (n_blocks > 0) mbarrier_wait(smem_addr(&bar_q), q_tiles & 1);
+    // Block it: S = Q K^T (64 x kBlockN), then behind it (pv: every block but the first)
+    // O += P[it-1] V[it-1]; the softmax of S; P[it] packed for the next block. pv is a bool, or
+    // with Traits::kPeel a compile-time constant (std::true_type / std::false_type: the first
+    // block peeled), which removes the warpgroup.arrive ptxas injects around a branch on the P V
+    // wgmma (C7519): measured faster at d 128, slower at d 64 (benchmarks/NOTES.md).
+    // (With a runtime pv the fence on p_frag and the wait for P V stay unconditional, as a branch
+    // around them makes ptxas serialise the wgmmas, C7515.)
+    auto step = [&](int it, auto pv) {
+      constexpr bool kStatic = !std::is_same_v<decltype(pv), bool>;
+      const int s = stage_of(it), n0 = (n_last - it) * kBlockN;
+      if (it == 1) zero_v_tail();  // before P V of block 0
+      mbarrier_wait(smem_addr(&bar_k_full[s]), phase_of(it));
+      if (pv) mbarrier_wait(smem_addr(&bar_v_full[stage_of(it - 1)]), phase_of(it - 1));
+      turn_wait();
+      const uint64_t desc_k = desc_advance(desc_k0, s * Traits::kSmemKV);
+      fence_registers(acc_o[0]);
+      if (!kStatic || pv) fence_registers(p_frag);
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < kHeadDim / 16; ++kk)  // the bucket's columns, not the padding
+        wgmma_ss<Element, kBlockN>(acc_s[0], desc_advance(desc_q, kstep_offset(kk, kBlockM)),
+                                   desc_advance(desc_k, kstep_offset(kk, kBlockN)), kk > 0);
+      wgmma_commit();
+      if (pv) {
+        issue_pv(it - 1);
+        turn_pass();
+        wgmma_wait<1>();  // S is done; P V may still run
+      } else {
+        turn_pass();
+        wgmma_wait<0>();
+      }
+      mbarrier_arrive(smem_addr(&bar_k_empty[s]));  // S read its K buffer: back to the producer
+      // the tile's last S read Q: the Q tile goes back to the producer (the next tile's Q)
+      if (it == n_blocks - 1) mbarrier_arrive(smem_addr(&bar_q_empty));
+      fence_registers(acc_s[0]);
+
+      scores.apply(acc_s, warp_row0, n0, g, t4, scores.mask_needed(m0, n0, kBlockM, kBlockN));
+      float alpha[1][2];
+      softmax_update(acc_s, row_max, row_sum, scores.scale_log2(p), alpha);
+      if constexpr (V::kHasDropout) dropout.apply(acc_s[0], warp_row0 / 16, n0 / 8, g, t4);
+      if (!kStatic || pv) wgmma_wait<0>();  // P V of block it - 1 is done: its V buffer goes
+      if (pv) mbarrier_arrive(smem_addr(&bar_v_empty[stage_of(it - 1)]));  // back to the producer
+      fence_registers(acc_o[0]);
+      fence_registers(acc_s[0]);
+      rescale_rows(acc_o, alpha);
+#pragma unroll
+      for (int ks = 0; ks < kBlockN / 16; ++ks) {
+        p_frag[ks][0] = pack2<Element>(acc_s[0][2 * ks][0], acc_s[0][2 * ks][1]);
+        p_frag[ks][1] = pack2<Element>(acc_s[0][2 * ks][2], acc_s[0][2 * ks][3]);
+        p_frag[ks][2] = pack2<Element>(acc_s[0][2 * ks + 1][0], acc_s[0][2 * ks + 1][1]);
+        p_frag[ks][3] = pack2<Element>(acc_s[0][2 * ks + 1][2], acc_s[0][2 * ks + 1][3]);
+      }
+    };
+    if constexpr (Traits::kPeel) {
+      if (n_blocks > 0) step(0, std::false_type{});
+      for (int it = 1; it < n_blocks; ++it) step(it, std::true_type{});
     } else {
+      for (int it = 0; it < n_blocks; ++it) step(it, it > 0);
+    }
+    if (n_blocks > 0) {
+      if (n_blocks == 1) zero_v_tail();
+      const int last = n_blocks - 1;
+      mbarrier_wait(smem_addr(&bar_v_full[stage_of(last)]), phase_of(last));
+      turn_wait();
+      wgmma_fence();
+      issue_pv(last);
       turn_pass();
       wgmma_wait<0>();
+      mbarrier_arrive(smem_addr(&bar_v_empty[stage_of(last)]));  // the V buffer of the last P V
+      fence_registers(acc_o[0]);
+      ++q_tiles;
     }
-    mbarrier_arrive(smem_addr(&bar_k_empty[s]));  // S read its K buffer: back to the producer
-    fence_registers(acc_s[0]);
+    kv += n_blocks;
 
-    scores.apply(acc_s, warp_row0, n0, g, t, scores.mask_needed(m0, n0, kBlockM, kBlockN));
-    float alpha[1][2];
-    softmax_update(acc_s, row_max, row_sum, scores.scale_log2(p), alpha);
-    if constexpr (V::kHasDropout) dropout.apply(acc_s[0], warp_row0 / 16, n0 / 8, g, t);
-    if (!kStatic || pv) wgmma_wait<0>();  // P V of block it - 1 is done: its V buffer goes
-    if (pv) mbarrier_arrive(smem_addr(&bar_v_empty[(it - 1) % kStages]));  // back to the producer
-    fence_registers(acc_o[0]);
-    fence_registers(acc_s[0]);
-    rescale_rows(acc_o, alpha);
-#pragma unroll
-    for (int ks = 0; ks < kBlockN / 16; ++ks) {
-      p_frag[ks][0] = pack2<Element>(acc_s[0][2 * ks][0], acc_s[0][2 * ks][1]);
-      p_frag[ks][1] = pack2<Element>(acc_s[0][2 * ks][2], acc_s[0][2 * ks][3]);
-      p_frag[ks][2] = pack2<Element>(acc_s[0][2 * ks + 1][0], acc_s[0][2 * ks + 1][1]);
-      p_frag[ks][3] = pack2<Element>(acc_s[0][2 * ks + 1][2], acc_s[0][2 * ks + 1][3]);
+    // Epilogue (common/fwd_epilogue_sw128.cuh): O /= l and lse. Where the CTA has a next tile
+    // (persistent grid), whose Q is being loaded into the Q tile, O is stored from registers;
+    // the CTA's last tile leaves the loop for the staged epilogue below.
+    if (!kLoop || t + int(gridDim.x) >= tiles.count) {
+      last_t = t;
+      break;
     }
-  };
-  if constexpr (Traits::kPeel) {
-    if (n_blocks > 0) step(0, std::false_type{});
-    for (int it = 1; it < n_blocks; ++it) step(it, std::true_type{});
-  } else {
-    for (int it = 0; it < n_blocks; ++it) step(it, it > 0);
+    fwd_epilogue_regs<Traits, V>(p, scores, acc_o[0], row_max[0], row_sum[0], tile.out(p),
+                                 tile.lse(p), min(kBlockM, seq.seqlen_q - m0),
+                                 cwg * 64 + (warp % 4) * 16, lane);
   }
-  if (n_blocks > 0) {
-    if (n_blocks == 1) zero_v_tail();
-    const int last = n_blocks - 1;
-    mbarrier_wait(smem_addr(&bar_v_full[last % kStages]), (last / kStages) & 1);
-    turn_wait();
-    wgmma_fence();
-    issue_pv(last);
-    turn_pass();
-    wgmma_wait<0>();
-    fence_registers(acc_o[0]);
-    if (kConsumers > 1 && cwg == 0) turn_wait();  // the last consumer's last arrive
+  if (last_t >= 0) {
+    // The CTA's last tile: O staged in this warp's rows of the Q tile (only its own warpgroup's
+    // wgmma read them, all completed) for 16-byte stores. (Inside the tile loop this epilogue's
+    // swizzled offsets made ptxas spill.)
+    const FwdQueryBlock<Element, V> tile(p, tiles, last_t, kBlockM, kBlockN);
+    const VariantScores<V> scores(p, tile.seq, tile.b, tile.h);
+    fwd_epilogue_sw128<Traits, V, kBlockM>(p, scores, acc_o[0], row_max[0], row_sum[0],
+                                           tile.out(p), tile.lse(p),
+                                           min(kBlockM, tile.seq.seqlen_q - tile.m0),
+                                           smem_raw + (smem_q - smem_raw_addr),
+                                           cwg * 64 + (warp % 4) * 16, lane);
   }
-
-  // Epilogue (common/fwd_epilogue_sw128.cuh): O /= l and lse, O staged in this warp's rows of
-  // the Q tile (only its own warpgroup's wgmma read them, all completed).
-  fwd_epilogue_sw128<Traits, V, kBlockM>(p, scores, acc_o[0], row_max[0], row_sum[0],
-                                         tile.out(p), tile.lse(p),
-                                         min(kBlockM, seq.seqlen_q - m0),
-                                         smem_raw + (smem_q - smem_raw_addr),
-                                         cwg * 64 + (warp % 4) * 16, lane);
+  if (kConsumers > 1 && cwg == 0) turn_wait();  // the last consumer's final pass
 #else
   __trap();  // sm90a only: the registry never serves this family elsewhere
 #endif

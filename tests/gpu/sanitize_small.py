@@ -49,6 +49,14 @@ for dtype, d, causal, deterministic, dropout_p in [(torch.float16, 64, False, Fa
 if wanted(64):
     q, k, v = (torch.randn(1, 640, 2, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     flashjit.flash_attn_func(q, k, v)
+# the sm90ws forward's persistent grid (not causal, fixed length, d <= 128): more tiles than CTA
+# slots (132 SMs: 160 tiles at d 128; d 64's short tile, two CTAs per SM: 400 tiles), so CTAs
+# run a second tile with the K/V buffers, barriers and turns of the first; keys end inside a
+# block (a V tail in each tile)
+for d, sq in [(d, sq) for d, sq in ((128, 256), (64, 300)) if wanted(d)]:
+    q = torch.randn(1, sq, 80, d, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(1, sq - 19, 80, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    flashjit.flash_attn_func(q, k, v)
 # varlen with rows past the last sequence (the tail-zeroing kernel), at a bucket the sm90ws
 # forward and the sm90 backward pad to whole panels (96 -> 128 columns), and a head dim that is
 # padded (59 -> 64)

@@ -272,6 +272,25 @@ def test_deterministic_backward_with_variants(case):
     check(VARIANTS[name], dtype, d, 521, 173, deterministic=True, repeats=3)
 
 
+@pytest.mark.parametrize("variant,dropout_p", [
+    (Variant(window=(32, 0), sink=True, heads=(16, 4)), 0.0),
+    (Variant(softcap=20.0, alibi="heads", heads=(16, 4), q_scale=4.0), 0.0),
+    (Variant(heads=(16, 4)), 0.13),
+], ids=["window_sink", "softcap_alibi", "dropout"])
+def test_variants_through_the_persistent_grid(variant, dropout_p):
+    """Non-causal fixed-length calls run the sm90ws forward's persistent grid on sm90a (a CTA
+    takes every gridDim.x-th tile): 2 x 16 heads x 8 query blocks of 128 rows = 256 tiles, more
+    than the H100/H200's 132 SMs. With the window (32, 0) and 1000 queries against 300 keys
+    (bottom-right) the first 700 rows see no key, so tiles without a key block (no loads, the
+    sink's lse) sit between tiles with some; the others carry softcap + ALiBi and dropout across
+    the tiles of a CTA."""
+    out, lse, _, sink = check(variant, BF16, 128, 1000, 300, dropout_p=dropout_p)
+    if variant.sink:
+        assert torch.all(out[:, :700] == 0)
+        expected = sink.detach()[None, :, None].expand(BATCH, -1, 700)
+        torch.testing.assert_close(lse[:, :, :700], expected, rtol=1e-6, atol=1e-5)
+
+
 # ------------------------------------------------------------------------------------------------
 # Edges: rows that see no key, windows wider than the sequences, argument forms
 # ------------------------------------------------------------------------------------------------
