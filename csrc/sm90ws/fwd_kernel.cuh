@@ -6,8 +6,9 @@
 // blockIdx.x, + gridDim.x, ... of FwdTileOrder (common/problem.cuh): one each when the grid has a
 // CTA per tile, several when it is persistent (fwd_launch.cuh). Across a CTA's tiles the K/V
 // buffers, their barriers and the consumers' ping-pong turn continue, so the producer loads the
-// next tile's K/V (and Q, once the tile's last S = Q K^T has completed) while the consumers finish
-// the current one. 1 + kConsumers warpgroups:
+// next tile's V, and once the tile's last S = Q K^T has completed its Q and K, while the consumers
+// finish the current one (the K thread waits for the Q tile first: a third producer thread for Q
+// would let K run ahead too; not tried). 1 + kConsumers warpgroups:
 //   * warpgroup 0, the producer (setmaxnreg.dec): one thread issues the TMA loads of Q (once
 //     per tile, after the previous tile's last S has released the Q tile) and of K, another those
 //     of V (kStages buffers each, from the last key block of the band to the first, as the
@@ -158,9 +159,11 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks)
   }
   __syncthreads();
 
-  // Producer and consumers walk the same tiles and skip the same ones (past a sequence's end, or
-  // no key block), so they agree on every barrier phase: kv counts the K/V blocks of the CTA's
-  // tiles so far (buffer kv % kStages, phase kv / kStages), q_tiles the Q tiles loaded.
+  // Producer and consumers walk the same tiles: both skip a tile past a sequence's end, and for a
+  // tile without a key block the producer loads nothing and the consumers only write its
+  // epilogue (O = 0, lse -inf or the sink's), so they agree on every barrier phase: kv counts the
+  // K/V blocks of the CTA's tiles so far (buffer kv % kStages, phase kv / kStages), q_tiles the
+  // Q tiles loaded.
   if (wg == 0) {
     // ------------------------------ producer ------------------------------
     setmaxnreg_dec<Traits::kProducerRegs>();

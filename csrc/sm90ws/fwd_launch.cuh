@@ -31,7 +31,6 @@ struct WsTile {
   static constexpr int kStages = FLASHJIT_TILE_STAGES;
   static constexpr int kConsumers = FLASHJIT_TILE_CONSUMERS;
   static constexpr int kShortConsumers = 0, kShortRows = 0;
-  static constexpr int kPersistent = -1;
 #else
   // d 192: 112-key blocks, 2 stages (48 + 4 x 42 KB); d 256: 80 keys, 2 stages (64 + 4 x 40 KB).
   // Against 64-key blocks at 1k-8k (logs/ws_sweep_padded_wide.log): d 160 +11-14%, d 192 +3-12%,
@@ -50,29 +49,25 @@ struct WsTile {
   // hides): this many consumers (0: the same tile at every length)
   static constexpr int kShortConsumers = kHeadDim <= 64 && !V::kHasDropout ? 1 : 0;
   static constexpr int kShortRows = V::kIsCausal ? 1024 : 512;
-  // The grid (persistent_grid): -1 persistent where the tiles cost about the same, 0 a CTA per
-  // tile, 1 persistent wherever the kernel has the tile loop.
-  static constexpr int kPersistent = -1;
 #endif
 };
 
 // Persistent grid (one CTA per SM slot, each looping over every gridDim.x-th tile: the producer
-// loads the next tile's Q and K/V while the consumers finish the current one) where the kernel
+// loads the next tile's V, and once the last S has completed its Q and K, while the consumers
+// finish the current one) where the kernel
 // has the tile loop (fwd_kernel.cuh's ws_tile_loop: d <= 128, not causal, whose later query
 // blocks have more keys) and every tile costs about the same: fixed length, no key padding
 // (seqused_k). Elsewhere a CTA per tile, which the GPU's block scheduler hands to whichever SM is
 // free first. Measured on the H200 (bf16, 16k tokens, non-causal, against a CTA per tile;
 // benchmarks/NOTES.md): d 64 +10% at 512 tokens, +7% at 1k, +2% at 8k; d 128 +16%, +6%, -2%.
 // With the loop at d 192/256 too they lost 1-6% (logs/ws_ab_persistent_v*.log), so not there.
-// choice (WsTile::kPersistent): -1 that rule, 0 never, 1 wherever the kernel has the loop.
 template <typename Traits, typename V>
-bool persistent_grid(const FwdParams& p, int choice) {
-  if (!ws_tile_loop<Traits, V>()) return false;
-  if (choice >= 0) return choice > 0;
-  return p.cu_seqlens_q == nullptr && p.seqused_k == nullptr;
+bool persistent_grid(const FwdParams& p) {
+  return ws_tile_loop<Traits, V>() && p.cu_seqlens_q == nullptr && p.seqused_k == nullptr;
 }
 
-// Multiprocessors of the current device (cached per device: a launch asks every call).
+// Multiprocessors of the current device (cached per device: a launch asks every call); 0 where
+// the runtime does not say.
 inline int multiprocessors() {
   constexpr int kMaxDevices = 64;
   static int counts[kMaxDevices] = {};
@@ -105,8 +100,7 @@ inline cudaError_t make_qkv_map(CUtensorMap* map, const void* ptr, bool bf16, in
 // Launches flash_fwd_ws_kernel<Traits, V>: tensor maps, shared memory, the grid (a CTA per tile,
 // or persistent: Traits::kMinBlocks CTAs per multiprocessor at most).
 template <typename Traits, typename V>
-cudaError_t launch_fwd_ws(const FwdParams& p, int persistent_choice, cudaStream_t stream) {
-  const bool persistent = persistent_grid<Traits, V>(p, persistent_choice);
+cudaError_t launch_fwd_ws(const FwdParams& p, cudaStream_t stream) {
   using Element = typename Traits::Element;
   constexpr bool kBf16 = std::is_same_v<Element, __nv_bfloat16>;
   auto kernel = flash_fwd_ws_kernel<Traits, V>;
@@ -136,11 +130,14 @@ cudaError_t launch_fwd_ws(const FwdParams& p, int persistent_choice, cudaStream_
   args.tiles.m_blocks = ceil_div(p.seqlen_q, Traits::kBlockM);
   args.tiles.heads = p.heads;
   const int64_t tiles = int64_t(args.tiles.m_blocks) * p.heads * p.batch;
-  // tile numbers (and t + gridDim.x in the kernel's loop) stay below 2^31
-  if (tiles + (int64_t(1) << 20) >= (int64_t(1) << 31)) return cudaErrorInvalidConfiguration;
+  int64_t ctas = tiles;  // a CTA per tile, or persistent (a CTA per tile where the SM count is unknown)
+  if (persistent_grid<Traits, V>(p))
+    if (const int sms = multiprocessors(); sms > 0)
+      ctas = std::min<int64_t>(tiles, int64_t(sms) * Traits::kMinBlocks);
+  // the kernel's tile numbers, and t + gridDim.x in its loop, are ints: with a CTA per tile up to
+  // 2^30 tiles
+  if (tiles + ctas >= (int64_t(1) << 31)) return cudaErrorInvalidConfiguration;
   args.tiles.count = int(tiles);
-  int64_t ctas = tiles;
-  if (persistent) ctas = std::min<int64_t>(tiles, int64_t(multiprocessors()) * Traits::kMinBlocks);
   if (ctas == 0) return cudaSuccess;
   kernel<<<unsigned(ctas), Traits::kNThreads, smem, stream>>>(args);
   return cudaGetLastError();
@@ -152,10 +149,10 @@ cudaError_t run_fwd(const FwdParams& p, cudaStream_t stream) {
   if constexpr (Tile::kShortConsumers > 0) {
     if (p.seqlen_q <= Tile::kShortRows && p.seqlen_k <= Tile::kShortRows)
       return launch_fwd_ws<FwdWsTraits<Element, kHeadDim, Tile::kBlockN, Tile::kStages,
-                                       Tile::kShortConsumers>, V>(p, Tile::kPersistent, stream);
+                                       Tile::kShortConsumers>, V>(p, stream);
   }
   return launch_fwd_ws<FwdWsTraits<Element, kHeadDim, Tile::kBlockN, Tile::kStages,
-                                   Tile::kConsumers>, V>(p, Tile::kPersistent, stream);
+                                   Tile::kConsumers>, V>(p, stream);
 }
 
 }  // namespace flashjit

@@ -132,12 +132,13 @@ def test_fwd_random_shapes():
         assert_close_to_reference(out, lse, q, k, v, causal, scale)
 
 
-# On sm90a the sm90ws forward runs a persistent grid where its tiles cost about the same (not
-# causal, fixed length: csrc/sm90ws/fwd_launch.cuh): a CTA per SM slot takes every gridDim.x-th
-# tile, its K/V buffers, barriers and ping-pong turn going on from one tile to the next. Here
-# many more tiles than SMs (3 x 16 x 8 at d 128), key lengths that end inside a key block (a V
-# tail in every tile), GQA, and every tile kind: d 64's short tile (two CTAs per SM: 500 x 300)
-# and three consumers, the padded 96, the 112- and 80-key blocks at 192/256.
+# On sm90a the sm90ws forward runs a persistent grid at d <= 128 where its tiles cost about the
+# same (not causal, fixed length: csrc/sm90ws/fwd_launch.cuh): a CTA per SM slot takes every
+# gridDim.x-th tile, its K/V buffers, barriers and ping-pong turn going on from one tile to the
+# next. Here many more tiles than SMs (3 x 16 x 8 = 384 at d 128), key lengths that end inside a
+# key block (a V tail in every tile), GQA, d 64's short tile (two CTAs per SM: 500 x 300, 768
+# tiles on 264 CTAs) and three consumers (288 tiles), the padded 96; at 192/256 (112- and 80-key
+# blocks) the kernel has no tile loop and these shapes check its one-tile-per-CTA order.
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("d", [64, 96, 128, 192, 256])
 @pytest.mark.parametrize("b,sq,sk,h,hk", [(3, 1000, 777, 16, 4), (4, 500, 300, 24, 8)])

@@ -280,10 +280,10 @@ def test_deterministic_backward_with_variants(case):
 def test_variants_through_the_persistent_grid(variant, dropout_p):
     """Non-causal fixed-length calls run the sm90ws forward's persistent grid on sm90a (a CTA
     takes every gridDim.x-th tile): 2 x 16 heads x 8 query blocks of 128 rows = 256 tiles, more
-    than the H100/H200's 132 SMs. With the window (32, 0) and 1000 queries against 300 keys
-    (bottom-right) the first 700 rows see no key, so tiles without a key block (no loads, the
-    sink's lse) sit between tiles with some; the others carry softcap + ALiBi and dropout across
-    the tiles of a CTA."""
+    than the H100/H200's 132 SMs, so most CTAs run two. With the window (32, 0) and 1000 queries
+    against 300 keys (bottom-right) the first 700 rows see no key, so a CTA's tiles without a key
+    block (no loads, the sink's lse) come before, after or instead of tiles with some; the other
+    cases carry softcap + ALiBi and dropout across the tiles of a CTA."""
     out, lse, _, sink = check(variant, BF16, 128, 1000, 300, dropout_p=dropout_p)
     if variant.sink:
         assert torch.all(out[:, :700] == 0)
