@@ -164,7 +164,7 @@ for step in $STEPS; do
           | tee "$OUT/dropout_errors_baseline.log" | tail -n 60
       fi ;;
     wsab)  # the sm90ws forward of this tree against .baseline's (carry .baseline): ws_time.py
-           # run from each tree (its own flashjit, csrc and binary cache), alternating, twice
+           # run from each tree (its own flashjit, csrc and binary cache), alternating, WS_ROUNDS times (2)
            # (WS_DROPOUT=p: with dropout against without, in each tree)
       rm -rf /tmp/ab_base && mkdir -p /tmp/ab_base && cp -r .baseline/flashjit .baseline/csrc benchmarks /tmp/ab_base/
       for tree in /tmp/ab_base $PWD; do
@@ -173,7 +173,7 @@ for step in $STEPS; do
            --causal both --dropout $([ -n "${WS_DROPOUT:-}" ] && echo both || echo no) 2>&1 | tail -n 1) &
       done
       wait
-      for round in 1 2; do
+      for round in $(seq 1 ${WS_ROUNDS:-2}); do
         for tree in /tmp/ab_base $PWD; do
           name=$([ $tree = $PWD ] && echo new || echo baseline)
           (cd $tree && FLASHJIT_CACHE_DIR=/tmp/flashjit-cache-ab-$(basename $tree) PYTHONPATH=/tmp/site:$tree \
