@@ -1,5 +1,6 @@
-// sequence.cuh: the grid of every attention kernel, the device's shared-memory limits and opt-in, and where one (batch, head) sequence lives, for
-// fixed-length and varlen inputs alike. Family-agnostic: no tile code.
+// sequence.cuh: the grid of every attention kernel, the device's shared-memory limits and opt-in
+// and its multiprocessor count, and where one (batch, head) sequence lives, for fixed-length and
+// varlen inputs alike. Family-agnostic: no tile code.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -45,6 +46,14 @@ struct SmemLimits {
     cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device);
   }
 };
+
+// Multiprocessors of the current device; 0 where the runtime does not say.
+inline int multiprocessors() {
+  int device = 0, n = 0;
+  cudaGetDevice(&device);
+  cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device);
+  return n;
+}
 
 // Dynamic shared memory above the 48 KB default needs an explicit opt-in per kernel.
 template <typename Kernel>

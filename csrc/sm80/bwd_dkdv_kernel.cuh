@@ -75,8 +75,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
 
   float acc_dk[kdKVMTiles][kdKVNTiles][4];  // dS^T Q (scaled at the end)
   float acc_dv[kdKVMTiles][kdKVNTiles][4];  // (P Z)^T dO
-  clear(acc_dk);
-  clear(acc_dv);
+  zero_fragments(acc_dk);
+  zero_fragments(acc_dv);
 
   // cp.async loads of query block m_block into stage `stage`: Q with its lse and D rows, and dO.
   auto load_q = [&](int m_block, int stage) {
@@ -159,8 +159,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
 
     // S = Q K^T and dP = dO V^T, (kSdPWarpM x kSdPWarpN) per warp.
     float acc_s[kSdPMTiles][kSdPNTiles][4], acc_dp[kSdPMTiles][kSdPNTiles][4];
-    clear(acc_s);
-    clear(acc_dp);
+    zero_fragments(acc_s);
+    zero_fragments(acc_dp);
     mma_ABt<Element, kSdPMTiles, kSdPNTiles, kHeadDim, kSmemRow, kSmemRow>(
         acc_s, sq + sdp_a, smem_addr(smem_k) + sdp_b);
     mma_ABt<Element, kSdPMTiles, kSdPNTiles, kHeadDim, kSmemRow, kSmemRow>(
@@ -224,7 +224,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
     // 0 to padding rows; fragments of columns >= d are skipped.
     if (!p.deterministic) {
       float acc_dq[kdQMTiles][kdQNTiles][4];
-      clear(acc_dq);
+      zero_fragments(acc_dq);
       mma_AB<Element, kdQMTiles, kdQNTiles, kBlockN, kSmemRowP, kSmemRow>(
           acc_dq, smem_addr(smem_ds) + dq_a, smem_addr(smem_k) + dq_b);
       float* accum = dq_accum + int64_t(m0) * kHeadDim + warp * Traits::kdQFragsPerWarp * 128;

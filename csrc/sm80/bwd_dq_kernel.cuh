@@ -89,7 +89,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kNWarps <= 4 ? 2 : 
   const uint32_t b_off = lane_offset_b(lane, kSmemRow) * kElt;    // K as B (dS K)
 
   float acc_dq[kMTiles][kNTilesD][4];  // dS K (scaled at the end)
-  clear(acc_dq);
+  zero_fragments(acc_dq);
 
 #pragma unroll 1
   for (int n_block = n_begin; n_block < n_end; ++n_block) {
@@ -116,8 +116,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kNWarps <= 4 ? 2 : 
 
     // S = Q K^T, dP = dO V^T: (kWarpRows x kBlockN) per warp.
     float acc_s[kMTiles][kNTilesS][4], acc_dp[kMTiles][kNTilesS][4];
-    clear(acc_s);
-    clear(acc_dp);
+    zero_fragments(acc_s);
+    zero_fragments(acc_dp);
     mma_ABt<Element, kMTiles, kNTilesS, kHeadDim, kSmemRow, kSmemRow>(
         acc_s, smem_addr(smem_q) + a_off, sk + bt_off);
     mma_ABt<Element, kMTiles, kNTilesS, kHeadDim, kSmemRow, kSmemRow>(

@@ -13,6 +13,7 @@
 #include <cmath>
 
 #include "common/dropout.cuh"
+#include "common/fragment.cuh"
 #include "common/padded_tile.cuh"
 #include "common/params.h"
 #include "common/problem.cuh"
@@ -122,12 +123,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSM)
 
     // S = Q K^T, (kWarpRows x kBlockN) per warp, fp32.
     float acc_s[kMTiles][kNTilesS][4];
-#pragma unroll
-    for (int mt = 0; mt < kMTiles; ++mt)
-#pragma unroll
-      for (int nt = 0; nt < kNTilesS; ++nt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) acc_s[mt][nt][e] = 0.f;
+    zero_fragments(acc_s);
 #pragma unroll
     for (int kk = 0; kk < kHeadDim / 16; ++kk) {
       uint32_t a[kMTiles][4];

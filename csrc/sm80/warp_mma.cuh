@@ -4,6 +4,7 @@
 
 #include <cstdint>
 
+#include "common/fragment.cuh"
 #include "common/ptx.cuh"
 
 namespace flashjit {
@@ -120,16 +121,6 @@ __device__ __forceinline__ void mma_AB(float (&acc)[kMTiles][kNTiles][4], uint32
         mma_16816<Element>(acc[mt][kNTiles - 1], a[mt], b[0], b[1]);
     }
   }
-}
-
-template <int kMTiles, int kNTiles>
-__device__ __forceinline__ void clear(float (&acc)[kMTiles][kNTiles][4]) {
-#pragma unroll
-  for (int mt = 0; mt < kMTiles; ++mt)
-#pragma unroll
-    for (int nt = 0; nt < kNTiles; ++nt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc[mt][nt][e] = 0.f;
 }
 
 // Write a warp's C fragments (rows row0 + mt*16 + {g, g+8}, columns col0 + nt*8 + {2t, 2t+1}) times

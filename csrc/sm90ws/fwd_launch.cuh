@@ -54,30 +54,15 @@ struct WsTile {
 
 // Persistent grid (one CTA per SM slot, each looping over every gridDim.x-th tile: the producer
 // loads the next tile's V, and once the last S has completed its Q and K, while the consumers
-// finish the current one) where the kernel
-// has the tile loop (fwd_kernel.cuh's ws_tile_loop: d <= 128, not causal, whose later query
-// blocks have more keys) and every tile costs about the same: fixed length, no key padding
-// (seqused_k). Elsewhere a CTA per tile, which the GPU's block scheduler hands to whichever SM is
+// finish the current one) where the kernel has the tile loop (fwd_kernel.cuh's ws_tile_loop:
+// d <= 128, not causal, whose later query blocks have more keys) and every tile costs about the
+// same: fixed length, no key padding (seqused_k). Elsewhere a CTA per tile, which the GPU's block scheduler hands to whichever SM is
 // free first. Measured on the H200 (bf16, 16k tokens, non-causal, against a CTA per tile;
 // benchmarks/NOTES.md): d 64 +10% at 512 tokens, +7% at 1k, +2% at 8k; d 128 +16%, +6%, -2%.
 // With the loop at d 192/256 too they lost 1-6% (logs/ws_ab_persistent_v*.log), so not there.
 template <typename Traits, typename V>
 bool persistent_grid(const FwdParams& p) {
   return ws_tile_loop<Traits, V>() && p.cu_seqlens_q == nullptr && p.seqused_k == nullptr;
-}
-
-// Multiprocessors of the current device (cached per device: a launch asks every call); 0 where
-// the runtime does not say.
-inline int multiprocessors() {
-  constexpr int kMaxDevices = 64;
-  static int counts[kMaxDevices] = {};
-  int device = 0;
-  cudaGetDevice(&device);
-  if (device < kMaxDevices && counts[device] > 0) return counts[device];
-  int n = 0;
-  cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device);
-  if (device < kMaxDevices) counts[device] = n;
-  return n;
 }
 
 // A 4-D tensor map (head dim, heads, rows, batch) over q, k or v (strides in elements, the head

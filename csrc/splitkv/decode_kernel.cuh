@@ -22,6 +22,7 @@
 #include <cmath>
 
 #include "common/bulk_copy.cuh"
+#include "common/fragment.cuh"
 #include "common/params.h"
 #include "common/problem.cuh"
 #include "common/ptx.cuh"
@@ -231,10 +232,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSM)
 
   float acc_o[1][kNTilesO][4];  // O (16 x kHeadDim) of this warp's rows and keys, unnormalised
   float row_max[1][2] = {{-INFINITY, -INFINITY}}, row_sum[1][2] = {{0.f, 0.f}};
-#pragma unroll
-  for (int nt = 0; nt < kNTilesO; ++nt)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) acc_o[0][nt][e] = 0.f;
+  zero_fragments(acc_o);
 
   // ldmatrix lane addresses (see sm80/fwd_kernel.cuh): Q as the A operand (this warp's 16
   // rows), K as B, V as B.trans (this warp's keys of the block).
