@@ -181,12 +181,16 @@ for step in $STEPS; do
         done
       done ;;
     wsprof)  # ncu of the sm90ws forward (bf16, 8k, d 64 and 128): stall reasons, issue and pipe
-             # use, and the hottest SASS instructions by warp-stall samples (profile_ws.py)
+             # use, and the hottest SASS instructions by warp-stall samples (profile_ws.py);
+             # WSPROF_BWD=1: the sm90 backward's dK/dV kernel instead (plus shared-memory use)
+      if [ -n "${WSPROF_BWD:-}" ]; then wsprof_k=dk_dv; wsprof_run="--backward"
+      else wsprof_k=flash_fwd_ws; wsprof_run=""; fi
       for d in ${WSPROF_DIMS:-64 128}; do
-        timeout 200 ncu --clock-control none --launch-skip 2 --launch-count 1 -k regex:flash_fwd_ws \
+        timeout 200 ncu --clock-control none --launch-skip 2 --launch-count 1 -k regex:$wsprof_k \
           --section SpeedOfLight --section WarpStateStats --section SchedulerStats \
           --section ComputeWorkloadAnalysis --section SourceCounters --import-source no \
-          -f -o /tmp/wsprof_d$d python3 benchmarks/profile_ws.py run --head-dim $d > /dev/null 2>&1
+          ${WSPROF_BWD:+--section MemoryWorkloadAnalysis --section MemoryWorkloadAnalysis_Tables} \
+          -f -o /tmp/wsprof_d$d python3 benchmarks/profile_ws.py run --head-dim $d $wsprof_run > /dev/null 2>&1
         ncu -i /tmp/wsprof_d$d.ncu-rep --page details > "$OUT/ncu_ws_d$d.log" 2>&1
         ncu -i /tmp/wsprof_d$d.ncu-rep --page source --csv --print-source sass > /tmp/wsprof_src_d$d.csv 2>&1
         python3 benchmarks/profile_ws.py summary /tmp/wsprof_src_d$d.csv --top ${WSPROF_TOP:-45} \
@@ -204,7 +208,7 @@ for step in $STEPS; do
       python3 -m cProfile -s tottime benchmarks/first_call.py fwd 2>&1 | head -n 40 >> "$OUT/profile.txt"
       grep RESULT "$OUT/profile.txt" ;;
     sweep)
-      timeout 400 python3 benchmarks/tile_sweep.py ${SWEEP:-128,64,4,2} 2>&1 | tee "$OUT/sweep.log" ;;
+      timeout ${SWEEP_TIMEOUT:-400} python3 benchmarks/tile_sweep.py ${SWEEP:-128,64,4,2} 2>&1 | tee "$OUT/sweep.log" ;;
     kernels)  # per-kernel GPU times, flashjit vs SDPA flash (diagnostic)
       for cfg in "--d 128 --causal" "--d 128" "--d 64 --causal" "--d 64"; do
         timeout 120 python3 benchmarks/kernel_times.py --seqlen ${KERNELS_SEQLEN:-1024} $cfg 2>&1

@@ -1,7 +1,8 @@
-"""Where the warp-specialised Hopper forward (csrc/sm90ws) spends its time, for ncu.
+"""Where the Hopper kernels (the sm90ws forward, the sm90 backward) spend their time, for ncu.
 
-Run mode (under ncu): a few forward calls of one shape, bf16, 16k tokens x hidden 2048:
-    python benchmarks/profile_ws.py run --head-dim 128 --seqlen 8192 [--causal]
+Run mode (under ncu): a few forward calls of one shape, bf16, 16k tokens x hidden 2048, or with
+--backward a few backward calls (the dK/dV kernel is the one to profile: -k regex:dk_dv):
+    python benchmarks/profile_ws.py run --head-dim 128 --seqlen 8192 [--causal] [--backward]
 Summary mode: the hottest SASS instructions of an ncu source page exported as CSV
 (``ncu -i rep --page source --csv --print-source sass``), by warp-stall samples, with the
 stall reasons that dominate each, and the reasons over the whole kernel:
@@ -22,10 +23,14 @@ def run(args: argparse.Namespace) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     import flashjit
     b, h = 16384 // args.seqlen, 2048 // args.head_dim
-    q, k, v = (torch.randn(b, args.seqlen, h, args.head_dim, device="cuda", dtype=torch.bfloat16)
-               for _ in range(3))
+    q, k, v = (torch.randn(b, args.seqlen, h, args.head_dim, device="cuda", dtype=torch.bfloat16,
+                           requires_grad=args.backward) for _ in range(3))
+    out = flashjit.flash_attn_func(q, k, v, causal=args.causal)
     for _ in range(4):
-        flashjit.flash_attn_func(q, k, v, causal=args.causal)
+        if args.backward:
+            torch.autograd.grad(out, (q, k, v), torch.ones_like(out), retain_graph=True)
+        else:
+            flashjit.flash_attn_func(q, k, v, causal=args.causal)
     torch.cuda.synchronize()
 
 
@@ -70,6 +75,7 @@ def main() -> None:
     r.add_argument("--head-dim", type=int, default=128)
     r.add_argument("--seqlen", type=int, default=8192)
     r.add_argument("--causal", action="store_true")
+    r.add_argument("--backward", action="store_true", help="time backward calls instead")
     s = sub.add_parser("summary")
     s.add_argument("csv")
     s.add_argument("--top", type=int, default=40)

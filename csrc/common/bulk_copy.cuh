@@ -59,6 +59,34 @@ __device__ __forceinline__ void bulk_copy_g2s(uint32_t smem, const void* gmem, u
       : "memory");
 }
 
+// Shared -> global bulk reduction: adds the `bytes` / 4 floats at `smem` to those at `gmem`,
+// element by element, each add atomic (as red.global.add.f32), in this thread's bulk group. The
+// writers of the source make their stores visible to it with fence_proxy_async_shared() and a
+// barrier before this thread issues it (PTX ISA: cp.reduce.async.bulk).
+__device__ __forceinline__ void bulk_reduce_add_f32_s2g(float* gmem, uint32_t smem,
+                                                        uint32_t bytes) {
+  FLASHJIT_SM90_ASM(
+      "cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n" ::"l"(gmem),
+      "r"(smem), "r"(bytes)
+      : "memory");
+}
+
+// Close this thread's bulk group: the bulk operations issued since the last commit.
+__device__ __forceinline__ void bulk_commit_group() {
+  FLASHJIT_SM90_ASM("cp.async.bulk.commit_group;\n" ::: "memory");
+}
+
+// Wait until at most kPending of this thread's committed bulk groups still read their shared
+// memory source (which may then be overwritten), or, bulk_wait_group, are still incomplete.
+template <int kPending>
+__device__ __forceinline__ void bulk_wait_group_read() {
+  FLASHJIT_SM90_ASM("cp.async.bulk.wait_group.read %0;\n" ::"n"(kPending) : "memory");
+}
+template <int kPending>
+__device__ __forceinline__ void bulk_wait_group() {
+  FLASHJIT_SM90_ASM("cp.async.bulk.wait_group %0;\n" ::"n"(kPending) : "memory");
+}
+
 }  // namespace flashjit
 
 #undef FLASHJIT_SM90_ASM

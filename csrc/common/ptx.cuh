@@ -5,6 +5,7 @@
 //   mma.sync  (m16n8k16, fp16/bf16 inputs, fp32 accumulate)
 //   cp.async  (16-byte global->shared copies that bypass registers, with zero fill)
 //   red       (fp32 atomic adds to global memory without a return value)
+//   bar       (named barriers: sync and arrive over a subset of the CTA's warps)
 // Torch-free: included by kernel translation units only.
 #pragma once
 
@@ -15,6 +16,15 @@
 #include <cuda_fp16.h>
 
 namespace flashjit {
+
+// Named barrier `id` (1..15; 0 is __syncthreads) over `threads` threads: sync waits for all of
+// them, arrive counts this thread's warp and goes on.
+__device__ __forceinline__ void named_barrier_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+__device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
 
 // Shared-memory address of a generic pointer, as the 32-bit value PTX .shared instructions take.
 __device__ __forceinline__ uint32_t smem_addr(const void* ptr) {

@@ -12,10 +12,18 @@
 //   P^T = exp2(S^T scale log2(e) - lse log2(e)),  dS^T = P^T (dP^T - D)     registers, fp32
 //   dV += P^T dO, dK += dS^T Q       (64 x d) wgmma, A from registers, dO/Q MN-major in smem
 //   dQ = dS K                        dS^T stored to shared memory and read back as an MN-major A,
-//                                    K as an MN-major B; added to dq_accum with fp32 atomics.
+//                                    K as an MN-major B; staged in shared memory and added to
+//                                    dq_accum by one bulk reduction (below).
 // dQ (kBlockM x d) needs the dS of all 128 keys, so both warpgroups meet at a barrier first and
 // then split it: by query rows (64 each) when kBlockM = 128, by head-dim columns (64 each) when
-// kBlockM = 64. All tiles are 128-byte swizzled (smem_sw128.cuh).
+// kBlockM = 64. All tiles but dQ's are 128-byte swizzled (smem_sw128.cuh).
+// dQ goes to dq_accum through shared memory: each thread stores its fragments there in
+// dq_accum's own order (common/dq_accum.cuh), and after the next barrier thread 0 adds the whole
+// (kBlockM x d) tile to dq_accum with one bulk reduction (cp.reduce.async.bulk .add.f32), which
+// runs on the TMA engine while the CTA goes on; thread 0 waits for it to have read the tile
+// before the barrier that precedes the next block's dQ stores. (Per-thread red.global.add of the
+// fragments, as before, stalled the warps on the load/store queue: ~8% of the ncu warp samples
+// at d 64 and 128.)
 // Dropout: the keep mask is the one of dropout.cuh, defined on the mma C layout of the untransposed
 // scores (one Philox call per lane and m16 x n32 group of four n8 tiles). Each lane computes, for
 // every tile its warp covers (kBlockM / 16 query tiles x 2 key tiles, half of a group), the call
@@ -26,6 +34,7 @@
 
 #include <type_traits>
 
+#include "common/bulk_copy.cuh"
 #include "common/dq_accum.cuh"
 #include "common/dropout.cuh"
 #include "common/params.h"
@@ -55,12 +64,14 @@ struct BwdSm90Traits {
   static constexpr int kNTilesDq = kDqN / 8;
 
   // Shared memory (bytes), each tile 1024-byte aligned: K, V (kBlockN x d), kStages x Q, kStages x
-  // dO (kBlockM x d), dS^T (kBlockN x kBlockM), then lse and D (kStages x kBlockM floats each).
+  // dO (kBlockM x d), dS^T (kBlockN x kBlockM), dQ (kBlockM x d fp32, dq_accum's fragment order),
+  // then lse and D (kStages x kBlockM floats each).
   static constexpr int kStages = 2;
   static constexpr int kSmemKV = kBlockN * kHeadDim * 2;
   static constexpr int kSmemQ = kBlockM * kHeadDim * 2;
   static constexpr int kSmemDS = kBlockN * kBlockM * 2;
-  static constexpr int kSmemTiles = 2 * kSmemKV + 2 * kStages * kSmemQ + kSmemDS;
+  static constexpr int kSmemDq = kBlockM * kHeadDim * 4;
+  static constexpr int kSmemTiles = 2 * kSmemKV + 2 * kStages * kSmemQ + kSmemDS + kSmemDq;
   static constexpr int kSmemAlign = 1024;  // slack to align the dynamic base
   static constexpr size_t kSmemBytes =
       size_t(kSmemTiles + 2 * kStages * kBlockM * sizeof(float) + kSmemAlign);
@@ -128,7 +139,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   const uint32_t smem_q = smem_v + Traits::kSmemKV;       // kStages buffers
   const uint32_t smem_do = smem_q + kStages * kSmemQ;     // kStages buffers
   const uint32_t smem_ds = smem_do + kStages * kSmemQ;    // dS^T
-  const uint32_t smem_lse = smem_ds + Traits::kSmemDS;    // kStages x kBlockM floats
+  const uint32_t smem_dq = smem_ds + Traits::kSmemDS;     // dQ, fp32
+  const uint32_t smem_lse = smem_dq + Traits::kSmemDq;    // kStages x kBlockM floats
   const uint32_t smem_dsum = smem_lse + kStages * kBlockM * sizeof(float);
   auto generic = [&](uint32_t addr) { return smem_raw + (addr - smem_raw_addr); };
 
@@ -193,9 +205,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
       smem_desc_sw128(smem_k + (kDqSplitRows ? 0 : wg * kBlockN * 128), kBlockN * 128, 1024);
   auto kstep_offset = [](int kk, int rows) { return (kk / 4) * rows * 128 + (kk % 4) * 32; };
 
-  // This warp's dQ fragments in dq_accum (Traits::DqLayout order) and its first dQ column.
+  // This warp's dQ fragments in dq_accum's order (Traits::DqLayout) and in the dQ tile.
   const int dq_warp = kDqSplitRows ? warp : 2 * (warp % 4) + wg;
-  const int dq_col0 = kDqSplitRows ? 0 : wg * Traits::kDqN;
 
   uint32_t p_frag[kBlockM / 16][4], ds_frag[kBlockM / 16][4];  // P^T, dS^T packed (A layout)
 #pragma unroll 1
@@ -210,6 +221,13 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
     if (m_block + 1 < tile.m_end) {
       load_query_block(m_block + 1, stage ^ 1);
       cp_async_commit();
+    }
+    // The previous block's dQ, stored before the barrier above, to dq_accum.
+    const bool dq_reducer = !p.deterministic && tid == 0;
+    if (dq_reducer && it > 0) {
+      bulk_reduce_add_f32_s2g(tile.dq_accum + int64_t(m0 - kBlockM) * kHeadDim, smem_dq,
+                              Traits::kSmemDq);
+      bulk_commit_group();
     }
 
     TransposedKeepBits<kBlockM> keep;  // dropout, ahead of the register peak
@@ -333,11 +351,13 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
           *reinterpret_cast<uint32_t*>(ds_tile + sw128_offset<kBlockN>(row, col)) = ds_frag[ks][e];
         }
       fence_proxy_async_shared();  // this thread's dS^T writes -> visible to wgmma
-      __syncthreads();             // dS^T of all 128 keys is in shared memory
+      if (dq_reducer) bulk_wait_group_read<0>();  // the previous dQ has left shared memory
+      __syncthreads();             // dS^T of all 128 keys is in shared memory; the dQ tile is free
 
       // dQ = dS K over the block's 128 keys (unscaled; the postprocess scales), this warpgroup's
-      // part, added to the query block's tile of dq_accum. Rows past the sequence end add 0 to
-      // padding rows; fragments of columns >= d are skipped.
+      // part, stored to the dQ tile for the bulk reduction into the query block's tile of
+      // dq_accum. Rows past the sequence end add 0 to padding rows, and so do the columns >= d
+      // (K's are zero-filled).
       float acc_dq[kNTilesDq][4];
       wgmma_fence();
 #pragma unroll
@@ -347,10 +367,11 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
       wgmma_commit();
       wgmma_wait<0>();  // dV, dK and dQ are done
       fence_registers(acc_dq);
-      float* accum = tile.dq_accum + int64_t(m0) * kHeadDim + dq_warp * kNTilesDq * 128;
+      float* dq_tile = reinterpret_cast<float*>(generic(smem_dq)) + dq_warp * kNTilesDq * 128;
 #pragma unroll
-      for (int nt = 0; nt < kNTilesDq; ++nt)
-        if (dq_col0 + nt * 8 < p.head_dim) dq_accum_add(accum + nt * 128, lane, acc_dq[nt]);
+      for (int nt = 0; nt < kNTilesDq; ++nt)  // fragment nt: 128 floats, 4 per lane
+        *reinterpret_cast<float4*>(dq_tile + nt * 128 + 4 * lane) =
+            make_float4(acc_dq[nt][0], acc_dq[nt][1], acc_dq[nt][2], acc_dq[nt][3]);
     } else {
       wgmma_wait<0>();  // dV, dK are done (dQ: the deterministic dQ kernel)
     }
@@ -362,7 +383,16 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
 
   // Epilogue: dK = scale dS^T Q and dV staged in the K and V tiles (every warpgroup is done with
   // them), then written out with 16-byte stores. Key rows past seqused_k (padding) get zeros.
+  // The last block's dQ goes to dq_accum meanwhile (its stores made visible to the bulk
+  // reduction by the fence and the barrier).
+  fence_proxy_async_shared();
   __syncthreads();
+  const bool dq_reducer = !p.deterministic && tid == 0 && tile.m_begin < tile.m_end;
+  if (dq_reducer) {
+    bulk_reduce_add_f32_s2g(tile.dq_accum + int64_t(tile.m_end - 1) * kBlockM * kHeadDim,
+                            smem_dq, Traits::kSmemDq);
+    bulk_commit_group();
+  }
   unsigned char* dk_tile = generic(smem_k);
   unsigned char* dv_tile = generic(smem_v);
 #pragma unroll
@@ -381,6 +411,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
                                     p.head_dim, tid);
   store_tile_sw128<Traits, kBlockN>(tile.dv, p.dv_row_stride, dv_tile, seq.rows_k - n0,
                                     p.head_dim, tid);
+  if (dq_reducer) bulk_wait_group<0>();  // done before the CTA's shared memory goes
 #else
   __trap();  // compiled for an arch without wgmma: the launcher never selects this kernel there
 #endif
