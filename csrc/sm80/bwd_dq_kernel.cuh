@@ -7,6 +7,7 @@
 #include <cmath>
 
 #include "common/dropout.cuh"
+#include "common/fragment.cuh"
 #include "common/padded_tile.cuh"
 #include "common/params.h"
 #include "common/problem.cuh"
@@ -151,12 +152,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kNWarps <= 4 ? 2 : 
     for (int ks = 0; ks < kBlockN / 16; ++ks) {
       uint32_t a[kMTiles][4];
 #pragma unroll
-      for (int mt = 0; mt < kMTiles; ++mt) {
-        a[mt][0] = pack2<Element>(acc_dp[mt][2 * ks][0], acc_dp[mt][2 * ks][1]);
-        a[mt][1] = pack2<Element>(acc_dp[mt][2 * ks][2], acc_dp[mt][2 * ks][3]);
-        a[mt][2] = pack2<Element>(acc_dp[mt][2 * ks + 1][0], acc_dp[mt][2 * ks + 1][1]);
-        a[mt][3] = pack2<Element>(acc_dp[mt][2 * ks + 1][2], acc_dp[mt][2 * ks + 1][3]);
-      }
+      for (int mt = 0; mt < kMTiles; ++mt) pack_c_to_a<Element>(acc_dp[mt], ks, a[mt]);
 #pragma unroll
       for (int np = 0; np < kNTilesD / 2; ++np) {
         uint32_t bk[4];  // keys ks*16 .. +15, d np*16 .. +15: two n8 tiles

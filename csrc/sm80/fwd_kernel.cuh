@@ -162,12 +162,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSM)
     for (int ks = 0; ks < kBlockN / 16; ++ks) {
       uint32_t a[kMTiles][4];  // the C layout of two n8 tiles of S is the A layout of one k16 step
 #pragma unroll
-      for (int mt = 0; mt < kMTiles; ++mt) {
-        a[mt][0] = pack2<Element>(acc_s[mt][2 * ks][0], acc_s[mt][2 * ks][1]);
-        a[mt][1] = pack2<Element>(acc_s[mt][2 * ks][2], acc_s[mt][2 * ks][3]);
-        a[mt][2] = pack2<Element>(acc_s[mt][2 * ks + 1][0], acc_s[mt][2 * ks + 1][1]);
-        a[mt][3] = pack2<Element>(acc_s[mt][2 * ks + 1][2], acc_s[mt][2 * ks + 1][3]);
-      }
+      for (int mt = 0; mt < kMTiles; ++mt) pack_c_to_a<Element>(acc_s[mt], ks, a[mt]);
 #pragma unroll
       for (int np = 0; np < kHeadDim / 16; ++np) {
         uint32_t bv[4];  // keys ks*16 .. +15, d np*16 .. +15: two n8 tiles

@@ -16,6 +16,7 @@
 #include <cmath>
 
 #include "common/dropout.cuh"
+#include "common/fragment.cuh"
 #include "common/params.h"
 #include "common/problem.cuh"
 #include "common/ptx.cuh"
@@ -180,13 +181,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
       acc_dp[0][nt][e] = ds;
     });
     uint32_t ds_frag[kBlockN / 16][4];
-#pragma unroll
-    for (int ks = 0; ks < kBlockN / 16; ++ks) {
-      ds_frag[ks][0] = pack2<Element>(acc_dp[0][2 * ks][0], acc_dp[0][2 * ks][1]);
-      ds_frag[ks][1] = pack2<Element>(acc_dp[0][2 * ks][2], acc_dp[0][2 * ks][3]);
-      ds_frag[ks][2] = pack2<Element>(acc_dp[0][2 * ks + 1][0], acc_dp[0][2 * ks + 1][1]);
-      ds_frag[ks][3] = pack2<Element>(acc_dp[0][2 * ks + 1][2], acc_dp[0][2 * ks + 1][3]);
-    }
+    pack_c_to_a<Element>(acc_dp[0], ds_frag);
 
     // dQ += dS K: one wgmma per k16 step of keys (16 keys = 2048 bytes of the K stage).
     fence_registers(ds_frag);

@@ -37,6 +37,7 @@
 #include "common/bulk_copy.cuh"
 #include "common/dq_accum.cuh"
 #include "common/dropout.cuh"
+#include "common/fragment.cuh"
 #include "common/params.h"
 #include "common/problem.cuh"
 #include "common/ptx.cuh"
@@ -311,17 +312,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
     }
     // Pack P^T and dS^T: the D layout of n8 tiles 2 ks, 2 ks + 1 is the A layout of k16 step ks
     // (16 queries).
-#pragma unroll
-    for (int ks = 0; ks < kBlockM / 16; ++ks) {
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {  // n8 tile 2 ks + half: a[2 half] row g, a[2 half + 1] g + 8
-        p_frag[ks][2 * half] = pack2<Element>(acc_s[2 * ks + half][0], acc_s[2 * ks + half][1]);
-        p_frag[ks][2 * half + 1] = pack2<Element>(acc_s[2 * ks + half][2], acc_s[2 * ks + half][3]);
-        ds_frag[ks][2 * half] = pack2<Element>(acc_dp[2 * ks + half][0], acc_dp[2 * ks + half][1]);
-        ds_frag[ks][2 * half + 1] =
-            pack2<Element>(acc_dp[2 * ks + half][2], acc_dp[2 * ks + half][3]);
-      }
-    }
+    pack_c_to_a<Element>(acc_s, p_frag);
+    pack_c_to_a<Element>(acc_dp, ds_frag);
 
     // dV += P^T dO and dK += dS^T Q: A from registers, one wgmma per k16 step of queries.
     fence_registers(p_frag);

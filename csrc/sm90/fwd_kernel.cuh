@@ -201,13 +201,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSM)
     fence_registers(acc_o[0]);
     fence_registers(acc_s[0]);
     rescale_rows(acc_o, alpha);
-#pragma unroll
-    for (int ks = 0; ks < kBlockN / 16; ++ks) {  // D layout of two n8 tiles = A layout of a k16 step
-      p_frag[ks][0] = pack2<Element>(acc_s[0][2 * ks][0], acc_s[0][2 * ks][1]);
-      p_frag[ks][1] = pack2<Element>(acc_s[0][2 * ks][2], acc_s[0][2 * ks][3]);
-      p_frag[ks][2] = pack2<Element>(acc_s[0][2 * ks + 1][0], acc_s[0][2 * ks + 1][1]);
-      p_frag[ks][3] = pack2<Element>(acc_s[0][2 * ks + 1][2], acc_s[0][2 * ks + 1][3]);
-    }
+    pack_c_to_a<Element>(acc_s[0], p_frag);  // D layout of two n8 tiles = A layout of a k16 step
   }
   // The last block's O += P V, once its V tile has landed.
   if (n_blocks > 0) {

@@ -299,10 +299,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSM)
 #pragma unroll
     for (int ks = 0; ks < kWarpN / 16; ++ks) {
       uint32_t a[4];
-      a[0] = pack2<Element>(acc_s[0][2 * ks][0], acc_s[0][2 * ks][1]);
-      a[1] = pack2<Element>(acc_s[0][2 * ks][2], acc_s[0][2 * ks][3]);
-      a[2] = pack2<Element>(acc_s[0][2 * ks + 1][0], acc_s[0][2 * ks + 1][1]);
-      a[3] = pack2<Element>(acc_s[0][2 * ks + 1][2], acc_s[0][2 * ks + 1][3]);
+      pack_c_to_a<Element>(acc_s[0], ks, a);
 #pragma unroll
       for (int np = 0; np < kHeadDim / 16; ++np) {
         uint32_t bv[4];
