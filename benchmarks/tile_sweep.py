@@ -12,8 +12,9 @@ variant times the backward (default kernel family) built from the csrc tree DIR 
 repo root or absolute): A/B of kernel versions in one run; "bwd-dropout:DIR" does the same with
 dropout_p 0.1 (FLASHJIT_KERNEL_FAMILY=sm80 in the environment compares the mma.sync family).
 Each variant is timed in its own process, so that no process loads two builds of one spec
-name. bf16, d 64 and 128, 16k tokens, hidden 2048. Used to pick the tiles; the
-numbers go to the notes, not the README.
+name. bf16, d 64 and 128 (SWEEP_HEAD_DIMS="224 256": others), seqlens 1k, 4k, 16k
+(SWEEP_SEQLENS), 16k tokens, hidden 2048. Used to pick the tiles; the numbers go to the notes,
+not the README.
 """
 
 from __future__ import annotations
@@ -29,12 +30,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # The child processes: a loop over bf16 configs (16k tokens, hidden 2048), timed with bench_ms.
 CHILD_LOOP = r"""
-import sys, torch
+import os, sys, torch
 sys.path.insert(0, sys.argv[1] + "/benchmarks")
 import flashjit
 from common import bench_ms, attention_flops
-for d in (64, 128):
-    for seqlen in (1024, 4096, 16384):
+for d in [int(x) for x in os.environ.get("SWEEP_HEAD_DIMS", "64 128").split()]:
+    for seqlen in [int(x) for x in os.environ.get("SWEEP_SEQLENS", "1024 4096 16384").split()]:
         for causal in (False, True):
             b, h = 16384 // seqlen, 2048 // d
 """
@@ -81,8 +82,9 @@ def main():
                 shutil.copytree(ROOT / tree, csrc)
                 env["FLASHJIT_CSRC_DIR"] = str(csrc)
                 child, child_args = CHILD_BWD, ["0.1" if kind == "bwd-dropout" else "0.0"]
+                dims = os.environ.get("SWEEP_HEAD_DIMS", "64 128").split()
                 subprocess.run([sys.executable, "-m", "flashjit.prebuild", "--kernel", "fwd", "bwd",
-                                "--dtype", "bf16", "--head-dim", "64", "128", "--causal", "both",
+                                "--dtype", "bf16", "--head-dim", *dims, "--causal", "both",
                                 "--dropout", "yes" if kind == "bwd-dropout" else "no",
                                 "--jobs", "16"], env=env, capture_output=True)
             elif variant.startswith("sm90:"):

@@ -4,12 +4,14 @@
 //
 // One CTA = one (query block of kBlockM = 64 * kNWarpGroups rows, head, batch); warpgroup w owns
 // query rows [64 w, 64 w + 64). Q and dO stay in shared memory; K and V stream through two stages,
-// filled by cp.async one key block ahead. Per key block of the band, per warpgroup:
+// filled by cp.async one key block ahead, or at d 256 (where two stages do not fit) through one,
+// refilled once every warpgroup is done with it. Per key block of the band, per warpgroup:
 //   S = Q K^T, dP = dO V^T            (64 x kBlockN) wgmma, both operands from shared memory
 //   P = exp2(x scale log2(e) - lse),  dS = P (dP Z - D) dx/ds      registers, fp32 (x: the logit
 //                                      of the variant, common/variant.cuh)
 //   dQ += dS K                        (64 x d) wgmma, dS from registers (its D layout is the A
 //                                      layout), K as an MN-major B from the same shared tile
+//                                      (d 256: two wgmma of 128 columns)
 // All tiles are 128-byte swizzled (smem_sw128.cuh).
 #pragma once
 
@@ -27,7 +29,7 @@
 
 namespace flashjit {
 
-template <typename Element_, int kHeadDim_, int kBlockN_, int kNWarpGroups_>
+template <typename Element_, int kHeadDim_, int kBlockN_, int kNWarpGroups_, int kKVStages_ = 2>
 struct BwdDqSm90Traits {
   using Element = Element_;
   static constexpr int kHeadDim = kHeadDim_;  // compiled head-dim bucket (actual d <= this)
@@ -38,16 +40,20 @@ struct BwdDqSm90Traits {
   static constexpr int kNTilesS = kBlockN / 8;   // n8 tiles of S, dP per thread's rows
   static constexpr int kNTilesD = kHeadDim / 8;  // n8 tiles of dQ
   static constexpr int kChunksPerRow = kHeadDim / 8;
+  static constexpr int kKVStages = kKVStages_;
 
-  // Shared memory (bytes), each tile 1024-byte aligned: Q, dO (kBlockM x d), then 2 stages of K
-  // and 2 of V (kBlockN x d).
+  // Shared memory (bytes), each tile 1024-byte aligned: Q, dO (kBlockM x d), then kKVStages stages
+  // of K and kKVStages of V (kBlockN x d).
   static constexpr int kSmemQ = kBlockM * kHeadDim * 2;
   static constexpr int kSmemKV = kBlockN * kHeadDim * 2;
   static constexpr int kSmemAlign = 1024;
-  static constexpr size_t kSmemBytes = size_t(2 * kSmemQ + 4 * kSmemKV + kSmemAlign);
+  static constexpr size_t kSmemBytes = size_t(2 * kSmemQ + 2 * kKVStages * kSmemKV + kSmemAlign);
 
   static_assert(sizeof(Element) == 2, "16-bit elements");
-  static_assert(kHeadDim == 64 || kHeadDim == 128, "wgmma N of dS K: head-dim bucket 64 or 128");
+  static_assert(kHeadDim == 64 || kHeadDim == 128 || kHeadDim == 256,
+                "wgmma N of dS K: head-dim bucket 64, 128 or 256 (two wgmma of 128)");
+  static_assert(kKVStages == 1 || kKVStages == 2, "K/V stages");
+  static_assert(kSmemBytes <= 227 * 1024, "shared memory: the sm_90 opt-in limit");
   static_assert(kBlockN == 64 || kBlockN == 128, "wgmma N of S: kBlockN 64 or 128");
   static_assert((kNThreads / kChunksPerRow) % 8 == 0, "tile loader: rows % 8 fixed per thread");
 };
@@ -66,8 +72,9 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   const uint32_t smem_q =
       (smem_raw_addr + Traits::kSmemAlign - 1) & ~uint32_t(Traits::kSmemAlign - 1);
   const uint32_t smem_do = smem_q + Traits::kSmemQ;
-  const uint32_t smem_k = smem_do + Traits::kSmemQ;       // 2 stages
-  const uint32_t smem_v = smem_k + 2 * Traits::kSmemKV;   // 2 stages
+  constexpr int kKVStages = Traits::kKVStages;
+  const uint32_t smem_k = smem_do + Traits::kSmemQ;               // kKVStages stages
+  const uint32_t smem_v = smem_k + kKVStages * Traits::kSmemKV;   // kKVStages stages
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int wg = warp / 4;
@@ -85,10 +92,10 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   const int rows_q = min(kBlockM, seq.seqlen_q - m0);
   const int warp_row = wg * 64 + (warp % 4) * 16;  // first row of this warp in the block
 
-  // K, V of iteration `it` (key block n_begin + it) into stage it % 2; the caller commits.
+  // K, V of iteration `it` (key block n_begin + it) into stage it % kKVStages; the caller commits.
   auto load_kv = [&](int it) {
     const int n0 = (n_begin + it) * kBlockN;
-    const uint32_t off = (it % 2) * Traits::kSmemKV;
+    const uint32_t off = (it % kKVStages) * Traits::kSmemKV;
     load_tile_sw128<Traits, kBlockN>(smem_k + off, tile.k + n0 * p.k_row_stride, p.k_row_stride,
                                      seq.seqlen_k - n0, p.head_dim, tid);
     load_tile_sw128<Traits, kBlockN>(smem_v + off, tile.v + n0 * p.v_row_stride, p.v_row_stride,
@@ -134,12 +141,12 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
 #pragma unroll 1
   for (int it = 0; it < n_blocks; ++it) {
     const int n0 = (n_begin + it) * kBlockN;
-    const uint32_t stage_off = (it % 2) * Traits::kSmemKV;
+    const uint32_t stage_off = (it % kKVStages) * Traits::kSmemKV;
     cp_async_wait<0>();
     fence_proxy_async_shared();  // this thread's cp.async writes -> visible to wgmma
     __syncthreads();  // K, V of this block (and Q, dO) have landed; every warpgroup's wgmmas of
                       // the previous block (on the other stage) have completed
-    if (it + 1 < n_blocks) {
+    if (kKVStages == 2 && it + 1 < n_blocks) {
       load_kv(it + 1);
       cp_async_commit();
     }
@@ -189,12 +196,18 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
     wgmma_fence();
 #pragma unroll
     for (int ks = 0; ks < kBlockN / 16; ++ks)
-      wgmma_rs<Element, kHeadDim>(acc_dq, ds_frag[ks],
-                                  desc_advance(desc_k_mn, stage_off + ks * 16 * 128));
+      wgmma_rs_panels<Element, kHeadDim>(acc_dq, ds_frag[ks],
+                                         desc_advance(desc_k_mn, stage_off + ks * 16 * 128),
+                                         kBlockN * 128);
     wgmma_commit();
     wgmma_wait<0>();
     fence_registers(acc_dq);
     fence_registers(ds_frag);
+    if (kKVStages == 1 && it + 1 < n_blocks) {  // one stage: refill it once both are done with it
+      __syncthreads();
+      load_kv(it + 1);
+      cp_async_commit();
+    }
   }
 
   // Epilogue: dQ = scale dS K. Each warp stages its own 16 rows in its rows of the Q tile (only

@@ -17,13 +17,18 @@
 // dQ (kBlockM x d) needs the dS of all 128 keys, so both warpgroups meet at a barrier first and
 // then split it: by query rows (64 each) when kBlockM = 128, by head-dim columns (64 each) when
 // kBlockM = 64. All tiles but dQ's are 128-byte swizzled (smem_sw128.cuh).
-// dQ goes to dq_accum through shared memory: each thread stores its fragments there in
-// dq_accum's own order (common/dq_accum.cuh), and after the next barrier thread 0 adds the whole
-// (kBlockM x d) tile to dq_accum with one bulk reduction (cp.reduce.async.bulk .add.f32), which
-// runs on the TMA engine while the CTA goes on; thread 0 waits for it to have read the tile
-// before the barrier that precedes the next block's dQ stores. (Per-thread red.global.add of the
-// fragments, as before, stalled the warps on the load/store queue: ~8% of the ncu warp samples
-// at d 64 and 128.)
+// Head dims above 128 (buckets 224 and 256, run at 256 columns): dK and dV of 128 keys would not
+// fit two warpgroups' registers, so a CTA takes kBlockN = 64 keys and both warpgroups compute the
+// same S^T and dP^T of them (the duplicated GEMMs are 2 of the 7 per block), and each keeps dK,
+// dV and computes dQ for its half of the head-dim columns (kSplitCols below).
+// dQ goes to dq_accum through shared memory where the tile fits (Traits::kDqBulk: d 64 and 128):
+// each thread stores its fragments there in dq_accum's own order (common/dq_accum.cuh), and
+// after the next barrier thread 0 adds the whole (kBlockM x d) tile to dq_accum with one bulk
+// reduction (cp.reduce.async.bulk .add.f32), which runs on the TMA engine while the CTA goes on;
+// thread 0 waits for it to have read the tile before the barrier that precedes the next block's
+// dQ stores. (Per-thread red.global.add of the fragments, as before, stalled the warps on the
+// load/store queue: ~8% of the ncu warp samples at d 64 and 128.) Where the tile does not fit
+// (d 256, with two Q/dO stages), the fragments are added with red.global.add as before.
 // Dropout: the keep mask is the one of dropout.cuh, defined on the mma C layout of the untransposed
 // scores (one Philox call per lane and m16 x n32 group of four n8 tiles). Each lane computes, for
 // every tile its warp covers (kBlockM / 16 query tiles x 2 key tiles, half of a group), the call
@@ -53,14 +58,18 @@ struct BwdSm90Traits {
   using Element = Element_;
   static constexpr int kHeadDim = kHeadDim_;  // compiled head-dim bucket (actual d <= this)
   static constexpr int kBlockM = kBlockM_;    // queries per block: the N of S^T and dP^T
-  static constexpr int kBlockN = 128;         // keys per CTA: 64 per warpgroup (wgmma M)
+  // d > 128: both warpgroups on the same 64 keys, dK, dV, dQ split by columns (d / 2 each);
+  // else 128 keys per CTA, 64 per warpgroup (wgmma M), each with dK, dV of all d columns.
+  static constexpr bool kSplitCols = kHeadDim > 128;
+  static constexpr int kBlockN = kSplitCols ? 64 : 128;  // keys per CTA
   static constexpr int kNThreads = 256;       // two warpgroups
   static constexpr int kChunksPerRow = kHeadDim / 8;  // 16-byte chunks of a Q, K, V, dO row
 
   static constexpr int kNTilesS = kBlockM / 8;   // n8 tiles of S^T, dP^T (columns = queries)
-  static constexpr int kNTilesD = kHeadDim / 8;  // n8 tiles of dK, dV
+  static constexpr int kDkvN = kSplitCols ? kHeadDim / 2 : kHeadDim;  // dK, dV columns a warpgroup
+  static constexpr int kNTilesD = kDkvN / 8;     // n8 tiles of dK, dV
   // dQ split between the warpgroups: by rows (each 64 queries x d) or by columns (64 x d / 2).
-  static constexpr bool kDqSplitRows = kBlockM == 128;
+  static constexpr bool kDqSplitRows = kBlockM == 128 && !kSplitCols;
   static constexpr int kDqN = kDqSplitRows ? kHeadDim : kHeadDim / 2;
   static constexpr int kNTilesDq = kDqN / 8;
 
@@ -71,19 +80,24 @@ struct BwdSm90Traits {
   static constexpr int kSmemKV = kBlockN * kHeadDim * 2;
   static constexpr int kSmemQ = kBlockM * kHeadDim * 2;
   static constexpr int kSmemDS = kBlockN * kBlockM * 2;
-  static constexpr int kSmemDq = kBlockM * kHeadDim * 4;
-  static constexpr int kSmemTiles = 2 * kSmemKV + 2 * kStages * kSmemQ + kSmemDS + kSmemDq;
   static constexpr int kSmemAlign = 1024;  // slack to align the dynamic base
-  static constexpr size_t kSmemBytes =
-      size_t(kSmemTiles + 2 * kStages * kBlockM * sizeof(float) + kSmemAlign);
+  static constexpr int kSmemLseDsum = 2 * kStages * kBlockM * sizeof(float);
+  static constexpr int kSmemNoDq = 2 * kSmemKV + 2 * kStages * kSmemQ + kSmemDS + kSmemLseDsum;
+  // The dQ tile where the opt-in limit (227 KB on sm_90) leaves room for it: d 64 and 128.
+  static constexpr bool kDqBulk = kSmemNoDq + kBlockM * kHeadDim * 4 + kSmemAlign <= 227 * 1024;
+  static constexpr int kSmemDq = kDqBulk ? kBlockM * kHeadDim * 4 : 0;
+  static constexpr size_t kSmemBytes = size_t(kSmemNoDq + kSmemDq + kSmemAlign);
 
-  // The dq_accum fragment order (common/dq_accum.cuh) of this kernel's atomics, which the
-  // postprocess reads back: 8 warps of 16 dQ rows x kDqN columns, numbered along the columns first.
+  // The dq_accum fragment order (common/dq_accum.cuh) of this kernel's dQ tile (or atomics),
+  // which the postprocess reads back: 8 warps of 16 dQ rows x kDqN columns, numbered along the
+  // columns first.
   using DqLayout = DqAccumLayout<Element, kHeadDim, kBlockM, kBlockM / 16, kHeadDim / kDqN,
                                  kNThreads>;
 
   static_assert(sizeof(Element) == 2, "16-bit elements");
-  static_assert(kHeadDim == 64 || kHeadDim == 128, "wgmma N of dK, dV: head-dim bucket 64 or 128");
+  static_assert(kHeadDim == 64 || kHeadDim == 128 || kHeadDim == 256,
+                "wgmma N of dK, dV: head-dim bucket 64 or 128, or 256 split in two");
+  static_assert(kSmemBytes <= 227 * 1024, "shared memory: the sm_90 opt-in limit");
   static_assert(kBlockM == 64 || kBlockM == 128, "wgmma N of S^T: kBlockM 64 or 128");
   static_assert(kDqN == 64 || kDqN == 128, "dQ columns per warpgroup: whole 64-column panels");
   static_assert(DqLayout::kdQFragsPerWarp == kNTilesDq && DqLayout::kdQWarpD == kDqN,
@@ -146,7 +160,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   auto generic = [&](uint32_t addr) { return smem_raw + (addr - smem_raw_addr); };
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const int wg = warp / 4;               // warpgroup: keys [64 wg, 64 wg + 64) of the block
+  const int wg = warp / 4;  // warpgroup: keys [64 wg, 64 wg + 64) of the block, or (kSplitCols)
+                            // columns [wg kDkvN, wg kDkvN + kDkvN) of dK, dV and dQ
   const int g = lane / 4, t = lane % 4;  // accumulator row group and column pair
   const GridHeadBatch hb(p.heads, p.batch);
   if (!hb.valid) return;
@@ -157,7 +172,9 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   const SeqInfo& seq = tile.seq;
   const int n0 = tile.n0;
   const VariantScores<V> scores(p, seq, b, h);  // the variant (common/variant.cuh)
-  const int warp_row = wg * 64 + (warp % 4) * 16;  // first key (row of S^T, dK, dV) of the warp
+  constexpr bool kSplitCols = Traits::kSplitCols;
+  // First key (row of S^T, dK, dV) of the warp.
+  const int warp_row = (kSplitCols ? 0 : wg * 64) + (warp % 4) * 16;
   DropoutMask drop;
   if constexpr (V::kHasDropout) drop = DropoutMask(p.dropout, b, h, p.heads, p.seqlen_q, p.seqlen_k);
 
@@ -193,21 +210,27 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   //   dQ: A = dS (M = queries, K = keys) from the dS^T tile (MN-major, 16 keys per 2048 bytes):
   //     this warpgroup's 64 queries (one panel) or all 64; B = K (K = keys, N = head dim, MN-major):
   //     all columns or this warpgroup's 64-column panel.
-  const uint64_t desc_k = smem_desc_sw128(smem_k + wg * 64 * 128, 16, 1024);
-  const uint64_t desc_v = smem_desc_sw128(smem_v + wg * 64 * 128, 16, 1024);
+  //   kSplitCols: K, V all 64 keys for both; dK, dV's B (dO, Q) and dQ's B (K) start at the
+  //     warpgroup's first column panel.
+  const uint32_t key_off = kSplitCols ? 0 : wg * 64 * 128;
+  const uint64_t desc_k = smem_desc_sw128(smem_k + key_off, 16, 1024);
+  const uint64_t desc_v = smem_desc_sw128(smem_v + key_off, 16, 1024);
   const uint64_t desc_q_kmajor = smem_desc_sw128(smem_q, 16, 1024);
   const uint64_t desc_do_kmajor = smem_desc_sw128(smem_do, 16, 1024);
-  const uint64_t desc_q_mnmajor = smem_desc_sw128(smem_q, kBlockM * 128, 1024);
-  const uint64_t desc_do_mnmajor = smem_desc_sw128(smem_do, kBlockM * 128, 1024);
+  const uint32_t dkv_col_off = kSplitCols ? wg * (Traits::kDkvN / 64) * kBlockM * 128 : 0;
+  const uint64_t desc_q_mnmajor = smem_desc_sw128(smem_q + dkv_col_off, kBlockM * 128, 1024);
+  const uint64_t desc_do_mnmajor = smem_desc_sw128(smem_do + dkv_col_off, kBlockM * 128, 1024);
   constexpr bool kDqSplitRows = Traits::kDqSplitRows;
   const uint64_t desc_ds =
       smem_desc_sw128(smem_ds + (kDqSplitRows ? wg * kBlockN * 128 : 0), kBlockN * 128, 1024);
-  const uint64_t desc_k_dq =
-      smem_desc_sw128(smem_k + (kDqSplitRows ? 0 : wg * kBlockN * 128), kBlockN * 128, 1024);
+  const uint64_t desc_k_dq = smem_desc_sw128(
+      smem_k + (kDqSplitRows ? 0 : wg * (Traits::kDqN / 64) * kBlockN * 128), kBlockN * 128, 1024);
   auto kstep_offset = [](int kk, int rows) { return (kk / 4) * rows * 128 + (kk % 4) * 32; };
 
-  // This warp's dQ fragments in dq_accum's order (Traits::DqLayout) and in the dQ tile.
+  // This warp's dQ fragments in dq_accum's order (Traits::DqLayout) and in the dQ tile, and its
+  // first dQ column.
   const int dq_warp = kDqSplitRows ? warp : 2 * (warp % 4) + wg;
+  const int dq_col0 = kDqSplitRows ? 0 : wg * Traits::kDqN;
 
   uint32_t p_frag[kBlockM / 16][4], ds_frag[kBlockM / 16][4];  // P^T, dS^T packed (A layout)
 #pragma unroll 1
@@ -224,7 +247,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
       cp_async_commit();
     }
     // The previous block's dQ, stored before the barrier above, to dq_accum.
-    const bool dq_reducer = !p.deterministic && tid == 0;
+    const bool dq_reducer = Traits::kDqBulk && !p.deterministic && tid == 0;
     if (dq_reducer && it > 0) {
       bulk_reduce_add_f32_s2g(tile.dq_accum + int64_t(m0 - kBlockM) * kHeadDim, smem_dq,
                               Traits::kSmemDq);
@@ -323,22 +346,24 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
     wgmma_fence();
 #pragma unroll
     for (int ks = 0; ks < kBlockM / 16; ++ks)
-      wgmma_rs<Element, kHeadDim>(acc_dv, p_frag[ks],
+      wgmma_rs<Element, Traits::kDkvN>(acc_dv, p_frag[ks],
                                   desc_advance(desc_do_mnmajor, stage_off + ks * 16 * 128));
 #pragma unroll
     for (int ks = 0; ks < kBlockM / 16; ++ks)
-      wgmma_rs<Element, kHeadDim>(acc_dk, ds_frag[ks],
+      wgmma_rs<Element, Traits::kDkvN>(acc_dk, ds_frag[ks],
                                   desc_advance(desc_q_mnmajor, stage_off + ks * 16 * 128));
     wgmma_commit();
 
     if (!p.deterministic) {
       // dS^T to shared memory (keys x queries, swizzled) while dV, dK run: rows g, g + 8 of the
-      // warp, columns 16 ks + 8 half + 2 t, straight from the packed A fragments.
+      // warp, columns 16 ks + 8 half + 2 t, straight from the packed A fragments (kSplitCols:
+      // both warpgroups hold the same dS^T and each stores every other k16 step of it).
       unsigned char* ds_tile = generic(smem_ds);
 #pragma unroll
       for (int ks = 0; ks < kBlockM / 16; ++ks)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
+          if (kSplitCols && ks % 2 != wg) continue;
           const int row = warp_row + (e % 2) * 8 + g, col = ks * 16 + (e / 2) * 8 + 2 * t;
           *reinterpret_cast<uint32_t*>(ds_tile + sw128_offset<kBlockN>(row, col)) = ds_frag[ks][e];
         }
@@ -350,20 +375,38 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
       // part, stored to the dQ tile for the bulk reduction into the query block's tile of
       // dq_accum. Rows past the sequence end add 0 to padding rows, and so do the columns >= d
       // (K's are zero-filled).
-      float acc_dq[kNTilesDq][4];
-      wgmma_fence();
+      // In passes of at most 64 columns (kSplitCols: two), each waited for and stored before
+      // the next, so that only 64 columns of dQ are live next to dK and dV.
+      constexpr int kDqPassN = Traits::kDqN < 64 ? Traits::kDqN : 64;
+      constexpr int kNTilesPass = kDqPassN / 8;
 #pragma unroll
-      for (int ks = 0; ks < kBlockN / 16; ++ks)
-        wgmma_ss<Element, Traits::kDqN, true, true>(acc_dq, desc_advance(desc_ds, ks * 16 * 128),
-                                                    desc_advance(desc_k_dq, ks * 16 * 128), ks > 0);
-      wgmma_commit();
-      wgmma_wait<0>();  // dV, dK and dQ are done
-      fence_registers(acc_dq);
-      float* dq_tile = reinterpret_cast<float*>(generic(smem_dq)) + dq_warp * kNTilesDq * 128;
+      for (int pass = 0; pass < Traits::kDqN / kDqPassN; ++pass) {
+        float acc_dq[kNTilesPass][4];
+        const uint64_t desc_k_pass = desc_advance(desc_k_dq, pass * kBlockN * 128);
+        wgmma_fence();
 #pragma unroll
-      for (int nt = 0; nt < kNTilesDq; ++nt)  // fragment nt: 128 floats, 4 per lane
-        *reinterpret_cast<float4*>(dq_tile + nt * 128 + 4 * lane) =
-            make_float4(acc_dq[nt][0], acc_dq[nt][1], acc_dq[nt][2], acc_dq[nt][3]);
+        for (int ks = 0; ks < kBlockN / 16; ++ks)
+          wgmma_ss<Element, kDqPassN, true, true>(acc_dq, desc_advance(desc_ds, ks * 16 * 128),
+                                                  desc_advance(desc_k_pass, ks * 16 * 128),
+                                                  ks > 0);
+        wgmma_commit();
+        wgmma_wait<0>();  // dV, dK and this pass of dQ are done
+        fence_registers(acc_dq);
+        const int frag0 = dq_warp * kNTilesDq + pass * kNTilesPass;  // in dq_accum's order
+        if constexpr (Traits::kDqBulk) {
+          float* dq_tile = reinterpret_cast<float*>(generic(smem_dq)) + frag0 * 128;
+#pragma unroll
+          for (int nt = 0; nt < kNTilesPass; ++nt)  // fragment nt: 128 floats, 4 per lane
+            *reinterpret_cast<float4*>(dq_tile + nt * 128 + 4 * lane) =
+                make_float4(acc_dq[nt][0], acc_dq[nt][1], acc_dq[nt][2], acc_dq[nt][3]);
+        } else {  // straight to dq_accum (fp32 atomics), skipping the fragments of columns >= d
+          float* accum = tile.dq_accum + int64_t(m0) * kHeadDim + frag0 * 128;
+#pragma unroll
+          for (int nt = 0; nt < kNTilesPass; ++nt)
+            if (dq_col0 + (pass * kNTilesPass + nt) * 8 < p.head_dim)
+              dq_accum_add(accum + nt * 128, lane, acc_dq[nt]);
+        }
+      }
     } else {
       wgmma_wait<0>();  // dV, dK are done (dQ: the deterministic dQ kernel)
     }
@@ -379,7 +422,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   // reduction by the fence and the barrier).
   fence_proxy_async_shared();
   __syncthreads();
-  const bool dq_reducer = !p.deterministic && tid == 0 && tile.m_begin < tile.m_end;
+  const bool dq_reducer =
+      Traits::kDqBulk && !p.deterministic && tid == 0 && tile.m_begin < tile.m_end;
   if (dq_reducer) {
     bulk_reduce_add_f32_s2g(tile.dq_accum + int64_t(tile.m_end - 1) * kBlockM * kHeadDim,
                             smem_dq, Traits::kSmemDq);
@@ -391,7 +435,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   for (int nt = 0; nt < kNTilesD; ++nt)
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
-      const uint32_t off = sw128_offset<kBlockN>(warp_row + half * 8 + g, nt * 8 + 2 * t);
+      const int col = (kSplitCols ? wg * Traits::kDkvN : 0) + nt * 8 + 2 * t;
+      const uint32_t off = sw128_offset<kBlockN>(warp_row + half * 8 + g, col);
       *reinterpret_cast<uint32_t*>(dk_tile + off) =
           pack2<Element>(acc_dk[nt][2 * half] * p.softmax_scale,
                          acc_dk[nt][2 * half + 1] * p.softmax_scale);

@@ -16,7 +16,9 @@ namespace flashjit {
 // Query-block rows per iteration. Registers per thread: dK, dV (2 x 64 x d / 128 threads) for the
 // whole CTA, plus S^T and dP^T (2 x 64 x kBlockM / 128) at a time:
 //   d  64: kBlockM 128 (64 + 128 floats; dQ split by rows);
-//   d 128: kBlockM 64 (128 + 64 floats; dQ split by columns).
+//   d 128: kBlockM 64 (128 + 64 floats; dQ split by columns);
+//   d 256 (buckets 224, 256): kBlockM 64, 64 keys per CTA, dK, dV, dQ split by columns (the same
+//   registers as d 128: bwd_kernel.cuh, kSplitCols).
 // A spec's tile (JitSpec.tile: FLASHJIT_TILE_BLOCK_M) overrides both (tile sweeps).
 template <int kHeadDim>
 struct BwdSm90Tile {
@@ -27,8 +29,9 @@ struct BwdSm90Tile {
 #endif
 };
 
-// The whole backward: preprocess (D, zero dq_accum); the wgmma dK/dV kernel (+ atomic dQ) and the
-// dQ postprocess; or, with p.deterministic, the dK/dV kernel then the wgmma dQ kernel.
+// The whole backward: preprocess (D, zero dq_accum); the wgmma dK/dV kernel (+ dQ into
+// dq_accum) and the dQ postprocess; or, with p.deterministic, the dK/dV kernel then the wgmma dQ
+// kernel.
 // The head dim the kernels are compiled at: the bucket, in whole 64-column panels (bucket 96 runs
 // the 128-column kernels: every load zero-fills the columns past p.head_dim and every store
 // skips them, so the padding only costs the work on zeros; dq_accum rows are this wide).
@@ -52,7 +55,8 @@ cudaError_t run_bwd(const BwdParams& p, cudaStream_t stream) {
   if (err != cudaSuccess) return err;
   if (p.deterministic) {
     // Grid: (query blocks, heads x batch: attention_grid), heavier query blocks first.
-    using DqTraits = BwdDqSm90Traits<Element, kHeadDim, 64, 2>;
+    // (d 256: one K/V stage, as two do not fit beside Q and dO of 128 rows.)
+    using DqTraits = BwdDqSm90Traits<Element, kHeadDim, 64, 2, kHeadDim <= 128 ? 2 : 1>;
     auto dq_kernel = flash_bwd_dq_sm90_kernel<DqTraits, V>;
     err = set_smem(dq_kernel, DqTraits::kSmemBytes);
     if (err != cudaSuccess) return err;

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -45,10 +46,18 @@ def run_python(args: list[str], cache: Path, timeout: float = 300, **extra: str)
     )
 
 
+def _default_sigint() -> None:
+    """In the child before exec: SIGINT at its default, as in a process started from a terminal,
+    whatever the test run inherited (a shell's background job, nohup, ignores it, and Python then
+    keeps it ignored, so the tests that send it would see no effect)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def spawn_python(args: list[str], cache: Path, **extra: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, *args], cwd=REPO, env=child_env(cache, **extra),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        preexec_fn=_default_sigint,
     )
 
 

@@ -26,7 +26,8 @@ def test_each_family_has_its_own_sources():
     ("sm90a", 64, "sm90ws", "sm90"), ("sm90a", 128, "sm90ws", "sm90"),  # no sm90ws backward
     ("sm90a", 96, "sm90ws", "sm90"), ("sm90a", 160, "sm90ws", "sm80"),  # padded to 128, 192
     ("sm90a", 32, "sm80", "sm80"),  # a padded 64 would double the work
-    ("sm90a", 192, "sm90ws", "sm80"), ("sm90a", 256, "sm90ws", "sm80"),
+    ("sm90a", 192, "sm90ws", "sm80"), ("sm90a", 256, "sm90ws", "sm90"),  # 256: column halves
+    ("sm90a", 224, "sm90ws", "sm90"),  # padded to 256
     ("sm80", 128, "sm80", "sm80"),
     ("sm80-sm90a", 128, "sm80", "sm80"),  # a row must serve every arch of a multi-arch binary
     ("sm100", 128, "sm80", "sm80"),
