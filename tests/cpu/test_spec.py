@@ -122,7 +122,9 @@ def test_spec_rejects_bad_fields(kwargs):
         ("bwd", "sm90a", 128, True, "sm90"),
         ("bwd", "sm90a", 96, False, "sm90"),  # the 128-column kernels
         ("bwd", "sm90a", 160, False, "sm80"),
-        ("bwd", "sm90a", 256, False, "sm80"),
+        ("bwd", "sm90a", 192, False, "sm80"),
+        ("bwd", "sm90a", 256, False, "sm90"),  # column halves
+        ("bwd", "sm90a", 224, True, "sm90"),  # the 256-column kernels
         ("bwd", "sm80", 128, False, "sm80"),
         ("bwd", "sm80-sm90a", 64, False, "sm80"),
         ("fwd", "sm80", 128, False, "sm80"),
@@ -195,7 +197,8 @@ def test_kernel_family_env(monkeypatch):
 )
 def test_explicit_sm90_family_must_exist(kernel, arch, head_dim, dropout):
     # the message states where the family serves (its registry row) and what was asked
-    dims = "64, 96, 128" if kernel == "bwd" else "64, 128"  # the backward pads 96 to 128
+    # the backward pads 96 to 128 and 224 to 256
+    dims = "64, 96, 128, 224, 256" if kernel == "bwd" else "64, 128"
     with pytest.raises(ValueError, match=rf"family 'sm90' \(wgmma, on sm90a at head dims {dims}\) "
                                          rf"does not serve kernel '{kernel}' on arch"):
         JitSpec(kernel, arch, "bf16", head_dim, dropout=dropout, family="sm90")
