@@ -377,7 +377,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
       // (K's are zero-filled).
       // In passes of at most 64 columns (kSplitCols: two), each waited for and stored before
       // the next, so that only 64 columns of dQ are live next to dK and dV.
-      constexpr int kDqPassN = Traits::kDqN < 64 ? Traits::kDqN : 64;
+      constexpr int kDqPassN = 64;  // kDqN is 64 or 128 (Traits' static_assert)
       constexpr int kNTilesPass = kDqPassN / 8;
 #pragma unroll
       for (int pass = 0; pass < Traits::kDqN / kDqPassN; ++pass) {
