@@ -8,6 +8,8 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -319,6 +321,12 @@ def test_clear_leaves_what_a_running_build_or_prebuild_uses(cache_copy):
     failed_log.write_text(f"selftest_cpu\nkey fields: {entry.fields}\n\nerror: boom\n")
     prebuild = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
                                  "flashjit.prebuild"])  # a running prebuild, by its command line
+    # until the child shows that command line (a local CI run on a loaded machine once read it
+    # before the child's exec: clear then saw no prebuild)
+    deadline = time.monotonic() + 30
+    while b"flashjit.prebuild" not in Path(f"/proc/{prebuild.pid}/cmdline").read_bytes():
+        assert time.monotonic() < deadline and prebuild.poll() is None
+        time.sleep(0.01)
     try:
         running = logs / f"prebuild-20240102-120000-{prebuild.pid}"
         running.mkdir()
