@@ -7,8 +7,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._validate import (check_cache_layout, check_cu_seqlens, check_int, check_options,
-                        first_bad_pages)
+from ._validate import (MAX_HEAD_DIM, SUPPORTED_DTYPES, check_cache_layout, check_cu_seqlens,
+                        check_int, check_options, check_tensor, first_bad_pages)
+
+
+def check_query_dtype(name: str, q) -> None:
+    """q's dtype before the paged caches are compared with it (their messages name q's dtype as
+    the one to have): TypeError unless float16 or bfloat16. (Separate from paged_varlen, whose
+    CPU tests run it on float64 through a stand-in kernel.)"""
+    if isinstance(q, Tensor) and q.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name} must be float16 or bfloat16, got {q.dtype}")
 
 
 def paged_varlen(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
@@ -40,6 +48,8 @@ def paged_varlen(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
     for name, t in ((nk, k_cache), (nv, v_cache)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.device != q.device and t.device.type == "cuda":  # q is the one off the GPU
+            check_tensor(nq, q, 3)
         if t.dim() != 4:
             raise ValueError(f"{name} must be a paged cache (num_blocks, page_size, heads_k, d) "
                              f"with block_table, got shape {tuple(t.shape)}")
@@ -52,9 +62,10 @@ def paged_varlen(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
         if t.shape[2] == 0 or heads % t.shape[2] != 0:
             raise ValueError(f"the query heads of {nq} ({heads}) must be a multiple of the "
                              f"key/value heads of {name} ({t.shape[2]})")
-    if d % 8 != 0:
-        raise ValueError(f"head dim {d} of {nq}: with block_table it must be a multiple of 8 (the "
-                         "paged cache cannot be zero-padded as the unpaged call pads its inputs)")
+    if d % 8 != 0 or not 8 <= d <= MAX_HEAD_DIM:
+        raise ValueError(f"head dim {d} of {nq}: with block_table it must be a multiple of 8 from "
+                         f"8 to {MAX_HEAD_DIM} (the paged cache cannot be zero-padded as the "
+                         "unpaged call pads its inputs)")
     if k_cache.shape != v_cache.shape:
         raise ValueError(f"{nk} and {nv} must have the same shape with block_table, got "
                          f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
@@ -64,9 +75,11 @@ def paged_varlen(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
                          f"multiple of 16, got {page_size}")
     check_cache_layout(nk, k_cache, written=False)
     check_cache_layout(nv, v_cache, written=False)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_cache, v_cache)):
+    if torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad
+                                       for t in (q, k_cache, v_cache, sink, alibi_slopes)):
         raise NotImplementedError("block_table (paged KV) has no backward: call it under "
-                                  "torch.no_grad() or pass tensors that do not require grad")
+                                  "torch.no_grad() or pass tensors (sink included) that do not "
+                                  "require grad")
     max_seqlen_q = check_int(nmax_q, max_seqlen_q)
     max_seqlen_k = check_int(nmax_k, max_seqlen_k)
     lengths_q = check_cu_seqlens(ncu_q, cu_seqlens_q, q.device, total, max_seqlen_q, nmax_q)

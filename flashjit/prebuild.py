@@ -38,7 +38,7 @@ from .jit.arch import NoGpuError, current_arch, parse_arch_list
 from .jit.env import KERNEL_FAMILIES, nvcc_path
 from .jit.spec import (ATTENTION_KERNELS, DTYPES, HEAD_DIM_BUCKETS, KERNELS, VARIANTS, JitSpec,
                        head_dim_bucket, with_tile_override)
-from .jit.workers import StopSignals, Workers
+from .jit.workers import StopSignals, Workers, interrupt_after_children
 
 _GIB = 1 << 30
 _MEMORY_PER_JOB = 4 * _GIB  # nvcc on one attention kernel peaks at a few GB
@@ -258,11 +258,12 @@ _WORKER_INTERRUPTED = 130  # a worker's exit status when a signal stopped its bu
 
 
 def _run_worker(fields_json: str) -> int:
-    """Build one spec (``--worker``). SIGTERM and SIGHUP stop it as Ctrl-C does, so the build's
-    clean-up runs (temp folder, owner file, lock) while ninja, which gets the same signal from
-    the parent, stops its compilers; a stopped build exits with _WORKER_INTERRUPTED."""
-    for signum in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, signal.default_int_handler)
+    """Build one spec (``--worker``). SIGINT, SIGTERM and SIGHUP stop it as Ctrl-C does, so the
+    build's clean-up runs (temp folder, owner file, lock), once ninja, which gets the same signal
+    from the parent, has stopped its compilers (workers.interrupt_after_children); a stopped
+    build exits with _WORKER_INTERRUPTED."""
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, interrupt_after_children())
     try:
         from .jit.build import ensure_built
 

@@ -68,6 +68,45 @@ def _signal_group(pgid: int, signum: int) -> bool:
     return True
 
 
+def _live_children() -> list[int]:
+    """The pids of this process's children that have not exited (zombies excluded), from /proc;
+    empty where /proc cannot tell."""
+    me = str(os.getpid())
+    children = []
+    try:
+        procs = os.listdir("/proc")
+    except OSError:
+        return []
+    for name in procs:
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()  # state, ppid, ...
+        except OSError:
+            continue
+        if fields[1] == me and fields[0] != "Z":
+            children.append(int(name))
+    return children
+
+
+def interrupt_after_children(grace_s: float = 5.0):
+    """A signal handler for a worker: wait up to ``grace_s`` for the worker's children (its
+    ninja) to exit, then raise KeyboardInterrupt. Workers.stop signals the worker's whole
+    process group, so ninja got the same signal and is stopping the compilers it started, which
+    run in process groups of their own; raising at once would let the build's subprocess call
+    SIGKILL ninja before it had passed the signal on, leaving those compilers running (seen on a
+    loaded machine: Python's subprocess waits only 0.25 s)."""
+
+    def handler(signum, frame):
+        deadline = time.monotonic() + grace_s
+        while _live_children() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        raise KeyboardInterrupt
+
+    return handler
+
+
 class Interrupted(KeyboardInterrupt):
     """SIGINT, SIGTERM or SIGHUP (``signum``) reached the process (StopSignals); a
     KeyboardInterrupt, so what stops on Ctrl-C stops on it too. Exit status: 128 + signum."""

@@ -246,6 +246,23 @@ def test_paged_varlen_checks_its_arguments_under_the_callers_names():
         call(deterministic="maybe")
     with pytest.raises(TypeError, match="k must have q's dtype"):
         call(k=k.bfloat16())
+    # q's own dtype is named, not the caches' (found by a new user); likewise its head dim range
+    # and a sink that requires grad (no backward here), under this call's rules
+    with pytest.raises(TypeError, match="q must be float16 or bfloat16, got torch.float32"):
+        call(q=q.float(), k=k.float(), v=k.float())
+    with pytest.raises(ValueError, match="head dim 264 of q: with block_table it must be a "
+                                         "multiple of 8 from 8 to 256"):
+        call(q=torch.zeros(5, 4, 264, dtype=torch.float16),
+             k=torch.zeros(9, 16, 2, 264, dtype=torch.float16),
+             v=torch.zeros(9, 16, 2, 264, dtype=torch.float16))
+    with pytest.raises(NotImplementedError, match="block_table .paged KV. has no backward"):
+        call(sink=torch.zeros(4, requires_grad=True))
+    # a CUDA cache (fake: no GPU here) with a CPU q: q is the one named as off the GPU
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        k_gpu = torch.empty(9, 16, 2, 16, dtype=torch.float16, device="cuda")
+    with pytest.raises(ValueError, match="q must be a CUDA tensor, got device cpu"):
+        call(k=k_gpu, v=k_gpu)
     with pytest.raises(ValueError, match="key/value heads of v"):
         call(v=torch.zeros(9, 16, 3, 16, dtype=torch.float16))
     with pytest.raises(ValueError, match="head dim 12 of q: with block_table"):
