@@ -9,7 +9,7 @@
 #   steps: build test test80 sanitize profile sweep kernels overhead jit peers original long
 #          variants ab sdpa hf hfbench cp cpbench decode decodebench decodeprof decodesweep
 #          testws wssweep wsdrop wsab wsprof (the sm90ws forward family) dropout dropouterr softcap
-#          bwdwide (the wgmma backward at d 224/256)
+#          bwdwide (the wgmma backward at d 160-256)
 #   (default: build test sanitize jit peers)
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -208,19 +208,19 @@ for step in $STEPS; do
       python3 -m cProfile -s cumtime benchmarks/first_call.py fwd 2>&1 | head -n 60 >> "$OUT/profile.txt"
       python3 -m cProfile -s tottime benchmarks/first_call.py fwd 2>&1 | head -n 40 >> "$OUT/profile.txt"
       grep RESULT "$OUT/profile.txt" ;;
-    bwdwide)  # the wgmma backward at d 224/256 (column halves): its specs, the backward and
-              # variant tests there, memcheck of its calls, and its time against the mma.sync
-              # backward it replaces (tile_sweep, FLASHJIT_KERNEL_FAMILY=sm80), bf16
-      pb --jobs 16 --dtype fp16 bf16 --head-dim 224 256 --causal both --dropout both 2>&1 | tail -n 1
-      pb --jobs 16 --dtype bf16 --head-dim 256 $EVERY_VARIANT 2>&1 | tail -n 1
-      pb --jobs 16 --dtype fp16 --head-dim 224 $EVERY_VARIANT 2>&1 | tail -n 1
+    bwdwide)  # the wgmma backward at d 160-256 (column halves; BWDWIDE_DIMS): its specs, the
+              # backward and variant tests there, memcheck of its calls, and its time against the
+              # mma.sync backward (tile_sweep, FLASHJIT_KERNEL_FAMILY=sm80), bf16
+      dims=${BWDWIDE_DIMS:-160 192 224 256}
+      pb --jobs 16 --dtype fp16 bf16 --head-dim $dims --causal both --dropout both 2>&1 | tail -n 1
+      for d in $dims; do pb --jobs 16 --dtype bf16 --head-dim $d $EVERY_VARIANT 2>&1 | tail -n 1; done
       pb --jobs 16 --dtype bf16 --head-dim 256 --causal yes --window yes --softcap yes 2>&1 | tail -n 1
-      timeout ${TEST_TIMEOUT:-200} python3 -m pytest -q -p no:cacheprovider tests/gpu/test_bwd.py \
-        tests/gpu/test_variants.py -k "(256 or 224) and not causal_shapes" 2>&1 | tee "$OUT/pytest_bwd_wide.log" | tail -n 15
-      timeout 120 compute-sanitizer --tool memcheck --error-exitcode 1 python3 \
-        tests/gpu/sanitize_small.py 224 256 2>&1 | tail -n 4 | tee "$OUT/sanitizer_memcheck_bwd_wide.log"
+      timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -p no:cacheprovider tests/gpu/test_bwd.py \
+        tests/gpu/test_variants.py -k "($(echo $dims | sed 's/ / or /g')) and not causal_shapes" 2>&1 | tee "$OUT/pytest_bwd_wide.log" | tail -n 15
+      timeout 150 compute-sanitizer --tool memcheck --error-exitcode 1 python3 \
+        tests/gpu/sanitize_small.py $dims 2>&1 | tail -n 4 | tee "$OUT/sanitizer_memcheck_bwd_wide.log"
       for fam in sm80 sm90; do
-        FLASHJIT_KERNEL_FAMILY=$fam SWEEP_HEAD_DIMS="224 256" SWEEP_SEQLENS="${BWDWIDE_SEQLENS:-4096 16384}" timeout 150 python3 \
+        FLASHJIT_KERNEL_FAMILY=$fam SWEEP_HEAD_DIMS="$dims" SWEEP_SEQLENS="${BWDWIDE_SEQLENS:-4096 16384}" timeout 150 python3 \
           benchmarks/tile_sweep.py bwd:csrc 2>&1 | sed "s/^variant/$fam variant/" | tee -a "$OUT/bwd_wide_time.log"
       done ;;
     sweep)

@@ -43,18 +43,44 @@ __device__ __forceinline__ void store_warp_rows_sw128(Element* dst, int64_t row_
 // swizzled shared tile with cp.async; rows >= rows_valid and columns >= d are zero-filled. Thread
 // tid copies column chunk tid % kChunksPerRow of rows tid / kChunksPerRow + i * kRowStep (< kRows):
 // since kRowStep is a multiple of 8, the swizzle of its chunk is the same in every row it copies.
+// Where the threads do not split into whole rows that way (d 192: 24 chunks a row), the tile is
+// copied panel by panel (64 columns, 8 chunks a row), each thread with one chunk of every
+// (kNThreads / 8)-th row of each panel.
 template <typename Traits, int kRows>
 __device__ __forceinline__ void load_tile_sw128(uint32_t smem, const typename Traits::Element* gmem,
                                                 int64_t row_stride, int rows_valid, int d, int tid) {
-  constexpr int kRowStep = Traits::kNThreads / Traits::kChunksPerRow;
-  const int row0 = tid / Traits::kChunksPerRow, col = (tid % Traits::kChunksPerRow) * 8;
-  const typename Traits::Element* src = gmem + row0 * row_stride + col;
-  const uint32_t dst = smem + sw128_offset<kRows>(row0, col);
+  if constexpr (Traits::kNThreads % Traits::kChunksPerRow == 0 &&
+                (Traits::kNThreads / Traits::kChunksPerRow) % 8 == 0) {
+    constexpr int kRowStep = Traits::kNThreads / Traits::kChunksPerRow;
+    const int row0 = tid / Traits::kChunksPerRow, col = (tid % Traits::kChunksPerRow) * 8;
+    const typename Traits::Element* src = gmem + row0 * row_stride + col;
+    const uint32_t dst = smem + sw128_offset<kRows>(row0, col);
 #pragma unroll
-  for (int i = 0; i < ceil_div(kRows, kRowStep); ++i) {
-    if (kRows % kRowStep == 0 || row0 + i * kRowStep < kRows) {
-      const bool valid = row0 + i * kRowStep < rows_valid && col < d;
-      cp_async_16(dst + i * kRowStep * 128, valid ? src + i * kRowStep * row_stride : gmem, valid);
+    for (int i = 0; i < ceil_div(kRows, kRowStep); ++i) {
+      if (kRows % kRowStep == 0 || row0 + i * kRowStep < kRows) {
+        const bool valid = row0 + i * kRowStep < rows_valid && col < d;
+        cp_async_16(dst + i * kRowStep * 128, valid ? src + i * kRowStep * row_stride : gmem,
+                    valid);
+      }
+    }
+  } else {  // panel by panel: 8 chunks a row
+    constexpr int kRowStep = Traits::kNThreads / 8;
+    static_assert(Traits::kNThreads % 8 == 0 && kRowStep % 8 == 0 && Traits::kChunksPerRow % 8 == 0,
+                  "rows of one swizzle phase per thread, whole panels");
+    const int row0 = tid / 8;
+#pragma unroll
+    for (int panel = 0; panel < Traits::kChunksPerRow / 8; ++panel) {
+      const int col = panel * 64 + (tid % 8) * 8;
+      const typename Traits::Element* src = gmem + row0 * row_stride + col;
+      const uint32_t dst = smem + sw128_offset<kRows>(row0, col);
+#pragma unroll
+      for (int i = 0; i < ceil_div(kRows, kRowStep); ++i) {
+        if (kRows % kRowStep == 0 || row0 + i * kRowStep < kRows) {
+          const bool valid = row0 + i * kRowStep < rows_valid && col < d;
+          cp_async_16(dst + i * kRowStep * 128, valid ? src + i * kRowStep * row_stride : gmem,
+                      valid);
+        }
+      }
     }
   }
 }

@@ -11,7 +11,7 @@
 //                                      of the variant, common/variant.cuh)
 //   dQ += dS K                        (64 x d) wgmma, dS from registers (its D layout is the A
 //                                      layout), K as an MN-major B from the same shared tile
-//                                      (d 256: two wgmma of 128 columns)
+//                                      (d 192, 256: wgmma of 128 and 64 or 128 columns)
 // All tiles are 128-byte swizzled (smem_sw128.cuh).
 #pragma once
 
@@ -50,12 +50,11 @@ struct BwdDqSm90Traits {
   static constexpr size_t kSmemBytes = size_t(2 * kSmemQ + 2 * kKVStages * kSmemKV + kSmemAlign);
 
   static_assert(sizeof(Element) == 2, "16-bit elements");
-  static_assert(kHeadDim == 64 || kHeadDim == 128 || kHeadDim == 256,
-                "wgmma N of dS K: head-dim bucket 64, 128 or 256 (two wgmma of 128)");
+  static_assert(kHeadDim == 64 || kHeadDim == 128 || kHeadDim == 192 || kHeadDim == 256,
+                "wgmma N of dS K: head-dim bucket 64, 128, 192 or 256 (wgmma_rs_panels)");
   static_assert(kKVStages == 1 || kKVStages == 2, "K/V stages");
   static_assert(kSmemBytes <= 227 * 1024, "shared memory: the sm_90 opt-in limit");
   static_assert(kBlockN == 64 || kBlockN == 128, "wgmma N of S: kBlockN 64 or 128");
-  static_assert((kNThreads / kChunksPerRow) % 8 == 0, "tile loader: rows % 8 fixed per thread");
 };
 
 template <typename Traits, typename V>  // V: the Variant (common/variant.cuh)

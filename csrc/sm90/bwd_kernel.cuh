@@ -17,10 +17,13 @@
 // dQ (kBlockM x d) needs the dS of all 128 keys, so both warpgroups meet at a barrier first and
 // then split it: by query rows (64 each) when kBlockM = 128, by head-dim columns (64 each) when
 // kBlockM = 64. All tiles but dQ's are 128-byte swizzled (smem_sw128.cuh).
-// Head dims above 128 (buckets 224 and 256, run at 256 columns): dK and dV of 128 keys would not
-// fit two warpgroups' registers, so a CTA takes kBlockN = 64 keys and both warpgroups compute the
-// same S^T and dP^T of them (the duplicated GEMMs are 2 of the 7 per block), and each keeps dK,
-// dV and computes dQ for its half of the head-dim columns (kSplitCols below).
+// Head dims above 128 (buckets 160 and 192 run at 192 columns, 224 and 256 at 256): dK and dV of
+// 128 keys would not fit two warpgroups' registers, so a CTA takes kBlockN = 64 keys and both
+// warpgroups compute the same S^T and dP^T of them (the duplicated GEMMs are 2 of the 7 per
+// block), and each keeps dK, dV and computes dQ for its part of the head-dim columns (kSplitCols
+// below): at 256 128 columns each; at 192 warpgroup 0 has dK, dV of columns [0, 128) and dQ of
+// [0, 64), warpgroup 1 dK, dV of [128, 192) and dQ of [64, 192), whole 64-column panels (an
+// MN-major operand starts at a panel), with the GEMM work of the two within 10%.
 // dQ goes to dq_accum through shared memory where the tile fits (Traits::kDqBulk: d 64 and 128):
 // each thread stores its fragments there in dq_accum's own order (common/dq_accum.cuh), and
 // after the next barrier thread 0 adds the whole (kBlockM x d) tile to dq_accum with one bulk
@@ -58,19 +61,29 @@ struct BwdSm90Traits {
   using Element = Element_;
   static constexpr int kHeadDim = kHeadDim_;  // compiled head-dim bucket (actual d <= this)
   static constexpr int kBlockM = kBlockM_;    // queries per block: the N of S^T and dP^T
-  // d > 128: both warpgroups on the same 64 keys, dK, dV, dQ split by columns (d / 2 each);
-  // else 128 keys per CTA, 64 per warpgroup (wgmma M), each with dK, dV of all d columns.
+  // d > 128: both warpgroups on the same 64 keys, dK, dV, dQ split by columns; else 128 keys per
+  // CTA, 64 per warpgroup (wgmma M), each with dK, dV of all d columns.
   static constexpr bool kSplitCols = kHeadDim > 128;
   static constexpr int kBlockN = kSplitCols ? 64 : 128;  // keys per CTA
   static constexpr int kNThreads = 256;       // two warpgroups
   static constexpr int kChunksPerRow = kHeadDim / 8;  // 16-byte chunks of a Q, K, V, dO row
 
   static constexpr int kNTilesS = kBlockM / 8;   // n8 tiles of S^T, dP^T (columns = queries)
-  static constexpr int kDkvN = kSplitCols ? kHeadDim / 2 : kHeadDim;  // dK, dV columns a warpgroup
-  static constexpr int kNTilesD = kDkvN / 8;     // n8 tiles of dK, dV
-  // dQ split between the warpgroups: by rows (each 64 queries x d) or by columns (64 x d / 2).
+  // dK, dV columns of warpgroup 0 (kDkvN) and 1 (kDkvN1): kSplitCols, columns [0, 128) and
+  // [128, d) (at d 192 the halves are uneven: 128 and 64 columns; whole 64-column panels keep
+  // every MN-major operand starting at a panel); else all d columns each.
+  static constexpr int kDkvN = kSplitCols ? 128 : kHeadDim;
+  static constexpr int kDkvN1 = kSplitCols ? kHeadDim - 128 : kHeadDim;
+  static constexpr bool kUnevenCols = kDkvN1 != kDkvN;
+  static constexpr int kNTilesD = kDkvN / 8;     // n8 tiles of dK, dV (warpgroup 0's, the most)
+  // dQ split between the warpgroups: by rows (each 64 queries x d) or by columns, in 64-column
+  // panels: kDqPanels0 to warpgroup 0, the rest to warpgroup 1 (d 192: 1 and 2, which evens out
+  // the work of the uneven dK, dV halves); kDqN the most columns of one warpgroup.
   static constexpr bool kDqSplitRows = kBlockM == 128 && !kSplitCols;
-  static constexpr int kDqN = kDqSplitRows ? kHeadDim : kHeadDim / 2;
+  static constexpr int kDqPanels = kHeadDim / 64;
+  static constexpr int kDqPanels0 = kDqSplitRows ? kDqPanels : kDqPanels / 2;
+  static constexpr int kDqPanels1 = kDqSplitRows ? kDqPanels : kDqPanels - kDqPanels0;
+  static constexpr int kDqN = 64 * (kDqPanels0 > kDqPanels1 ? kDqPanels0 : kDqPanels1);
   static constexpr int kNTilesDq = kDqN / 8;
 
   // Shared memory (bytes), each tile 1024-byte aligned: K, V (kBlockN x d), kStages x Q, kStages x
@@ -89,18 +102,22 @@ struct BwdSm90Traits {
   static constexpr size_t kSmemBytes = size_t(kSmemNoDq + kSmemDq + kSmemAlign);
 
   // The dq_accum fragment order (common/dq_accum.cuh) of this kernel's dQ tile (or atomics),
-  // which the postprocess reads back: 8 warps of 16 dQ rows x kDqN columns, numbered along the
-  // columns first.
-  using DqLayout = DqAccumLayout<Element, kHeadDim, kBlockM, kBlockM / 16, kHeadDim / kDqN,
+  // which the postprocess reads back: warp tiles of 16 dQ rows x kDqWarpN columns, numbered along
+  // the columns first (a warp's tile: the kDqN columns it computes, or at d 192 one 64-column
+  // panel of them).
+  static constexpr int kDqWarpN = kUnevenCols ? 64 : kDqN;
+  using DqLayout = DqAccumLayout<Element, kHeadDim, kBlockM, kBlockM / 16, kHeadDim / kDqWarpN,
                                  kNThreads>;
 
   static_assert(sizeof(Element) == 2, "16-bit elements");
-  static_assert(kHeadDim == 64 || kHeadDim == 128 || kHeadDim == 256,
-                "wgmma N of dK, dV: head-dim bucket 64 or 128, or 256 split in two");
+  static_assert(kHeadDim == 64 || kHeadDim == 128 || kHeadDim == 192 || kHeadDim == 256,
+                "wgmma N of dK, dV: head-dim bucket 64 or 128, or 192, 256 split by columns");
   static_assert(kSmemBytes <= 227 * 1024, "shared memory: the sm_90 opt-in limit");
   static_assert(kBlockM == 64 || kBlockM == 128, "wgmma N of S^T: kBlockM 64 or 128");
-  static_assert(kDqN == 64 || kDqN == 128, "dQ columns per warpgroup: whole 64-column panels");
-  static_assert(DqLayout::kdQFragsPerWarp == kNTilesDq && DqLayout::kdQWarpD == kDqN,
+  static_assert(kDqN == 64 || kDqN == 128, "dQ columns per warpgroup: one or two 64-column panels");
+  static_assert(kDqPanels0 > 0, "each warpgroup computes part of dQ");
+  static_assert(!kSplitCols || kBlockM == 64, "dQ split by columns: 64 rows, one per warp tile");
+  static_assert(DqLayout::kdQFragsPerWarp == kDqWarpN / 8 && DqLayout::kdQWarpD == kDqWarpN,
                 "dq_accum fragment order of the postprocess");
 };
 
@@ -161,7 +178,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int wg = warp / 4;  // warpgroup: keys [64 wg, 64 wg + 64) of the block, or (kSplitCols)
-                            // columns [wg kDkvN, wg kDkvN + kDkvN) of dK, dV and dQ
+                            // columns [128 wg, ...) of dK, dV and its panels of dQ
   const int g = lane / 4, t = lane % 4;  // accumulator row group and column pair
   const GridHeadBatch hb(p.heads, p.batch);
   if (!hb.valid) return;
@@ -223,14 +240,20 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   constexpr bool kDqSplitRows = Traits::kDqSplitRows;
   const uint64_t desc_ds =
       smem_desc_sw128(smem_ds + (kDqSplitRows ? wg * kBlockN * 128 : 0), kBlockN * 128, 1024);
+  // (warpgroup 1's first dQ column panel: kDqPanels0)
   const uint64_t desc_k_dq = smem_desc_sw128(
-      smem_k + (kDqSplitRows ? 0 : wg * (Traits::kDqN / 64) * kBlockN * 128), kBlockN * 128, 1024);
+      smem_k + (kDqSplitRows ? 0 : wg * (Traits::kDqPanels0 * kBlockN * 128)), kBlockN * 128, 1024);
   auto kstep_offset = [](int kk, int rows) { return (kk / 4) * rows * 128 + (kk % 4) * 32; };
 
-  // This warp's dQ fragments in dq_accum's order (Traits::DqLayout) and in the dQ tile, and its
-  // first dQ column.
-  const int dq_warp = kDqSplitRows ? warp : 2 * (warp % 4) + wg;
-  const int dq_col0 = kDqSplitRows ? 0 : wg * Traits::kDqN;
+  // This warp's first dQ fragment in dq_accum's order (Traits::DqLayout) and in the dQ tile, its
+  // first dQ column and its dQ passes (64 columns each). Uneven (d 192): warp tiles of one panel,
+  // numbered (row tile, panel) row-major; else of all the warpgroup's dQ columns.
+  const int dq_frag0 =
+      kDqSplitRows            ? warp * kNTilesDq
+      : Traits::kUnevenCols   ? ((warp % 4) * Traits::kDqPanels + wg * Traits::kDqPanels0) * 8
+                              : (2 * (warp % 4) + wg) * kNTilesDq;
+  const int dq_col0 = kDqSplitRows ? 0 : wg * (Traits::kDqPanels0 * 64);
+  const int dq_passes = wg == 0 ? Traits::kDqPanels0 : Traits::kDqPanels1;
 
   uint32_t p_frag[kBlockM / 16][4], ds_frag[kBlockM / 16][4];  // P^T, dS^T packed (A layout)
 #pragma unroll 1
@@ -344,14 +367,24 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
     fence_registers(acc_dv);
     fence_registers(acc_dk);
     wgmma_fence();
+    // (d 192: warpgroup 1 has 64 columns, the first 8 n8 tiles of its accumulators.)
+    auto issue_dkv = [&](auto& dv, auto& dk) {
+      constexpr int kN = sizeof(dv) / sizeof(dv[0]) * 8;
 #pragma unroll
-    for (int ks = 0; ks < kBlockM / 16; ++ks)
-      wgmma_rs<Element, Traits::kDkvN>(acc_dv, p_frag[ks],
-                                  desc_advance(desc_do_mnmajor, stage_off + ks * 16 * 128));
+      for (int ks = 0; ks < kBlockM / 16; ++ks)
+        wgmma_rs<Element, kN>(dv, p_frag[ks],
+                              desc_advance(desc_do_mnmajor, stage_off + ks * 16 * 128));
 #pragma unroll
-    for (int ks = 0; ks < kBlockM / 16; ++ks)
-      wgmma_rs<Element, Traits::kDkvN>(acc_dk, ds_frag[ks],
-                                  desc_advance(desc_q_mnmajor, stage_off + ks * 16 * 128));
+      for (int ks = 0; ks < kBlockM / 16; ++ks)
+        wgmma_rs<Element, kN>(dk, ds_frag[ks],
+                              desc_advance(desc_q_mnmajor, stage_off + ks * 16 * 128));
+    };
+    if (!Traits::kUnevenCols || wg == 0) {
+      issue_dkv(acc_dv, acc_dk);
+    } else {
+      using Half = float[Traits::kDkvN1 / 8][4];
+      issue_dkv(*reinterpret_cast<Half*>(&acc_dv[0]), *reinterpret_cast<Half*>(&acc_dk[0]));
+    }
     wgmma_commit();
 
     if (!p.deterministic) {
@@ -375,12 +408,13 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
       // part, stored to the dQ tile for the bulk reduction into the query block's tile of
       // dq_accum. Rows past the sequence end add 0 to padding rows, and so do the columns >= d
       // (K's are zero-filled).
-      // In passes of at most 64 columns (kSplitCols: two), each waited for and stored before
+      // In passes of 64 columns (this warpgroup's dQ panels), each waited for and stored before
       // the next, so that only 64 columns of dQ are live next to dK and dV.
-      constexpr int kDqPassN = 64;  // kDqN is 64 or 128 (Traits' static_assert)
+      constexpr int kDqPassN = 64;
       constexpr int kNTilesPass = kDqPassN / 8;
 #pragma unroll
       for (int pass = 0; pass < Traits::kDqN / kDqPassN; ++pass) {
+        if (Traits::kUnevenCols && pass >= dq_passes) break;
         float acc_dq[kNTilesPass][4];
         const uint64_t desc_k_pass = desc_advance(desc_k_dq, pass * kBlockN * 128);
         wgmma_fence();
@@ -392,7 +426,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
         wgmma_commit();
         wgmma_wait<0>();  // dV, dK and this pass of dQ are done
         fence_registers(acc_dq);
-        const int frag0 = dq_warp * kNTilesDq + pass * kNTilesPass;  // in dq_accum's order
+        const int frag0 = dq_frag0 + pass * kNTilesPass;  // in dq_accum's order
         if constexpr (Traits::kDqBulk) {
           float* dq_tile = reinterpret_cast<float*>(generic(smem_dq)) + frag0 * 128;
 #pragma unroll
@@ -435,6 +469,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   for (int nt = 0; nt < kNTilesD; ++nt)
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
+      if (Traits::kUnevenCols && wg == 1 && nt >= Traits::kDkvN1 / 8) continue;
       const int col = (kSplitCols ? wg * Traits::kDkvN : 0) + nt * 8 + 2 * t;
       const uint32_t off = sw128_offset<kBlockN>(warp_row + half * 8 + g, col);
       *reinterpret_cast<uint32_t*>(dk_tile + off) =

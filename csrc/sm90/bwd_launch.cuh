@@ -17,8 +17,9 @@ namespace flashjit {
 // whole CTA, plus S^T and dP^T (2 x 64 x kBlockM / 128) at a time:
 //   d  64: kBlockM 128 (64 + 128 floats; dQ split by rows);
 //   d 128: kBlockM 64 (128 + 64 floats; dQ split by columns);
-//   d 256 (buckets 224, 256): kBlockM 64, 64 keys per CTA, dK, dV, dQ split by columns (the same
-//   registers as d 128: bwd_kernel.cuh, kSplitCols).
+//   d 192 (buckets 160, 192), d 256 (buckets 224, 256): kBlockM 64, 64 keys per CTA, dK, dV, dQ
+//   split by columns (the same registers as d 128: bwd_kernel.cuh, kSplitCols; at d 192 128 + 64
+//   columns of dK, dV and 1 + 2 panels of dQ).
 // A spec's tile (JitSpec.tile: FLASHJIT_TILE_BLOCK_M) overrides both (tile sweeps).
 template <int kHeadDim>
 struct BwdSm90Tile {
@@ -56,7 +57,7 @@ cudaError_t run_bwd(const BwdParams& p, cudaStream_t stream) {
   if (p.deterministic) {
     // Grid: (query blocks, heads x batch: attention_grid), heavier query blocks first.
     // (d 256: one K/V stage, as two do not fit beside Q and dO of 128 rows.)
-    using DqTraits = BwdDqSm90Traits<Element, kHeadDim, 64, 2, kHeadDim <= 128 ? 2 : 1>;
+    using DqTraits = BwdDqSm90Traits<Element, kHeadDim, 64, 2, kHeadDim <= 192 ? 2 : 1>;
     auto dq_kernel = flash_bwd_dq_sm90_kernel<DqTraits, V>;
     err = set_smem(dq_kernel, DqTraits::kSmemBytes);
     if (err != cudaSuccess) return err;

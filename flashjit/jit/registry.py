@@ -71,10 +71,10 @@ REGISTRY: tuple[FamilyRow, ...] = (
               head_dims=(64, 128), suffix="_wgmma",
               tile_params=("block_n", "warpgroups", "min_blocks"),  # the sm90 forward's launch
               paged=True),
-    # the wgmma backward; bucket 96 runs its 128-column kernels, 224 its 256-column ones
-    # (sm90/bwd_launch.cuh); 160 and 192 stay mma.sync
+    # the wgmma backward; bucket 96 runs its 128-column kernels, 160 its 192-column ones, 224 its
+    # 256-column ones (sm90/bwd_launch.cuh)
     FamilyRow("bwd", "sm90", "wgmma", ("bwd_binding.cpp", "sm90/bwd.cu"), archs=("sm90a",),
-              head_dims=(64, 96, 128, 224, 256), suffix="_wgmma",
+              head_dims=(64, 96, 128, 160, 192, 224, 256), suffix="_wgmma",
               tile_params=("block_m",), head_dim_panel=64),  # the sm90 backward's launch
     FamilyRow("fwd", "sm80", "mma.sync", ("fwd_binding.cpp", "sm80/fwd.cu"),
               tile_params=("block_m", "block_n", "warps", "min_blocks"),  # the sm80 forward's

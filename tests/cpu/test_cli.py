@@ -339,12 +339,12 @@ def test_info(cache_copy):
     assert rows["paged forward family"] == \
         "sm90 (wgmma) at head dims 64, 128; sm80 (mma.sync) otherwise"
     assert rows["backward family"] == \
-        "sm80 (mma.sync) at head dims 32, 160, 192; sm90 (wgmma) otherwise"
+        "sm80 (mma.sync) at head dims 32; sm90 (wgmma) otherwise"
     rows = _info_rows(cache_copy, FLASHJIT_CUDA_ARCH_LIST="9.0", FLASHJIT_KERNEL_FAMILY="sm90")
     assert rows["forward family"] == ("sm80 (mma.sync) at head dims 32; sm90 (wgmma) at head dims "
                                       "64, 128; sm90ws (wgmma+tma) otherwise")
     assert rows["backward family"] == \
-        "sm80 (mma.sync) at head dims 32, 160, 192; sm90 (wgmma) otherwise"
+        "sm80 (mma.sync) at head dims 32; sm90 (wgmma) otherwise"
     rows = _info_rows(cache_copy, FLASHJIT_CUDA_ARCH_LIST="9.0", FLASHJIT_KERNEL_FAMILY="sm80")
     assert rows["forward family"] == rows["backward family"] == "sm80 (mma.sync)"
     assert "paged forward family" not in rows  # the same as the forward's: not repeated

@@ -69,6 +69,7 @@ def test_compile_only_real_kernels(kernel, dtype, head_dim, causal, tmp_path):
         JitSpec("bwd", "sm90a", "fp16", 64, dropout=True, family="sm90"),
         JitSpec("bwd", "sm90a", "bf16", 96, family="sm90"),  # bucket 96: the 128-column kernels
         JitSpec("bwd", "sm90a", "bf16", 224, family="sm90"),  # the 256-column kernels, halves
+        JitSpec("bwd", "sm90a", "fp16", 160, family="sm90"),  # 192 columns, uneven halves
     ],
     ids=lambda spec: spec.name,
 )

@@ -24,9 +24,9 @@ def test_each_family_has_its_own_sources():
 
 @pytest.mark.parametrize("arch, bucket, fwd, bwd", [
     ("sm90a", 64, "sm90ws", "sm90"), ("sm90a", 128, "sm90ws", "sm90"),  # no sm90ws backward
-    ("sm90a", 96, "sm90ws", "sm90"), ("sm90a", 160, "sm90ws", "sm80"),  # padded to 128, 192
+    ("sm90a", 96, "sm90ws", "sm90"), ("sm90a", 160, "sm90ws", "sm90"),  # padded to 128, 192
     ("sm90a", 32, "sm80", "sm80"),  # a padded 64 would double the work
-    ("sm90a", 192, "sm90ws", "sm80"), ("sm90a", 256, "sm90ws", "sm90"),  # 256: column halves
+    ("sm90a", 192, "sm90ws", "sm90"), ("sm90a", 256, "sm90ws", "sm90"),  # by column halves
     ("sm90a", 224, "sm90ws", "sm90"),  # padded to 256
     ("sm80", 128, "sm80", "sm80"),
     ("sm80-sm90a", 128, "sm80", "sm80"),  # a row must serve every arch of a multi-arch binary
@@ -102,5 +102,5 @@ def test_preferred_family_falls_back_to_the_default():
     assert registry.preferred_family("fwd", "sm90a", 128, "sm80") == "sm80"  # serves everywhere
     assert registry.preferred_family("fwd", "sm90a", 128, "sm90") == "sm90"
     assert registry.preferred_family("fwd", "sm90a", 32, "sm90ws") == "sm80"  # no ws d 32
-    assert registry.preferred_family("bwd", "sm90a", 160, "sm90") == "sm80"  # no wgmma d 160
+    assert registry.preferred_family("bwd", "sm90a", 32, "sm90") == "sm80"  # no wgmma d 32
     assert registry.preferred_family("fwd", "sm80", 64, "sm90") == "sm80"

@@ -121,8 +121,8 @@ def test_spec_rejects_bad_fields(kwargs):
         ("bwd", "sm90a", 64, True, "sm90"),  # the wgmma backward has dropout too
         ("bwd", "sm90a", 128, True, "sm90"),
         ("bwd", "sm90a", 96, False, "sm90"),  # the 128-column kernels
-        ("bwd", "sm90a", 160, False, "sm80"),
-        ("bwd", "sm90a", 192, False, "sm80"),
+        ("bwd", "sm90a", 160, True, "sm90"),  # the 192-column kernels (uneven halves)
+        ("bwd", "sm90a", 192, False, "sm90"),
         ("bwd", "sm90a", 256, False, "sm90"),  # column halves
         ("bwd", "sm90a", 224, True, "sm90"),  # the 256-column kernels
         ("bwd", "sm80", 128, False, "sm80"),
@@ -169,7 +169,7 @@ def test_kernel_family_env(monkeypatch):
     assert JitSpec(**hopper).family == "sm90"
     assert JitSpec(**hopper_bwd).family == "sm90"
     assert JitSpec(**hopper_bwd, dropout=True).family == "sm90"
-    assert JitSpec("bwd", "sm90a", "bf16", 160).family == "sm80"
+    assert JitSpec("bwd", "sm90a", "bf16", 32).family == "sm80"
     assert JitSpec("fwd", "sm80", "bf16", 128).family == "sm80"
     assert JitSpec(**hopper, paged=True).family == "sm90"
     monkeypatch.setenv("FLASHJIT_KERNEL_FAMILY", "sm90ws")  # the forward only: no ws backward
@@ -191,14 +191,14 @@ def test_kernel_family_env(monkeypatch):
 
 @pytest.mark.parametrize(
     "kernel, arch, head_dim, dropout",
-    [("bwd", "sm90a", 160, True), ("bwd", "sm90a", 32, False), ("bwd", "sm80", 128, False),
+    [("bwd", "sm90a", 32, True), ("bwd", "sm90a", 32, False), ("bwd", "sm80", 128, False),
      ("bwd", "sm80-sm90a", 64, False), ("fwd", "sm80", 128, False),
      ("fwd", "sm80-sm90a", 64, False), ("fwd", "sm90a", 96, False), ("fwd", "sm90a", 256, False)],
 )
 def test_explicit_sm90_family_must_exist(kernel, arch, head_dim, dropout):
     # the message states where the family serves (its registry row) and what was asked
-    # the backward pads 96 to 128 and 224 to 256
-    dims = "64, 96, 128, 224, 256" if kernel == "bwd" else "64, 128"
+    # the backward pads 96 to 128, 160 to 192 and 224 to 256
+    dims = "64, 96, 128, 160, 192, 224, 256" if kernel == "bwd" else "64, 128"
     with pytest.raises(ValueError, match=rf"family 'sm90' \(wgmma, on sm90a at head dims {dims}\) "
                                          rf"does not serve kernel '{kernel}' on arch"):
         JitSpec(kernel, arch, "bf16", head_dim, dropout=dropout, family="sm90")

@@ -20,9 +20,8 @@ def wanted(d: int) -> bool:
 
 
 # On sm90a the forwards run the sm90ws family (d 64/128 with 2-3 consumer warpgroups, d 160-256
-# with P V in 64-column panels) and the backwards the sm90 one at d 64-128 and 224-256 (column
-# halves; the deterministic calls add its dQ kernel) and sm80 at d 160-192; the fourth call has
-# dropout.
+# with P V in 64-column panels) and the backwards the sm90 one (d 160-256 by column halves, uneven
+# at 160-192; the deterministic calls add its dQ kernel); the fourth call has dropout.
 for dtype, d, causal, deterministic, dropout_p in [(torch.float16, 64, False, False, 0.0),
                                                    (torch.bfloat16, 128, True, False, 0.0),
                                                    (torch.bfloat16, 128, False, True, 0.0),
@@ -30,6 +29,7 @@ for dtype, d, causal, deterministic, dropout_p in [(torch.float16, 64, False, Fa
                                                    (torch.bfloat16, 256, True, False, 0.0),
                                                    (torch.bfloat16, 256, False, True, 0.0),
                                                    (torch.float16, 192, False, False, 0.0),
+                                                   (torch.bfloat16, 192, True, True, 0.0),
                                                    # padded buckets (sm90ws: 160 -> 192 and
                                                    # 224 -> 256 columns), the second with dropout
                                                    (torch.float16, 160, True, False, 0.0),

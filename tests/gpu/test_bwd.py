@@ -130,7 +130,7 @@ def test_bwd_varlen(causal):
 
 
 # 80: bucket 96, the 128-column kernels on sm90a; 256: the dQ kernel with one K/V stage
-@pytest.mark.parametrize("d", [128, 80, 256])
+@pytest.mark.parametrize("d", [128, 80, 176, 256])  # 176: bucket 192, uneven halves
 def test_bwd_deterministic_is_bitwise_reproducible(d):
     q, k, v = (_leaf(2, 700, 4, d, dtype=torch.bfloat16) for _ in range(3))
     dout = torch.randn_like(q)
@@ -161,7 +161,7 @@ def test_bwd_with_lse_in_the_loss():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("d", [64, 96, 128, 256])  # 256: the column halves on sm90a
+@pytest.mark.parametrize("d", [64, 96, 128, 192, 256])  # 192, 256: column halves on sm90a
 @pytest.mark.parametrize("causal", [False, True])
 def test_dropout_matches_reference_with_the_same_mask(dtype, d, causal):
     b, sq, sk, h, p = 2, 190, 250, 3, 0.17
