@@ -19,7 +19,7 @@ namespace flashjit {
 //   sm_90+: 4 L + e  (one 16-byte red.v4 per lane: a warp covers 512 contiguous bytes)
 //   sm_8x:  32 e + L (four scalar reds, each covering 128 contiguous bytes per warp)
 // so that the atomics of a warp hit whole cache lines (a row-major layout spreads them over 8
-// lines). The sm90 dK/dV kernel at d <= 128 stages the tile in shared memory in the sm_90+ order
+// lines). The sm90 dK/dV kernel at d <= 192 stages the tile in shared memory in the sm_90+ order
 // and adds it with one bulk reduction instead. The postprocess kernel, compiled for the same
 // arch, reads it back in the same order.
 __device__ __forceinline__ void dq_accum_add(float* frag, int lane, const float (&v)[4]) {

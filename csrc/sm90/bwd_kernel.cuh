@@ -24,7 +24,7 @@
 // below): at 256 128 columns each; at 192 warpgroup 0 has dK, dV of columns [0, 128) and dQ of
 // [0, 64), warpgroup 1 dK, dV of [128, 192) and dQ of [64, 192), whole 64-column panels (an
 // MN-major operand starts at a panel), with the GEMM work of the two within 10%.
-// dQ goes to dq_accum through shared memory where the tile fits (Traits::kDqBulk: d 64 and 128):
+// dQ goes to dq_accum through shared memory where the tile fits (Traits::kDqBulk: d 64-192):
 // each thread stores its fragments there in dq_accum's own order (common/dq_accum.cuh), and
 // after the next barrier thread 0 adds the whole (kBlockM x d) tile to dq_accum with one bulk
 // reduction (cp.reduce.async.bulk .add.f32), which runs on the TMA engine while the CTA goes on;
@@ -96,7 +96,7 @@ struct BwdSm90Traits {
   static constexpr int kSmemAlign = 1024;  // slack to align the dynamic base
   static constexpr int kSmemLseDsum = 2 * kStages * kBlockM * sizeof(float);
   static constexpr int kSmemNoDq = 2 * kSmemKV + 2 * kStages * kSmemQ + kSmemDS + kSmemLseDsum;
-  // The dQ tile where the opt-in limit (227 KB on sm_90) leaves room for it: d 64 and 128.
+  // The dQ tile where the opt-in limit (227 KB on sm_90) leaves room for it: d 64, 128 and 192.
   static constexpr bool kDqBulk = kSmemNoDq + kBlockM * kHeadDim * 4 + kSmemAlign <= 227 * 1024;
   static constexpr int kSmemDq = kDqBulk ? kBlockM * kHeadDim * 4 : 0;
   static constexpr size_t kSmemBytes = size_t(kSmemNoDq + kSmemDq + kSmemAlign);
@@ -177,8 +177,10 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   auto generic = [&](uint32_t addr) { return smem_raw + (addr - smem_raw_addr); };
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const int wg = warp / 4;  // warpgroup: keys [64 wg, 64 wg + 64) of the block, or (kSplitCols)
-                            // columns [128 wg, ...) of dK, dV and its panels of dQ
+  // Warpgroup: keys [64 wg, 64 wg + 64) of the block, or (kSplitCols) columns [128 wg, ...) of
+  // dK, dV and its panels of dQ. Uneven halves branch on it around wgmma: read from lane 0, it is
+  // warp-uniform to ptxas too, which otherwise serialises every wgmma of the kernel (C7520).
+  const int wg = Traits::kUnevenCols ? __shfl_sync(0xffffffffu, warp / 4, 0) : warp / 4;
   const int g = lane / 4, t = lane % 4;  // accumulator row group and column pair
   const GridHeadBatch hb(p.heads, p.batch);
   if (!hb.valid) return;
@@ -366,10 +368,11 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
     fence_registers(ds_frag);
     fence_registers(acc_dv);
     fence_registers(acc_dk);
-    wgmma_fence();
-    // (d 192: warpgroup 1 has 64 columns, the first 8 n8 tiles of its accumulators.)
+    // (d 192: warpgroup 1 has 64 columns, the first 8 n8 tiles of its accumulators; fence and
+    // commit inside each branch, else ptxas injects a warpgroup.arrive, C7519.)
     auto issue_dkv = [&](auto& dv, auto& dk) {
       constexpr int kN = sizeof(dv) / sizeof(dv[0]) * 8;
+      wgmma_fence();
 #pragma unroll
       for (int ks = 0; ks < kBlockM / 16; ++ks)
         wgmma_rs<Element, kN>(dv, p_frag[ks],
@@ -378,6 +381,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
       for (int ks = 0; ks < kBlockM / 16; ++ks)
         wgmma_rs<Element, kN>(dk, ds_frag[ks],
                               desc_advance(desc_q_mnmajor, stage_off + ks * 16 * 128));
+      wgmma_commit();
     };
     if (!Traits::kUnevenCols || wg == 0) {
       issue_dkv(acc_dv, acc_dk);
@@ -385,7 +389,6 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
       using Half = float[Traits::kDkvN1 / 8][4];
       issue_dkv(*reinterpret_cast<Half*>(&acc_dv[0]), *reinterpret_cast<Half*>(&acc_dk[0]));
     }
-    wgmma_commit();
 
     if (!p.deterministic) {
       // dS^T to shared memory (keys x queries, swizzled) while dV, dK run: rows g, g + 8 of the
