@@ -98,7 +98,13 @@ struct BwdSm90Traits {
   static constexpr int kSmemNoDq = 2 * kSmemKV + 2 * kStages * kSmemQ + kSmemDS + kSmemLseDsum;
   // The dQ tile where the opt-in limit (227 KB on sm_90) leaves room for it: d 64, 128 and 192.
   static constexpr bool kDqBulk = kSmemNoDq + kBlockM * kHeadDim * 4 + kSmemAlign <= 227 * 1024;
-  static constexpr int kSmemDq = kDqBulk ? kBlockM * kHeadDim * 4 : 0;
+  static constexpr int kDqTile = kBlockM * kHeadDim * 4;  // bytes of one dQ tile
+  // Two dQ tiles where they fit (d 64 and 128): block j stores into tile j % 2, so the bulk
+  // reduction of block j - 1's tile has a whole block to read it, and thread 0 waits for that at
+  // the top of the block, where it waits for its cp.async anyway (a .read wait elsewhere may also
+  // wait for the thread's cp.async in flight: they share a scoreboard in SASS).
+  static constexpr bool kDqDouble = kDqBulk && kSmemNoDq + 2 * kDqTile + kSmemAlign <= 227 * 1024;
+  static constexpr int kSmemDq = kDqBulk ? (kDqDouble ? 2 : 1) * kDqTile : 0;
   static constexpr size_t kSmemBytes = size_t(kSmemNoDq + kSmemDq + kSmemAlign);
 
   // The dq_accum fragment order (common/dq_accum.cuh) of this kernel's dQ tile (or atomics),
@@ -263,7 +269,14 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
     const int it = m_block - tile.m_begin, stage = it % kStages;
     const int m0 = m_block * kBlockM;
     const uint32_t stage_off = stage * kSmemQ;  // descriptor advance to this block's Q, dO
+    const bool dq_reducer = Traits::kDqBulk && !p.deterministic && tid == 0;
+    // This block's dQ tile (two: alternating).
+    const uint32_t dq_tile_addr = smem_dq + (Traits::kDqDouble ? (it % 2) * Traits::kDqTile : 0);
     cp_async_wait<0>();
+    // Two tiles: the reduction of this block's tile (block it - 2's dQ, issued at the top of the
+    // previous block, the only one in flight) has read it; the barrier below orders that before
+    // this block's dQ stores.
+    if (Traits::kDqDouble && dq_reducer && it >= 2) bulk_wait_group_read<0>();
     fence_proxy_async_shared();  // this thread's cp.async writes -> visible to wgmma
     __syncthreads();  // the block's Q, dO, lse, D (and K, V) have landed; every warpgroup's wgmmas
                       // of the previous block (reading the other stage and dS^T) have completed
@@ -272,10 +285,11 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
       cp_async_commit();
     }
     // The previous block's dQ, stored before the barrier above, to dq_accum.
-    const bool dq_reducer = Traits::kDqBulk && !p.deterministic && tid == 0;
     if (dq_reducer && it > 0) {
-      bulk_reduce_add_f32_s2g(tile.dq_accum + int64_t(m0 - kBlockM) * kHeadDim, smem_dq,
-                              Traits::kSmemDq);
+      const uint32_t prev_tile =
+          smem_dq + (Traits::kDqDouble ? ((it - 1) % 2) * Traits::kDqTile : 0);
+      bulk_reduce_add_f32_s2g(tile.dq_accum + int64_t(m0 - kBlockM) * kHeadDim, prev_tile,
+                              Traits::kDqTile);
       bulk_commit_group();
     }
 
@@ -404,7 +418,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
           *reinterpret_cast<uint32_t*>(ds_tile + sw128_offset<kBlockN>(row, col)) = ds_frag[ks][e];
         }
       fence_proxy_async_shared();  // this thread's dS^T writes -> visible to wgmma
-      if (dq_reducer) bulk_wait_group_read<0>();  // the previous dQ has left shared memory
+      // one tile: the previous dQ has left shared memory
+      if (!Traits::kDqDouble && dq_reducer) bulk_wait_group_read<0>();
       __syncthreads();             // dS^T of all 128 keys is in shared memory; the dQ tile is free
 
       // dQ = dS K over the block's 128 keys (unscaled; the postprocess scales), this warpgroup's
@@ -431,7 +446,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
         fence_registers(acc_dq);
         const int frag0 = dq_frag0 + pass * kNTilesPass;  // in dq_accum's order
         if constexpr (Traits::kDqBulk) {
-          float* dq_tile = reinterpret_cast<float*>(generic(smem_dq)) + frag0 * 128;
+          float* dq_tile = reinterpret_cast<float*>(generic(dq_tile_addr)) + frag0 * 128;
 #pragma unroll
           for (int nt = 0; nt < kNTilesPass; ++nt)  // fragment nt: 128 floats, 4 per lane
             *reinterpret_cast<float4*>(dq_tile + nt * 128 + 4 * lane) =
@@ -462,8 +477,10 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   const bool dq_reducer =
       Traits::kDqBulk && !p.deterministic && tid == 0 && tile.m_begin < tile.m_end;
   if (dq_reducer) {
+    const int last = tile.m_end - 1 - tile.m_begin;  // the last block's it: its dQ tile
     bulk_reduce_add_f32_s2g(tile.dq_accum + int64_t(tile.m_end - 1) * kBlockM * kHeadDim,
-                            smem_dq, Traits::kSmemDq);
+                            smem_dq + (Traits::kDqDouble ? (last % 2) * Traits::kDqTile : 0),
+                            Traits::kDqTile);
     bulk_commit_group();
   }
   unsigned char* dk_tile = generic(smem_k);
