@@ -29,7 +29,8 @@
 // after the next barrier thread 0 adds the whole (kBlockM x d) tile to dq_accum with one bulk
 // reduction (cp.reduce.async.bulk .add.f32), which runs on the TMA engine while the CTA goes on;
 // thread 0 waits for it to have read the tile before the barrier that precedes the next block's
-// dQ stores. (Per-thread red.global.add of the fragments, as before, stalled the warps on the
+// dQ stores (with two tiles, Traits::kDqDouble, block j stores into tile j % 2 and that wait is at
+// the top of block j + 1, for the reduction of block j - 1's tile). (Per-thread red.global.add of the fragments, as before, stalled the warps on the
 // load/store queue: ~8% of the ncu warp samples at d 64 and 128.) Where the tile does not fit
 // (d 256, with two Q/dO stages), the fragments are added with red.global.add as before.
 // Dropout: the keep mask is the one of dropout.cuh, defined on the mma C layout of the untransposed
@@ -420,7 +421,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
       fence_proxy_async_shared();  // this thread's dS^T writes -> visible to wgmma
       // one tile: the previous dQ has left shared memory
       if (!Traits::kDqDouble && dq_reducer) bulk_wait_group_read<0>();
-      __syncthreads();             // dS^T of all 128 keys is in shared memory; the dQ tile is free
+      __syncthreads();             // dS^T of all 128 keys is in shared memory; this block's dQ
+                                   // tile is free
 
       // dQ = dS K over the block's 128 keys (unscaled; the postprocess scales), this warpgroup's
       // part, stored to the dQ tile for the bulk reduction into the query block's tile of
