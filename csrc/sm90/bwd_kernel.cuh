@@ -29,8 +29,8 @@
 // after the next barrier thread 0 adds the whole (kBlockM x d) tile to dq_accum with one bulk
 // reduction (cp.reduce.async.bulk .add.f32), which runs on the TMA engine while the CTA goes on;
 // thread 0 waits for it to have read the tile before the barrier that precedes the next block's
-// dQ stores (with two tiles, Traits::kDqDouble, block j stores into tile j % 2 and that wait is at
-// the top of block j + 1, for the reduction of block j - 1's tile). (Per-thread red.global.add of the fragments, as before, stalled the warps on the
+// dQ stores (with two tiles, Traits::kDqDouble, block j stores into tile j % 2, and the wait for
+// the reduction of block j - 2's dQ, the same tile, is at the top of block j). (Per-thread red.global.add of the fragments, as before, stalled the warps on the
 // load/store queue: ~8% of the ncu warp samples at d 64 and 128.) Where the tile does not fit
 // (d 256, with two Q/dO stages), the fragments are added with red.global.add as before.
 // Dropout: the keep mask is the one of dropout.cuh, defined on the mma C layout of the untransposed
