@@ -41,8 +41,13 @@ def _strides_aligned(t: Tensor) -> bool:
     element (an expanded view, e.g. MQA's k expanded to every query head: the Hopper forward's
     TMA tensor maps take no zero stride). The data pointer's alignment is fixed where it is
     known, in the op itself (ops._aligned): torch.compile traces this function without one."""
-    return t.stride(-1) == 1 and all(
-        s % 8 == 0 and (s != 0 or n == 1) for s, n in zip(t.stride()[:-1], t.shape[:-1]))
+    strides = t.stride()
+    if strides[-1] != 1:
+        return False
+    for s, n in zip(strides[:-1], t.shape[:-1]):  # a loop, not all(): host cost per call
+        if s % 8 != 0 or (s == 0 and n != 1):
+            return False
+    return True
 
 
 def _kernel_layout(t: Tensor, head_dim: int) -> Tensor:

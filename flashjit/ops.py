@@ -301,27 +301,32 @@ def _bwd_fake(dout, q, k, v, out, out_residual, lse, cu_seqlens_q, cu_seqlens_k,
     return new(q), new(k), new(v), new(lse) if sink is not None else lse.new_empty((0,))
 
 
-def _eager(*tensors) -> bool:
-    """True for a plain eager call: no torch.compile/export tracing, no tensor subclass (fake,
-    functional). Such calls skip the custom-op dispatcher and run the implementation directly:
-    the dispatcher path costs nothing later, but its first call imports much of torch's
-    tracing machinery (seconds in a fresh process)."""
-    return not torch.compiler.is_compiling() and all(
-        t is None or type(t) is torch.Tensor for t in tensors)
+# Argument types of a plain eager call, looked up before the isinstance test (the loop below runs
+# per call: host cost).
+_PLAIN_TYPES = frozenset((int, float, bool, type(None), Tensor))
+
+
+def _eager(args) -> bool:
+    """True for a plain eager call with these op arguments: no torch.compile/export tracing, no
+    tensor subclass (fake, functional). Such calls skip the custom-op dispatcher and run the
+    implementation directly: the dispatcher path costs nothing later, but its first call
+    imports much of torch's tracing machinery (seconds in a fresh process)."""
+    if torch.compiler.is_compiling():
+        return False
+    for a in args:
+        if type(a) not in _PLAIN_TYPES and isinstance(a, Tensor):
+            return False
+    return True
 
 
 def call_fwd(*args):
     """flashjit::fwd, straight to its implementation when eager (see _eager)."""
-    return (_fwd_impl if _eager(*_tensors(args)) else fwd)(*args)
+    return (_fwd_impl if _eager(args) else fwd)(*args)
 
 
 def call_bwd(*args):
     """flashjit::bwd, straight to its implementation when eager (see _eager)."""
-    return (_bwd_impl if _eager(*_tensors(args)) else bwd)(*args)
-
-
-def _tensors(args) -> list:
-    return [a for a in args if isinstance(a, Tensor)]
+    return (_bwd_impl if _eager(args) else bwd)(*args)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -573,4 +578,4 @@ def _decode_fake(q, k_cache, v_cache, k_new, v_new, rotary_cos, rotary_sin, rota
 
 def call_decode(*args):
     """flashjit::decode, straight to its implementation when eager (see _eager)."""
-    return (_decode_impl if _eager(*_tensors(args)) else decode)(*args)
+    return (_decode_impl if _eager(args) else decode)(*args)
