@@ -93,13 +93,29 @@ struct PagedRows {
 };
 
 // The forward's tiles (query blocks of block_m rows of every (head, batch) pair) in one order, for
-// a grid with a CTA per tile or a persistent one whose CTAs take every gridDim.x-th tile: tile
-// t = pair * m_blocks + r is query block m_blocks - 1 - r (heavier, later blocks first) of pair
-// = h + heads * b. Consecutive tiles share a head, so the CTAs running side by side read the same
-// K/V (from L2).
+// a grid with a CTA per tile or a persistent one whose CTAs take every gridDim.x-th tile. The
+// pairs (pair = h + heads * b) go in groups of `group` consecutive pairs (the last group may be
+// smaller); within a group, tile t = r * group_size + (pair - first pair of the group) is query
+// block m_blocks - 1 - r of its pair: the heavier (later, with causal masking) blocks of every
+// pair of the group first, so that a persistent grid's CTAs take the tiles about longest first
+// (LPT) while the group's K/V stay in L2. group 1: pair by pair (consecutive tiles share a head,
+// so the CTAs running side by side read the same K/V), heavier blocks first.
 struct FwdTileOrder {
   int m_blocks, heads;
-  int count;  // m_blocks * heads * batch (< 2^31: fwd launch code)
+  int count;      // m_blocks * heads * batch (< 2^31: fwd launch code)
+  int group = 1;  // pairs per group (>= 1)
+  int pairs = 0;  // heads * batch
+
+  // Tile t: (its query block, its pair).
+  __device__ __forceinline__ int2 decode(int t) const {
+    if (group == 1) return make_int2(m_blocks - 1 - t % m_blocks, t / m_blocks);
+    const int per_group = group * m_blocks;
+    const int g = t / per_group;
+    const int first = g * group;
+    const int size = min(group, pairs - first);  // the last group may be smaller
+    const int idx = t - g * per_group;
+    return make_int2(m_blocks - 1 - idx / size, first + idx % size);
+  }
 };
 
 // Query rows [m0, m0 + block_m) of head h of sequence b, against key blocks [n_begin, n_end) of
@@ -151,8 +167,10 @@ struct FwdQueryBlock {
   // Tile t of a FwdTileOrder.
   __device__ FwdQueryBlock(const FwdParams& p, const FwdTileOrder& order, int t, int block_m,
                            int block_n)
-      : FwdQueryBlock(p, order.m_blocks - 1 - t % order.m_blocks, (t / order.m_blocks) % order.heads,
-                      t / order.m_blocks / order.heads, block_m, block_n) {}
+      : FwdQueryBlock(p, order.decode(t), order.heads, block_m, block_n) {}
+  // (query block, pair) of a FwdTileOrder, pair = h + heads * b.
+  __device__ FwdQueryBlock(const FwdParams& p, int2 tile, int heads, int block_m, int block_n)
+      : FwdQueryBlock(p, tile.x, tile.y % heads, tile.y / heads, block_m, block_n) {}
   __device__ bool empty() const { return m0 >= seq.seqlen_q; }  // past this sequence's end
   // O at row m0, and lse at row m0 (computed late: registers are scarce in the main loop).
   __device__ Element* out(const FwdParams& p) const {

@@ -113,12 +113,14 @@ struct FwdWsParams {  // CUtensorMap: 64-byte aligned itself
 };
 
 // Whether the kernel loops over tiles (a persistent grid may launch it: fwd_launch.cuh's
-// persistent_grid) or runs one tile per CTA, compiled without the loop: the loop at d <= 128 and
-// not causal, where the persistent grid gains (with the loop compiled in, d 256 non-causal lost
-// 4-6% even with a CTA per tile: benchmarks/NOTES.md).
+// persistent_grid) or runs one tile per CTA, compiled without the loop: the loop at d <= 128,
+// where the persistent grid gains (with the loop compiled in, d 256 non-causal lost 4-6% even
+// with a CTA per tile: benchmarks/NOTES.md). Causal too, with the tiles in grouped
+// longest-first order (FwdTileOrder::group; branch ws-causal-lpt, to be measured: the loop
+// compiled into causal specs with a CTA per tile cost 1-4% in the sixth version's runs).
 template <typename Traits, typename V>
 constexpr bool ws_tile_loop() {
-  return Traits::kHeadDimPad <= 128 && !V::kIsCausal;
+  return Traits::kHeadDimPad <= 128;
 }
 
 template <typename Traits, typename V>

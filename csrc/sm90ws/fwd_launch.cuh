@@ -55,14 +55,29 @@ struct WsTile {
 // Persistent grid (one CTA per SM slot, each looping over every gridDim.x-th tile: the producer
 // loads the next tile's V, and once the last S has completed its Q and K, while the consumers
 // finish the current one) where the kernel has the tile loop (fwd_kernel.cuh's ws_tile_loop:
-// d <= 128, not causal, whose later query blocks have more keys) and every tile costs about the
-// same: fixed length, no key padding (seqused_k). Elsewhere a CTA per tile, which the GPU's block scheduler hands to whichever SM is
+// d <= 128) and the tiles' costs are known from their order: fixed length, no key padding
+// (seqused_k); causal tiles, whose later query blocks have more keys, in grouped longest-first
+// order (causal_tile_group). Elsewhere a CTA per tile, which the GPU's block scheduler hands to whichever SM is
 // free first. Measured on the H200 (bf16, 16k tokens, non-causal, against a CTA per tile;
 // benchmarks/NOTES.md): d 64 +10% at 512 tokens, +7% at 1k, +2% at 8k; d 128 +16%, +6%, -2%.
 // With the loop at d 192/256 too they lost 1-6% (logs/ws_ab_persistent_v*.log), so not there.
 template <typename Traits, typename V>
 bool persistent_grid(const FwdParams& p) {
   return ws_tile_loop<Traits, V>() && p.cu_seqlens_q == nullptr && p.seqused_k == nullptr;
+}
+
+// Pairs per group of the causal tile order (FwdTileOrder::group): as many (head, batch) pairs as
+// keep their K and V in half of the L2 cache (50 MB on the H100/H200: 25 MB; pairs of one GQA
+// group share theirs), at least 1. Within a group the persistent CTAs take the heaviest query
+// blocks of every pair first, so the last tiles, which no CTA can balance, are the lightest.
+inline int causal_tile_group(const FwdParams& p) {
+  int device = 0, l2 = 0;
+  cudaGetDevice(&device);
+  cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, device);
+  const int64_t kv_per_head = int64_t(p.seqlen_k) * p.head_dim * 2 * 2;  // K and V, 16-bit
+  const int64_t shared = p.heads / p.heads_k;  // query heads per K/V head
+  const int64_t pairs = kv_per_head > 0 ? int64_t(l2 / 2) / kv_per_head * shared : 1;
+  return int(std::max<int64_t>(1, std::min<int64_t>(pairs, int64_t(p.heads) * p.batch)));
 }
 
 // A 4-D tensor map (head dim, heads, rows, batch) over q, k or v (strides in elements, the head
@@ -114,7 +129,9 @@ cudaError_t launch_fwd_ws(const FwdParams& p, cudaStream_t stream) {
   if (err != cudaSuccess) return err;
   args.tiles.m_blocks = ceil_div(p.seqlen_q, Traits::kBlockM);
   args.tiles.heads = p.heads;
+  args.tiles.pairs = p.heads * p.batch;
   const int64_t tiles = int64_t(args.tiles.m_blocks) * p.heads * p.batch;
+  if constexpr (V::kIsCausal) args.tiles.group = causal_tile_group(p);
   int64_t ctas = tiles;  // a CTA per tile, or persistent (a CTA per tile where the SM count is unknown)
   if (persistent_grid<Traits, V>(p))
     if (const int sms = multiprocessors(); sms > 0)

@@ -59,6 +59,7 @@ for d, sq in [(d, sq) for d, sq in ((128, 256), (64, 300)) if wanted(d)]:
     q = torch.randn(1, sq, 80, d, device="cuda", dtype=torch.bfloat16)
     k, v = (torch.randn(1, sq - 19, 80, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     flashjit.flash_attn_func(q, k, v)
+    flashjit.flash_attn_func(q, k, v, causal=True)  # grouped longest-first order (branch)
 # varlen with rows past the last sequence (the tail-zeroing kernel), at a bucket the sm90ws
 # forward and the sm90 backward pad to whole panels (96 -> 128 columns), and a head dim that is
 # padded (59 -> 64)

@@ -142,11 +142,12 @@ def test_fwd_random_shapes():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("d", [64, 96, 128, 192, 256])
 @pytest.mark.parametrize("b,sq,sk,h,hk", [(3, 1000, 777, 16, 4), (4, 500, 300, 24, 8)])
-def test_fwd_many_tiles_per_cta(dtype, d, b, sq, sk, h, hk):
+@pytest.mark.parametrize("causal", [False, True])  # causal: the grouped longest-first order
+def test_fwd_many_tiles_per_cta(dtype, d, b, sq, sk, h, hk, causal):
     torch.manual_seed(d * 7 + sq)
     q, k, v = _qkv(b, sq, sk, h, hk, d, dtype)
-    out, lse, _ = flashjit.flash_attn_func(q, k, v, return_attn_probs=True)
-    assert_close_to_reference(out, lse, q, k, v, False)
+    out, lse, _ = flashjit.flash_attn_func(q, k, v, causal=causal, return_attn_probs=True)
+    assert_close_to_reference(out, lse, q, k, v, causal)
 
 
 def test_fwd_large_batch_heads():
