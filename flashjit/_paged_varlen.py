@@ -7,16 +7,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._validate import (MAX_HEAD_DIM, SUPPORTED_DTYPES, check_cache_layout, check_cu_seqlens,
-                        check_int, check_options, check_tensor, first_bad_pages)
-
-
-def check_query_dtype(name: str, q) -> None:
-    """q's dtype before the paged caches are compared with it (their messages name q's dtype as
-    the one to have): TypeError unless float16 or bfloat16. (Separate from paged_varlen, whose
-    CPU tests run it on float64 through a stand-in kernel.)"""
-    if isinstance(q, Tensor) and q.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"{name} must be float16 or bfloat16, got {q.dtype}")
+from ._validate import (MAX_HEAD_DIM, check_cache_layout, check_cu_seqlens, check_int,
+                        check_options, check_tensor, first_bad_pages)
 
 
 def paged_varlen(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,

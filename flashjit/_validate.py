@@ -39,6 +39,12 @@ def _no_cuda_hint() -> str:
     return ""
 
 
+def check_dtype(name: str, t: Tensor) -> None:
+    """TypeError naming t unless it is float16 or bfloat16."""
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name} must be float16 or bfloat16, got {t.dtype}")
+
+
 def check_tensor(name: str, t, rank: int) -> None:
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -48,8 +54,7 @@ def check_tensor(name: str, t, rank: int) -> None:
                          "tensors, under torch.compile or FakeTensorMode)")
     if t.device.type != "cuda":
         raise ValueError(f"{name} must be a CUDA tensor, got device {t.device}{_no_cuda_hint()}")
-    if t.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"{name} must be float16 or bfloat16, got {t.dtype}")
+    check_dtype(name, t)
     if t.dim() != rank:
         raise ValueError(f"{name} must have {rank} dimensions, got shape {tuple(t.shape)}")
 

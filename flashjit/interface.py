@@ -23,10 +23,10 @@ import torch
 from torch import Tensor
 
 from . import ops
-from ._paged_varlen import check_query_dtype as _check_query_dtype
 from ._paged_varlen import paged_varlen as _paged_varlen
-from ._validate import (check_cu_seqlens, check_flag, check_int, check_options, check_qkv,
-                        check_scalars, check_variant_tensors, key_padding_lengths, resolve_window)
+from ._validate import (check_cu_seqlens, check_dtype, check_flag, check_int, check_options,
+                        check_qkv, check_scalars, check_variant_tensors, key_padding_lengths,
+                        resolve_window)
 from ._validate_kvcache import check_kvcache
 
 _LN2 = math.log(2.0)
@@ -281,7 +281,10 @@ def _flash_attn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_se
     error messages."""
     nq, nk, nv, ncu_q, ncu_k, nmax_q, nmax_k = names
     if block_table is not None:
-        _check_query_dtype(nq, q)
+        # q's dtype before _paged_varlen compares the caches' with it (their messages name q's
+        # as the one to have); not inside it, whose CPU tests run it on float64
+        if isinstance(q, Tensor):
+            check_dtype(nq, q)
         return _paged_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                              dropout_p, softmax_scale, causal, window_size, softcap,
                              alibi_slopes, deterministic, return_attn_probs, block_table, sink,
