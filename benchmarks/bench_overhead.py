@@ -1,12 +1,14 @@
 """Where the time of a small attention call goes: host overhead per call, and kernel time alone.
 
-    python benchmarks/bench_overhead.py
+    python benchmarks/bench_overhead.py [--profile]
 
 1. Host cost per call: many calls on a tiny input (1 x 128 x 1 x 64, bf16) with one
    synchronisation at the end, so the wall time per call is the Python/dispatcher cost.
 2. Kernel time without host overhead: the forward at d 128, seqlen 1k and 4k (16k tokens), causal
    and not, captured in a CUDA graph and timed by replaying it, for flashjit and SDPA flash.
 Prints a table; used to tell host overhead from kernel speed in bench_peers.py's short sequences.
+`--profile`: instead, where the host cost of flashjit's forward+backward on the tiny input goes:
+cProfile's top functions by own time, and torch.profiler's CPU ops and GPU kernels per call.
 """
 
 from __future__ import annotations
@@ -49,6 +51,31 @@ def graph_ms(fn) -> float:
     return bench_ms(graph.replay, 5, 20)
 
 
+def profile_fwd_bwd(q, k, v, dout, calls=300):
+    """cProfile and torch.profiler over `calls` forward+backward calls (after warm-up)."""
+    import cProfile
+    import pstats
+
+    def step():
+        torch.autograd.grad(flashjit.flash_attn_func(q, k, v), (q, k, v), dout)
+    host_us(step, calls=50)
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        step()
+    torch.cuda.synchronize()
+    prof.disable()
+    print(f"cProfile, {calls} forward+backward calls, by own time")
+    pstats.Stats(prof).sort_stats("tottime").print_stats(30)
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as tp:
+        for _ in range(20):
+            step()
+        torch.cuda.synchronize()
+    print("torch.profiler, 20 forward+backward calls")
+    print(tp.key_averages().table(sort_by="self_cpu_time_total", row_limit=40))
+
+
 def main():
     if not torch.cuda.is_available():
         sys.exit("bench_overhead.py: no CUDA device")
@@ -56,6 +83,8 @@ def main():
                for _ in range(3))
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
     dout = torch.randn_like(q)
+    if "--profile" in sys.argv[1:]:
+        return profile_fwd_bwd(q, k, v, dout)
 
     def sdpa(causal=False):
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):

@@ -230,7 +230,7 @@ for step in $STEPS; do
         timeout 120 python3 benchmarks/kernel_times.py --seqlen ${KERNELS_SEQLEN:-1024} $cfg 2>&1
       done | tee "$OUT/kernel_times.log" | grep "us$" ;;
     overhead)
-      timeout 300 python3 benchmarks/bench_overhead.py 2>&1 | tee "$OUT/overhead.md" ;;
+      timeout 300 python3 benchmarks/bench_overhead.py ${OVERHEAD_ARGS:-} 2>&1 | tee "$OUT/overhead${OVERHEAD_ARGS:+_profile}.md" ;;
     jit)
       timeout 400 python3 benchmarks/bench_jit.py --out "$OUT/results" 2>&1 | tail -n 20 ;;
     peers)
