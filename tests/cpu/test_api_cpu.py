@@ -50,9 +50,9 @@ def test_dispatcher_maps_tensors_to_specs(monkeypatch):
     q = torch.empty(1, 8, 2, 256, dtype=torch.float16)
     assert ops.attention_spec("bwd", q, causal=False, dropout=True).name == \
         "bwd_sm80_fp16_hd256_dropout"
-    # Hopper: at head dims 33-256 the forward is the warp-specialised family (sm90ws) and at
-    # 33-128 the backward the wgmma family (sm90), with and without dropout; a paged forward
-    # (block table) is sm90's, which reads one.
+    # Hopper: at head dims 33-256 the forward is the warp-specialised family (sm90ws) and the
+    # backward the wgmma family (sm90), with and without dropout; a paged forward (block table)
+    # is sm90's, which reads one; at d <= 32 both are sm80's.
     monkeypatch.setenv("FLASHJIT_CUDA_ARCH_LIST", "9.0")
     q = torch.empty(1, 8, 2, 120, dtype=torch.bfloat16)
     assert ops.attention_spec("fwd", q, causal=True, dropout=False).name == \
@@ -67,8 +67,11 @@ def test_dispatcher_maps_tensors_to_specs(monkeypatch):
         "bwd_sm90a_bf16_hd128_causal_dropout_wgmma"
     assert ops.attention_spec("bwd", q[..., :96], causal=False, dropout=False).name == \
         "bwd_sm90a_bf16_hd96_wgmma"  # bucket 96: the wgmma backward's 128-column kernels
+    # bucket 160: the wgmma backward's 192-column kernels
     assert ops.attention_spec("bwd", torch.empty(1, 8, 2, 160, dtype=torch.bfloat16),
-                              causal=False, dropout=False).name == "bwd_sm90a_bf16_hd160"
+                              causal=False, dropout=False).name == "bwd_sm90a_bf16_hd160_wgmma"
+    assert ops.attention_spec("bwd", q[..., :32], causal=False, dropout=False).name == \
+        "bwd_sm90a_bf16_hd32"
     monkeypatch.setenv("FLASHJIT_KERNEL_FAMILY", "sm90")  # the wgmma forward, as before sm90ws
     assert ops.attention_spec("fwd", q, causal=True, dropout=False).name == \
         "fwd_sm90a_bf16_hd128_causal_wgmma"

@@ -327,7 +327,9 @@ def test_the_spec_ops_get_the_contracts_arguments(monkeypatch):
     (None, 80, "bwd_sm90a_bf16_hd96_wgmma", 128),
     (None, 64, "bwd_sm90a_bf16_hd64_wgmma", 64),
     ("sm80", 96, "bwd_sm90a_bf16_hd96", 96),  # mma.sync: the bucket's own width
-    (None, 160, "bwd_sm90a_bf16_hd160", 160),
+    (None, 160, "bwd_sm90a_bf16_hd160_wgmma", 192),  # the 192-column kernels
+    (None, 192, "bwd_sm90a_bf16_hd192_wgmma", 192),
+    ("sm80", 160, "bwd_sm90a_bf16_hd160", 160),
 ])
 def test_bwd_scratch_has_the_kernels_padded_width(family, head_dim, spec_name, width,
                                                   monkeypatch):
