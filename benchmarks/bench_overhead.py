@@ -8,7 +8,8 @@
    and not, captured in a CUDA graph and timed by replaying it, for flashjit and SDPA flash.
 Prints a table; used to tell host overhead from kernel speed in bench_peers.py's short sequences.
 `--profile`: instead, where the host cost of flashjit's forward+backward on the tiny input goes:
-cProfile's top functions by own time, and torch.profiler's CPU ops and GPU kernels per call.
+layer by layer (host_breakdown), cProfile's top functions by own time, and torch.profiler's CPU
+ops and GPU kernels per call.
 """
 
 from __future__ import annotations
@@ -51,14 +52,64 @@ def graph_ms(fn) -> float:
     return bench_ms(graph.replay, 5, 20)
 
 
+class _Floor(torch.autograd.Function):
+    """The least a Python autograd.Function attention can cost on the host: the allocations a
+    forward and a backward need at least (out and lse; dq, dk, dv) and no kernel."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        ctx.save_for_backward(q, k, v)
+        out, lse = torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=torch.float32)
+        ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v = ctx.saved_tensors
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def host_breakdown(q, k, v, dout):
+    """Host cost of forward+backward, layer by layer: a Python autograd.Function with no kernel
+    (the floor of this design), flashjit with its kernel launches skipped (ops._launch a no-op:
+    the Python path and allocations), flashjit, SDPA flash (C++ all the way)."""
+    from flashjit import ops
+
+    def grad(out):
+        return torch.autograd.grad(out, (q, k, v), dout)
+    launch = ops._launch
+    rows = [("autograd.Function floor (5 allocations, no kernel)", lambda: grad(_Floor.apply(q, k, v)[0]))]
+    try:
+        ops._launch = lambda *a: None
+        rows.append(("flashjit, kernels not launched", host_us(
+            lambda: grad(flashjit.flash_attn_func(q, k, v)))))
+    finally:
+        ops._launch = launch
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+
+    def sdpa():
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return F.scaled_dot_product_attention(qt, kt, vt)
+    rows += [("flashjit", lambda: grad(flashjit.flash_attn_func(q, k, v))),
+             ("SDPA flash", lambda: torch.autograd.grad(sdpa(), (q, k, v), dout.transpose(1, 2)))]
+    print("| host cost of forward+backward (tiny input) | us |\n|---|---|")
+    for name, fn in rows:
+        us = fn if isinstance(fn, float) else host_us(fn)
+        print(f"| {name} | {us:.1f} |", flush=True)
+    print()
+
+
 def profile_fwd_bwd(q, k, v, dout, calls=300):
-    """cProfile and torch.profiler over `calls` forward+backward calls (after warm-up)."""
+    """host_breakdown, then cProfile and torch.profiler over `calls` forward+backward calls
+    (after warm-up)."""
     import cProfile
     import pstats
 
     def step():
         torch.autograd.grad(flashjit.flash_attn_func(q, k, v), (q, k, v), dout)
     host_us(step, calls=50)
+    host_breakdown(q, k, v, dout)
     prof = cProfile.Profile()
     prof.enable()
     for _ in range(calls):
