@@ -309,8 +309,9 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks)
     // Block it: S = Q K^T (64 x kBlockN), then behind it (pv: every block but the first)
     // O += P[it-1] V[it-1]; the softmax of S; P[it] packed for the next block. pv is a bool, or
     // with Traits::kPeel a compile-time constant (std::true_type / std::false_type: the first
-    // block peeled), which removes the warpgroup.arrive ptxas injects around a branch on the P V
-    // wgmma (C7519): measured faster at d 128, slower at d 64 (benchmarks/NOTES.md).
+    // block peeled): measured faster at d 128, slower at d 64 (benchmarks/NOTES.md), when the
+    // runtime branch on the P V wgmma also made ptxas inject a warpgroup.arrive (C7519), which
+    // the wgmma fence after O's rescale inside that branch now makes unnecessary.
     // (With a runtime pv the fence on p_frag and the wait for P V stay unconditional, as a branch
     // around them makes ptxas serialise the wgmmas, C7515.)
     auto step = [&](int it, auto pv) {
