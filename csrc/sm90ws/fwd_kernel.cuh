@@ -21,7 +21,8 @@
 //     [64 c, 64 c + 64). Per key block: S = Q K^T (wgmma, both operands in shared memory), the
 //     variant's logits and the online softmax in registers (common/variant.cuh, softmax.cuh),
 //     O += P V (wgmma, P from registers). Within a warpgroup the softmax of block j runs while
-//     P V of block j - 1 is on the tensor cores (issued right behind S of block j); across the
+//     P V of block j - 1 is on the tensor cores (issued right behind S of block j), and O's
+//     rescale for block j - 1 while S of block j is (between the two issues); across the
 //     consumers, named barriers take turns for the GEMM issue (ping-pong, round robin), so one
 //     warpgroup's softmax overlaps the others' GEMMs. A consumer releases a K buffer (arrives on
 //     its empty barrier) once its S has completed, a V buffer once its P V has.
@@ -247,6 +248,9 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks)
   float acc_s[1][kNTilesS][4];
   uint32_t p_frag[kBlockN / 16][4];  // P of the previous block (wgmma A layout)
   float row_max[1][2], row_sum[1][2];
+  // O's rescale for the block whose softmax ran last (O *= alpha), deferred to the next GEMM
+  // issue: applied while that block's successor's S = Q K^T runs, before P V reads O.
+  float alpha[1][2];
   int kv = 0, q_tiles = 0, last_t = -1;
   for (int t = blockIdx.x; t < tiles.count; t += gridDim.x) {
     const FwdQueryBlock<Element, V> tile(p, tiles, t, kBlockM, kBlockN);
@@ -260,6 +264,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks)
     const int warp_row0 = m0 + cwg * 64 + (warp % 4) * 16;  // first query row of this warp
     row_max[0][0] = row_max[0][1] = -INFINITY;
     row_sum[0][0] = row_sum[0][1] = 0.f;
+    alpha[0][0] = alpha[0][1] = 1.f;
     zero_fragments(acc_o);
     zero_fragments(acc_s);
     DropoutMask dropout = V::kHasDropout ? DropoutMask(p.dropout, tile.b, tile.h, p.heads,
@@ -304,8 +309,9 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks)
     // Block it: S = Q K^T (64 x kBlockN), then behind it (pv: every block but the first)
     // O += P[it-1] V[it-1]; the softmax of S; P[it] packed for the next block. pv is a bool, or
     // with Traits::kPeel a compile-time constant (std::true_type / std::false_type: the first
-    // block peeled), which removes the warpgroup.arrive ptxas injects around a branch on the P V
-    // wgmma (C7519): measured faster at d 128, slower at d 64 (benchmarks/NOTES.md).
+    // block peeled): measured faster at d 128, slower at d 64 (benchmarks/NOTES.md), when the
+    // runtime branch on the P V wgmma also made ptxas inject a warpgroup.arrive (C7519), which
+    // the wgmma fence after O's rescale inside that branch now makes unnecessary.
     // (With a runtime pv the fence on p_frag and the wait for P V stay unconditional, as a branch
     // around them makes ptxas serialise the wgmmas, C7515.)
     auto step = [&](int it, auto pv) {
@@ -325,6 +331,11 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks)
                                    desc_advance(desc_k, kstep_offset(kk, kBlockN)), kk > 0);
       wgmma_commit();
       if (pv) {
+        // O *= alpha of block it - 1 (its P V completed in the previous step) while S runs on
+        // the tensor cores, off the path from the softmax to the next GEMM issue; then P V.
+        rescale_rows(acc_o, alpha);
+        fence_registers(acc_o[0]);
+        wgmma_fence();
         issue_pv(it - 1);
         turn_pass();
         wgmma_wait<1>();  // S is done; P V may still run
@@ -338,14 +349,12 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks)
       fence_registers(acc_s[0]);
 
       scores.apply(acc_s, warp_row0, n0, g, t4, scores.mask_needed(m0, n0, kBlockM, kBlockN));
-      float alpha[1][2];
       softmax_update(acc_s, row_max, row_sum, scores.scale_log2(p), alpha);
       if constexpr (V::kHasDropout) dropout.apply(acc_s[0], warp_row0 / 16, n0 / 8, g, t4);
       if (!kStatic || pv) wgmma_wait<0>();  // P V of block it - 1 is done: its V buffer goes
       if (pv) mbarrier_arrive(smem_addr(&bar_v_empty[stage_of(it - 1)]));  // back to the producer
       fence_registers(acc_o[0]);
       fence_registers(acc_s[0]);
-      rescale_rows(acc_o, alpha);
       pack_c_to_a<Element>(acc_s[0], p_frag);
     };
     if constexpr (Traits::kPeel) {
@@ -358,6 +367,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks)
       if (n_blocks == 1) zero_v_tail();
       const int last = n_blocks - 1;
       mbarrier_wait(smem_addr(&bar_v_full[stage_of(last)]), phase_of(last));
+      rescale_rows(acc_o, alpha);  // the last block's (no S left to hide it behind)
+      fence_registers(acc_o[0]);
       turn_wait();
       wgmma_fence();
       issue_pv(last);
