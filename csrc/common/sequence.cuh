@@ -5,6 +5,7 @@
 
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 
@@ -36,30 +37,56 @@ struct GridHeadBatch {
   }
 };
 
+// Host-side per-device caches: device indices 0 .. kCachedDevices - 1 are remembered, any other
+// is queried on every call. Each runtime call they save costs microseconds of host time, which
+// short calls (decoding, short sequences) notice.
+constexpr int kCachedDevices = 64;
+
+// Attribute kAttr of the current device (cudaDeviceGetAttribute, asked once per device: device
+// attributes do not change); 0 where the runtime does not say.
+template <cudaDeviceAttr kAttr>
+int device_attribute() {
+  static std::atomic<int> cached[kCachedDevices];  // 0: not asked yet (zero-initialised)
+  int device = 0, value = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return 0;
+  const bool cacheable = device >= 0 && device < kCachedDevices;
+  if (cacheable && (value = cached[device].load(std::memory_order_relaxed)) > 0) return value;
+  if (cudaDeviceGetAttribute(&value, kAttr, device) != cudaSuccess) return 0;
+  if (cacheable && value > 0) cached[device].store(value, std::memory_order_relaxed);
+  return value;
+}
+
 // Shared memory of the current device: per block (opt-in maximum) and per multiprocessor.
 struct SmemLimits {
-  int per_block = 0, per_sm = 0;
-  SmemLimits() {
-    int device = 0;
-    cudaGetDevice(&device);
-    cudaDeviceGetAttribute(&per_block, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-    cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device);
-  }
+  int per_block = device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>();
+  int per_sm = device_attribute<cudaDevAttrMaxSharedMemoryPerMultiprocessor>();
 };
 
 // Multiprocessors of the current device; 0 where the runtime does not say.
-inline int multiprocessors() {
-  int device = 0, n = 0;
-  cudaGetDevice(&device);
-  cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device);
-  return n;
-}
+inline int multiprocessors() { return device_attribute<cudaDevAttrMultiProcessorCount>(); }
 
-// Dynamic shared memory above the 48 KB default needs an explicit opt-in per kernel.
-template <typename Kernel>
-cudaError_t set_smem(Kernel kernel, size_t smem) {
+// Dynamic shared memory above the 48 KB default needs an explicit opt-in per kernel and device
+// (cudaFuncSetAttribute). kKernel's opt-in is made once per device, for the largest size asked
+// so far, and remembered: the attribute stays set for the life of the device's primary context,
+// which torch does not reset while the process runs. (kKernel: a __global__ function, one
+// instantiation of this template and its cache per kernel.)
+template <auto kKernel>
+cudaError_t set_smem(size_t smem) {
   if (smem <= 48 * 1024) return cudaSuccess;
-  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+  static std::atomic<size_t> opted_in[kCachedDevices];  // bytes opted in per device, 0: none
+  int device = 0;
+  if (const cudaError_t err = cudaGetDevice(&device); err != cudaSuccess) return err;
+  const bool cacheable = device >= 0 && device < kCachedDevices;
+  if (cacheable && opted_in[device].load(std::memory_order_relaxed) >= smem) return cudaSuccess;
+  const cudaError_t err =
+      cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+  // (Two threads may both get here: both set the attribute, and the larger size is kept.)
+  if (err == cudaSuccess && cacheable) {
+    size_t seen = opted_in[device].load(std::memory_order_relaxed);
+    while (seen < smem && !opted_in[device].compare_exchange_weak(seen, smem)) {
+    }
+  }
+  return err;
 }
 
 // Where one (batch, head) sequence lives, for fixed-length and varlen inputs alike.

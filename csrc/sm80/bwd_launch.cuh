@@ -18,8 +18,8 @@ namespace flashjit {
 // Grid: (key blocks, heads x batch: attention_grid).
 template <typename Traits, typename V>
 cudaError_t launch_bwd_dk_dv(const BwdParams& p, cudaStream_t stream) {
-  auto kernel = flash_bwd_dk_dv_kernel<Traits, V>;
-  cudaError_t err = set_smem(kernel, Traits::kSmemBytes);
+  constexpr auto kernel = flash_bwd_dk_dv_kernel<Traits, V>;
+  cudaError_t err = set_smem<kernel>(Traits::kSmemBytes);
   if (err != cudaSuccess) return err;
   const dim3 grid = attention_grid(ceil_div(p.seqlen_k, Traits::kBlockN), p.heads, p.batch);
   kernel<<<grid, Traits::kNThreads, Traits::kSmemBytes, stream>>>(p);
@@ -38,8 +38,8 @@ cudaError_t launch_bwd_tile(const BwdParams& p, cudaStream_t stream) {
 // Grid: (query blocks, heads x batch: attention_grid).
 template <typename Traits, typename V>
 cudaError_t launch_bwd_dq(const BwdParams& p, cudaStream_t stream) {
-  auto kernel = flash_bwd_dq_kernel<Traits, V>;
-  cudaError_t err = set_smem(kernel, Traits::kSmemBytes);
+  constexpr auto kernel = flash_bwd_dq_kernel<Traits, V>;
+  cudaError_t err = set_smem<kernel>(Traits::kSmemBytes);
   if (err != cudaSuccess) return err;
   const dim3 grid = attention_grid(ceil_div(p.seqlen_q, Traits::kBlockM), p.heads, p.batch);
   kernel<<<grid, Traits::kNThreads, Traits::kSmemBytes, stream>>>(p);
@@ -150,10 +150,7 @@ constexpr bool kSmall = any(800, 900) || any(1000, 100000);  // 99 KB (8.6, 8.9,
 
 // Largest dynamic shared memory a block of the current device may opt in to.
 inline size_t bwd_smem_per_block() {
-  int device = 0, bytes = 0;
-  cudaGetDevice(&device);
-  cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-  return size_t(bytes);
+  return size_t(device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>());
 }
 
 // The dK/dV (and postprocess) launch for the current device: the largest tile of this build whose

@@ -11,13 +11,9 @@ namespace flashjit {
 // Grid: (query blocks, heads x batch: attention_grid); CTAs of Traits::kNThreads threads.
 template <typename Traits, typename V>
 cudaError_t launch_fwd(const FwdParams& p, cudaStream_t stream) {
-  auto kernel = flash_fwd_kernel<Traits, V>;
+  constexpr auto kernel = flash_fwd_kernel<Traits, V>;
   constexpr size_t smem = Traits::kSmemBytes;
-  if (smem > 48 * 1024) {
-    cudaError_t err =
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-    if (err != cudaSuccess) return err;
-  }
+  if (cudaError_t err = set_smem<kernel>(smem); err != cudaSuccess) return err;
   const dim3 grid = attention_grid(ceil_div(p.seqlen_q, Traits::kBlockM), p.heads, p.batch);
   kernel<<<grid, Traits::kNThreads, smem, stream>>>(p);
   return cudaGetLastError();

@@ -45,8 +45,8 @@ cudaError_t run_bwd(const BwdParams& p, cudaStream_t stream) {
   using Traits = BwdSm90Traits<Element, kHeadDim, BwdSm90Tile<kHeadDim>::kBlockM>;
   cudaError_t err = launch_bwd_preprocess<Element, kHeadDim>(p, stream);
   if (err != cudaSuccess) return err;
-  auto kernel = flash_bwd_dk_dv_sm90_kernel<Traits, V>;
-  err = set_smem(kernel, Traits::kSmemBytes);
+  constexpr auto kernel = flash_bwd_dk_dv_sm90_kernel<Traits, V>;
+  err = set_smem<kernel>(Traits::kSmemBytes);
   if (err != cudaSuccess) return err;
   // Grid: (key blocks, heads x batch: attention_grid); with causal masking the first key blocks
   // see the most queries and start first.
@@ -58,8 +58,8 @@ cudaError_t run_bwd(const BwdParams& p, cudaStream_t stream) {
     // Grid: (query blocks, heads x batch: attention_grid), heavier query blocks first.
     // (d 256: one K/V stage, as two do not fit beside Q and dO of 128 rows.)
     using DqTraits = BwdDqSm90Traits<Element, kHeadDim, 64, 2, kHeadDim <= 192 ? 2 : 1>;
-    auto dq_kernel = flash_bwd_dq_sm90_kernel<DqTraits, V>;
-    err = set_smem(dq_kernel, DqTraits::kSmemBytes);
+    constexpr auto dq_kernel = flash_bwd_dq_sm90_kernel<DqTraits, V>;
+    err = set_smem<dq_kernel>(DqTraits::kSmemBytes);
     if (err != cudaSuccess) return err;
     const dim3 dq_grid =
         attention_grid(ceil_div(p.seqlen_q, DqTraits::kBlockM), p.heads, p.batch);

@@ -32,13 +32,9 @@ struct Sm90Tile {
 template <typename Element, int kHeadDim, typename V>
 cudaError_t run_fwd(const FwdParams& p, cudaStream_t stream) {
   using Traits = FwdSm90Traits<Element, kHeadDim, FLASHJIT_SM90_TILE_N>;
-  auto kernel = flash_fwd_sm90_kernel<Traits, V>;
+  constexpr auto kernel = flash_fwd_sm90_kernel<Traits, V>;
   constexpr size_t smem = Traits::kSmemBytes;
-  if (smem > 48 * 1024) {
-    const cudaError_t err =
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-    if (err != cudaSuccess) return err;
-  }
+  if (cudaError_t err = set_smem<kernel>(smem); err != cudaSuccess) return err;
   // Grid: (query blocks, heads x batch: attention_grid).
   const dim3 grid = attention_grid(ceil_div(p.seqlen_q, Traits::kBlockM), p.heads, p.batch);
   kernel<<<grid, Traits::kNThreads, smem, stream>>>(p);

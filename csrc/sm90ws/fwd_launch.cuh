@@ -71,9 +71,7 @@ bool persistent_grid(const FwdParams& p) {
 // group share theirs), at least 1. Within a group the persistent CTAs take the heaviest query
 // blocks of every pair first, so the last tiles, which no CTA can balance, are the lightest.
 inline int causal_tile_group(const FwdParams& p) {
-  int device = 0, l2 = 0;
-  cudaGetDevice(&device);
-  cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, device);
+  const int l2 = device_attribute<cudaDevAttrL2CacheSize>();
   const int64_t kv_per_head = int64_t(p.seqlen_k) * p.head_dim * 2 * 2;  // K and V, 16-bit
   const int64_t shared = p.heads / p.heads_k;  // query heads per K/V head
   const int64_t pairs = kv_per_head > 0 ? int64_t(l2 / 2) / kv_per_head * shared : 1;
@@ -103,12 +101,9 @@ template <typename Traits, typename V>
 cudaError_t launch_fwd_ws(const FwdParams& p, cudaStream_t stream) {
   using Element = typename Traits::Element;
   constexpr bool kBf16 = std::is_same_v<Element, __nv_bfloat16>;
-  auto kernel = flash_fwd_ws_kernel<Traits, V>;
+  constexpr auto kernel = flash_fwd_ws_kernel<Traits, V>;
   constexpr size_t smem = Traits::kSmemBytes;
-  if (cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                             int(smem));
-      err != cudaSuccess)
-    return err;
+  if (cudaError_t err = set_smem<kernel>(smem); err != cudaSuccess) return err;
   FwdWsParams args;
   args.p = p;
   const bool varlen = p.cu_seqlens_q != nullptr;

@@ -13,8 +13,8 @@ namespace flashjit {
 
 template <typename Traits, typename V>
 cudaError_t launch_decode(const DecodeParams& dp, cudaStream_t stream) {
-  auto kernel = flash_decode_kernel<Traits, V>;
-  if (cudaError_t err = set_smem(kernel, Traits::kSmemBytes); err != cudaSuccess) return err;
+  constexpr auto kernel = flash_decode_kernel<Traits, V>;
+  if (cudaError_t err = set_smem<kernel>(Traits::kSmemBytes); err != cudaSuccess) return err;
   const FwdParams& p = dp.fwd;
   const int m_blocks = ceil_div(p.seqlen_q * (p.heads / p.heads_k), Traits::kBlockM);
   const dim3 grid = attention_grid(m_blocks * dp.num_splits, p.heads_k, p.batch);
