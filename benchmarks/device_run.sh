@@ -8,7 +8,7 @@
 # Usage (on the device): bash benchmarks/device_run.sh [steps...]
 #   steps: build test test80 sanitize profile sweep kernels overhead jit peers original long
 #          variants ab sdpa hf hfbench cp cpbench decode decodebench decodeprof decodesweep
-#          testws wssweep wsdrop wsab wsprof (the sm90ws forward family) dropout dropouterr softcap
+#          testws wssweep wsdrop wsab wsres wsprof (the sm90ws forward family) dropout dropouterr softcap
 #          bwdwide (the wgmma backward at d 160-256)
 #   (default: build test sanitize jit peers)
 set -uo pipefail
@@ -181,6 +181,10 @@ for step in $STEPS; do
              python3 benchmarks/ws_time.py 2>&1 | sed "s/^/$name round $round: /") | tee -a "$OUT/ws_ab.log"
         done
       done ;;
+    wsres)  # the forward with inputs that require grad (it also writes O's rounding residual for
+            # the backward) against without, and cuDNN's with them: WS_RESIDUAL=1 ws_time.py
+      WS_RESIDUAL=1 WS_SEQLENS="${WS_SEQLENS:-512 1024 2048 8192}" timeout 300 python3 \
+        benchmarks/ws_time.py 2>&1 | tee "$OUT/ws_residual.log" ;;
     wsprof)  # ncu of the sm90ws forward (bf16, 8k, d 64 and 128): stall reasons, issue and pipe
              # use, and the hottest SASS instructions by warp-stall samples (profile_ws.py);
              # WSPROF_BWD=1: the sm90 backward's dK/dV kernel instead (plus shared-memory use)

@@ -3,7 +3,9 @@
 head dims (default "64 128"), WS_SEQLENS the sequence lengths (default "512 1024 8192").
 WS_DROPOUT=p: flashjit with dropout p against flashjit without (the issue's "forward with
 dropout <= 1.2x the plain forward"), no cuDNN. WS_SOFTCAP=c: likewise with softcap c (the variants
-issue's "softcap overhead <= 10%")."""
+issue's "softcap overhead <= 10%"). WS_RESIDUAL=1: likewise with inputs that require grad (a
+training forward: flashjit's forward then also writes O's rounding residual for the backward's D,
+interface._FlashAttnFunction) against without, and cuDNN with them too."""
 import os
 import sys
 
@@ -18,6 +20,7 @@ from common import attention_flops, bench_ms  # noqa: E402
 fam = os.environ.get("FLASHJIT_KERNEL_FAMILY", "default")
 dropout_p = float(os.environ.get("WS_DROPOUT", "0"))
 softcap = float(os.environ.get("WS_SOFTCAP", "0"))
+residual = os.environ.get("WS_RESIDUAL", "") not in ("", "0")
 for d in [int(x) for x in os.environ.get("WS_DIMS", "64 128").split()]:
     for s in [int(x) for x in os.environ.get("WS_SEQLENS", "512 1024 8192").split()]:
         for causal in (False, True):
@@ -31,6 +34,17 @@ for d in [int(x) for x in os.environ.get("WS_DIMS", "64 128").split()]:
                 print(f"{fam} d{d} s{s} causal={int(causal)}: {fl / ms / 1e9:.0f} TFLOP/s, with "
                       f"softcap {softcap}: {fl / mv / 1e9:.0f} ({mv / ms:.2f}x the time)",
                       flush=True)
+                continue
+            if residual:
+                qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
+                mg = bench_ms(lambda: flashjit.flash_attn_func(qg, kg, vg, causal=causal), 3, 10)
+                qt, kt, vt = (x.transpose(1, 2) for x in (qg, kg, vg))
+                with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+                    mc = bench_ms(lambda: torch.nn.functional.scaled_dot_product_attention(
+                        qt, kt, vt, is_causal=causal), 3, 10)
+                print(f"{fam} d{d} s{s} causal={int(causal)}: {fl / ms / 1e9:.0f} TFLOP/s, with "
+                      f"inputs requiring grad: {fl / mg / 1e9:.0f} ({mg / ms:.2f}x the time); "
+                      f"cuDNN with them {fl / mc / 1e9:.0f}", flush=True)
                 continue
             if dropout_p > 0:
                 md = bench_ms(lambda: flashjit.flash_attn_func(q, k, v, causal=causal,

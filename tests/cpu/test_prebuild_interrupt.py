@@ -98,7 +98,10 @@ def test_cache_clear_during_a_prebuild_leaves_its_build_alone(tmp_path):
         assert result.stdout.startswith(f"removed 0 items from {cache}; 4 in use, skipped\n")
         for path in in_use:
             assert f"  in use, skipped: {path} (" in result.stdout, path
-            assert path.exists(), path
+        # "removed 0 items" says clear removed none of them; the temp folder and the owner file
+        # may be gone by now all the same, taken by the build finishing meanwhile (a quick one
+        # on an idle machine), so only the log folder, which outlives the build, is checked here
+        assert log_dir.exists(), log_dir
         out, err = prebuild.communicate(timeout=300)
         assert prebuild.returncode == 0, out + err
         assert "built 1, cached 0, failed 0" in out
