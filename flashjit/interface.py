@@ -180,11 +180,28 @@ def _attention(q, k, v, cu_q, cu_k, seqused_k, max_q, max_k, scale, causal, bott
     d = q.shape[-1]
     padded = -(-d // 8) * 8
     q, k, v = (_kernel_layout(t, padded) for t in (q, k, v))
-    out, lse = _FlashAttnFunction.apply(q, k, v, sink, alibi_slopes, cu_q, cu_k, seqused_k,
-                                        max_q, max_k, scale, causal, bottom_right, window[0],
-                                        window[1], float(softcap), float(dropout_p),
-                                        bool(deterministic))
+    if _records_grad(q, k, v, sink):
+        out, lse = _FlashAttnFunction.apply(q, k, v, sink, alibi_slopes, cu_q, cu_k, seqused_k,
+                                            max_q, max_k, scale, causal, bottom_right, window[0],
+                                            window[1], float(softcap), float(dropout_p),
+                                            bool(deterministic))
+    else:
+        # Nothing to differentiate (inference, torch.no_grad): the op itself, as
+        # _FlashAttnFunction.forward would call it (the same dropout draw, no rounding residual),
+        # without autograd.Function's host cost per call.
+        rng_state = _rng_state(q.device) if dropout_p > 0.0 else None
+        out, lse, _ = ops.call_fwd(
+            q, k, v, cu_q, cu_k, seqused_k, None, max_q, max_k, scale, causal, bottom_right,
+            window[0], window[1], float(softcap), alibi_slopes, sink, float(dropout_p),
+            rng_state, False)
     return (out if padded == d else out[..., :d]), lse
+
+
+def _records_grad(q: Tensor, k: Tensor, v: Tensor, sink: Optional[Tensor]) -> bool:
+    """Whether autograd records this call: grad mode on and an input that requires grad
+    (alibi_slopes never does: check_variant_tensors)."""
+    return torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
+                                        or (sink is not None and sink.requires_grad))
 
 
 def _result(out: Tensor, lse_log2: Tensor, return_attn_probs: bool):

@@ -284,3 +284,30 @@ def test_alibi_dtype_message_does_not_promise_a_gradient(fake_cuda):
     with pytest.raises(ValueError, match=r"sink.float\(\), which keeps its gradient"):
         flashjit.flash_attn_func(q, q, q, sink=_cuda(H, dtype=torch.float16))
 
+
+
+def test_a_call_with_nothing_to_differentiate_skips_autograd(recorded_fwd, monkeypatch):
+    """With no input that requires grad, or grad mode off (inference), the forward op is called
+    directly: no autograd.Function (its host cost per call), no rounding residual of O, the same
+    dropout draw. With an input that requires grad the call goes to _FlashAttnFunction (here a
+    stand-in: autograd on fake CUDA tensors aborts in a CPU build of torch)."""
+    from flashjit import interface
+
+    applied = []
+
+    def apply(q, *args):
+        applied.append(True)
+        return torch.empty_like(q), torch.empty(q.shape[0], q.shape[2], q.shape[1])
+    monkeypatch.setattr(interface._FlashAttnFunction, "apply", apply)
+    q, k, v = _cuda(B, SQ, H, D), _cuda(B, SK, HK, D), _cuda(B, SK, HK, D)
+    out = flashjit.flash_attn_func(q, k, v, dropout_p=0.1)
+    assert applied == [] and out.grad_fn is None
+    assert recorded_fwd[-1][19] is False  # call_fwd's with_residual
+    assert recorded_fwd[-1][18] is not None and recorded_fwd[-1][17] == 0.1  # rng_state, p
+    q.requires_grad_()
+    with torch.no_grad():
+        flashjit.flash_attn_func(q, k, v)
+    assert applied == [] and recorded_fwd[-1][19] is False
+    calls = len(recorded_fwd)
+    flashjit.flash_attn_func(q, k, v)
+    assert applied == [True] and len(recorded_fwd) == calls
