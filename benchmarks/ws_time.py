@@ -21,6 +21,16 @@ fam = os.environ.get("FLASHJIT_KERNEL_FAMILY", "default")
 dropout_p = float(os.environ.get("WS_DROPOUT", "0"))
 softcap = float(os.environ.get("WS_SOFTCAP", "0"))
 residual = os.environ.get("WS_RESIDUAL", "") not in ("", "0")
+
+
+def cudnn_ms(q, k, v, causal):
+    """SDPA's cuDNN backend on the same (b, s, h, d) tensors."""
+    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+        return bench_ms(lambda: torch.nn.functional.scaled_dot_product_attention(
+            qt, kt, vt, is_causal=causal), 3, 10)
+
+
 for d in [int(x) for x in os.environ.get("WS_DIMS", "64 128").split()]:
     for s in [int(x) for x in os.environ.get("WS_SEQLENS", "512 1024 8192").split()]:
         for causal in (False, True):
@@ -38,10 +48,7 @@ for d in [int(x) for x in os.environ.get("WS_DIMS", "64 128").split()]:
             if residual:
                 qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
                 mg = bench_ms(lambda: flashjit.flash_attn_func(qg, kg, vg, causal=causal), 3, 10)
-                qt, kt, vt = (x.transpose(1, 2) for x in (qg, kg, vg))
-                with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
-                    mc = bench_ms(lambda: torch.nn.functional.scaled_dot_product_attention(
-                        qt, kt, vt, is_causal=causal), 3, 10)
+                mc = cudnn_ms(qg, kg, vg, causal)
                 print(f"{fam} d{d} s{s} causal={int(causal)}: {fl / ms / 1e9:.0f} TFLOP/s, with "
                       f"inputs requiring grad: {fl / mg / 1e9:.0f} ({mg / ms:.2f}x the time); "
                       f"cuDNN with them {fl / mc / 1e9:.0f}", flush=True)
@@ -53,9 +60,6 @@ for d in [int(x) for x in os.environ.get("WS_DIMS", "64 128").split()]:
                       f"dropout {dropout_p}: {fl / md / 1e9:.0f} ({md / ms:.2f}x the time)",
                       flush=True)
                 continue
-            qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
-            with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
-                mc = bench_ms(lambda: torch.nn.functional.scaled_dot_product_attention(
-                    qt, kt, vt, is_causal=causal), 3, 10)
+            mc = cudnn_ms(q, k, v, causal)
             print(f"{fam} d{d} s{s} causal={int(causal)}: {fl / ms / 1e9:.0f} TFLOP/s, cuDNN "
                   f"{fl / mc / 1e9:.0f} ({mc / ms:.2f}x)", flush=True)

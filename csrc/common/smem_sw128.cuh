@@ -39,6 +39,23 @@ __device__ __forceinline__ void store_warp_rows_sw128(Element* dst, int64_t row_
   }
 }
 
+// Chunk `col` of rows row0 + i * kRowStep (< kRows) of a tile, the part load_tile_sw128 gives
+// one thread (kRowStep a multiple of 8: one swizzle offset of the chunk serves every such row).
+template <int kRows, int kRowStep, typename Element>
+__device__ __forceinline__ void load_rows_sw128(uint32_t smem, const Element* gmem,
+                                                int64_t row_stride, int rows_valid, int d,
+                                                int row0, int col) {
+  const Element* src = gmem + row0 * row_stride + col;
+  const uint32_t dst = smem + sw128_offset<kRows>(row0, col);
+#pragma unroll
+  for (int i = 0; i < ceil_div(kRows, kRowStep); ++i) {
+    if (kRows % kRowStep == 0 || row0 + i * kRowStep < kRows) {
+      const bool valid = row0 + i * kRowStep < rows_valid && col < d;
+      cp_async_16(dst + i * kRowStep * 128, valid ? src + i * kRowStep * row_stride : gmem, valid);
+    }
+  }
+}
+
 // Copy a (kRows x kHeadDim) tile from global memory (row stride `row_stride` elements) into a
 // swizzled shared tile with cp.async; rows >= rows_valid and columns >= d are zero-filled. Thread
 // tid copies column chunk tid % kChunksPerRow of rows tid / kChunksPerRow + i * kRowStep (< kRows):
@@ -51,37 +68,17 @@ __device__ __forceinline__ void load_tile_sw128(uint32_t smem, const typename Tr
                                                 int64_t row_stride, int rows_valid, int d, int tid) {
   if constexpr (Traits::kNThreads % Traits::kChunksPerRow == 0 &&
                 (Traits::kNThreads / Traits::kChunksPerRow) % 8 == 0) {
-    constexpr int kRowStep = Traits::kNThreads / Traits::kChunksPerRow;
-    const int row0 = tid / Traits::kChunksPerRow, col = (tid % Traits::kChunksPerRow) * 8;
-    const typename Traits::Element* src = gmem + row0 * row_stride + col;
-    const uint32_t dst = smem + sw128_offset<kRows>(row0, col);
-#pragma unroll
-    for (int i = 0; i < ceil_div(kRows, kRowStep); ++i) {
-      if (kRows % kRowStep == 0 || row0 + i * kRowStep < kRows) {
-        const bool valid = row0 + i * kRowStep < rows_valid && col < d;
-        cp_async_16(dst + i * kRowStep * 128, valid ? src + i * kRowStep * row_stride : gmem,
-                    valid);
-      }
-    }
+    load_rows_sw128<kRows, Traits::kNThreads / Traits::kChunksPerRow>(
+        smem, gmem, row_stride, rows_valid, d, tid / Traits::kChunksPerRow,
+        (tid % Traits::kChunksPerRow) * 8);
   } else {  // panel by panel: 8 chunks a row
     constexpr int kRowStep = Traits::kNThreads / 8;
     static_assert(Traits::kNThreads % 8 == 0 && kRowStep % 8 == 0 && Traits::kChunksPerRow % 8 == 0,
                   "rows of one swizzle phase per thread, whole panels");
-    const int row0 = tid / 8;
 #pragma unroll
-    for (int panel = 0; panel < Traits::kChunksPerRow / 8; ++panel) {
-      const int col = panel * 64 + (tid % 8) * 8;
-      const typename Traits::Element* src = gmem + row0 * row_stride + col;
-      const uint32_t dst = smem + sw128_offset<kRows>(row0, col);
-#pragma unroll
-      for (int i = 0; i < ceil_div(kRows, kRowStep); ++i) {
-        if (kRows % kRowStep == 0 || row0 + i * kRowStep < kRows) {
-          const bool valid = row0 + i * kRowStep < rows_valid && col < d;
-          cp_async_16(dst + i * kRowStep * 128, valid ? src + i * kRowStep * row_stride : gmem,
-                      valid);
-        }
-      }
-    }
+    for (int panel = 0; panel < Traits::kChunksPerRow / 8; ++panel)
+      load_rows_sw128<kRows, kRowStep>(smem, gmem, row_stride, rows_valid, d, tid / 8,
+                                       panel * 64 + (tid % 8) * 8);
   }
 }
 

@@ -265,14 +265,17 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   const int dq_passes = wg == 0 ? Traits::kDqPanels0 : Traits::kDqPanels1;
 
   uint32_t p_frag[kBlockM / 16][4], ds_frag[kBlockM / 16][4];  // P^T, dS^T packed (A layout)
+  // The dQ tile of the tile's block it (two: alternating).
+  auto dq_tile_of = [&](int it) {
+    return smem_dq + (Traits::kDqDouble ? (it % 2) * Traits::kDqTile : 0);
+  };
 #pragma unroll 1
   for (int m_block = tile.m_begin; m_block < tile.m_end; ++m_block) {
     const int it = m_block - tile.m_begin, stage = it % kStages;
     const int m0 = m_block * kBlockM;
     const uint32_t stage_off = stage * kSmemQ;  // descriptor advance to this block's Q, dO
     const bool dq_reducer = Traits::kDqBulk && !p.deterministic && tid == 0;
-    // This block's dQ tile (two: alternating).
-    const uint32_t dq_tile_addr = smem_dq + (Traits::kDqDouble ? (it % 2) * Traits::kDqTile : 0);
+    const uint32_t dq_tile_addr = dq_tile_of(it);
     cp_async_wait<0>();
     // Two tiles: the reduction of this block's tile (block it - 2's dQ, issued at the top of the
     // previous block, the only one in flight) has read it; the barrier below orders that before
@@ -287,10 +290,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
     }
     // The previous block's dQ, stored before the barrier above, to dq_accum.
     if (dq_reducer && it > 0) {
-      const uint32_t prev_tile =
-          smem_dq + (Traits::kDqDouble ? ((it - 1) % 2) * Traits::kDqTile : 0);
-      bulk_reduce_add_f32_s2g(tile.dq_accum + int64_t(m0 - kBlockM) * kHeadDim, prev_tile,
-                              Traits::kDqTile);
+      bulk_reduce_add_f32_s2g(tile.dq_accum + int64_t(m0 - kBlockM) * kHeadDim,
+                              dq_tile_of(it - 1), Traits::kDqTile);
       bulk_commit_group();
     }
 
@@ -479,10 +480,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   const bool dq_reducer =
       Traits::kDqBulk && !p.deterministic && tid == 0 && tile.m_begin < tile.m_end;
   if (dq_reducer) {
-    const int last = tile.m_end - 1 - tile.m_begin;  // the last block's it: its dQ tile
     bulk_reduce_add_f32_s2g(tile.dq_accum + int64_t(tile.m_end - 1) * kBlockM * kHeadDim,
-                            smem_dq + (Traits::kDqDouble ? (last % 2) * Traits::kDqTile : 0),
-                            Traits::kDqTile);
+                            dq_tile_of(tile.m_end - 1 - tile.m_begin), Traits::kDqTile);
     bulk_commit_group();
   }
   unsigned char* dk_tile = generic(smem_k);

@@ -117,8 +117,8 @@ struct FwdWsParams {  // CUtensorMap: 64-byte aligned itself
 // persistent_grid) or runs one tile per CTA, compiled without the loop: the loop at d <= 128,
 // where the persistent grid gains (with the loop compiled in, d 256 non-causal lost 4-6% even
 // with a CTA per tile: benchmarks/NOTES.md). Causal too, with the tiles in grouped
-// longest-first order (FwdTileOrder::group; branch ws-causal-lpt, to be measured: the loop
-// compiled into causal specs with a CTA per tile cost 1-4% in the sixth version's runs).
+// longest-first order (FwdTileOrder::group): on the H200 5-20% faster at 512-1k tokens than a CTA
+// per tile, within 3% at 8k (benchmarks/NOTES.md, backward section item 19).
 template <typename Traits, typename V>
 constexpr bool ws_tile_loop() {
   return Traits::kHeadDimPad <= 128;
