@@ -192,6 +192,14 @@ def chunk_point(layout: str, seqlen_q: int, seqlen_k: int, args) -> dict:
     v_pages, _ = paged(v, 64, table)
     _timed(row, "kvcache_paged64_ms", lambda: flashjit.flash_attn_with_kvcache(
         q, k_pages, v_pages, block_table=table, causal=True), 5, args.repeats)
+    if seqlen_q < flashjit.ops.PAGED_PREFILL_MIN_QUERIES:  # the forward's paged spec there too
+        threshold = flashjit.ops.PAGED_PREFILL_MIN_QUERIES
+        flashjit.ops.PAGED_PREFILL_MIN_QUERIES = flashjit.ops.PREFILL_MIN_QUERIES
+        try:
+            _timed(row, "kvcache_paged64_fwd_ms", lambda: flashjit.flash_attn_with_kvcache(
+                q, k_pages, v_pages, block_table=table, causal=True), 5, args.repeats)
+        finally:
+            flashjit.ops.PAGED_PREFILL_MIN_QUERIES = threshold
     i = torch.arange(seqlen_q, device=DEVICE)[:, None]
     mask = torch.arange(seqlen_k, device=DEVICE)[None, :] <= i + seqlen_k - seqlen_q  # bottom-right
     fn, how = sdpa_call(PEERS["cudnn"], q, k, v, attn_mask=mask)
@@ -204,7 +212,8 @@ def chunk_point(layout: str, seqlen_q: int, seqlen_k: int, args) -> dict:
     else:
         row["sdpa_cudnn_gqa"] = how
         _timed(row, "sdpa_cudnn_ms", fn, 5, args.repeats)
-    for key in ("kvcache", "kvcache_paged64", "flash_attn_func", "sdpa_cudnn"):
+    for key in ("kvcache", "kvcache_paged64", "kvcache_paged64_fwd", "flash_attn_func",
+                "sdpa_cudnn"):
         if f"{key}_ms" in row:
             row[f"{key}_tflops"] = round(flops / row[f"{key}_ms"] / 1e9, 1)
     return row
@@ -295,23 +304,27 @@ def markdown(env, copy, rows, chunks, args) -> str:
               "mask (column 'cuDNN mask'). with_kvcache on the contiguous cache runs the forward "
               "(prefill) kernel (ops.PREFILL_MIN_QUERIES); on a cache paged by 64 rows, below "
               "ops.PAGED_PREFILL_MIN_QUERIES (256) queries the decode kernel's 64-row tiles "
-              "(split-KV), from 256 on the forward's paged spec.", "",
+              "(split-KV), from 256 on the forward's paged spec; 'paged 64, forward': below 256 "
+              "queries the forward's paged spec too (ops.PAGED_PREFILL_MIN_QUERIES lowered for "
+              "that call), to place that threshold.", "",
               "| heads:heads_k | seqlen_q | seqlen_k | with_kvcache | with_kvcache paged 64 | "
-              "flash_attn_func | cuDNN | cuDNN mask | cuDNN / with_kvcache | cuDNN / paged 64 |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "paged 64, forward | flash_attn_func | cuDNN | cuDNN mask | cuDNN / with_kvcache | "
+              "cuDNN / paged 64 |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in chunks:
         if "error" in r:
             lines.append(f"| {r['layout']} | {r['seqlen_q']} | {r['seqlen_k']} | error: "
-                         f"{r['error'][:80]} | | | | | | |")
+                         f"{r['error'][:80]} | | | | | | | |")
             continue
         cell = {k: f"{_ms(r, k + '_ms')} ({r.get(k + '_tflops', '-')})"
-                for k in ("kvcache", "kvcache_paged64", "flash_attn_func", "sdpa_cudnn")}
+                for k in ("kvcache", "kvcache_paged64", "kvcache_paged64_fwd", "flash_attn_func",
+                          "sdpa_cudnn")}
         ratio = {k: (f"{r['sdpa_cudnn_ms'] / r[k + '_ms']:.2f}x"
                      if "sdpa_cudnn_ms" in r and k + "_ms" in r else "-")
                  for k in ("kvcache", "kvcache_paged64")}
         lines.append(f"| {r['heads']}:{r['heads_k']} | {r['seqlen_q']} | {r['seqlen_k']} | "
                      f"{cell['kvcache']} | {cell['kvcache_paged64']} | "
-                     f"{cell['flash_attn_func']} | {cell['sdpa_cudnn']} | "
+                     f"{cell['kvcache_paged64_fwd']} | {cell['flash_attn_func']} | {cell['sdpa_cudnn']} | "
                      f"{r.get('sdpa_cudnn_mask', '-')} | {ratio['kvcache']} | "
                      f"{ratio['kvcache_paged64']} |")
     return "\n".join(lines) + "\n"
@@ -329,8 +342,12 @@ def main():
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--quick", action="store_true",
                    help="a smoke run: GQA, batch 1 and 64, seqlen_k 1k and 16k, one chunk")
+    p.add_argument("--chunks-only", action="store_true",
+                   help="chunked prefill alone (no decode points), written as decode_chunks.json/.md")
     p.add_argument("--out", default=None, help="results base folder (default benchmarks/results)")
     args = p.parse_args()
+    if args.chunks_only:
+        args.batches = []
     args.chunks = CHUNKS
     if args.quick:
         args.layouts, args.batches, args.seqlens = ["gqa"], [1, 64], [1024, 16384]
@@ -341,11 +358,12 @@ def main():
     torch.manual_seed(0)
     env, copy, rows, chunks = run(args)
     out_dir = results_dir(args.out)
-    write_json(out_dir / "decode.json", {"environment": env, "copy_gbs": round(copy, 1),
-                                         "decode": rows, "chunked_prefill": chunks})
+    name = "decode_chunks" if args.chunks_only else "decode"
+    write_json(out_dir / f"{name}.json", {"environment": env, "copy_gbs": round(copy, 1),
+                                          "decode": rows, "chunked_prefill": chunks})
     md = markdown(env, copy, rows, chunks, args)
-    (out_dir / "decode.md").write_text(md)
-    print(f"wrote {out_dir / 'decode.md'}", flush=True)
+    (out_dir / f"{name}.md").write_text(md)
+    print(f"wrote {out_dir / f'{name}.md'}", flush=True)
     print(md, flush=True)
 
 

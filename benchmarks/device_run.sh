@@ -8,6 +8,7 @@
 # Usage (on the device): bash benchmarks/device_run.sh [steps...]
 #   steps: build test test80 sanitize profile sweep kernels overhead jit peers original long
 #          variants ab sdpa hf hfbench cp cpbench decode decodebench decodeprof decodesweep
+#          prefill (chunked prefill's tests and benchmark alone)
 #          testws wssweep wsdrop wsab wsres wsprof (the sm90ws forward family) dropout dropouterr softcap
 #          bwdwide (the wgmma backward at d 160-256)
 #   (default: build test sanitize jit peers)
@@ -286,8 +287,9 @@ for step in $STEPS; do
       wait
       timeout 200 python3 benchmarks/sweep_decode.py splits 2>&1 | tee "$OUT/sweep_splits.log"
       timeout 200 python3 benchmarks/sweep_decode.py tiles $TILES 2>&1 | tee "$OUT/sweep_tiles.log" ;;
-    decode|decodebench)  # KV cache (flash_attn_with_kvcache, csrc/splitkv): specs, then tests and
-                         # sanitizers (decode) or the benchmark (decodebench)
+    decode|decodebench|prefill)  # KV cache (flash_attn_with_kvcache, csrc/splitkv): specs, then
+                         # tests and sanitizers (decode), the benchmark (decodebench), or the
+                         # chunked-prefill tests and benchmark alone (prefill: the paged forward)
       dk() { python3 -m flashjit.prebuild --kernel decode --jobs 16 "$@" 2>&1 | tail -n 1; }
       dk --dtype fp16 --head-dim 64 128 --causal no
       dk --dtype bf16 --head-dim 128 256 --causal both
@@ -304,7 +306,12 @@ for step in $STEPS; do
       fk --dtype bf16 --head-dim 256 --causal yes --paged yes &
       fk --dtype bf16 --head-dim 128 --causal yes --paged yes --family sm80 &
       wait
-      if [ $step = decode ]; then
+      if [ $step = prefill ]; then
+        timeout 200 python3 -m pytest -q -rs -p no:cacheprovider tests/gpu/test_kvcache.py -k prefill 2>&1 \
+          | tee "$OUT/pytest_kvcache_prefill.log" | tail -n 15
+        timeout 150 python3 benchmarks/bench_decode.py --chunks-only --out "$OUT/results" 2>&1 \
+          | tee "$OUT/decode_chunks.log" | tail -n 16
+      elif [ $step = decode ]; then
         timeout ${DECODE_TIMEOUT:-300} python3 -m pytest -q -rs -p no:cacheprovider tests/gpu/test_kvcache.py 2>&1 \
           | tee "$OUT/pytest_kvcache.log" | tail -n 25
         for tool in memcheck racecheck; do

@@ -35,6 +35,14 @@
 // TMA reads whole boxes: key rows past a sequence's keys (seqused_k, varlen) are real memory, so
 // their scores are masked (variant.cuh) and the V rows of the one partial block are zeroed
 // before P V reads them (a masked P of 0 times a NaN would still be NaN).
+// Paged K/V (V::kPagedKV: k, v of (num_blocks, page_size, heads_k, d), fixed-length queries):
+// the K and V maps are 4-D over (d, heads_k, page_size, num_blocks), and a key block is loaded
+// in boxes of kv_box_rows = gcd(page_size, kBlockN) rows (fwd_launch.cuh), each inside one page:
+// block rows n0 + r, r a multiple of kv_box_rows, are page block_table[b][(n0 + r) / page_size]
+// at row (n0 + r) % page_size (problem.cuh's PageRows). A box past the sequence's keys, or whose
+// page number is outside [0, num_blocks), lies outside the map: TMA zero-fills it (and counts
+// its bytes), so no table entry past the sequence is read and a bad page reads as zeros, as in
+// the other families.
 // The epilogue of a tile that the CTA follows with another stores O from registers
 // (common/fwd_epilogue_sw128.cuh: fwd_epilogue_regs), so the Q tile is free for the next tile's Q
 // as soon as the last S has completed; after the CTA's last tile (with a CTA per tile: its only
@@ -77,10 +85,11 @@ struct FwdWsTraits {
   // Peel the main loop's first key block (the kernel's `step`): measured at d 128 only.
   static constexpr bool kPeel = kHeadDimPad >= 128;
 
-  // Registers (65536 per SM over kMinBlocks CTAs): the producer keeps 24 (1 or 2 consumers: 40),
+  // Registers (65536 per SM over kMinBlocks CTAs): the producer keeps 32 (1 or 2 consumers: 40),
   // the consumers take the rest in multiples of 8: 2 x 128 x 232 + 128 x 40 = 64512, 3 x 128 x
-  // 160 + 128 x 24 = 64512, one consumer 128 x 216 + 128 x 40 = 32768 per CTA.
-  static constexpr int kProducerRegs = kConsumers <= 2 ? 40 : 24;
+  // 160 + 128 x 32 = 65536, one consumer 128 x 216 + 128 x 40 = 32768 per CTA. (With 24 the
+  // paged producer's page lookups spilled 28 bytes; the consumers keep 160 either way.)
+  static constexpr int kProducerRegs = kConsumers <= 2 ? 40 : 32;
   static constexpr int kConsumerRegs =
       (65536 / kMinBlocks - 128 * kProducerRegs) / (128 * kConsumers) / 8 * 8;
   static constexpr int kNTilesS = kBlockN / 8, kNTilesO = kHeadDimPad / 8;
@@ -111,6 +120,7 @@ struct FwdWsParams {  // CUtensorMap: 64-byte aligned itself
   CUtensorMap tm_q, tm_k, tm_v;
   FwdTileOrder tiles;
   FwdParams p;
+  int kv_box_rows;  // rows of one K/V box: kBlockN, or for paged K/V gcd(page_size, kBlockN)
 };
 
 // Whether the kernel loops over tiles (a persistent grid may launch it: fwd_launch.cuh's
@@ -128,7 +138,6 @@ template <typename Traits, typename V>
 __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks)
     flash_fwd_ws_kernel(const __grid_constant__ FwdWsParams args) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  static_assert(!V::kPagedKV, "paged K/V: not in this family");
   using Element = typename Traits::Element;
   constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN;
   constexpr int kHeadDim = Traits::kHeadDim, kStages = Traits::kStages;
@@ -204,10 +213,28 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks)
           // round waits on the phase before the first, which counts as completed
           mbarrier_wait(smem_addr(&empty[s]), ((kv / kStages) & 1) ^ 1);
           mbarrier_arrive_expect_tx(smem_addr(&full[s]), Traits::kSmemKV);
+          const uint32_t dst = base + s * Traits::kSmemKV;
+          if constexpr (V::kPagedKV) {
+            // boxes of kv_box_rows rows (a multiple of 16: 2 KB steps of a 128-byte panel row,
+            // keeping the swizzle's 1024-byte phase), each from its page (see the top)
+            for (int r = 0; r < kBlockN; r += args.kv_box_rows) {
+              int page = -1, row = 0;  // past the keys: outside the map, zero-filled
+              if (n0 + r < tile.seq.seqlen_k) {
+                const PageRows::Slot slot = tile.pages.find(n0 + r);
+                page = slot.page;
+                row = slot.row;
+              }
 #pragma unroll
-          for (int c = 0; c < Traits::kPanels; ++c)
-            tma_load_4d(base + s * Traits::kSmemKV + c * kBlockN * 128, map, smem_addr(&full[s]),
-                        64 * c, hk, k_row0 + n0, bq);
+              for (int c = 0; c < Traits::kPanels; ++c)
+                tma_load_4d(dst + c * kBlockN * 128 + r * 128, map, smem_addr(&full[s]), 64 * c,
+                            hk, row, page);
+            }
+          } else {
+#pragma unroll
+            for (int c = 0; c < Traits::kPanels; ++c)
+              tma_load_4d(dst + c * kBlockN * 128, map, smem_addr(&full[s]), 64 * c, hk,
+                          k_row0 + n0, bq);
+          }
         }
         if constexpr (!kLoop) break;
       }

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <numeric>
 #include <type_traits>
 
 #include "sm90ws/fwd_kernel.cuh"
@@ -110,17 +111,22 @@ cudaError_t launch_fwd_ws(const FwdParams& p, cudaStream_t stream) {
   // Rows of the maps: per batch (fixed length) or the totals (varlen: the row stride times the
   // rows up to the last sequence's end is not known here, so the maps span the allocations'
   // rows the caller passes as seqlen_q/k totals; see the binding).
-  const int q_rows = varlen ? p.total_q : p.seqlen_q, k_rows = varlen ? p.total_k : p.seqlen_k;
+  // Paged K/V: maps over (d, heads_k, page_size, num_blocks) (the batch stride is the page's),
+  // read in boxes of gcd(page_size, kBlockN) rows, which stay inside a page (both multiples of 16).
+  const int q_rows = varlen ? p.total_q : p.seqlen_q;
+  const int k_rows = V::kPagedKV ? p.pages.page_size : varlen ? p.total_k : p.seqlen_k;
   const int batches = varlen ? 1 : p.batch;
+  const int k_batches = V::kPagedKV ? p.pages.num_blocks : batches;
+  args.kv_box_rows = V::kPagedKV ? std::gcd(p.pages.page_size, Traits::kBlockN) : Traits::kBlockN;
   cudaError_t err = make_qkv_map(&args.tm_q, p.q, kBf16, p.head_dim, p.heads, q_rows, batches,
                                  p.q_head_stride, p.q_row_stride, p.q_batch_stride,
                                  Traits::kBlockM);
   if (err == cudaSuccess)
-    err = make_qkv_map(&args.tm_k, p.k, kBf16, p.head_dim, p.heads_k, k_rows, batches,
-                       p.k_head_stride, p.k_row_stride, p.k_batch_stride, Traits::kBlockN);
+    err = make_qkv_map(&args.tm_k, p.k, kBf16, p.head_dim, p.heads_k, k_rows, k_batches,
+                       p.k_head_stride, p.k_row_stride, p.k_batch_stride, args.kv_box_rows);
   if (err == cudaSuccess)
-    err = make_qkv_map(&args.tm_v, p.v, kBf16, p.head_dim, p.heads_k, k_rows, batches,
-                       p.v_head_stride, p.v_row_stride, p.v_batch_stride, Traits::kBlockN);
+    err = make_qkv_map(&args.tm_v, p.v, kBf16, p.head_dim, p.heads_k, k_rows, k_batches,
+                       p.v_head_stride, p.v_row_stride, p.v_batch_stride, args.kv_box_rows);
   if (err != cudaSuccess) return err;
   args.tiles.m_blocks = ceil_div(p.seqlen_q, Traits::kBlockM);
   args.tiles.heads = p.heads;

@@ -61,12 +61,13 @@ class FamilyRow:
 # In order of preference: the first row that serves a (kernel, arch, head dim) is its default.
 REGISTRY: tuple[FamilyRow, ...] = (
     # the warp-specialised Hopper forward (TMA producer, two ping-pong wgmma consumers,
-    # setmaxnreg); it reads no block table, so paged specs take the next row (sm90). Buckets 96,
-    # 160 and 224 run on tiles padded to whole 64-column panels (sm90ws/fwd_kernel.cuh); 32
-    # stays mma.sync (a padded 64 would double its work)
+    # setmaxnreg); paged K/V through TMA boxes of whole pages' rows. Buckets 96, 160 and 224 run
+    # on tiles padded to whole 64-column panels (sm90ws/fwd_kernel.cuh); 32 stays mma.sync (a
+    # padded 64 would double its work)
     FamilyRow("fwd", "sm90ws", "wgmma+tma", ("fwd_binding.cpp", "sm90ws/fwd.cu"),
               archs=("sm90a",), head_dims=(64, 96, 128, 160, 192, 224, 256), suffix="_ws",
-              tile_params=("block_n", "stages", "consumers"), head_dim_panel=64),  # the sm90ws forward's launch
+              tile_params=("block_n", "stages", "consumers"), head_dim_panel=64,  # its launch's
+              paged=True),
     FamilyRow("fwd", "sm90", "wgmma", ("fwd_binding.cpp", "sm90/fwd.cu"), archs=("sm90a",),
               head_dims=(64, 128), suffix="_wgmma",
               tile_params=("block_n", "warpgroups", "min_blocks"),  # the sm90 forward's launch

@@ -1,6 +1,7 @@
 """The public API's CPU-side behaviour: input validation before any compile, the dispatcher's
 mapping of tensors to specs, the reference math and the dropout RNG's CPU reference."""
 
+import dataclasses
 import inspect
 import math
 
@@ -9,7 +10,7 @@ import torch
 
 import flashjit
 from flashjit import _philox, ops
-from flashjit.jit import JitSpec
+from flashjit.jit import JitSpec, registry
 from tests.reference import attention_ref, max_error, visible_mask
 
 
@@ -52,7 +53,7 @@ def test_dispatcher_maps_tensors_to_specs(monkeypatch):
         "bwd_sm80_fp16_hd256_dropout"
     # Hopper: at head dims 33-256 the forward is the warp-specialised family (sm90ws) and the
     # backward the wgmma family (sm90), with and without dropout; a paged forward (block table)
-    # is sm90's, which reads one; at d <= 32 both are sm80's.
+    # is sm90ws's too (TMA boxes inside pages); at d <= 32 both are sm80's.
     monkeypatch.setenv("FLASHJIT_CUDA_ARCH_LIST", "9.0")
     q = torch.empty(1, 8, 2, 120, dtype=torch.bfloat16)
     assert ops.attention_spec("fwd", q, causal=True, dropout=False).name == \
@@ -60,7 +61,7 @@ def test_dispatcher_maps_tensors_to_specs(monkeypatch):
     assert ops.attention_spec("fwd", q, causal=True, dropout=True).name == \
         "fwd_sm90a_bf16_hd128_causal_dropout_ws"
     assert ops.attention_spec("fwd", q, causal=True, dropout=False, paged=True).name == \
-        "fwd_sm90a_bf16_hd128_causal_paged_wgmma"
+        "fwd_sm90a_bf16_hd128_causal_paged_ws"
     assert ops.attention_spec("bwd", q, causal=True, dropout=False).name == \
         "bwd_sm90a_bf16_hd128_causal_wgmma"
     assert ops.attention_spec("bwd", q, causal=True, dropout=True).name == \
@@ -86,15 +87,21 @@ def test_dispatcher_maps_tensors_to_specs(monkeypatch):
 
 
 def test_forward_tile_skips_a_paged_spec_of_another_family(monkeypatch):
-    # On sm90a the paged forward is the sm90 family, the plain one sm90ws: a sweep's
-    # FLASHJIT_FWD_TILE (sm90ws parameters) must not reach the paged spec, where it would mean
-    # something else; on sm80 both are one family and both take it.
+    # On sm90a the paged forward is sm90ws too, and takes a sweep's FLASHJIT_FWD_TILE. Where the
+    # paged forward is another family (here: a registry whose sm90ws row reads no block table,
+    # as before the sixteenth session), the tile (sm90ws parameters) must not reach the paged
+    # spec, where it would mean something else; on sm80 both are one family and both take it.
     monkeypatch.setenv("FLASHJIT_FWD_TILE", "128,3,3")
     monkeypatch.setenv("FLASHJIT_CUDA_ARCH_LIST", "9.0")
     q = torch.empty(1, 8, 2, 64, dtype=torch.bfloat16)
     plain = ops.attention_spec("fwd", q, causal=True, dropout=False)
     paged = ops.attention_spec("fwd", q, causal=True, dropout=False, paged=True)
     assert (plain.family, plain.tile) == ("sm90ws", (128, 3, 3))
+    assert (paged.family, paged.tile) == ("sm90ws", (128, 3, 3))
+    monkeypatch.setattr(registry, "REGISTRY", tuple(
+        dataclasses.replace(r, paged=False) if (r.kernel, r.family) == ("fwd", "sm90ws") else r
+        for r in registry.REGISTRY))
+    paged = ops.attention_spec("fwd", q, causal=True, dropout=False, paged=True)
     assert (paged.family, paged.tile) == ("sm90", None)
     monkeypatch.setenv("FLASHJIT_FWD_TILE", "128,64,4,1")
     monkeypatch.setenv("FLASHJIT_CUDA_ARCH_LIST", "8.0")

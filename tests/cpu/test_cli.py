@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -13,7 +14,7 @@ import torch
 from jithelpers import REPO, child_env, entries, run_python
 
 import flashjit
-from flashjit.jit import csrc_dir
+from flashjit.jit import csrc_dir, registry
 from flashjit.prebuild import _parser, default_jobs, failure_summary
 
 
@@ -93,7 +94,7 @@ def test_prebuild_paged_specs_have_no_dropout(tmp_path):
                                  "--head-dim", "64", "--causal", "no", "--paged", "both",
                                  "--dropout", "both"])
     assert [s.name for s in specs_from_args(args)] == [
-        "fwd_sm90a_bf16_hd64_ws", "fwd_sm90a_bf16_hd64_paged_wgmma", "fwd_sm90a_bf16_hd64_dropout_ws"]
+        "fwd_sm90a_bf16_hd64_ws", "fwd_sm90a_bf16_hd64_paged_ws", "fwd_sm90a_bf16_hd64_dropout_ws"]
     result = run_python(["-m", "flashjit.prebuild", "--arch", "sm90a", "--kernel", "fwd",
                          "--paged", "yes", "--dropout", "yes", "--list"], tmp_path / "cache")
     assert result.returncode == 0 and result.stdout == ""
@@ -102,7 +103,7 @@ def test_prebuild_paged_specs_have_no_dropout(tmp_path):
 
 def test_prebuild_takes_the_tile_variables_as_calls_do(monkeypatch):
     """FLASHJIT_FWD_TILE / FLASHJIT_BWD_TILE name the same specs in prebuild as in a call
-    (ops.attention_spec); --tile wins; a paged forward of another family keeps its own tile."""
+    (ops.attention_spec); --tile wins; a paged forward of the same family (sm90ws) takes it too."""
     from flashjit.prebuild import specs_from_args
 
     def names(*argv):
@@ -111,7 +112,7 @@ def test_prebuild_takes_the_tile_variables_as_calls_do(monkeypatch):
 
     monkeypatch.setenv("FLASHJIT_FWD_TILE", "128,3,2")
     assert names("--kernel", "fwd", "bwd", "--paged", "both") == [
-        "fwd_sm90a_bf16_hd64_ws_t128x3x2", "fwd_sm90a_bf16_hd64_paged_wgmma",
+        "fwd_sm90a_bf16_hd64_ws_t128x3x2", "fwd_sm90a_bf16_hd64_paged_ws_t128x3x2",
         "bwd_sm90a_bf16_hd64_wgmma"]
     assert names("--kernel", "fwd", "--tile", "64,2,2") == ["fwd_sm90a_bf16_hd64_ws_t64x2x2"]
     monkeypatch.setenv("FLASHJIT_FWD_TILE", "1,2")
@@ -335,14 +336,14 @@ def test_info(cache_copy):
     rows = _info_rows(cache_copy, FLASHJIT_CUDA_ARCH_LIST="9.0")
     # the family with the most buckets is "otherwise"
     assert rows["forward family"] == "sm80 (mma.sync) at head dims 32; sm90ws (wgmma+tma) otherwise"
-    # a block table takes the wgmma forward (sm90ws reads none)
-    assert rows["paged forward family"] == \
-        "sm90 (wgmma) at head dims 64, 128; sm80 (mma.sync) otherwise"
+    # sm90ws reads a block table too: no separate paged row
+    assert "paged forward family" not in rows
     assert rows["backward family"] == \
         "sm80 (mma.sync) at head dims 32; sm90 (wgmma) otherwise"
     rows = _info_rows(cache_copy, FLASHJIT_CUDA_ARCH_LIST="9.0", FLASHJIT_KERNEL_FAMILY="sm90")
     assert rows["forward family"] == ("sm80 (mma.sync) at head dims 32; sm90 (wgmma) at head dims "
                                       "64, 128; sm90ws (wgmma+tma) otherwise")
+    assert "paged forward family" not in rows  # sm90 reads a block table at 64/128 too
     assert rows["backward family"] == \
         "sm80 (mma.sync) at head dims 32; sm90 (wgmma) otherwise"
     rows = _info_rows(cache_copy, FLASHJIT_CUDA_ARCH_LIST="9.0", FLASHJIT_KERNEL_FAMILY="sm80")
@@ -464,8 +465,9 @@ def test_prebuild_list_options_accumulate():
 
 
 def test_prebuild_tile_flag_follows_the_tile_variables_rule(monkeypatch):
-    """--tile, like FLASHJIT_FWD_TILE, leaves a paged spec of another family than the plain one
-    (sm90 beside sm90ws on sm90a) its own tile instead of reading the numbers as its own; where
+    """--tile, like FLASHJIT_FWD_TILE, reaches a paged spec of the plain one's family (on sm90a
+    both are sm90ws) and leaves a paged spec of another family (here: a registry whose sm90ws
+    row reads no block table) its own tile instead of reading the numbers as its own; where
     --family makes both the same family, both take it."""
     from flashjit.prebuild import specs_from_args
 
@@ -476,6 +478,12 @@ def test_prebuild_tile_flag_follows_the_tile_variables_rule(monkeypatch):
 
     by_flag = names("--tile", "128,3,2")
     monkeypatch.setenv("FLASHJIT_FWD_TILE", "128,3,2")
+    assert by_flag == names() == ["fwd_sm90a_bf16_hd64_ws_t128x3x2",
+                                  "fwd_sm90a_bf16_hd64_paged_ws_t128x3x2"]
+    monkeypatch.setattr(registry, "REGISTRY", tuple(
+        dataclasses.replace(r, paged=False) if (r.kernel, r.family) == ("fwd", "sm90ws") else r
+        for r in registry.REGISTRY))
+    by_flag = names("--tile", "128,3,2")
     assert by_flag == names() == ["fwd_sm90a_bf16_hd64_ws_t128x3x2",
                                   "fwd_sm90a_bf16_hd64_paged_wgmma"]
     monkeypatch.delenv("FLASHJIT_FWD_TILE")

@@ -103,12 +103,12 @@ def test_compile_only_sm90ws_family(spec, tmp_path):
 
 
 def test_compile_only_default_paged_forward(tmp_path, monkeypatch):
-    """A paged forward on sm90a at d 128 defaults to the wgmma family (sm90ws reads no block
-    table): csrc/sm90's forward with -DFLASHJIT_HAS_PAGED=1 compiles."""
+    """A paged forward on sm90a at d 128 defaults to the warp-specialised family (TMA boxes
+    inside pages): csrc/sm90ws's forward with -DFLASHJIT_HAS_PAGED=1 compiles."""
     monkeypatch.delenv("FLASHJIT_KERNEL_FAMILY", raising=False)
     spec = JitSpec("fwd", "sm90a", "bf16", 128, causal=True, paged=True)
-    assert spec.family == "sm90" and spec.name == "fwd_sm90a_bf16_hd128_causal_paged_wgmma"
-    assert spec.sources()[-1] == csrc_dir() / "sm90" / "fwd.cu"
+    assert spec.family == "sm90ws" and spec.name == "fwd_sm90a_bf16_hd128_causal_paged_ws"
+    assert spec.sources()[-1] == csrc_dir() / "sm90ws" / "fwd.cu"
     assert "-DFLASHJIT_HAS_PAGED=1" in spec.cuda_cflags(verbose=False)
     (obj,) = compile_only(spec, tmp_path)
     assert obj.stat().st_size > 0

@@ -88,9 +88,9 @@ def test_prefill_appends_then_runs_the_forward(launched, paged):
     assert append == "decode_sm90a_fp16_hd64_causal_window_softcap_alibi_sink"
     assert a["o_partial"].shape == (0, B, H, n, D)
     assert a["block_table"] is table and a["cache_seqlens"] is seqlens and a["k_new"] is new
-    # the forward attends: the paged spec with the table (sm90's: sm90ws reads no table), each
-    # sequence's keys as seqused_k; a contiguous cache: the default sm90a forward, sm90ws
-    suffix = "_paged_wgmma" if paged else "_ws"
+    # the forward attends: the paged spec with the table, each sequence's keys as seqused_k; the
+    # default sm90a forward (sm90ws) either way
+    suffix = "_paged_ws" if paged else "_ws"
     assert attend == "fwd_sm90a_fp16_hd64_causal_window_softcap_alibi_sink" + suffix
     assert f["block_table"] is table
     assert f["q"] is q and f["k"] is k_cache and f["v"] is v_cache
@@ -112,7 +112,7 @@ def test_paged_prefill_with_rotary_and_a_full_cache(launched):
     ops._decode_impl(q, k_cache, v_cache, new, new, cos, cos, False, torch.tensor([0, 61], **I32),
                      None, None, table, 0.125, False, -1, -1, 0.0, None, None, 0)
     (_, a), (attend, f) = launched
-    assert attend == "fwd_sm90a_bf16_hd64_paged_wgmma"
+    assert attend == "fwd_sm90a_bf16_hd64_paged_ws"
     assert a["q_rot"] is not None and f["q"] is a["q_rot"]
     assert torch.equal(f["seqused_k"], torch.tensor([3, 64], **I32))
     # no lengths and nothing appended: every sequence holds the table's capacity, all keys used
@@ -121,7 +121,7 @@ def test_paged_prefill_with_rotary_and_a_full_cache(launched):
     ops._decode_impl(q, k_cache, v_cache, None, None, None, None, True, None, None, None, table,
                      0.125, True, -1, 0, 0.0, None, None, 0)
     (_, a), (attend, f) = launched
-    assert attend == "fwd_sm90a_fp16_hd64_causal_paged_wgmma"
+    assert attend == "fwd_sm90a_fp16_hd64_causal_paged_ws"
     assert f["seqused_k"] is None and f["max_seqlen_k"] == MAXB * PAGE
     assert f["block_table"] is table and a["block_table"] is table
 
@@ -146,7 +146,7 @@ def test_paged_prefill_runs_the_forward_where_the_decode_kernel_does_not_fit(lau
     ops._decode_impl(q, k_cache, v_cache, None, None, None, None, True, None, None, None, table,
                      0.125, True, -1, 0, 0.0, None, None, 0)
     assert [name for name, _ in launched] == ["decode_sm90a_fp16_hd64_causal",
-                                              "fwd_sm90a_fp16_hd64_causal_paged_wgmma"]
+                                              "fwd_sm90a_fp16_hd64_causal_paged_ws"]
     assert fits == [(q.device, D, ops.PREFILL_MIN_QUERIES * H // HK)]  # packed rows per K/V head
 
 

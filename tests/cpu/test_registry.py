@@ -1,6 +1,8 @@
 """The kernel registry (flashjit/jit/registry.py): the one table of kernel families, read by
 JitSpec, prebuild and `python -m flashjit info`."""
 
+import dataclasses
+
 import pytest
 
 from flashjit.jit import registry, spec
@@ -38,14 +40,28 @@ def test_default_family_is_the_first_row_that_serves(arch, bucket, fwd, bwd):
     assert registry.default_family("bwd", arch, bucket) == bwd
 
 
+@pytest.mark.parametrize("bucket", [64, 96, 128, 160, 192, 224, 256])
+def test_the_paged_forward_is_sm90ws_on_sm90a(bucket):
+    """sm90ws reads K/V through a block table (TMA boxes inside pages): on sm90a it serves the
+    paged forward wherever it serves the plain one; bucket 32 and other archs stay sm80."""
+    assert registry.row("fwd", "sm90ws").paged and registry.row("fwd", "sm90").paged
+    assert registry.default_family("fwd", "sm90a", bucket, paged=True) == "sm90ws"
+    assert registry.default_family("fwd", "sm90a", bucket, True) == "sm90ws"  # positional too
+    assert registry.default_family("fwd", "sm90a", 32, paged=True) == "sm80"
+    assert registry.default_family("fwd", "sm80", bucket, paged=True) == "sm80"
+    assert registry.preferred_family("fwd", "sm80", bucket, "sm90ws", paged=True) == "sm80"
+
+
 @pytest.mark.parametrize("bucket", [64, 128])
-def test_paged_forward_skips_the_rows_that_read_no_block_table(bucket):
-    """sm90ws (TMA, no block table) is the sm90a forward's default at head dims 64 and 128, but
-    a paged forward takes the first row with paged=True: sm90 (wgmma); the backward stays sm90."""
-    assert not registry.row("fwd", "sm90ws").paged and registry.row("fwd", "sm90").paged
+def test_paged_forward_skips_the_rows_that_read_no_block_table(bucket, monkeypatch):
+    """With a registry whose sm90ws row reads no block table (as before the sixteenth session),
+    a paged forward takes the first row with paged=True: sm90 (wgmma) at 64/128, sm80 elsewhere;
+    the backward stays sm90."""
+    monkeypatch.setattr(registry, "REGISTRY", tuple(
+        dataclasses.replace(r, paged=False) if (r.kernel, r.family) == ("fwd", "sm90ws") else r
+        for r in registry.REGISTRY))
     assert registry.default_family("fwd", "sm90a", bucket, paged=False) == "sm90ws"
     assert registry.default_family("fwd", "sm90a", bucket, paged=True) == "sm90"
-    assert registry.default_family("fwd", "sm90a", bucket, True) == "sm90"  # positional too
     assert registry.default_family("bwd", "sm90a", bucket) == "sm90"
     # a preference for sm90ws applies where it serves, the paged default elsewhere
     assert registry.preferred_family("fwd", "sm90a", bucket, "sm90ws") == "sm90ws"
@@ -55,14 +71,13 @@ def test_paged_forward_skips_the_rows_that_read_no_block_table(bucket):
     assert registry.preferred_family("bwd", "sm90a", bucket, "sm90ws") == "sm90"  # no row
     # elsewhere the paged forward is sm80's, as the plain one
     assert registry.default_family("fwd", "sm90a", 96, paged=True) == "sm80"
-    assert registry.default_family("fwd", "sm80", bucket, paged=True) == "sm80"
-    assert registry.preferred_family("fwd", "sm80", bucket, "sm90ws", paged=True) == "sm80"
 
 
 def test_paged_default_needs_a_paged_row(monkeypatch):
     """Without a row that reads a block table, a paged forward has no family (and says so)."""
     monkeypatch.setattr(registry, "REGISTRY", tuple(
-        r for r in registry.REGISTRY if not (r.kernel == "fwd" and r.paged)))
+        dataclasses.replace(r, paged=False) if r.kernel == "fwd" else r
+        for r in registry.REGISTRY))
     assert registry.default_family("fwd", "sm90a", 128) == "sm90ws"
     with pytest.raises(ValueError, match="on arch 'sm90a' at head-dim bucket 128 with paged K/V"):
         registry.default_family("fwd", "sm90a", 128, paged=True)

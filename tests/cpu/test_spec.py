@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shlex
 
 import pytest
@@ -142,19 +143,21 @@ def test_default_family(kernel, arch, bucket, dropout, family):
 
 @pytest.mark.parametrize("bucket", [64, 128])
 @pytest.mark.parametrize("dropout", [False, True])
-def test_paged_forward_defaults_to_the_wgmma_family(bucket, dropout):
-    """sm90ws reads no block table: on sm90a a paged forward is sm90's (wgmma), a plain one
-    sm90ws's; an explicit sm90ws paged spec is refused."""
+def test_paged_forward_defaults_to_the_ws_family(bucket, dropout):
+    """sm90ws reads a block table: on sm90a a paged forward is sm90ws's, as a plain one; an
+    explicit sm90 (wgmma) paged spec is another spec; a family without paged K/V (sm90's
+    backward has none: kernel bwd) is refused."""
     paged = JitSpec("fwd", "sm90a", "bf16", bucket, causal=True, dropout=dropout, paged=True)
     plain = JitSpec("fwd", "sm90a", "bf16", bucket, causal=True, dropout=dropout)
     name = f"fwd_sm90a_bf16_hd{bucket}_causal" + ("_dropout" if dropout else "")
-    assert paged.family == "sm90" and paged.name == name + "_paged_wgmma"
+    assert paged.family == "sm90ws" and paged.name == name + "_paged_ws"
     assert plain.family == "sm90ws" and plain.name == name + "_ws"
     assert paged == JitSpec("fwd", "sm90a", "bf16", bucket, causal=True, dropout=dropout,
-                            paged=True, family="sm90")
-    assert JitSpec(**paged.fields()) == paged  # the fields (family sm90) rebuild it
-    with pytest.raises(ValueError, match="kernel 'fwd' of family 'sm90ws' takes no paged K/V"):
-        JitSpec("fwd", "sm90a", "bf16", bucket, dropout=dropout, family="sm90ws", paged=True)
+                            paged=True, family="sm90ws")
+    assert JitSpec(**paged.fields()) == paged  # the fields (family sm90ws) rebuild it
+    wgmma = JitSpec("fwd", "sm90a", "bf16", bucket, causal=True, dropout=dropout, paged=True,
+                    family="sm90")
+    assert wgmma != paged and wgmma.name == name + "_paged_wgmma"
 
 
 def test_kernel_family_env(monkeypatch):
@@ -175,13 +178,13 @@ def test_kernel_family_env(monkeypatch):
     monkeypatch.setenv("FLASHJIT_KERNEL_FAMILY", "sm90ws")  # the forward only: no ws backward
     assert JitSpec(**hopper).family == "sm90ws"
     assert JitSpec(**hopper, dropout=True).family == "sm90ws"
-    assert JitSpec(**hopper, paged=True).family == "sm90"  # sm90ws reads no block table
+    assert JitSpec(**hopper, paged=True).family == "sm90ws"  # sm90ws reads block tables too
     assert JitSpec(**hopper_bwd).family == "sm90"
     assert JitSpec("fwd", "sm90a", "bf16", 32).family == "sm80"
     assert JitSpec(**hopper, family="sm90").family == "sm90"  # an explicit family wins
     monkeypatch.setenv("FLASHJIT_KERNEL_FAMILY", "")  # empty: unset
     assert JitSpec(**hopper).family == "sm90ws"
-    assert JitSpec(**hopper, paged=True).family == "sm90"
+    assert JitSpec(**hopper, paged=True).family == "sm90ws"
     assert JitSpec(**hopper_bwd).family == "sm90"
     monkeypatch.setenv("FLASHJIT_KERNEL_FAMILY", "hopper")
     with pytest.raises(ValueError, match="FLASHJIT_KERNEL_FAMILY.*'sm90ws'.*'sm90'.*'sm80'"):
@@ -329,7 +332,7 @@ def test_prebuild_command():
         "--head-dim 64 --causal yes --dropout no --family sm80")
     assert JitSpec("fwd", "sm90a", "bf16", 128).prebuild_command().endswith(" --family sm90ws")
     assert JitSpec("fwd", "sm90a", "bf16", 128, paged=True).prebuild_command().endswith(
-        " --paged yes --family sm90")
+        " --paged yes --family sm90ws")
     assert JitSpec("bwd", "sm90a", "bf16", 128).prebuild_command().endswith(" --family sm90")
     assert JitSpec("selftest").prebuild_command() == "python -m flashjit.prebuild --kernel selftest"
     variant = JitSpec("fwd", "sm90a", "bf16", 128, causal=True, window=True, sink=True)
@@ -607,10 +610,15 @@ def test_paged_is_a_forward_spec_flag():
     assert every.defines.index("-DFLASHJIT_HAS_PAGED=1") == every.defines.index(
         "-DFLASHJIT_TILE=1") - 1  # after the variants' defines, before the tile's
     assert JitSpec("fwd", "sm80", "fp16", 64, paged=False).name == "fwd_sm80_fp16_hd64"
-    # the warp-specialised forward reads no block table: paged=True with it is refused (the
-    # default family of a paged spec skips it: test_paged_forward_defaults_to_the_wgmma_family)
-    with pytest.raises(ValueError, match="kernel 'fwd' of family 'sm90ws' takes no paged K/V"):
-        JitSpec("fwd", "sm90a", "bf16", 128, causal=True, family="sm90ws", paged=True)
+    # a family whose forward reads no block table (here sm90ws in a registry without its paged
+    # flag, as before the sixteenth session) refuses paged=True
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(registry, "REGISTRY", tuple(
+            dataclasses.replace(r, paged=False) if (r.kernel, r.family) == ("fwd", "sm90ws")
+            else r for r in registry.REGISTRY))
+        with pytest.raises(ValueError,
+                           match="kernel 'fwd' of family 'sm90ws' takes no paged K/V"):
+            JitSpec("fwd", "sm90a", "bf16", 128, causal=True, family="sm90ws", paged=True)
     for kernel, arch in (("bwd", "sm90a"), ("decode", "sm90a"), ("dropout_mask", "sm90a"),
                          ("selftest", None)):
         attention = kernel in ("bwd", "decode")
@@ -630,17 +638,17 @@ def test_prebuild_paged_flag():
     assert names(*base, "--kernel", "fwd", "bwd", "decode") == names(
         *base, "--kernel", "fwd", "bwd", "decode", "--paged", "no")
     assert names(*base, "--kernel", "fwd", "bwd", "decode", "--paged", "both") == [
-        "fwd_sm90a_bf16_hd96_causal_ws", "fwd_sm90a_bf16_hd96_causal_paged",
-        "fwd_sm90a_bf16_hd128_causal_ws", "fwd_sm90a_bf16_hd128_causal_paged_wgmma",
+        "fwd_sm90a_bf16_hd96_causal_ws", "fwd_sm90a_bf16_hd96_causal_paged_ws",
+        "fwd_sm90a_bf16_hd128_causal_ws", "fwd_sm90a_bf16_hd128_causal_paged_ws",
         "bwd_sm90a_bf16_hd96_causal_wgmma", "bwd_sm90a_bf16_hd128_causal_wgmma",
         "decode_sm90a_bf16_hd96_causal", "decode_sm90a_bf16_hd128_causal"]
-    # --family sm90ws: where it serves (not the paged forward, not the backward)
+    # --family sm90ws: where it serves (the paged forward too; not the backward)
     assert names(*base, "--kernel", "fwd", "bwd", "--paged", "both", "--family", "sm90ws") == [
-        "fwd_sm90a_bf16_hd96_causal_ws", "fwd_sm90a_bf16_hd96_causal_paged",
-        "fwd_sm90a_bf16_hd128_causal_ws", "fwd_sm90a_bf16_hd128_causal_paged_wgmma",
+        "fwd_sm90a_bf16_hd96_causal_ws", "fwd_sm90a_bf16_hd96_causal_paged_ws",
+        "fwd_sm90a_bf16_hd128_causal_ws", "fwd_sm90a_bf16_hd128_causal_paged_ws",
         "bwd_sm90a_bf16_hd96_causal_wgmma", "bwd_sm90a_bf16_hd128_causal_wgmma"]
     assert names(*base, "--kernel", "fwd", "--paged", "both", "--family", "sm90") == [
-        "fwd_sm90a_bf16_hd96_causal_ws", "fwd_sm90a_bf16_hd96_causal_paged",
+        "fwd_sm90a_bf16_hd96_causal_ws", "fwd_sm90a_bf16_hd96_causal_paged_ws",
         "fwd_sm90a_bf16_hd128_causal_wgmma", "fwd_sm90a_bf16_hd128_causal_paged_wgmma"]
     assert names(*base, "--kernel", "fwd", "bwd", "--paged", "yes", "--family", "sm80") == [
         "fwd_sm90a_bf16_hd96_causal_paged", "fwd_sm90a_bf16_hd128_causal_paged"]

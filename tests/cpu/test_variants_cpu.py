@@ -305,18 +305,18 @@ def test_the_spec_ops_get_the_contracts_arguments(monkeypatch):
                   None, 0.0, None, False)
     assert launched[-1][0] == "fwd_sm90a_bf16_hd64_causal_ws"  # unchanged spec
     ops._fwd_impl(q, k, k, *fwd_impl_args, 0.0, None, True)  # cached: no second load
-    # a block table: the paged spec (sm90's: sm90ws reads no table), which gets it after
+    # a block table: the paged spec (sm90ws's, as the plain one), which gets it after
     # seqused_k (k/v: 3 pages of 16 rows)
     pages = torch.zeros(3, 16, 2, 64, dtype=torch.bfloat16)
     table, used = torch.zeros(2, 2, dtype=torch.int32), torch.tensor([20, 9], dtype=torch.int32)
     ops._fwd_impl(q, pages, pages, None, None, used, table, 8, 32, 0.125, True, True, -1, 0, 0.0,
                   None, None, 0.0, None, False)
     op, fwd_args = launched[-1]
-    assert op == "fwd_sm90a_bf16_hd64_causal_paged_wgmma"
+    assert op == "fwd_sm90a_bf16_hd64_causal_paged_ws"
     assert fwd_args[8] is used and fwd_args[9] is table and fwd_args[10:12] == (8, 32)
     assert loaded == ["fwd_sm90a_bf16_hd64_causal_window_softcap_alibi_sink_ws",
                       "bwd_sm90a_bf16_hd64_causal_window_softcap_alibi_sink_wgmma",
-                      "fwd_sm90a_bf16_hd64_causal_ws", "fwd_sm90a_bf16_hd64_causal_paged_wgmma"]
+                      "fwd_sm90a_bf16_hd64_causal_ws", "fwd_sm90a_bf16_hd64_causal_paged_ws"]
     keys = list(ops._resolved)
     assert keys[0][4:] == (True, True, True, True, True, False, False)  # flags, paged in the key
     assert keys[-1][4:] == (True, False, False, False, False, False, True)

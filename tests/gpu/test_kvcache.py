@@ -21,8 +21,9 @@ with new inputs copied into its static tensors; value errors raised before any l
 Chunked prefill (64 to 288 queries, appending as many keys or none): contiguous, and paged
 (the decode kernel's 64-row tiles below 256 queries, the forward's paged spec from 256 on) with
 pages of 16, 48, 64 and 256 rows (shuffled tables), causal and not, a causal sliding window,
-GQA and MHA, fp16 d 64, bf16 d 128 and d 256 (the mma.sync family's forward), and the mma.sync
-forward at d 128 too (FLASHJIT_KERNEL_FAMILY=sm80).
+GQA and MHA, fp16 d 64, bf16 d 128 and d 256 (on sm90a the warp-specialised forward: TMA boxes
+of 16-128 rows inside the pages), and the mma.sync forward at d 128 too
+(FLASHJIT_KERNEL_FAMILY=sm80).
 
 JIT specs (kernel decode, its default family on the GPU's arch; about 60 s of tests once built;
 plus the forward specs of chunked prefill, paged and not; benchmarks/device_run.sh's decode step
@@ -141,7 +142,7 @@ PAGED_PREFILL = {
                                                capacity=512),
     "fp16_d64_prefill256_paged16": Case(batch=2, dtype=F16, d=64, heads=16, heads_k=2,
                                         seqlen_q=256, seqlen_new=256, page=16, capacity=1024),
-    # d 256: the mma.sync family's forward on every arch
+    # d 256: the sm90ws forward on sm90a (80-key blocks: boxes of 16 rows), mma.sync elsewhere
     "bf16_d256_prefill256_causal_paged64": Case(batch=2, d=256, heads=8, heads_k=2,
                                                 seqlen_q=256, seqlen_new=256, causal=True,
                                                 page=64, capacity=1024),
@@ -295,8 +296,8 @@ def test_kvcache(name):
 
 @pytest.mark.parametrize("name", ["prefill256_causal_paged16", "prefill288_window_paged48"])
 def test_paged_prefill_mma_sync_family(name, monkeypatch):
-    """The paged forward of the mma.sync family where the wgmma one serves by default (sm90a, d
-    128); elsewhere the same spec as test_kvcache's."""
+    """The paged forward of the mma.sync family where the warp-specialised one serves by default
+    (sm90a, d 128); elsewhere the same spec as test_kvcache's."""
     monkeypatch.setenv("FLASHJIT_KERNEL_FAMILY", "sm80")
     check(replace(CASES[name], window=(-1, -1)), name)  # spec fwd bf16 hd128 causal paged
 
