@@ -31,7 +31,8 @@ def attention_spec(kernel: str, q: Tensor, causal: bool, dropout: bool, window: 
     (spec.default_family: kernel, arch, head dim and paged) and FLASHJIT_KERNEL_FAMILY, its tile
     from FLASHJIT_FWD_TILE / FLASHJIT_BWD_TILE (tuning sweeps); bad values of either raise
     ValueError naming them. A paged spec takes that tile only where its family is the non-paged
-    spec's (on sm90a the paged forward is another family, whose tile parameters differ)."""
+    spec's (a family's tile parameters differ from another's; on sm90a both are sm90ws, unless
+    FLASHJIT_KERNEL_FAMILY=sm90 picks the wgmma forward, whose paged spec is then its own)."""
     fields = dict(kernel=kernel, arch=current_arch(q.device), dtype=_DTYPE_NAMES[q.dtype],
                   head_dim=head_dim_bucket(q.shape[-1]), causal=causal, window=window,
                   softcap=softcap, alibi=alibi, sink=sink, dropout=dropout)
