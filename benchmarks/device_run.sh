@@ -293,6 +293,7 @@ for step in $STEPS; do
       dk() { python3 -m flashjit.prebuild --kernel decode --jobs 16 "$@" 2>&1 | tail -n 1; }
       dk --dtype fp16 --head-dim 64 128 --causal no
       dk --dtype bf16 --head-dim 128 256 --causal both
+      dk --dtype bf16 --head-dim 192 --causal no
       dk --dtype bf16 --head-dim 128 --causal yes --window both --sink both
       dk --dtype bf16 --head-dim 128 --causal no --softcap yes --alibi yes
       dk --dtype bf16 --head-dim 128 --causal yes --window yes --softcap yes --alibi yes --sink yes
@@ -304,6 +305,7 @@ for step in $STEPS; do
       fk --dtype bf16 --head-dim 128 --causal yes --window yes --paged yes &
       fk --dtype fp16 --head-dim 64 --causal no --paged yes &
       fk --dtype bf16 --head-dim 256 --causal yes --paged yes &
+      fk --dtype bf16 --head-dim 192 --causal no --paged yes &
       fk --dtype bf16 --head-dim 128 --causal yes --paged yes --family sm80 &
       wait
       if [ $step = prefill ]; then

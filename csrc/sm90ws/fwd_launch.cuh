@@ -88,10 +88,11 @@ inline cudaError_t make_qkv_map(CUtensorMap* map, const void* ptr, bool bf16, in
   const uint64_t dims[4] = {uint64_t(head_dim), uint64_t(heads), uint64_t(rows),
                             uint64_t(batch)};
   // TMA strides must be multiples of 16 bytes: a stride of an extent-1 dimension is unused, so
-  // any valid one stands in for it.
+  // any valid one stands in for it (a paged cache with one K/V head is not copied to an aligned
+  // layout, so its head stride may be anything).
+  const int64_t hs = heads > 1 ? head_stride : (head_dim + 7) / 8 * 8;
   const int64_t bs = batch > 1 ? batch_stride : row_stride * rows;
-  const uint64_t strides[3] = {uint64_t(head_stride) * 2, uint64_t(row_stride) * 2,
-                               uint64_t(bs) * 2};
+  const uint64_t strides[3] = {uint64_t(hs) * 2, uint64_t(row_stride) * 2, uint64_t(bs) * 2};
   const uint32_t box[4] = {64, 1, uint32_t(box_rows), 1};
   return encode_tensor_map_16bit(map, ptr, bf16, dims, strides, box);
 }

@@ -12,8 +12,8 @@ or never writes, fails. Each case also asserts which decode spec served it, and 
 spec (paged or not) for chunked prefill.
 
 Covered: page sizes 16, 64, 256 with shuffled block tables (and spare pages); cache lengths 0 and
-full (a tensor, an int, None); batch 1 and 256; seqlen_k 1 and 128k; GQA 32:8 and MHA; fp16 and
-bf16; d 64, 128, 256; num_splits 1, auto and 4 (also with no keys at all: empty splits);
+full (a tensor, an int, None); batch 1 and 256; seqlen_k 1 and 128k; GQA 32:8, MHA and (paged
+prefill) MQA; fp16 and bf16; d 64, 128, 256 (and 192 in paged prefill); num_splits 1, auto and 4 (also with no keys at all: empty splits);
 rotary GPT-NeoX, GPT-J and partial (rotary_dim < d); causal, sliding window, softcap + ALiBi
 (per head and per sequence), sink; cache_batch_idx, cache_leftpad; 4 queries at once
 (speculative decoding); a CUDA graph capturing one decode step with append and rotary, replayed
@@ -28,12 +28,14 @@ of 16-128 rows inside the pages), and the mma.sync forward at d 128 too
 JIT specs (kernel decode, its default family on the GPU's arch; about 60 s of tests once built;
 plus the forward specs of chunked prefill, paged and not; benchmarks/device_run.sh's decode step
 builds them all):
-    decode fp16 hd64, fp16 hd128, bf16 hd128, bf16 hd256 (plain: seqlen_q 1 drops causal)
+    decode fp16 hd64, fp16 hd128, bf16 hd128, bf16 hd192, bf16 hd256 (plain: seqlen_q 1 drops
+    causal)
     decode bf16 hd128 causal, causal_window, softcap_alibi, causal_sink; bf16 hd256 causal
     fwd bf16 hd128 causal; paged: bf16 hd128 (plain, causal, causal_window), fp16 hd64 (plain),
-    bf16 hd256 causal, and bf16 hd128 causal of family sm80
+    bf16 hd256 causal, bf16 hd192 (plain), and bf16 hd128 causal of family sm80
     python -m flashjit.prebuild --kernel decode --dtype fp16 --head-dim 64 128 --causal no
     python -m flashjit.prebuild --kernel decode --dtype bf16 --head-dim 128 256 --causal both
+    python -m flashjit.prebuild --kernel decode --dtype bf16 --head-dim 192 --causal no
     python -m flashjit.prebuild --kernel decode --dtype bf16 --head-dim 128 --causal yes \
         --window both
     python -m flashjit.prebuild --kernel decode --dtype bf16 --head-dim 128 --causal no \
@@ -45,6 +47,7 @@ builds them all):
         --window yes --paged yes
     python -m flashjit.prebuild --kernel fwd --dtype fp16 --head-dim 64 --causal no --paged yes
     python -m flashjit.prebuild --kernel fwd --dtype bf16 --head-dim 256 --causal yes --paged yes
+    python -m flashjit.prebuild --kernel fwd --dtype bf16 --head-dim 192 --causal no --paged yes
     python -m flashjit.prebuild --kernel fwd --dtype bf16 --head-dim 128 --causal yes \
         --paged yes --family sm80
 """
@@ -146,6 +149,9 @@ PAGED_PREFILL = {
     "bf16_d256_prefill256_causal_paged64": Case(batch=2, d=256, heads=8, heads_k=2,
                                                 seqlen_q=256, seqlen_new=256, causal=True,
                                                 page=64, capacity=1024),
+    # d 192 (112-key blocks: boxes of 16 rows) with one K/V head (MQA) and pages of 32
+    "bf16_d192_prefill256_mqa_paged32": Case(batch=2, d=192, heads=8, heads_k=1, seqlen_q=256,
+                                             seqlen_new=256, page=32, capacity=768),
 }
 CASES = {
     # bf16 d 128, plain spec: layouts, lengths, sizes, splits, rotary, index tensors
