@@ -12,6 +12,7 @@ memory: ops.check_decode_smem).
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import operator
@@ -344,6 +345,25 @@ def key_padding_lengths(attn_mask, batch: int, seqlen_k: int, device) -> Tensor:
 # ------------------------------------------------------------------------------------------------
 # Paged KV caches: layout and page checks (flash_attn_with_kvcache, paged varlen)
 # ------------------------------------------------------------------------------------------------
+def _may_overlap(t: Tensor) -> bool:
+    """Whether two elements of t may share memory: False where, its dims of more than one element
+    taken by increasing stride, each stride steps past everything the dims before it span (the
+    layouts of allocated, permuted and sliced tensors); True otherwise (an as_strided view whose
+    rows alias; also the rare interleaved layouts that do not overlap, which this test does not
+    tell apart). Cached per layout: a decode step checks its caches on every call."""
+    return _layout_may_overlap(tuple(t.shape), t.stride())
+
+
+@functools.lru_cache(maxsize=64)
+def _layout_may_overlap(shape: Tuple[int, ...], strides: Tuple[int, ...]) -> bool:
+    span = 1  # elements spanned by the dims so far, plus one
+    for stride, size in sorted((s, n) for s, n in zip(strides, shape) if n > 1):
+        if stride < span:
+            return True
+        span += stride * (size - 1)
+    return False
+
+
 def check_cache_layout(name: str, t: Tensor, written: bool = True) -> None:
     """A cache is used in place (written when appending; a copy of a whole cache to the layout
     the kernels' 16-byte accesses need would cost more than the call): a contiguous last dim, the
@@ -358,6 +378,10 @@ def check_cache_layout(name: str, t: Tensor, written: bool = True) -> None:
                        "(.contiguous())")
         raise ValueError(f"{name} has a zero stride (an expanded view, strides "
                          f"{tuple(t.stride())}): {reason}")
+    if written and _may_overlap(t):
+        raise ValueError(f"{name}'s elements overlap (shape {tuple(t.shape)}, strides "
+                         f"{tuple(t.stride())}): it is written in place, so an appended key "
+                         "would also land in another row; allocate it with rows of its own")
     if t.stride(-1) != 1 or any(s % 8 != 0 for s, n in zip(t.stride()[:-1], t.shape) if n > 1):
         raise ValueError(f"{name} must have a contiguous last dim and its other strides "
                          f"multiples of 8 elements (16 bytes), got strides {tuple(t.stride())}; "

@@ -49,7 +49,9 @@ def _check_like_q(name: str, t, q: Tensor, rank: int) -> None:
 def _check_index(name: str, t, device: torch.device, shape: Tuple[int, ...],
                  layout: str) -> Optional[Tensor]:
     """An optional int32 index tensor of `shape` (described by `layout`) on `device`, as the
-    kernels read it: its last dim contiguous (a copy where it is not)."""
+    kernels read it: its last dim of stride 1 (a copy where it is not, also for a last dim of one
+    element, e.g. a batch-1 expand() of stride 0, which the bindings' stride check refuses and
+    .contiguous() would return unchanged)."""
     if t is None:
         return None
     if not isinstance(t, Tensor):
@@ -62,8 +64,8 @@ def _check_index(name: str, t, device: torch.device, shape: Tuple[int, ...],
     if t.dim() != len(shape) or any(n is not None and t.shape[i] != n
                                     for i, n in enumerate(shape)):
         raise ValueError(f"{name} must have shape {layout}, got {tuple(t.shape)}")
-    if t.dim() and t.shape[-1] > 1 and t.stride(-1) != 1:
-        t = t.contiguous()
+    if t.dim() and t.stride(-1) != 1:
+        t = t.clone(memory_format=torch.contiguous_format)
     return t
 
 
@@ -96,6 +98,8 @@ def check_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqle
         raise ValueError(f"k_cache and v_cache must have the same shape, got "
                          f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
     heads_k = k_cache.shape[2]
+    if heads == 0:  # an append would otherwise be skipped with the attention
+        raise ValueError("q has no heads (shape (batch, seqlen_q, 0, d)): give it at least one")
     if heads_k == 0 or heads % heads_k != 0:
         raise ValueError(f"the number of query heads of q ({heads}) must be a multiple of the "
                          f"number of key/value heads of k_cache ({heads_k})")
@@ -322,11 +326,14 @@ def check_kvcache_values(cache_seqlens, cache_leftpad: Optional[Tensor],
     if "bad_page" in values:
         for b, column in enumerate(values["bad_page"]):
             if column < block_table.shape[1]:
+                uses = (f"cache_seqlens[{b}] + {seqlen_new} new keys = "
+                        f"{lengths[b] + seqlen_new} rows of {page_size}" if cache_seqlens is not None
+                        else f"cache_seqlens=None: every sequence holds the table's "
+                             f"{lengths[b]} rows of {page_size}")
                 raise ValueError(
                     f"block_table[{b}, {column}] = {values['bad_page_value'][b]} is not a page "
                     f"of k_cache (num_blocks {num_slots}), and sequence {b} uses that page "
-                    f"(cache_seqlens[{b}] + {seqlen_new} new keys = {lengths[b] + seqlen_new} "
-                    f"rows of {page_size})")
+                    f"({uses})")
     if values.get("shared_rows", [0])[0]:
         raise ValueError("block_table: two sequences append k and v into the same cache rows "
                          "(their tables share a page at the rows being written), so the writes "

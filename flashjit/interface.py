@@ -204,6 +204,14 @@ def _records_grad(q: Tensor, k: Tensor, v: Tensor, sink: Optional[Tensor]) -> bo
                                         or (sink is not None and sink.requires_grad))
 
 
+def _varlen_lse(lse_log2: Tensor, cu_seqlens_q: Tensor) -> Tensor:
+    """Varlen lse_log2 (heads, total_q) as the kernels leave it, with the rows from
+    cu_seqlens_q[-1] on (which belong to no sequence, and which no kernel writes) set to -inf, as
+    a row that sees no key (and as the paged varlen path's): on the device, no synchronisation."""
+    rows = torch.arange(lse_log2.shape[-1], device=lse_log2.device)
+    return torch.where(rows < cu_seqlens_q[-1], lse_log2, float("-inf"))
+
+
 def _result(out: Tensor, lse_log2: Tensor, return_attn_probs: bool):
     """flash-attn's return convention: out, or (out, softmax_lse, S_dmask) with
     return_attn_probs; softmax_lse in natural-log units (the kernels keep it in log2 units).
@@ -322,6 +330,8 @@ def _flash_attn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_se
     out, lse = _attention(q, k, v, cu_seqlens_q, cu_seqlens_k, None, max_seqlen_q, max_seqlen_k,
                           scale, causal, True, dropout_p, deterministic, window, softcap,
                           alibi_slopes, sink)
+    if return_attn_probs and q.shape[0] > 0:
+        lse = _varlen_lse(lse, cu_seqlens_q)
     return _result(out, lse, return_attn_probs)
 
 
@@ -343,7 +353,7 @@ flash_attn_varlen_func.__doc__ = """Packed variable-length sequences, as
     q (total_q, heads, d), k, v (total_k, heads_k, d); sequence b is rows cu_seqlens[b] ..
     cu_seqlens[b + 1] - 1 (int32, batch + 1 entries, on q's device); max_seqlen_q/k bound the
     sequence lengths. Rows past cu_seqlens[-1] get output (and gradient) 0. softmax_lse is
-    (heads, total_q). Key padding is done this way: pack the real tokens of each sequence.
+    (heads, total_q), -inf in the rows past cu_seqlens_q[-1]. Key padding is done this way: pack the real tokens of each sequence.
     Windows, causal and ALiBi align each sequence on its own lengths; alibi_slopes may be
     (batch, heads) with batch = cu_seqlens_q.numel() - 1. block_table (batch, max_blocks)
     int32: paged KV, forward only (inference), as flash-attn 2.x: k, v are then paged caches

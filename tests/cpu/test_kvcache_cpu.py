@@ -440,7 +440,8 @@ def _values(cache_seqlens=None, cache_leftpad=None, cache_batch_idx=None, block_
     (dict(cache_seqlens=[0, 15], block_table=[[0, 1, 2, 3], [-7, 0, 0, 0]], capacity=64,
           num_slots=5), r"block_table\[1, 0\] = -7 is not a page"),
     (dict(block_table=[[0, 1, 2, 3], [0, 1, 4, 5]], capacity=64, num_slots=5, seqlen_new=0),
-     r"block_table\[1, 3\] = 5 is not a page"),  # cache_seqlens None: every page in use
+     r"block_table\[1, 3\] = 5 is not a page .* \(cache_seqlens=None: every sequence holds "
+     r"the table's 64 rows of 16\)"),  # cache_seqlens None: every page in use
     (dict(cache_seqlens=[3, 3], block_table=[[0, 1], [0, 2]], capacity=32, num_slots=5),
      r"block_table: two sequences append k and v into the same cache rows"),  # page 0, row 3
     (dict(cache_seqlens=[14, 30], seqlen_new=2, block_table=[[0, 1], [2, 0]], capacity=32,

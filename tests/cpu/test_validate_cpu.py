@@ -311,3 +311,55 @@ def test_a_call_with_nothing_to_differentiate_skips_autograd(recorded_fwd, monke
     calls = len(recorded_fwd)
     flashjit.flash_attn_func(q, k, v)
     assert applied == [True] and len(recorded_fwd) == calls
+
+
+def test_index_tensors_get_a_unit_last_stride_even_with_one_element():
+    # a batch-1 expand() (stride 0) or a column of a wider tensor (stride 2): the bindings refuse
+    # any last stride but 1, so the check copies them (.contiguous() would return them as they
+    # are, a last dim of one element counting as contiguous)
+    for t in (torch.tensor(5, dtype=torch.int32).expand(1),
+              torch.zeros(1, 2, dtype=torch.int32)[:, 1],
+              torch.zeros(1, 3, dtype=torch.int32)[:, :1].expand(1, 1).as_strided((1, 1), (3, 0))):
+        assert t.stride(-1) != 1
+        out = _validate_kvcache._check_index("cache_seqlens", t, t.device, tuple(t.shape), "(b,)")
+        assert out.stride(-1) == 1 and torch.equal(out, t)
+    aligned = torch.arange(4, dtype=torch.int32)
+    assert _validate_kvcache._check_index("x", aligned, aligned.device, (4,), "(b,)") is aligned
+
+
+def test_varlen_lse_past_the_last_sequence_is_minus_inf():
+    # rows from cu_seqlens_q[-1] on belong to no sequence and no kernel writes them
+    from flashjit.interface import _varlen_lse
+    lse = torch.full((3, 7), float("nan"))
+    lse[:, :5] = torch.arange(15, dtype=torch.float32).view(3, 5)
+    out = _varlen_lse(lse, torch.tensor([0, 2, 5], dtype=torch.int32))
+    assert torch.equal(out[:, :5], lse[:, :5])
+    assert torch.equal(out[:, 5:], torch.full((3, 2), float("-inf")))
+
+
+def test_a_cache_written_in_place_may_not_overlap_itself():
+    buf = torch.zeros(2 * 8 * 2 * 64 + 64 * 2 * 64, dtype=torch.bfloat16)
+    # sequence 0's rows 8.. are sequence 1's rows 0..: an append to one writes the other
+    aliased = buf.as_strided((2, 64, 2, 64), (8 * 2 * 64, 2 * 64, 64, 1))
+    with pytest.raises(ValueError, match=r"k_cache's elements overlap .* written in place"):
+        _validate.check_cache_layout("k_cache", aliased, written=True)
+    _validate.check_cache_layout("k_cache", aliased, written=False)  # read only: allowed
+    # allocated, permuted, sliced (every other sequence) and paged layouts do not overlap
+    cache = torch.zeros(4, 64, 2, 64, dtype=torch.bfloat16)
+    for t in (cache, cache[::2], cache[:, :32], torch.zeros(4, 2, 64, 64,
+                                                            dtype=torch.bfloat16).transpose(1, 2)):
+        assert not _validate._may_overlap(t)
+        _validate.check_cache_layout("k_cache", t, written=True)
+
+
+def test_kvcache_q_without_heads_raises_before_skipping_an_append(fake_cuda):
+    # heads 0 passes "a multiple of heads_k" (0 % heads_k == 0); the op would then return before
+    # the append, leaving the cache unwritten
+    q = _cuda(1, 1, 0, 64, dtype=torch.bfloat16)
+    cache = _cuda(1, 16, 2, 64, dtype=torch.bfloat16)
+    new = _cuda(1, 1, 2, 64, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"q has no heads"):
+        _validate_kvcache.check_kvcache(q, cache, _cuda(1, 16, 2, 64, dtype=torch.bfloat16), new,
+                                        new, None, None, None, None,
+                                        None, None, None, False, (-1, -1), 0.0, True, None, 0,
+                                        False, None, 128)

@@ -254,3 +254,22 @@ def test_bad_inputs_raise_before_compile():
         mask = torch.tensor([True, False] * 8, device="cuda")
         flashjit.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
                                               v.transpose(1, 2), attn_mask=mask)
+
+
+def test_fwd_varlen_rows_past_the_last_sequence():
+    """q with more rows than cu_seqlens_q[-1] (e.g. a padded buffer): those rows belong to no
+    sequence, get out 0 and lse -inf (the kernels write neither; out is zeroed by the binding,
+    lse set by the interface), whatever the allocation held (poisoned with NaN here)."""
+    h, hk, d, dtype = 4, 2, 64, torch.bfloat16
+    q = torch.randn(50, h, d, device="cuda", dtype=dtype)
+    k = torch.randn(40, hk, d, device="cuda", dtype=dtype)
+    v = torch.randn(40, hk, d, device="cuda", dtype=dtype)
+    cu_q = torch.tensor([0, 10, 30], device="cuda", dtype=torch.int32)
+    cu_k = torch.tensor([0, 15, 40], device="cuda", dtype=torch.int32)
+    out, lse, _ = flashjit.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 20, 25,
+                                                  return_attn_probs=True)
+    assert torch.all(out[30:] == 0)
+    assert torch.equal(lse[:, 30:], torch.full((h, 20), float("-inf"), device="cuda"))
+    for b, (q0, q1, k0, k1) in enumerate([(0, 10, 0, 15), (10, 30, 15, 40)]):
+        assert_close_to_reference(out[None, q0:q1], lse[None, :, q0:q1], q[None, q0:q1],
+                                  k[None, k0:k1], v[None, k0:k1], False)
