@@ -208,8 +208,9 @@ def _varlen_lse(lse_log2: Tensor, cu_seqlens_q: Tensor) -> Tensor:
     """Varlen lse_log2 (heads, total_q) as the kernels leave it, with the rows from
     cu_seqlens_q[-1] on (which belong to no sequence, and which no kernel writes) set to -inf, as
     a row that sees no key (and as the paged varlen path's): on the device, no synchronisation."""
-    rows = torch.arange(lse_log2.shape[-1], device=lse_log2.device)
-    return torch.where(rows < cu_seqlens_q[-1], lse_log2, float("-inf"))
+    rows = torch.arange(lse_log2.shape[-1], device=lse_log2.device, dtype=cu_seqlens_q.dtype)
+    end = cu_seqlens_q.narrow(0, cu_seqlens_q.numel() - 1, 1)  # (1,): traceable, as a view
+    return torch.where(rows < end, lse_log2, float("-inf"))
 
 
 def _result(out: Tensor, lse_log2: Tensor, return_attn_probs: bool):
