@@ -57,6 +57,9 @@ SEQLENS = [1024, 4096, 16384, 131072]
 TOKEN_BUDGET = 2**20  # batch x seqlen_k
 PAGES = [16, 64, 256]
 CHUNKS = [(128, 4096), (128, 32768), (512, 4096), (512, 32768)]  # (seqlen_q, seqlen_k)
+# the timed implementations of a chunk point (row keys <name>_ms, <name>_tflops)
+CHUNK_TIMINGS = ("kvcache", "kvcache_paged64", "kvcache_paged64_fwd", "flash_attn_func",
+                 "sdpa_cudnn")
 PEERS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}
 GIB = 2**30
 
@@ -212,8 +215,7 @@ def chunk_point(layout: str, seqlen_q: int, seqlen_k: int, args) -> dict:
     else:
         row["sdpa_cudnn_gqa"] = how
         _timed(row, "sdpa_cudnn_ms", fn, 5, args.repeats)
-    for key in ("kvcache", "kvcache_paged64", "kvcache_paged64_fwd", "flash_attn_func",
-                "sdpa_cudnn"):
+    for key in CHUNK_TIMINGS:
         if f"{key}_ms" in row:
             row[f"{key}_tflops"] = round(flops / row[f"{key}_ms"] / 1e9, 1)
     return row
@@ -317,14 +319,14 @@ def markdown(env, copy, rows, chunks, args) -> str:
                          f"{r['error'][:80]} | | | | | | | |")
             continue
         cell = {k: f"{_ms(r, k + '_ms')} ({r.get(k + '_tflops', '-')})"
-                for k in ("kvcache", "kvcache_paged64", "kvcache_paged64_fwd", "flash_attn_func",
-                          "sdpa_cudnn")}
+                for k in CHUNK_TIMINGS}
         ratio = {k: (f"{r['sdpa_cudnn_ms'] / r[k + '_ms']:.2f}x"
                      if "sdpa_cudnn_ms" in r and k + "_ms" in r else "-")
                  for k in ("kvcache", "kvcache_paged64")}
         lines.append(f"| {r['heads']}:{r['heads_k']} | {r['seqlen_q']} | {r['seqlen_k']} | "
                      f"{cell['kvcache']} | {cell['kvcache_paged64']} | "
-                     f"{cell['kvcache_paged64_fwd']} | {cell['flash_attn_func']} | {cell['sdpa_cudnn']} | "
+                     f"{cell['kvcache_paged64_fwd']} | {cell['flash_attn_func']} | "
+                     f"{cell['sdpa_cudnn']} | "
                      f"{r.get('sdpa_cudnn_mask', '-')} | {ratio['kvcache']} | "
                      f"{ratio['kvcache_paged64']} |")
     return "\n".join(lines) + "\n"
@@ -343,7 +345,8 @@ def main():
     p.add_argument("--quick", action="store_true",
                    help="a smoke run: GQA, batch 1 and 64, seqlen_k 1k and 16k, one chunk")
     p.add_argument("--chunks-only", action="store_true",
-                   help="chunked prefill alone (no decode points), written as decode_chunks.json/.md")
+                   help="chunked prefill alone (no decode points), written as "
+                        "decode_chunks.json/.md")
     p.add_argument("--out", default=None, help="results base folder (default benchmarks/results)")
     args = p.parse_args()
     if args.chunks_only:

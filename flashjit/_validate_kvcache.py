@@ -326,10 +326,12 @@ def check_kvcache_values(cache_seqlens, cache_leftpad: Optional[Tensor],
     if "bad_page" in values:
         for b, column in enumerate(values["bad_page"]):
             if column < block_table.shape[1]:
-                uses = (f"cache_seqlens[{b}] + {seqlen_new} new keys = "
-                        f"{lengths[b] + seqlen_new} rows of {page_size}" if cache_seqlens is not None
-                        else f"cache_seqlens=None: every sequence holds the table's "
-                             f"{lengths[b]} rows of {page_size}")
+                if cache_seqlens is None:
+                    uses = (f"cache_seqlens=None: every sequence holds the table's {lengths[b]} "
+                            f"rows of {page_size}")
+                else:
+                    uses = (f"cache_seqlens[{b}] + {seqlen_new} new keys = "
+                            f"{lengths[b] + seqlen_new} rows of {page_size}")
                 raise ValueError(
                     f"block_table[{b}, {column}] = {values['bad_page_value'][b]} is not a page "
                     f"of k_cache (num_blocks {num_slots}), and sequence {b} uses that page "

@@ -354,8 +354,8 @@ flash_attn_varlen_func.__doc__ = """Packed variable-length sequences, as
     q (total_q, heads, d), k, v (total_k, heads_k, d); sequence b is rows cu_seqlens[b] ..
     cu_seqlens[b + 1] - 1 (int32, batch + 1 entries, on q's device); max_seqlen_q/k bound the
     sequence lengths. Rows past cu_seqlens[-1] get output (and gradient) 0. softmax_lse is
-    (heads, total_q), -inf in the rows past cu_seqlens_q[-1]. Key padding is done this way: pack the real tokens of each sequence.
-    Windows, causal and ALiBi align each sequence on its own lengths; alibi_slopes may be
+    (heads, total_q), -inf in the rows past cu_seqlens_q[-1]. Key padding is done this way:
+    pack the real tokens of each sequence. Windows, causal and ALiBi align each sequence on its own lengths; alibi_slopes may be
     (batch, heads) with batch = cu_seqlens_q.numel() - 1. block_table (batch, max_blocks)
     int32: paged KV, forward only (inference), as flash-attn 2.x: k, v are then paged caches
     (num_blocks, page_size, heads_k, d) and sequence b's keys its first cu_seqlens_k[b + 1] -

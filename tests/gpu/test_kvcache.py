@@ -13,8 +13,8 @@ spec (paged or not) for chunked prefill.
 
 Covered: page sizes 16, 64, 256 with shuffled block tables (and spare pages); cache lengths 0 and
 full (a tensor, an int, None); batch 1 and 256; seqlen_k 1 and 128k; GQA 32:8, MHA and (paged
-prefill) MQA; fp16 and bf16; d 64, 128, 256 (and 192 in paged prefill); num_splits 1, auto and 4 (also with no keys at all: empty splits);
-rotary GPT-NeoX, GPT-J and partial (rotary_dim < d); causal, sliding window, softcap + ALiBi
+prefill) MQA; fp16 and bf16; d 64, 128, 256 (and 192 in paged prefill); num_splits 1, auto
+and 4 (also with no keys at all: empty splits); rotary GPT-NeoX, GPT-J and partial (rotary_dim < d); causal, sliding window, softcap + ALiBi
 (per head and per sequence), sink; cache_batch_idx, cache_leftpad; 4 queries at once
 (speculative decoding); a CUDA graph capturing one decode step with append and rotary, replayed
 with new inputs copied into its static tensors; value errors raised before any launch.
