@@ -195,14 +195,15 @@ def chunk_point(layout: str, seqlen_q: int, seqlen_k: int, args) -> dict:
     v_pages, _ = paged(v, 64, table)
     _timed(row, "kvcache_paged64_ms", lambda: flashjit.flash_attn_with_kvcache(
         q, k_pages, v_pages, block_table=table, causal=True), 5, args.repeats)
-    if seqlen_q < flashjit.ops.PAGED_PREFILL_MIN_QUERIES:  # the forward's paged spec there too
-        threshold = flashjit.ops.PAGED_PREFILL_MIN_QUERIES
-        flashjit.ops.PAGED_PREFILL_MIN_QUERIES = flashjit.ops.PREFILL_MIN_QUERIES
+    ops = flashjit.ops
+    if seqlen_q < ops.paged_prefill_min_queries(q.device, HEAD_DIM):  # the paged forward too
+        threshold = ops.paged_prefill_min_queries
+        ops.paged_prefill_min_queries = lambda device, head_dim: ops.PREFILL_MIN_QUERIES
         try:
             _timed(row, "kvcache_paged64_fwd_ms", lambda: flashjit.flash_attn_with_kvcache(
                 q, k_pages, v_pages, block_table=table, causal=True), 5, args.repeats)
         finally:
-            flashjit.ops.PAGED_PREFILL_MIN_QUERIES = threshold
+            ops.paged_prefill_min_queries = threshold
     i = torch.arange(seqlen_q, device=DEVICE)[:, None]
     mask = torch.arange(seqlen_k, device=DEVICE)[None, :] <= i + seqlen_k - seqlen_q  # bottom-right
     fn, how = sdpa_call(PEERS["cudnn"], q, k, v, attn_mask=mask)
@@ -305,10 +306,10 @@ def markdown(env, copy, rows, chunks, args) -> str:
               "pairs). cuDNN: with the causal mask as attn_mask, or unmasked where it takes no "
               "mask (column 'cuDNN mask'). with_kvcache on the contiguous cache runs the forward "
               "(prefill) kernel (ops.PREFILL_MIN_QUERIES); on a cache paged by 64 rows, below "
-              "ops.PAGED_PREFILL_MIN_QUERIES (256) queries the decode kernel's 64-row tiles "
-              "(split-KV), from 256 on the forward's paged spec; 'paged 64, forward': below 256 "
-              "queries the forward's paged spec too (ops.PAGED_PREFILL_MIN_QUERIES lowered for "
-              "that call), to place that threshold.", "",
+              "ops.paged_prefill_min_queries() (PREFILL_MIN_QUERIES where the paged forward is "
+              "sm90ws, else 256) queries the decode kernel's 64-row tiles (split-KV), from there "
+              "on the forward's paged spec; 'paged 64, forward': below that threshold the "
+              "forward's paged spec too (the threshold lowered for that call), to place it.", "",
               "| heads:heads_k | seqlen_q | seqlen_k | with_kvcache | with_kvcache paged 64 | "
               "paged 64, forward | flash_attn_func | cuDNN | cuDNN mask | cuDNN / with_kvcache | "
               "cuDNN / paged 64 |",

@@ -18,8 +18,9 @@ def paged_varlen(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
     paged caches (num_blocks, page_size, heads_k, d), sequence b's keys are its first
     cu_seqlens_k[b + 1] - cu_seqlens_k[b] logical rows (pages block_table[b]), its queries rows
     cu_seqlens_q[b] .. of q (total_q, heads, d). Served through flash_attn_with_kvcache (its
-    decode kernel, or the paged forward from 256 queries): the queries are placed at the END of
-    a (batch, tile) left-padded tile, so its bottom-right alignment puts query i of a sequence of
+    decode kernel, or the paged forward from ops.paged_prefill_min_queries() queries): the
+    queries are placed at the END of a (batch, tile) left-padded tile, so its bottom-right
+    alignment puts query i of a sequence of
     n_q queries and n_k keys at position n_k - n_q + i, as here; the padding rows are dropped.
     tile: the longest query sequence (eager: as the cu_seqlens checks read it), or
     max_seqlen_q under CUDA-graph capture and torch.compile. The arguments are checked here under

@@ -551,8 +551,9 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Opti
         (sink_h with a sink).
     num_splits: int from 0 to 128: split-KV, how many parts of the keys are attended in parallel
         (then combined by lse; ignored where the forward kernel attends after the append:
-        without cache_batch_idx and cache_leftpad, seqlen_q >= 64 on a contiguous cache, >= 256
-        on a paged one, ops._by_forward): 1 = none, 0 = chosen from the sizes and the SM count
+        without cache_batch_idx and cache_leftpad, seqlen_q >= 64 on a contiguous cache, on a
+        paged one too where the paged forward is the warp-specialised family (sm90a), else
+        >= 256, ops._by_forward): 1 = none, 0 = chosen from the sizes and the SM count
         (ops.num_splits_heuristic; the cache capacity stands for the lengths, which live on the
         device, so the choice is the same under CUDA-graph replay).
     return_softmax_lse: also return lse.

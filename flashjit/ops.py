@@ -13,7 +13,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .jit import JitSpec, current_arch, head_dim_bucket, load_spec
+from .jit import JitSpec, current_arch, head_dim_bucket, load_spec, registry
+from .jit.env import kernel_family_preference
 from .jit.spec import with_tile_override
 
 _DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -344,12 +345,29 @@ WAVE_EFFICIENCY_SHARE = 0.85
 # cache_leftpad is attended by the forward (prefill) kernel, the decode op appending only:
 # measured on the H200 (benchmarks/results/h200/decode.md), the forward kernel is 1.5-3x faster
 # than the decode kernel's 64-row tiles at 128-512 queries. A paged cache goes to the forward's
-# paged spec (K/V through the block table) from PAGED_PREFILL_MIN_QUERIES on: its per-row page
-# lookups cost it 1.5x its contiguous time there, so the decode kernel (split-KV, 64-row tiles)
-# was faster at 128 queries (0.088 against 0.120 ms, 4k keys) and 2.4x slower at 512; below that
-# the forward serves only where the decode kernel's shared memory does not fit (_by_forward).
+# paged spec (K/V through the block table) from paged_prefill_min_queries() on: as early where
+# that spec is the warp-specialised family (TMA boxes inside pages: 1.00-1.02x its contiguous
+# time at 128 queries, 0.68-0.71x the decode kernel's; results/h200/decode_chunks.md), from
+# PAGED_PREFILL_MIN_QUERIES where it reads K/V row by row (the sm90 and sm80 families: 1.5x their
+# contiguous time, so the decode kernel, split-KV in 64-row tiles, was faster at 128 queries,
+# 0.088 against 0.120 ms at 4k keys, and 2.4x slower at 512); below that the forward serves only
+# where the decode kernel's shared memory does not fit (_by_forward).
 PREFILL_MIN_QUERIES = 64
 PAGED_PREFILL_MIN_QUERIES = 256
+PAGED_PREFILL_TMA_FAMILIES = ("sm90ws",)  # paged forwards as fast as their contiguous ones
+
+
+def paged_prefill_min_queries(device: torch.device, head_dim: int) -> int:
+    """Queries per sequence from which flash_attn_with_kvcache attends a paged cache with the
+    forward kernel (without cache_batch_idx and cache_leftpad): PREFILL_MIN_QUERIES where the
+    paged forward spec on this device and head dim (FLASHJIT_KERNEL_FAMILY included) is in
+    PAGED_PREFILL_TMA_FAMILIES, else PAGED_PREFILL_MIN_QUERIES. Asked only by chunked-prefill
+    calls on a paged cache (not per decoded token): not cached, so it follows the environment."""
+    arch, bucket = current_arch(device), head_dim_bucket(head_dim)
+    preference = kernel_family_preference()
+    family = (registry.default_family("fwd", arch, bucket, paged=True) if preference is None
+              else registry.preferred_family("fwd", arch, bucket, preference, paged=True))
+    return PREFILL_MIN_QUERIES if family in PAGED_PREFILL_TMA_FAMILIES else PAGED_PREFILL_MIN_QUERIES
 
 
 def decode_ctas(batch: int, heads_k: int, rows_per_kv_head: int) -> int:
@@ -467,12 +485,12 @@ def _by_forward(q: Tensor, k_cache: Tensor, block_table: Optional[Tensor],
                 cache_batch_idx: Optional[Tensor], cache_leftpad: Optional[Tensor]) -> bool:
     """Whether a flash_attn_with_kvcache call is attended by the forward kernel (after the decode
     op's append) rather than the decode kernel: no cache_batch_idx or cache_leftpad, and from
-    PREFILL_MIN_QUERIES queries on (contiguous), PAGED_PREFILL_MIN_QUERIES (paged), or from
+    PREFILL_MIN_QUERIES queries on (contiguous), paged_prefill_min_queries() (paged), or from
     PREFILL_MIN_QUERIES on where the decode kernel's shared memory does not fit."""
     batch, seqlen_q, heads, d = q.shape
     if seqlen_q < PREFILL_MIN_QUERIES or cache_batch_idx is not None or cache_leftpad is not None:
         return False
-    if block_table is None or seqlen_q >= PAGED_PREFILL_MIN_QUERIES:
+    if block_table is None or seqlen_q >= paged_prefill_min_queries(q.device, d):
         return True
     return not decode_smem_fits(q.device, d, seqlen_q * (heads // k_cache.shape[2]))
 

@@ -1,5 +1,6 @@
 """flash_attn_with_kvcache's chunked prefill on the CPU: from ops.PREFILL_MIN_QUERIES queries on
-(contiguous) or ops.PAGED_PREFILL_MIN_QUERIES (paged, or PREFILL_MIN_QUERIES where the decode
+(contiguous) or ops.paged_prefill_min_queries() (paged: PREFILL_MIN_QUERIES where the paged
+forward is sm90ws, else ops.PAGED_PREFILL_MIN_QUERIES, or PREFILL_MIN_QUERIES where the decode
 kernel's shared memory does not fit), a cache without cache_batch_idx and cache_leftpad is
 appended to by the decode op (no splits) and attended by the forward op (its paged spec with a
 block table), with each sequence's keys as seqused_k; the spec ops are recorded, not run. The forward's arguments
@@ -127,8 +128,7 @@ def test_paged_prefill_with_rotary_and_a_full_cache(launched):
 
 
 @pytest.mark.parametrize("paged,seqlen_q", [(False, ops.PREFILL_MIN_QUERIES - 1),
-                                             (True, ops.PREFILL_MIN_QUERIES - 1),
-                                             (True, ops.PAGED_PREFILL_MIN_QUERIES - 1)])
+                                             (True, ops.PREFILL_MIN_QUERIES - 1)])
 def test_fewer_queries_stay_with_the_decode_kernel(launched, paged, seqlen_q):
     q, k_cache, v_cache, _, table = _tensors(seqlen_q, paged)
     ops._decode_impl(q, k_cache, v_cache, None, None, None, None, True, None, None, None, table,
@@ -138,15 +138,41 @@ def test_fewer_queries_stay_with_the_decode_kernel(launched, paged, seqlen_q):
     assert a["block_table"] is table and a["o_partial"].shape[0] == 2
 
 
+@pytest.mark.parametrize("family,attend", [(None, "fwd_sm90a_fp16_hd64_causal_paged_ws"),
+                                           ("sm90", None), ("sm80", None)])
+def test_paged_prefill_threshold_follows_the_paged_forward_family(launched, monkeypatch, family,
+                                                                  attend):
+    """On a paged cache the forward attends from PREFILL_MIN_QUERIES on where its paged spec is
+    sm90ws (TMA boxes: as fast as on a contiguous cache), from PAGED_PREFILL_MIN_QUERIES where
+    it reads K/V row by row (FLASHJIT_KERNEL_FAMILY sm90 or sm80 here)."""
+    if family:
+        monkeypatch.setenv("FLASHJIT_KERNEL_FAMILY", family)
+    expected = ops.PREFILL_MIN_QUERIES if attend else ops.PAGED_PREFILL_MIN_QUERIES
+    assert ops.paged_prefill_min_queries(torch.device("cpu"), D) == expected
+    q, k_cache, v_cache, _, table = _tensors(ops.PREFILL_MIN_QUERIES, True)
+    ops._decode_impl(q, k_cache, v_cache, None, None, None, None, True, None, None, None, table,
+                     0.125, True, -1, 0, 0.0, None, None, 2)
+    names = [name for name, _ in launched]
+    assert names[0] == "decode_sm90a_fp16_hd64_causal"  # the decode family whatever the preference
+    assert names[1:] == ([attend] if attend else [])
+    launched.clear()
+    q, k_cache, v_cache, _, table = _tensors(ops.PAGED_PREFILL_MIN_QUERIES, True)
+    ops._decode_impl(q, k_cache, v_cache, None, None, None, None, True, None, None, None, table,
+                     0.125, True, -1, 0, 0.0, None, None, 2)
+    assert len(launched) == 2 and launched[1][0].startswith("fwd_sm90a_fp16_hd64_causal_paged")
+
+
 def test_paged_prefill_runs_the_forward_where_the_decode_kernel_does_not_fit(launched,
                                                                              monkeypatch):
+    # a paged forward that reads rows one by one (sm80), whose threshold is 256 queries
+    monkeypatch.setenv("FLASHJIT_KERNEL_FAMILY", "sm80")
     fits = []
     monkeypatch.setattr(ops, "decode_smem_fits", lambda *args: fits.append(args) and False)
     q, k_cache, v_cache, _, table = _tensors(ops.PREFILL_MIN_QUERIES, True)
     ops._decode_impl(q, k_cache, v_cache, None, None, None, None, True, None, None, None, table,
                      0.125, True, -1, 0, 0.0, None, None, 0)
     assert [name for name, _ in launched] == ["decode_sm90a_fp16_hd64_causal",
-                                              "fwd_sm90a_fp16_hd64_causal_paged_ws"]
+                                              "fwd_sm90a_fp16_hd64_causal_paged"]
     assert fits == [(q.device, D, ops.PREFILL_MIN_QUERIES * H // HK)]  # packed rows per K/V head
 
 

@@ -1,6 +1,7 @@
 """flash_attn_with_kvcache on the GPU (the decode kernel; without cache_batch_idx and
-cache_leftpad, from 64 queries on (contiguous) or 256 (paged), the forward kernel after the
-decode op's append, its paged spec with a block table) against tests/reference.py's kvcache_ref.
+cache_leftpad, from 64 queries on (contiguous, and paged where the paged forward is sm90ws) or
+256 (paged otherwise), the forward kernel after the decode op's append, its paged spec with a
+block table) against tests/reference.py's kvcache_ref.
 
 Criterion (the house one, tests/gpu/test_fwd.py): out and lse within 2x PyTorch's own error
 against the float32 reference, plus a tiny absolute slack; PyTorch's error is kvcache_ref run in
@@ -19,7 +20,8 @@ and 4 (also with no keys at all: empty splits); rotary GPT-NeoX, GPT-J and parti
 (speculative decoding); a CUDA graph capturing one decode step with append and rotary, replayed
 with new inputs copied into its static tensors; value errors raised before any launch.
 Chunked prefill (64 to 288 queries, appending as many keys or none): contiguous, and paged
-(the decode kernel's 64-row tiles below 256 queries, the forward's paged spec from 256 on) with
+(the forward's paged spec; where that reads rows one by one, the decode kernel's 64-row tiles
+below 256 queries) with
 pages of 16, 48, 64 and 256 rows (shuffled tables), causal and not, a causal sliding window,
 GQA and MHA, fp16 d 64, bf16 d 128 and d 256 (on sm90a the warp-specialised forward: TMA boxes
 of 16-128 rows inside the pages), and the mma.sync forward at d 128 too
@@ -112,13 +114,14 @@ class Case:
 
     def prefill(self) -> bool:
         """Attended by the forward kernel (ops._by_forward): PREFILL_MIN_QUERIES queries on, paged
-        PAGED_PREFILL_MIN_QUERIES (or PREFILL_MIN_QUERIES where the decode kernel does not fit
-        the GPU's shared memory), without cache_batch_idx or cache_leftpad."""
+        ops.paged_prefill_min_queries() (or PREFILL_MIN_QUERIES where the decode kernel does
+        not fit the GPU's shared memory), without cache_batch_idx or cache_leftpad."""
         ops = flashjit.ops
         if self.seqlen_q < ops.PREFILL_MIN_QUERIES or self.batch_idx or self.leftpad:
             return False
         rows = self.seqlen_q * (self.heads // self.heads_k)
-        return (self.page is None or self.seqlen_q >= ops.PAGED_PREFILL_MIN_QUERIES
+        return (self.page is None
+                or self.seqlen_q >= ops.paged_prefill_min_queries(torch.device("cuda"), self.d)
                 or not ops.decode_smem_fits(torch.device("cuda"), self.d, rows))
 
 
@@ -126,7 +129,8 @@ GQA = dict(heads=32, heads_k=8)
 MHA = dict(heads=32, heads_k=32)
 SPEC = dict(seqlen_q=4, seqlen_new=4, causal=True)  # speculative decoding: 4 tokens
 # Chunked prefill on a paged cache (shuffled tables): the forward's paged specs from
-# ops.PAGED_PREFILL_MIN_QUERIES (256) queries on, the decode kernel's 64-row tiles below.
+# ops.paged_prefill_min_queries() queries on (64 on sm90a, 256 where the paged forward reads rows
+# one by one), the decode kernel's 64-row tiles below.
 PAGED_PREFILL = {
     "prefill256_causal_paged16": Case(batch=2, seqlen_q=256, seqlen_new=256, causal=True,
                                       page=16, capacity=2048),
@@ -300,10 +304,13 @@ def test_kvcache(name):
     check(CASES[name], name)
 
 
-@pytest.mark.parametrize("name", ["prefill256_causal_paged16", "prefill288_window_paged48"])
+@pytest.mark.parametrize("name", ["prefill256_causal_paged16", "prefill288_window_paged48",
+                                  "prefill96_window_paged48"])
 def test_paged_prefill_mma_sync_family(name, monkeypatch):
     """The paged forward of the mma.sync family where the warp-specialised one serves by default
-    (sm90a, d 128); elsewhere the same spec as test_kvcache's."""
+    (sm90a, d 128); elsewhere the same spec as test_kvcache's. With it the threshold is 256
+    queries: at 96 the decode kernel's 64-row tiles on a paged cache (on sm90a the default
+    paged forward serves there)."""
     monkeypatch.setenv("FLASHJIT_KERNEL_FAMILY", "sm80")
     check(replace(CASES[name], window=(-1, -1)), name)  # spec fwd bf16 hd128 causal paged
 
