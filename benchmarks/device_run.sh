@@ -9,7 +9,7 @@
 #   steps: build test test80 sanitize profile sweep kernels overhead jit peers original long
 #          variants ab sdpa hf hfbench cp cpbench decode decodebench decodeprof decodesweep
 #          prefill (chunked prefill's tests and benchmark alone)
-#          testws wssweep wsdrop wsab wspoly wsres wsprof (the sm90ws forward family) dropout dropouterr softcap
+#          testws wssweep wsdrop wsab wsres wsprof (the sm90ws forward family) dropout dropouterr softcap
 #          bwdwide (the wgmma backward at d 160-256)
 #   (default: build test sanitize jit peers)
 set -uo pipefail
@@ -180,24 +180,6 @@ for step in $STEPS; do
           name=$([ $tree = $PWD ] && echo new || echo baseline)
           (cd $tree && FLASHJIT_CACHE_DIR=/tmp/flashjit-cache-ab-$(basename $tree) PYTHONPATH=/tmp/site:$tree \
              python3 benchmarks/ws_time.py 2>&1 | sed "s/^/$name round $round: /") | tee -a "$OUT/ws_ab.log"
-        done
-      done ;;
-    wspoly)  # exp2 on the FMA pipe for every k-th score (softmax_update's kFmaEvery) in the
-             # sm90ws forward, k in WS_POLY (0: none; FLASHJIT_EXP2_FMA_EVERY in a copy of csrc per
-             # k): ws_time.py with softcap against without, alternating, WS_ROUNDS times (2)
-      for e in ${WS_POLY:-0 8 4 2}; do
-        tree=/tmp/poly_$e && rm -rf $tree && mkdir -p $tree && cp -r flashjit csrc benchmarks $tree/
-        sed -i "1i #define FLASHJIT_EXP2_FMA_EVERY $e" $tree/csrc/sm90ws/fwd_kernel.cuh
-        (cd $tree && export FLASHJIT_CACHE_DIR=/tmp/flashjit-cache-poly-$e PYTHONPATH=/tmp/site:$tree
-         FLASHJIT_KERNEL_FAMILY=sm90ws pb --jobs 4 --kernel fwd --dtype bf16 --head-dim ${WS_DIMS:-64 128} \
-           --causal both --softcap both 2>&1 | tail -n 1) &
-      done
-      wait
-      for round in $(seq 1 ${WS_ROUNDS:-2}); do
-        for e in ${WS_POLY:-0 8 4 2}; do
-          (cd /tmp/poly_$e && FLASHJIT_CACHE_DIR=/tmp/flashjit-cache-poly-$e PYTHONPATH=/tmp/site:/tmp/poly_$e \
-             WS_SOFTCAP=30 WS_SEQLENS="${WS_SEQLENS:-1024 8192}" python3 benchmarks/ws_time.py 2>&1 \
-             | sed "s/^/every $e round $round: /") | tee -a "$OUT/ws_poly.log"
         done
       done ;;
     wsres)  # the forward with inputs that require grad (it also writes O's rounding residual for

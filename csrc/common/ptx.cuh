@@ -169,29 +169,6 @@ __device__ __forceinline__ float fast_exp2(float x) {
   return y;
 }
 
-// exp2 of an fp32 value x <= 0 (a softmax exponent) on the FMA and integer pipes, no MUFU op:
-// 2^x = 2^j 2^f with j = rint(x) (the 1.5 * 2^23 shift leaves j in the low bits of t) and
-// f = x - j in [-1/2, 1/2]; 2^f by a degree-4 polynomial with p(0) = 1 exactly (least-squares fit
-// of the relative error on [-1/2, 1/2], max relative error 2.9e-6 in fp32 Horner: below fp16's
-// and bf16's rounding of P, and below ex2.approx's 2^-22 only by ~4 bits); 2^j is added to p's
-// exponent field. x is clamped at -128 (-inf: masked scores) so that j <= -127 leaves the
-// exponent field negative, and the integer max with 0 turns that into +0 (as ex2.approx.ftz
-// flushes 2^-127 and below). 10 instructions (FMNMX, 3 FADD, 4 FFMA, LEA, IMNMX) instead of one
-// MUFU op: the softmax uses it for a fraction of the scores where the MUFU unit (exp2 and
-// softcap's tanh) is the bottleneck (the FlashAttention-4 paper, Zadouri et al. 2025, sec. 3.2).
-__device__ __forceinline__ float exp2_fma(float x) {
-  x = fmaxf(x, -128.f);
-  const float t = x + 12582912.f;  // 1.5 * 2^23: rint(x) in the low mantissa bits
-  const float f = x - (t - 12582912.f);
-  float p = fmaf(f, 0.00958297402f, 0.0559067726f);
-  p = fmaf(p, f, 0.240240976f);
-  p = fmaf(p, f, 0.693124115f);
-  p = fmaf(p, f, 1.f);
-  // t's bits are 0x4B400000 + j: shifted by 23 only j << 23 is left (mod 2^32)
-  const int bits = __float_as_int(p) + (__float_as_int(t) << 23);
-  return __int_as_float(max(bits, 0));
-}
-
 // tanh of an fp32 value: tanh.approx.f32 (one MUFU op, sm_75+; max relative error about 2^-11,
 // PTX ISA; tanh(+-inf) = +-1).
 __device__ __forceinline__ float fast_tanh(float x) {

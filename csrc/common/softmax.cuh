@@ -22,10 +22,7 @@ namespace flashjit {
 // holds rows g and g + 8 of each m16 tile, and l is this thread's partial sum over its columns
 // (quad_sum completes it at the end). A row with no key yet keeps m' = -inf and uses 0 as its
 // reference, so every exp2 argument is -inf (-> 0), never NaN.
-// kFmaEvery > 0: every kFmaEvery-th score of a thread's row (its column pairs in order) takes
-// exp2_fma (ptx.cuh: FMA and integer pipes) instead of the MUFU op, which the softmax's exp2
-// (and softcap's tanh) otherwise share alone; 0: every score on the MUFU unit.
-template <int kMTiles, int kNTilesS, int kFmaEvery = 0>
+template <int kMTiles, int kNTilesS>
 __device__ __forceinline__ void softmax_update(float (&acc_s)[kMTiles][kNTilesS][4],
                                                float (&row_max)[kMTiles][2],
                                                float (&row_sum)[kMTiles][2], float scale_log2,
@@ -47,10 +44,7 @@ __device__ __forceinline__ void softmax_update(float (&acc_s)[kMTiles][kNTilesS]
       for (int nt = 0; nt < kNTilesS; ++nt)
 #pragma unroll
         for (int e = 2 * half; e < 2 * half + 2; ++e) {
-          const float x = __fmul_rn(acc_s[mt][nt][e], scale_log2) - ref;
-          const int k = 2 * nt + (e & 1);  // the score's place in this thread's row
-          acc_s[mt][nt][e] = kFmaEvery > 0 && k % kFmaEvery == kFmaEvery - 1 ? exp2_fma(x)
-                                                                             : fast_exp2(x);  // P
+          acc_s[mt][nt][e] = fast_exp2(__fmul_rn(acc_s[mt][nt][e], scale_log2) - ref);  // P
           sum += acc_s[mt][nt][e];
         }
       row_sum[mt][half] = row_sum[mt][half] * alpha[mt][half] + sum;

@@ -134,18 +134,6 @@ constexpr bool ws_tile_loop() {
   return Traits::kHeadDimPad <= 128;
 }
 
-// Every how-many-th score of a consumer thread's row takes its exp2 on the FMA pipe
-// (softmax_update's kFmaEvery; 0: none), to take work off the MUFU unit. FLASHJIT_EXP2_FMA_EVERY
-// overrides it for sweeps (device_run.sh wspoly).
-template <typename Traits, typename V>
-constexpr int ws_exp2_fma_every() {
-#ifdef FLASHJIT_EXP2_FMA_EVERY
-  return FLASHJIT_EXP2_FMA_EVERY;
-#else
-  return 0;
-#endif
-}
-
 template <typename Traits, typename V>
 __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks)
     flash_fwd_ws_kernel(const __grid_constant__ FwdWsParams args) {
@@ -388,8 +376,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks)
       fence_registers(acc_s[0]);
 
       scores.apply(acc_s, warp_row0, n0, g, t4, scores.mask_needed(m0, n0, kBlockM, kBlockN));
-      softmax_update<1, Traits::kNTilesS, ws_exp2_fma_every<Traits, V>()>(
-          acc_s, row_max, row_sum, scores.scale_log2(p), alpha);
+      softmax_update(acc_s, row_max, row_sum, scores.scale_log2(p), alpha);
       if constexpr (V::kHasDropout) dropout.apply(acc_s[0], warp_row0 / 16, n0 / 8, g, t4);
       if (!kStatic || pv) wgmma_wait<0>();  // P V of block it - 1 is done: its V buffer goes
       if (pv) mbarrier_arrive(smem_addr(&bar_v_empty[stage_of(it - 1)]));  // back to the producer
