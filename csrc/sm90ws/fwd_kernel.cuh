@@ -360,7 +360,13 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks)
       if (pv) {
         // O *= alpha of block it - 1 (its P V completed in the previous step) while S runs on
         // the tensor cores, off the path from the softmax to the next GEMM issue; then P V.
-        rescale_rows(acc_o, alpha);
+        // At d 64 skipped where no row of the warp got a new maximum (every alpha exactly
+        // exp2(0) = 1: the multiply is the identity, outputs unchanged), a warp-uniform branch:
+        // +1.3% there (geometric mean, 1k-16k, bf16), d 128 -0.3% (within the run's spread), so
+        // not there (results/h200/logs/ws_ab_rescale_skip.log).
+        if (kHeadDimPad > 64 ||
+            __any_sync(0xffffffffu, alpha[0][0] != 1.f || alpha[0][1] != 1.f))
+          rescale_rows(acc_o, alpha);
         fence_registers(acc_o[0]);
         wgmma_fence();
         issue_pv(it - 1);
