@@ -167,12 +167,13 @@ for step in $STEPS; do
       fi ;;
     wsab)  # the sm90ws forward of this tree against .baseline's (carry .baseline): ws_time.py
            # run from each tree (its own flashjit, csrc and binary cache), alternating, WS_ROUNDS times (2)
-           # (WS_DROPOUT=p: with dropout against without, in each tree)
+           # (WS_DROPOUT=p / WS_SOFTCAP=c: with dropout / softcap against without, in each tree)
       rm -rf /tmp/ab_base && mkdir -p /tmp/ab_base && cp -r .baseline/flashjit .baseline/csrc benchmarks /tmp/ab_base/
       for tree in /tmp/ab_base $PWD; do
         (cd $tree && export FLASHJIT_CACHE_DIR=/tmp/flashjit-cache-ab-$(basename $tree) PYTHONPATH=/tmp/site:$tree
          FLASHJIT_KERNEL_FAMILY=sm90ws pb --jobs 8 --kernel fwd --dtype bf16 --head-dim ${WS_DIMS:-64 128} \
-           --causal both --dropout $([ -n "${WS_DROPOUT:-}" ] && echo both || echo no) 2>&1 | tail -n 1) &
+           --causal both --dropout $([ -n "${WS_DROPOUT:-}" ] && echo both || echo no) \
+           --softcap $([ -n "${WS_SOFTCAP:-}" ] && echo both || echo no) 2>&1 | tail -n 1) &
       done
       wait
       for round in $(seq 1 ${WS_ROUNDS:-2}); do
