@@ -35,7 +35,8 @@ from pathlib import Path
 from .jit import env as jit_env
 from .jit import registry
 from .jit.arch import NoGpuError, current_arch, parse_arch_list
-from .jit.env import KERNEL_FAMILIES, nvcc_path
+from .jit.env import (KERNEL_FAMILIES, nvcc_gpu_codes, nvcc_path, nvcc_unsupported_archs,
+                      nvcc_version)
 from .jit.spec import (ATTENTION_KERNELS, DTYPES, HEAD_DIM_BUCKETS, KERNELS, VARIANTS, JitSpec,
                        head_dim_bucket, with_tile_override)
 from .jit.workers import StopSignals, Workers, interrupt_after_children
@@ -411,6 +412,12 @@ def _main(args: argparse.Namespace) -> int:
 
     todo = [spec for spec, hit in zip(specs, cached) if not hit]
     cuda_todo = [spec for spec in todo if spec.with_cuda]
+    unsupported = nvcc_unsupported_archs({spec.arch for spec in cuda_todo})
+    if unsupported:  # an --arch (or arch list variable) this nvcc has no SASS target for
+        print(f"error: --arch: nvcc ({nvcc_version() or 'unknown version'}) cannot build for "
+              f"{', '.join(unsupported)}; it builds {' '.join(nvcc_gpu_codes())}",
+              file=sys.stderr)
+        return 2
     missing = missing_cuda_toolchain() if cuda_todo else []
     if missing:  # every worker would fail the same way; say it once, before spawning any
         count = _count(len(cuda_todo), "CUDA spec")

@@ -15,6 +15,7 @@ from jithelpers import REPO, child_env, entries, run_python
 
 import flashjit
 from flashjit.jit import csrc_dir, registry
+from flashjit.jit.env import nvcc_path
 from flashjit.prebuild import _parser, default_jobs, failure_summary
 
 
@@ -229,6 +230,25 @@ def test_prebuild_cuda_specs_need_cuda_torch_and_nvcc(tmp_path):
         result = run_python(args + [flag], cache, CUDA_HOME=str(tmp_path / "no-toolkit"))
         assert result.returncode == 0, result.stderr
         assert "fwd_sm90a_bf16_hd64_ws" in result.stdout
+
+
+@pytest.mark.skipif(nvcc_path() is None, reason="needs nvcc (its --list-gpu-code)")
+def test_prebuild_refuses_an_arch_nvcc_cannot_build(tmp_path):
+    """An --arch that parses but that this nvcc has no target for (there is no sm91) is refused
+    before any build, naming the arch and the ones nvcc builds; exit status 2 (bad argument)."""
+    from flashjit.jit.env import nvcc_gpu_codes, nvcc_unsupported_archs
+
+    assert "sm_80" in nvcc_gpu_codes() and "sm_90" in nvcc_gpu_codes()
+    assert nvcc_unsupported_archs(["sm80-sm90a", "sm86"]) == []
+    assert nvcc_unsupported_archs(["sm80-sm91", "sm91"]) == ["sm91"]
+    cache = tmp_path / "cache"
+    result = run_python(["-m", "flashjit.prebuild", "--kernel", "fwd", "--arch", "9.1", "8.0",
+                         "--dtype", "bf16", "--head-dim", "64", "--causal", "no"], cache)
+    assert result.returncode == 2, result.stderr
+    assert "error: --arch: nvcc" in result.stderr and "cannot build for sm91;" in result.stderr
+    assert "sm_90" in result.stderr
+    assert "flashjit prebuild:" not in result.stdout  # nothing was started
+    assert not cache.exists() or not (cache / "logs").exists()
 
 
 def test_prebuild_dry_run_reports_cache_state(cache_copy):
