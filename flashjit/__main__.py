@@ -12,6 +12,10 @@ from .jit import env
 from .jit.paths import cache_dir, cache_dir_problem, csrc_dir
 
 
+def _entries(n: int) -> str:
+    return f"{n} entry" if n == 1 else f"{n} entries"
+
+
 def _mib(n: int) -> str:
     return f"{n / (1 << 20):.1f} MiB"
 
@@ -114,7 +118,7 @@ def info() -> int:
     rows += [
         ("csrc", str(csrc_dir())),
         ("cache", str(root)),
-        ("cache size", f"{_mib(found.bytes())}, {len(found.entries)} entries"
+        ("cache size", f"{_mib(found.bytes())}, {_entries(len(found.entries))}"
                        + (f" ({len(found.foreign)} other items ignored)" if found.foreign else "")),
     ]
     rows += [(name, value) for name, value in sorted(os.environ.items())
@@ -147,7 +151,7 @@ def cache_list() -> int:
     entries = jit_cache.list_entries(root, found)
     foreign = len(found.foreign)
     ignored = f" ({foreign} other items, not flashjit's, ignored)" if foreign else ""
-    print(f"cache {root}: {len(entries)} entries{ignored}")
+    print(f"cache {root}: {_entries(len(entries))}{ignored}")
     for e in entries:
         if e["ok"]:
             detail = f"built {e['date']} in {e['build_seconds']:.1f} s"

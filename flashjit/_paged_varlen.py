@@ -8,7 +8,8 @@ import torch
 from torch import Tensor
 
 from ._validate import (MAX_HEAD_DIM, check_cache_layout, check_cu_seqlens, check_int,
-                        check_options, check_tensor, first_bad_pages)
+                        check_options, check_tensor, check_variant_tensors, first_bad_pages)
+from ._validate_kvcache import _check_index
 
 
 def paged_varlen(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
@@ -80,6 +81,11 @@ def paged_varlen(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
     if cu_seqlens_k.numel() != cu_seqlens_q.numel():
         raise ValueError(f"{ncu_k} must have as many entries as {ncu_q} "
                          f"({cu_seqlens_q.numel()}), got {cu_seqlens_k.numel()}")
+    batch = cu_seqlens_q.numel() - 1
+    # block_table and the variant tensors too before q_tile is allocated (flash_attn_with_kvcache
+    # checks them again, under the same names)
+    _check_index("block_table", block_table, q.device, (batch, None), "(batch, max_blocks)")
+    check_variant_tensors(alibi_slopes, sink, q.device, batch, heads, nq)
     tile_q = max(max_seqlen_q, 1)
     if lengths_q is not None:  # eager: the lengths the checks read size the tile
         tile_q = max(max(lengths_q), 1)
@@ -90,7 +96,6 @@ def paged_varlen(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
                              f"block_table holds ({capacity} rows: max_blocks x page_size)")
         if isinstance(block_table, Tensor) and block_table.dim() == 2:
             _check_pages(block_table, lengths_k, num_blocks, page_size, nk, ncu_k)
-    batch = cu_seqlens_q.numel() - 1
     # query row r: sequence b (past the last sequence: a spare row `batch`), dense row t
     rows = torch.arange(total, device=q.device, dtype=torch.int64)
     starts, ends = cu_seqlens_q[:-1].long(), cu_seqlens_q[1:].long()

@@ -276,11 +276,17 @@ def check_options(dropout_p, softmax_scale, softcap, deterministic, return_attn_
             check_flag("return_attn_probs", return_attn_probs))
 
 
+_FAKE_MODE_KEY = getattr(getattr(torch._C, "_TorchDispatchModeKey", None), "FAKE", None)
+
+
 def capturing() -> bool:
-    """True inside CUDA-graph capture or torch.compile tracing: device values must not be read.
-    is_compiling() comes first: dynamo cannot trace is_current_stream_capturing()."""
+    """True inside CUDA-graph capture, torch.compile tracing or an active FakeTensorMode: device
+    values must not (or cannot) be read, so checks of values (cu_seqlens, cache lengths, masks)
+    are skipped there. is_compiling() comes first: dynamo cannot trace the others."""
     if torch.compiler.is_compiling():
         return True
+    if _FAKE_MODE_KEY is not None and torch._C._get_dispatch_mode(_FAKE_MODE_KEY) is not None:
+        return True  # fake tensors hold no values (reading one raises DataDependentOutputException)
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 

@@ -212,7 +212,7 @@ def check_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqle
                     "requires grad: call it under torch.no_grad() or torch.inference_mode(), or "
                     "pass tensors that do not require grad")
     alibi_slopes, sink = check_variant_tensors(alibi_slopes, sink, q.device, batch, heads, "q")
-    if not _validate.capturing():  # looked up there: tests stand in for it (conftest.fake_cuda)
+    if not _validate.capturing():  # looked up there: tests may stand in for it
         per_row = causal or (window_left, window_right) != (-1, -1)
         check_kvcache_values(cache_seqlens, cache_leftpad, cache_batch_idx, block_table,
                              batch=batch, seqlen_q=seqlen_q, seqlen_new=seqlen_new,

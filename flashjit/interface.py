@@ -360,7 +360,9 @@ flash_attn_varlen_func.__doc__ = """Packed variable-length sequences, as
     int32: paged KV, forward only (inference), as flash-attn 2.x: k, v are then paged caches
     (num_blocks, page_size, heads_k, d) and sequence b's keys its first cu_seqlens_k[b + 1] -
     cu_seqlens_k[b] rows through block_table[b] (served by flash_attn_with_kvcache, whose checks
-    apply: its decode kernel, or from max_seqlen_q >= 256 its paged forward; _paged_varlen).
+    apply: its decode kernel, or its paged forward from ops.paged_prefill_min_queries() queries,
+    64 on sm90a, else 256, counted over the longest query sequence, max_seqlen_q under CUDA-graph
+    capture and torch.compile; _paged_varlen).
     In eager mode the cu_seqlens values are checked on the host (one synchronisation); under
     CUDA-graph capture and torch.compile they are not.""" + _COMMON_DOC
 
@@ -509,6 +511,11 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Opti
     q: (batch, seqlen_q, heads, d), fp16 or bf16, on a CUDA device; d a multiple of 8 from 8 to
         256 (other head dims raise: the cache is written in place, so it cannot be zero-padded
         as flash_attn_func pads). Copied once if its last dim or alignment is not the kernels'.
+        Where the decode kernel serves (below ops.PREFILL_MIN_QUERIES queries on a contiguous
+        cache, ops.paged_prefill_min_queries() on a paged one, or with cache_batch_idx /
+        cache_leftpad) on a GPU with 99 KB of shared memory per block (sm86,
+        sm89), d is at most 160, and above 128 seqlen_q x heads / heads_k at most 16: else
+        NotImplementedError, before any compile (ops.check_decode_smem).
     k_cache, v_cache: q's dtype and device, same shape, heads % heads_k == 0 (MQA/GQA).
         Contiguous cache (batch_cache, seqlen_cache, heads_k, d), or paged with block_table:
         (num_blocks, page_size, heads_k, d), page_size a multiple of 16. Used in place, never

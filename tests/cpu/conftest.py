@@ -61,15 +61,15 @@ def cache_copy(warm_cache, tmp_path) -> Path:
 def fake_cuda(monkeypatch):
     """A FakeTensorMode making fake CUDA tensors (no GPU needed); loading a spec fails the test;
     values (fake tensors have none: cu_seqlens, cache lengths) are not read, as under CUDA-graph
-    capture. Shared by the API tests that check what is refused before any compile."""
+    capture (_validate.capturing() is True in an active FakeTensorMode). Shared by the API tests
+    that check what is refused before any compile."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from flashjit import _validate, ops
+    from flashjit import ops
 
     def no_compile(*args, **kwargs):
         raise AssertionError("a spec was loaded")
 
     monkeypatch.setattr(ops, "load_spec", no_compile)
-    monkeypatch.setattr(_validate, "capturing", lambda: True)
     with FakeTensorMode():
         yield

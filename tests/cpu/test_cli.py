@@ -352,7 +352,7 @@ def test_info(cache_copy):
     assert out.splitlines()[0].split() == ["flashjit", flashjit.__version__]
     for label in ("torch", "nvcc", "gpu", "arch", "csrc", "cache"):
         assert any(line.startswith(label) for line in out.splitlines()), label
-    assert str(cache_copy) in out and "1 entries" in out
+    assert str(cache_copy) in out and "1 entry" in out
     rows = _info_rows(cache_copy, FLASHJIT_CUDA_ARCH_LIST="9.0")
     # the family with the most buckets is "otherwise"
     assert rows["forward family"] == "sm80 (mma.sync) at head dims 32; sm90ws (wgmma+tma) otherwise"
@@ -446,7 +446,8 @@ def test_cache_list_and_clear(cache_copy):
     (cache_copy / "unrelated.txt").write_text("not ours")
     result = run_python(["-m", "flashjit", "cache", "list"], cache_copy)
     assert result.returncode == 0, result.stderr
-    assert "1 entries" in result.stdout and "selftest_cpu-" in result.stdout
+    assert "1 entry" in result.stdout and "1 entries" not in result.stdout
+    assert "selftest_cpu-" in result.stdout
     result = run_python(["-m", "flashjit", "cache", "clear"], cache_copy)
     assert result.returncode == 0, result.stderr
     assert entries(cache_copy) == [] and not list(cache_copy.glob("*.lock"))

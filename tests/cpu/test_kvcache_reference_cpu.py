@@ -293,6 +293,23 @@ def test_paged_varlen_checks_its_arguments_under_the_callers_names():
                                          r"\(num_blocks 9\): sequence 1 has 20 keys in "
                                          r"cu_seqlens_k, so it uses block_table\[1, :2\]"):
         call(table=torch.tensor([[0, 1, 2, 3], [4, 9, 6, 7]], **I32))
+    # block_table itself and the variant tensors are checked here too, before the query tile is
+    # allocated and flash_attn_with_kvcache is called (found by a new user)
+    import flashjit.interface as interface
+
+    def kvcache_reached(*args, **kwargs):
+        raise AssertionError("flash_attn_with_kvcache was reached")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(interface, "flash_attn_with_kvcache", kvcache_reached)
+        with pytest.raises(TypeError, match="block_table must be int32, got torch.int64"):
+            call(table=table.long())
+        with pytest.raises(ValueError, match=r"block_table must have shape \(batch, max_blocks\)"):
+            call(table=table[:1])
+        with pytest.raises(ValueError, match="alibi_slopes"):
+            call(alibi_slopes=torch.zeros(3))
+        with pytest.raises((TypeError, ValueError), match="sink"):
+            call(sink=torch.zeros(4, dtype=torch.float16))
     # entries past the pages a sequence uses are not read, so any value passes these checks (the
     # call then stops at flash_attn_with_kvcache's device check: these are CPU tensors)
     with pytest.raises(ValueError, match="q must be a CUDA tensor"):

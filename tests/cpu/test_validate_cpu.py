@@ -363,3 +363,32 @@ def test_kvcache_q_without_heads_raises_before_skipping_an_append(fake_cuda):
                                         new, None, None, None, None,
                                         None, None, None, False, (-1, -1), 0.0, True, None, 0,
                                         False, None, 128)
+
+
+def test_plain_fake_tensor_mode_skips_value_checks(monkeypatch):
+    """Under a plain FakeTensorMode (no stand-in for capturing()), the value checks that read
+    device data (cu_seqlens, cache_seqlens, a key-padding mask) are skipped as under torch.compile,
+    instead of failing with torch's DataDependentOutputException: the calls reach the ops' fake
+    implementations and return fake outputs of the right shapes. Outside the mode capturing() is
+    False on this CPU machine."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    def no_compile(*args, **kwargs):
+        raise AssertionError("a spec was loaded")
+
+    monkeypatch.setattr(ops, "load_spec", no_compile)
+    assert not _validate.capturing()
+    with FakeTensorMode():
+        assert _validate.capturing()
+        q, kv = _cuda(TOTAL, H, D), _cuda(TOTAL, HK, D)
+        cu = _cuda(BATCH + 1, dtype=torch.int32)
+        assert flashjit.flash_attn_varlen_func(q, kv, kv, cu, cu, 20, 20).shape == (TOTAL, H, D)
+        cache = _cuda(B, CAP, HK, D)
+        lengths = _cuda(B, **I32)
+        out = flashjit.flash_attn_with_kvcache(_cuda(B, 1, H, D), cache, cache,
+                                               cache_seqlens=lengths)
+        assert out.shape == (B, 1, H, D)
+        query, key = _cuda(B, H, SQ, D), _cuda(B, H, SK, D)
+        mask = _cuda(B, 1, 1, SK, dtype=torch.bool)
+        from flashjit.interface import scaled_dot_product_attention
+        assert scaled_dot_product_attention(query, key, key, attn_mask=mask).shape == (B, H, SQ, D)
