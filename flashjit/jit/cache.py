@@ -36,7 +36,7 @@ from pathlib import Path
 
 from .._version import __version__
 from . import env
-from .paths import cache_dir, csrc_dir
+from .paths import cache_dir, cache_dir_problem, csrc_dir
 from .spec import JitSpec
 
 MANIFEST = "manifest.json"
@@ -263,9 +263,11 @@ def ensure_writable(root: Path) -> None:
         probe.touch()
         probe.unlink()
     except OSError as err:
+        why = cache_dir_problem(root) or f"cannot be written ({err.strerror or err})"
+        why = why if why.startswith(("FLASHJIT_CACHE_DIR", "the cache dir")) else \
+            f"the cache directory {root} {why}"
         raise CacheDirError(
-            f"flashjit: cannot write to the cache directory {root} ({err}). Set "
-            "FLASHJIT_CACHE_DIR to a writable directory."
+            f"flashjit: {why}. Set FLASHJIT_CACHE_DIR to a writable directory."
         ) from None
 
 

@@ -161,6 +161,11 @@ def test_unwritable_cache_dir_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("FLASHJIT_CACHE_DIR", str(blocker / "cache"))
     with pytest.raises(CacheDirError, match="FLASHJIT_CACHE_DIR"):
         ensure_built(SELFTEST)
+    # the cache dir itself a file: said in words, not as errno 17 (found by a new user)
+    monkeypatch.setenv("FLASHJIT_CACHE_DIR", str(blocker))
+    with pytest.raises(CacheDirError, match=r"FLASHJIT_CACHE_DIR=.*a_file is a file, not a "
+                                            r"folder\. Set FLASHJIT_CACHE_DIR to a writable"):
+        ensure_built(SELFTEST)
 
 
 # ---- listing and clearing: only what flashjit made (FLASHJIT_CACHE_DIR may be a folder in use)
