@@ -386,7 +386,9 @@ def flash_attn_qkvpacked_func(qkv: Tensor, dropout_p: float = 0.0,
                               deterministic: bool = False, return_attn_probs: bool = False, *,
                               sink: Optional[Tensor] = None):
     """qkv (batch, seqlen, 3, heads, d): q, k, v are views into it (no copies; the gradient is
-    one tensor like qkv). Otherwise as flash_attn_func."""
+    one tensor like qkv). Returns out (batch, seqlen, heads, d) in qkv's dtype, or (out,
+    softmax_lse (batch, heads, seqlen) float32, None) with return_attn_probs. Errors name qkv.
+    Otherwise as flash_attn_func (arguments, variants, errors raised)."""
     q, k, v = _unpack(qkv, "qkv", 3, varlen=False)
     return _flash_attn(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
                        alibi_slopes, deterministic, return_attn_probs, sink, names=("qkv",) * 3)
@@ -397,8 +399,10 @@ def flash_attn_kvpacked_func(q: Tensor, kv: Tensor, dropout_p: float = 0.0,
                              window_size=(-1, -1), softcap: float = 0.0, alibi_slopes=None,
                              deterministic: bool = False, return_attn_probs: bool = False, *,
                              sink: Optional[Tensor] = None):
-    """q (batch, seqlen_q, heads, d); kv (batch, seqlen_k, 2, heads_k, d). Otherwise as
-    flash_attn_func."""
+    """q (batch, seqlen_q, heads, d); kv (batch, seqlen_k, 2, heads_k, d), k and v views into it
+    (its gradient one tensor like kv). Returns out like q, or (out, softmax_lse (batch, heads,
+    seqlen_q) float32, None) with return_attn_probs. Errors name q and kv. Otherwise as
+    flash_attn_func (arguments, variants, errors raised)."""
     k, v = _unpack(kv, "kv", 2, varlen=False)
     return _flash_attn(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
                        alibi_slopes, deterministic, return_attn_probs, sink,
@@ -413,7 +417,9 @@ def flash_attn_varlen_qkvpacked_func(qkv: Tensor, cu_seqlens: Tensor, max_seqlen
                                      return_attn_probs: bool = False, *,
                                      sink: Optional[Tensor] = None):
     """qkv (total, 3, heads, d) with int32 cu_seqlens (batch + 1) for queries and keys alike.
-    Otherwise as flash_attn_varlen_func."""
+    Returns out (total, heads, d), or (out, softmax_lse (heads, total) float32, None) with
+    return_attn_probs. Errors name qkv, cu_seqlens and max_seqlen. Otherwise as
+    flash_attn_varlen_func (arguments, variants, errors raised)."""
     q, k, v = _unpack(qkv, "qkv", 3, varlen=True)
     return _flash_attn_varlen(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p,
                               softmax_scale, causal, window_size, softcap, alibi_slopes,
@@ -429,8 +435,9 @@ def flash_attn_varlen_kvpacked_func(q: Tensor, kv: Tensor, cu_seqlens_q: Tensor,
                                     alibi_slopes=None, deterministic: bool = False,
                                     return_attn_probs: bool = False, *,
                                     sink: Optional[Tensor] = None):
-    """q (total_q, heads, d); kv (total_k, 2, heads_k, d). Otherwise as
-    flash_attn_varlen_func."""
+    """q (total_q, heads, d); kv (total_k, 2, heads_k, d). Returns out like q, or (out,
+    softmax_lse (heads, total_q) float32, None) with return_attn_probs. Errors name q and kv.
+    Otherwise as flash_attn_varlen_func (arguments, variants, errors raised)."""
     k, v = _unpack(kv, "kv", 2, varlen=True)
     return _flash_attn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                               dropout_p, softmax_scale, causal, window_size, softcap,
