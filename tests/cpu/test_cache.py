@@ -270,7 +270,7 @@ def test_damaged_entry_is_listed_as_damaged_and_cleared(cache_copy, damage):
     assert listed["dirname"] == entry.name and not listed["ok"] and listed["reason"]
     result = run_python(["-m", "flashjit", "cache", "list"], cache_copy)
     assert result.returncode == 0, result.stderr
-    assert "1 entries" in result.stdout and "DAMAGED" in result.stdout
+    assert "1 entry" in result.stdout and "DAMAGED" in result.stdout
     assert clear(cache_copy).removed >= 1 and not entry.exists()
 
 
