@@ -263,9 +263,9 @@ def ensure_writable(root: Path) -> None:
         probe.touch()
         probe.unlink()
     except OSError as err:
-        why = cache_dir_problem(root) or f"cannot be written ({err.strerror or err})"
-        why = why if why.startswith(("FLASHJIT_CACHE_DIR", "the cache dir")) else \
-            f"the cache directory {root} {why}"
+        # cache_dir_problem's sentences name FLASHJIT_CACHE_DIR or the dir themselves
+        why = (cache_dir_problem(root)
+               or f"the cache directory {root} cannot be written ({err.strerror or err})")
         raise CacheDirError(
             f"flashjit: {why}. Set FLASHJIT_CACHE_DIR to a writable directory."
         ) from None

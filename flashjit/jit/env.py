@@ -175,24 +175,23 @@ def _nvcc_gpu_codes(path: str) -> frozenset[str] | None:
     return frozenset(out.split()) or None
 
 
-def nvcc_unsupported_archs(archs) -> list[str]:
-    """The flashjit archs (``sm90a``; ``sm80-sm90a`` counts as both) among ``archs`` that this
-    nvcc cannot build SASS for, by ``nvcc --list-gpu-code`` (``sm_80``...; an ``a`` arch by its
-    base, as nvcc lists it); empty when nvcc is missing or does not answer (its own error
-    comes later). Once per process per nvcc."""
-    path = nvcc_path()
-    codes = None if path is None else _nvcc_gpu_codes(str(path))
-    if codes is None:
-        return []
-    ones = dict.fromkeys(one for arch in archs for one in arch.split("-"))
-    return [one for one in ones if "sm_" + one[2:].rstrip("af") not in codes]
-
-
 def nvcc_gpu_codes() -> list[str]:
-    """``nvcc --list-gpu-code``'s archs (``sm_80``...), for messages; empty without an answer."""
+    """``nvcc --list-gpu-code``'s archs (``sm_80``...), in order; empty when nvcc is missing or
+    does not answer. Asked once per process per nvcc."""
     path = nvcc_path()
     codes = None if path is None else _nvcc_gpu_codes(str(path))
     return sorted(codes or (), key=lambda c: (len(c), c))
+
+
+def nvcc_unsupported_archs(archs) -> list[str]:
+    """The flashjit archs (``sm90a``; ``sm80-sm90a`` counts as both) among ``archs`` that this
+    nvcc cannot build SASS for, by nvcc_gpu_codes (an ``a`` arch by its base, as nvcc lists
+    it); empty when nvcc gives no list (its own error comes later)."""
+    codes = nvcc_gpu_codes()
+    if not codes:
+        return []
+    ones = dict.fromkeys(one for arch in archs for one in arch.split("-"))
+    return [one for one in ones if "sm_" + one[2:].rstrip("af") not in codes]
 
 
 def nvcc_version() -> str | None:
